@@ -1,0 +1,244 @@
+//! One error type for every handler, rendered as RFC 9457 problem+json:
+//!
+//! ```json
+//! {"type": "urn:warren:error:invalid_input", "title": "Invalid task input",
+//!  "status": 422, "code": "invalid_input", "detail": "x: invalid type: ...",
+//!  "errors": [{"field": "x", "code": "invalid_type", "message": "..."}]}
+//! ```
+//!
+//! 4xx responses say exactly what was wrong; 5xx responses say only that
+//! something went wrong on our side, and the cause chain is logged once.
+
+use axum::{
+    Json,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::{Map, Value, json};
+use warren_shared::{codes::ErrorCode, store::StoreError};
+use warren_tasks::ValidationErrors;
+
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: ErrorCode,
+    title: &'static str,
+    detail: String,
+    errors: Option<ValidationErrors>,
+    /// Extension members (RFC 9457 §3.2), e.g. the task's current state.
+    extra: Map<String, Value>,
+    retry_after_seconds: Option<u32>,
+}
+
+impl ApiError {
+    fn new(
+        status: StatusCode,
+        code: ErrorCode,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            code,
+            title,
+            detail: detail.into(),
+            errors: None,
+            extra: Map::new(),
+            retry_after_seconds: None,
+        }
+    }
+
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.extra.insert(key.to_owned(), value.into());
+        self
+    }
+
+    pub fn retry_after(mut self, seconds: u32) -> Self {
+        self.retry_after_seconds = Some(seconds);
+        self
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+
+    pub fn invalid_input(errors: ValidationErrors) -> Self {
+        let mut e = Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::InvalidInput,
+            "Invalid task input",
+            errors.to_string(),
+        );
+        e.errors = Some(errors);
+        e
+    }
+
+    pub fn malformed_json(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::MalformedJson,
+            "Malformed JSON",
+            detail,
+        )
+    }
+
+    pub fn unsupported_media_type(got: &str) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorCode::UnsupportedMediaType,
+            "Unsupported media type",
+            format!("expected content-type application/json, got {got}"),
+        )
+    }
+
+    pub fn payload_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::PayloadTooLarge,
+            "Request body too large",
+            format!("the request body exceeds the limit of {limit} bytes"),
+        )
+        .with("limit_bytes", limit)
+    }
+
+    pub fn invalid_parameter(name: &str, detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidParameter,
+            "Invalid parameter",
+            detail,
+        )
+        .with("parameter", name)
+    }
+
+    pub fn unknown_task_type(name: &str, known: impl Iterator<Item = &'static str>) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::UnknownTaskType,
+            "Unknown task type",
+            format!("there is no task type `{name}`"),
+        )
+        .with("known_task_types", known.collect::<Vec<_>>())
+    }
+
+    pub fn task_not_found(task_type: &str, id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::TaskNotFound,
+            "Task not found",
+            format!("no {task_type} task with id `{id}`"),
+        )
+    }
+
+    pub fn route_not_found(path: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "Not found",
+            format!("no resource at {path}"),
+        )
+    }
+
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::MethodNotAllowed,
+            "Method not allowed",
+            "this resource does not support that method",
+        )
+    }
+
+    /// The task exists but has not finished: ask again later.
+    pub fn result_not_ready(state: &str) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            ErrorCode::ResultNotReady,
+            "Result not ready",
+            format!("the task is {state}; its result is available once it is SUCCESS"),
+        )
+        .with("state", state)
+        .retry_after(1)
+    }
+
+    /// The task finished without producing a result.
+    pub fn no_result(state: &str, error: Option<Value>) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            ErrorCode::NoResult,
+            "Task has no result",
+            format!("the task ended {state} and produced no result"),
+        )
+        .with("state", state)
+        .with("error", error.unwrap_or(Value::Null))
+    }
+
+    pub fn database_unavailable() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::DatabaseUnavailable,
+            "Service unavailable",
+            "the task store is unreachable; nothing was recorded, retry later",
+        )
+        .retry_after(1)
+    }
+
+    /// Logs the full cause chain once and says nothing of it to the client.
+    pub fn internal(err: &(dyn std::error::Error + 'static)) -> Self {
+        let mut chain = err.to_string();
+        let mut source = err.source();
+        while let Some(s) = source {
+            chain.push_str(": ");
+            chain.push_str(&s.to_string());
+            source = s.source();
+        }
+        tracing::error!(error = %chain, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            "Internal error",
+            "internal error",
+        )
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        if e.is_unavailable() {
+            tracing::warn!(error = %e, "database unavailable");
+            ApiError::database_unavailable()
+        } else {
+            ApiError::internal(&e)
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({
+            "type": format!("urn:warren:error:{}", self.code.as_str()),
+            "title": self.title,
+            "status": self.status.as_u16(),
+            "code": self.code.as_str(),
+            "detail": self.detail,
+        });
+        if let (Some(errors), Some(obj)) = (&self.errors, body.as_object_mut()) {
+            obj.insert("errors".into(), json!(errors));
+        }
+        if let Some(obj) = body.as_object_mut() {
+            obj.extend(self.extra);
+        }
+        let mut response = (self.status, Json(body)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if let Some(s) = self.retry_after_seconds {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        response
+    }
+}

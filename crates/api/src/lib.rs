@@ -1,0 +1,27 @@
+//! # warren-api
+//!
+//! The HTTP front door. `POST /tasks/{type}` validates the input with the
+//! task's own code, records the task in PostgreSQL (that is what `202`
+//! promises), publishes it with a publisher confirm, and answers with the
+//! task id. Read endpoints serve status and results from PostgreSQL. A relay
+//! publishes whatever was recorded but not confirmed.
+//!
+//! Layout:
+//! - [`startup`]: [`Application::build`] binds (port 0 works) and
+//!   [`router`] assembles routes and middleware, separately so tests can
+//!   drive either.
+//! - [`state`]: [`AppState`], everything handlers share.
+//! - [`error`]: [`ApiError`], the one error type; RFC 9457 problem+json.
+//! - `routes/`: one module per resource.
+//!
+//! The API never acknowledges a delivery and never runs a task; it is the
+//! only crate that knows about HTTP.
+
+pub mod error;
+mod routes;
+pub mod startup;
+pub mod state;
+
+pub use error::ApiError;
+pub use startup::{Application, StartupError, router};
+pub use state::AppState;

@@ -1,0 +1,45 @@
+//! `warren-api`: serve the HTTP API, or apply migrations.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use warren_shared::{db, settings::Settings, shutdown, telemetry};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Warren API: accepts tasks over HTTP and serves their results"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve HTTP until SIGTERM/Ctrl-C (the default).
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let settings = Settings::load().context("loading configuration")?;
+    telemetry::init(&settings.telemetry);
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Migrate => {
+            db::connect_and_migrate(&settings.database)
+                .await
+                .context("applying migrations")?;
+            tracing::info!("migrations applied");
+        }
+        Command::Serve => {
+            let app = warren_api::Application::build(settings).await?;
+            let (token, signal) = shutdown::token();
+            tokio::spawn(signal);
+            app.run_until_stopped(token).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,4 @@
+//! Route handlers, one module per resource.
+
+pub(crate) mod health;
+pub(crate) mod tasks;

@@ -1,0 +1,172 @@
+//! Building the application: connections, router, listener.
+
+use crate::{ApiError, AppState, routes};
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, Request},
+    http::header,
+    response::IntoResponse,
+    routing::{get, post},
+};
+use std::{iter::once, net::SocketAddr, sync::Arc};
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower_http::{
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    sensitive_headers::SetSensitiveRequestHeadersLayer,
+    trace::TraceLayer,
+};
+use warren_shared::{
+    broker::{Publisher, process_identity},
+    catalog::Catalog,
+    db::{self, DbErr},
+    relay,
+    settings::{Settings, SettingsError},
+    store::Store,
+};
+use warren_tasks::Registry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error("connecting to PostgreSQL: {0}")]
+    Database(#[source] DbErr),
+    #[error("applying migrations: {0}")]
+    Migrate(#[source] DbErr),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A built API: connected, bound, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    state: AppState,
+}
+
+impl Application {
+    /// Connects to PostgreSQL (migrating if configured) and binds the
+    /// listener. The broker is connected lazily: the API starts, and
+    /// accepts tasks, while RabbitMQ is still down.
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        let catalog = Catalog::new(&Registry::builtin(), &settings)?;
+        let identity = process_identity("warren-api");
+        let connection = db::connect(&settings.database, &identity)
+            .await
+            .map_err(StartupError::Database)?;
+        if settings.database.migrate_on_start {
+            db::migrate(&connection)
+                .await
+                .map_err(StartupError::Migrate)?;
+        }
+        let publisher = Arc::new(Publisher::new(
+            settings.amqp.url.clone(),
+            identity.clone(),
+            settings.amqp.connect_timeout(),
+            settings.amqp.publish_timeout(),
+            Arc::clone(catalog.topology()),
+        ));
+        if let Err(e) = publisher.warm_up().await {
+            tracing::warn!(error = %e, "broker not reachable yet; tasks will be published once it is");
+        }
+        let addr = settings.api.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        let state = AppState {
+            settings: Arc::new(settings),
+            catalog: Arc::new(catalog),
+            store: Store::new(connection),
+            publisher,
+            identity: identity.into(),
+        };
+        Ok(Self {
+            listener,
+            local_addr,
+            state,
+        })
+    }
+
+    /// The bound address; with port 0 configured, the port the OS picked.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` is cancelled, then finishes in-flight
+    /// requests, stops the relay and closes the broker connection.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        let background = TaskTracker::new();
+        let settings = &self.state.settings;
+        if settings.relay.enabled {
+            background.spawn(relay::run(
+                self.state.store.clone(),
+                Arc::clone(&self.state.publisher),
+                settings.relay.clone(),
+                shutdown.clone(),
+            ));
+        }
+        tracing::info!(
+            addr = %self.local_addr,
+            version = warren_shared::VERSION,
+            "API listening"
+        );
+        let publisher = Arc::clone(&self.state.publisher);
+        let app = router(self.state);
+        let stop = shutdown.clone();
+        let served = axum::serve(self.listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        shutdown.cancel();
+        background.close();
+        background.wait().await;
+        publisher.close().await;
+        tracing::info!("API stopped");
+        served
+    }
+}
+
+/// All routes and middleware, without a socket: tests can call it directly.
+pub fn router(state: AppState) -> Router {
+    let max_body = state.settings.api.max_body_bytes;
+    Router::new()
+        .route("/tasks/{task_type}", post(routes::tasks::submit))
+        .route("/tasks/{task_type}/{id}", get(routes::tasks::status))
+        .route("/tasks/{task_type}/{id}/result", get(routes::tasks::result))
+        .route("/healthz", get(routes::health::healthz))
+        .route("/readyz", get(routes::health::readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let request_id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id)
+        }))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(SetSensitiveRequestHeadersLayer::new(once(header::AUTHORIZATION)))
+        .with_state(state)
+}
+
+async fn not_found(req: Request) -> impl IntoResponse {
+    ApiError::route_not_found(req.uri().path())
+}
+
+async fn method_not_allowed() -> impl IntoResponse {
+    ApiError::method_not_allowed()
+}

@@ -1,0 +1,14 @@
+//! What every handler can reach. Cheap to clone: all `Arc`s and pools.
+
+use std::sync::Arc;
+use warren_shared::{broker::Publisher, catalog::Catalog, settings::Settings, store::Store};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub catalog: Arc<Catalog>,
+    pub store: Store,
+    pub publisher: Arc<Publisher>,
+    /// `warren-api@host:pid`: Celery's `origin` header and connection name.
+    pub identity: Arc<str>,
+}

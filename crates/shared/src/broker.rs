@@ -1,0 +1,315 @@
+//! Talking to RabbitMQ: named connections, and a [`Publisher`] that waits for
+//! publisher confirms and reconnects by itself.
+//!
+//! The publisher never blocks a caller for long when the broker is away: a
+//! failed connect is remembered and retried on a growing backoff, and calls
+//! in between fail at once. Callers (the API, the relay) have the task
+//! recorded in PostgreSQL already, so a failed publish delays a task but
+//! never loses it.
+
+use crate::{
+    envelope::{Encoded, TaskMessage},
+    topology::{Topology, TopologyError},
+    wire::short_string as short,
+};
+use futures_util::future::join_all;
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+};
+use secrecy::{ExposeSecret, SecretString};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+use tokio::{sync::Mutex, time::Instant};
+
+/// First pause after a failed connect; doubles up to [`RECONNECT_BACKOFF_MAX`].
+pub const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// A broker that has been away for a while is retried at least this often.
+pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("connecting to the broker timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("connecting to the broker: {0}")]
+    Connect(#[source] lapin::Error),
+    #[error("opening a channel: {0}")]
+    Channel(#[source] lapin::Error),
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("broker unavailable ({0}); retrying in the background")]
+    Unavailable(String),
+    #[error("publishing: {0}")]
+    Failed(#[source] lapin::Error),
+    #[error("the broker did not confirm within {0:?}")]
+    ConfirmTimeout(Duration),
+    #[error("the broker refused the message (nack)")]
+    Nacked,
+    #[error("no queue is bound for routing key `{0}`")]
+    Unroutable(String),
+}
+
+/// Opens a connection named so the management UI shows who is who
+/// (`warren-worker@host:pid`). The URL's password never reaches a log line.
+pub async fn connect(
+    url: &SecretString,
+    name: &str,
+    timeout: Duration,
+) -> Result<Connection, BrokerError> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    match tokio::time::timeout(
+        timeout,
+        Connection::connect(url.expose_secret(), properties),
+    )
+    .await
+    {
+        Err(_) => Err(BrokerError::ConnectTimeout(timeout)),
+        Ok(Err(e)) => Err(BrokerError::Connect(e)),
+        Ok(Ok(conn)) => Ok(conn),
+    }
+}
+
+/// One identity per process and role, used for connection names, the
+/// `worker` recorded on tasks and Celery's `origin` header.
+pub fn process_identity(role: &str) -> String {
+    let host = gethostname::gethostname();
+    format!("{role}@{}:{}", host.to_string_lossy(), std::process::id())
+}
+
+/// A message to publish: where to, and what.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub exchange: String,
+    pub routing_key: String,
+    pub message: Encoded,
+}
+
+impl Outgoing {
+    /// A task message to the tasks exchange, routed by its task type.
+    pub fn task(topology: &Topology, message: &TaskMessage) -> Self {
+        Self {
+            exchange: topology.exchange(),
+            routing_key: message.task.clone(),
+            message: message.encode(),
+        }
+    }
+}
+
+/// Publishes with confirms over one lazily (re)connected channel.
+/// Cheap to share (`Arc<Publisher>`); publishes from many tasks pipeline on
+/// the same channel.
+pub struct Publisher {
+    url: SecretString,
+    connection_name: String,
+    connect_timeout: Duration,
+    confirm_timeout: Duration,
+    topology: Arc<Topology>,
+    link: Mutex<Link>,
+    connected: AtomicBool,
+}
+
+#[derive(Default)]
+struct Link {
+    current: Option<(Connection, Channel)>,
+    backoff: Option<Duration>,
+    retry_at: Option<Instant>,
+    last_error: String,
+}
+
+impl Publisher {
+    pub fn new(
+        url: SecretString,
+        connection_name: String,
+        connect_timeout: Duration,
+        confirm_timeout: Duration,
+        topology: Arc<Topology>,
+    ) -> Self {
+        Self {
+            url,
+            connection_name,
+            connect_timeout,
+            confirm_timeout,
+            topology,
+            link: Mutex::new(Link::default()),
+            connected: AtomicBool::new(false),
+        }
+    }
+
+    pub fn topology(&self) -> &Arc<Topology> {
+        &self.topology
+    }
+
+    /// Whether the last attempt to use the broker found it there.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Connects now rather than on the first publish, so startup logs say
+    /// whether the broker is reachable. Failure is not fatal.
+    pub async fn warm_up(&self) -> Result<(), PublishError> {
+        self.channel().await.map(drop)
+    }
+
+    async fn channel(&self) -> Result<Channel, PublishError> {
+        let mut link = self.link.lock().await;
+        if let Some((conn, channel)) = &link.current {
+            if conn.status().connected() && channel.status().connected() {
+                return Ok(channel.clone());
+            }
+            tracing::warn!("broker connection lost; reconnecting");
+            link.current = None;
+            self.connected.store(false, Ordering::Relaxed);
+        }
+        if let Some(at) = link.retry_at
+            && Instant::now() < at
+        {
+            return Err(PublishError::Unavailable(link.last_error.clone()));
+        }
+        match self.open().await {
+            Ok((conn, channel)) => {
+                if link.backoff.is_some() {
+                    tracing::info!("broker connection restored");
+                }
+                link.current = Some((conn, channel.clone()));
+                link.backoff = None;
+                link.retry_at = None;
+                self.connected.store(true, Ordering::Relaxed);
+                Ok(channel)
+            }
+            Err(e) => {
+                let backoff = link.backoff.map_or(RECONNECT_BACKOFF_MIN, |b| {
+                    (b * 2).min(RECONNECT_BACKOFF_MAX)
+                });
+                tracing::warn!(error = %e, retry_in = ?backoff, "broker unavailable");
+                link.backoff = Some(backoff);
+                link.retry_at = Some(Instant::now() + backoff);
+                link.last_error = e.to_string();
+                Err(PublishError::Unavailable(link.last_error.clone()))
+            }
+        }
+    }
+
+    async fn open(&self) -> Result<(Connection, Channel), BrokerError> {
+        let conn = connect(&self.url, &self.connection_name, self.connect_timeout).await?;
+        let channel = conn.create_channel().await.map_err(BrokerError::Channel)?;
+        self.topology.declare(&channel).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(BrokerError::Channel)?;
+        Ok((conn, channel))
+    }
+
+    /// Forgets a channel that just failed so the next call reconnects.
+    async fn invalidate(&self, failed: &Channel) {
+        let mut link = self.link.lock().await;
+        if link
+            .current
+            .as_ref()
+            .is_some_and(|(_, ch)| ch.id() == failed.id())
+        {
+            link.current = None;
+            self.connected.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Publishes one message and waits for the broker's confirm.
+    pub async fn publish(&self, out: &Outgoing) -> Result<(), PublishError> {
+        self.publish_all(std::slice::from_ref(out))
+            .await
+            .pop()
+            .unwrap_or(Err(PublishError::Nacked))
+    }
+
+    /// Publishes a batch back to back, then waits for all confirms: one
+    /// round trip's latency for the whole batch. One result per message,
+    /// in order.
+    pub async fn publish_all(&self, batch: &[Outgoing]) -> Vec<Result<(), PublishError>> {
+        let channel = match self.channel().await {
+            Ok(ch) => ch,
+            Err(e) => return batch.iter().map(|_| Err(clone_unavailable(&e))).collect(),
+        };
+        let mandatory = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let mut pending = Vec::with_capacity(batch.len());
+        for out in batch {
+            let sent = channel
+                .basic_publish(
+                    short(&out.exchange),
+                    short(&out.routing_key),
+                    mandatory,
+                    &out.message.body,
+                    out.message.properties.clone(),
+                )
+                .await;
+            pending.push(sent);
+        }
+        let confirms = pending.into_iter().map(|sent| async move {
+            match sent {
+                Err(e) => Err(PublishError::Failed(e)),
+                Ok(confirm) => match tokio::time::timeout(self.confirm_timeout, confirm).await {
+                    Err(_) => Err(PublishError::ConfirmTimeout(self.confirm_timeout)),
+                    Ok(Err(e)) => Err(PublishError::Failed(e)),
+                    Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(PublishError::Unroutable(
+                        returned.delivery.routing_key.to_string(),
+                    )),
+                    Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+                    Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => {
+                        Err(PublishError::Nacked)
+                    }
+                },
+            }
+        });
+        let results = join_all(confirms).await;
+        if results.iter().any(|r| {
+            matches!(
+                r,
+                Err(PublishError::Failed(_) | PublishError::ConfirmTimeout(_))
+            )
+        }) {
+            self.invalidate(&channel).await;
+        }
+        results
+    }
+
+    /// Closes the connection politely (on shutdown).
+    pub async fn close(&self) {
+        let mut link = self.link.lock().await;
+        if let Some((conn, channel)) = link.current.take() {
+            let _ = channel.close(200, "shutting down".into()).await;
+            let _ = conn.close(200, "shutting down".into()).await;
+        }
+        self.connected.store(false, Ordering::Relaxed);
+    }
+}
+
+fn clone_unavailable(e: &PublishError) -> PublishError {
+    PublishError::Unavailable(e.to_string())
+}
+
+/// Properties of a message being forwarded unchanged but for extra headers
+/// (dead letters carry the reason next to the original headers).
+pub fn with_extra_headers(
+    properties: &BasicProperties,
+    extra: impl IntoIterator<Item = (&'static str, String)>,
+) -> BasicProperties {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    for (k, v) in extra {
+        headers.insert(
+            k.into(),
+            lapin::types::AMQPValue::LongString(v.into_bytes().into()),
+        );
+    }
+    properties.clone().with_headers(headers)
+}

@@ -1,0 +1,138 @@
+//! Stable error codes: the same strings appear in HTTP problem responses, in
+//! the `error` stored with a failed task, and in dead-letter headers, so a
+//! client or an operator can match on them across all three.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    // Request errors (HTTP 4xx).
+    /// The task input failed validation (422).
+    InvalidInput,
+    /// The request body is not JSON (400).
+    MalformedJson,
+    /// The request body is not declared as JSON (415).
+    UnsupportedMediaType,
+    /// The request body is larger than `api.max_body_bytes` (413).
+    PayloadTooLarge,
+    /// No task type of that name (404).
+    UnknownTaskType,
+    /// No task with that id (of that type, visible to the caller) (404).
+    TaskNotFound,
+    /// The task has not finished yet, so it has no result (409).
+    ResultNotReady,
+    /// The task finished without a result (failed, cancelled, expired) (409).
+    NoResult,
+    /// A query parameter is malformed (400).
+    InvalidParameter,
+    /// No resource at that path (404).
+    NotFound,
+    /// The resource exists but not with that method (405).
+    MethodNotAllowed,
+
+    // Service errors (HTTP 5xx).
+    /// PostgreSQL is unreachable: nothing was recorded (503).
+    DatabaseUnavailable,
+    /// Anything else; details are in the logs, never in the response (500).
+    Internal,
+
+    // Stored failures.
+    /// The task reported a permanent failure.
+    TaskFailed,
+    /// The task reported a transient failure (and retries, if any, ran out).
+    TaskError,
+    /// The attempt ran past its hard time limit.
+    TimeLimitExceeded,
+    /// The task panicked.
+    TaskPanicked,
+    /// The task stopped because it was asked to.
+    Cancelled,
+    /// The task was not started before its `expires` time.
+    Expired,
+    /// A message on a task queue could not be decoded as a Warren/Celery task.
+    UndecodableMessage,
+    /// A message named a task type this worker does not know.
+    UnknownTask,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidInput => "invalid_input",
+            ErrorCode::MalformedJson => "malformed_json",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnknownTaskType => "unknown_task_type",
+            ErrorCode::TaskNotFound => "task_not_found",
+            ErrorCode::ResultNotReady => "result_not_ready",
+            ErrorCode::NoResult => "no_result",
+            ErrorCode::InvalidParameter => "invalid_parameter",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::DatabaseUnavailable => "database_unavailable",
+            ErrorCode::Internal => "internal",
+            ErrorCode::TaskFailed => "task_failed",
+            ErrorCode::TaskError => "task_error",
+            ErrorCode::TimeLimitExceeded => "time_limit_exceeded",
+            ErrorCode::TaskPanicked => "task_panicked",
+            ErrorCode::Cancelled => "cancelled",
+            ErrorCode::Expired => "expired",
+            ErrorCode::UndecodableMessage => "undecodable_message",
+            ErrorCode::UnknownTask => "unknown_task",
+        }
+    }
+}
+
+impl From<&warren_tasks::TaskError> for ErrorCode {
+    fn from(e: &warren_tasks::TaskError) -> Self {
+        use warren_tasks::TaskError;
+        match e {
+            TaskError::Retryable(_) => ErrorCode::TaskError,
+            TaskError::Permanent(_) => ErrorCode::TaskFailed,
+            TaskError::InvalidInput(_) => ErrorCode::InvalidInput,
+            TaskError::Cancelled => ErrorCode::Cancelled,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failure as stored in a task's `error` column and shown by the API.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct StoredError {
+    pub code: String,
+    pub message: String,
+    /// Whether another attempt was (or would have been) worth it.
+    pub retryable: bool,
+}
+
+impl StoredError {
+    pub fn new(code: ErrorCode, message: impl Into<String>, retryable: bool) -> Self {
+        Self {
+            code: code.as_str().to_owned(),
+            message: message.into(),
+            retryable,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serde_and_as_str_agree() {
+        for code in [
+            ErrorCode::InvalidInput,
+            ErrorCode::TimeLimitExceeded,
+            ErrorCode::UnknownTask,
+        ] {
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+        }
+    }
+}

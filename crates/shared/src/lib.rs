@@ -1,0 +1,37 @@
+//! # warren-shared
+//!
+//! What api and worker both need and neither owns: the vocabulary and the
+//! plumbing of a Warren deployment.
+//!
+//! - [`settings`]: layered configuration, validated, errors naming the key.
+//! - [`catalog`]: the task registry joined with configuration (queue and
+//!   policy per task type).
+//! - [`envelope`]: the task message, Celery protocol v2 on the wire.
+//! - [`topology`]: exchange and queue names, idempotent declaration.
+//! - [`broker`]: named connections and a confirming, self-healing publisher.
+//! - [`db`]: sea-orm connection, entities, migrations.
+//! - [`store`]: the task state machine as guarded SQL statements.
+//! - [`relay`]: the outbox relay (recorded → published, delays, retries).
+//! - [`state`], [`codes`]: task states and stable error codes.
+//! - [`telemetry`], [`shutdown`]: logging setup and signal handling.
+//!
+//! It deliberately knows nothing about HTTP (only `api` depends on axum),
+//! never acknowledges a delivery (only `worker` does), and spawns nothing:
+//! long-running loops such as [`relay::run`] are futures the binaries spawn.
+
+pub mod broker;
+pub mod catalog;
+pub mod codes;
+pub mod db;
+pub mod envelope;
+pub mod relay;
+pub mod settings;
+pub mod shutdown;
+pub mod state;
+pub mod store;
+pub mod telemetry;
+pub mod topology;
+pub mod wire;
+
+/// The version of this build, carried in logs, metrics and worker records.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

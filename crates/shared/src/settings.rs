@@ -1,0 +1,541 @@
+//! Configuration: `config/default.toml`, then `config/<WARREN_ENV>.toml`,
+//! then `WARREN_<SECTION>__<KEY>` environment variables, last one wins.
+//!
+//! Everything is validated at startup, and every error names the key that
+//! was wrong, so a bad deploy fails loudly before it touches a task.
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+use warren_tasks::PolicyOverrides;
+
+/// Environment variables that choose *which* configuration to load; they
+/// are not configuration keys themselves.
+pub const ENV_VAR: &str = "WARREN_ENV";
+pub const CONFIG_DIR_VAR: &str = "WARREN_CONFIG_DIR";
+const DEFAULT_ENV: &str = "development";
+const ENV_PREFIX: &str = "WARREN";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error(
+        "configuration: {0} (set it in config/*.toml or as WARREN_<SECTION>__<KEY>, e.g. WARREN_DATABASE__URL)"
+    )]
+    Load(#[from] config::ConfigError),
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+    #[error("configuration: {ENV_VAR}={env} but {} does not exist", path.display())]
+    UnknownEnvironment { env: String, path: PathBuf },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub amqp: AmqpSettings,
+    pub api: ApiSettings,
+    pub worker: WorkerSettings,
+    pub relay: RelaySettings,
+    pub telemetry: TelemetrySettings,
+    /// Per task type: its queue and policy overrides (`[tasks.sleep]`).
+    #[serde(default)]
+    pub tasks: BTreeMap<String, TaskSettings>,
+    /// The environment these settings were loaded for (`WARREN_ENV`).
+    #[serde(skip)]
+    pub environment: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `postgres://user:password@host:port/database`; secret because of the password.
+    pub url: SecretString,
+    pub max_connections: u32,
+    pub connect_timeout_seconds: f64,
+    /// Apply pending migrations when a binary starts (development, tests);
+    /// production runs `migrate` as its own step instead.
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Replicated, with a delivery limit that stops poison messages. The default.
+    Quorum,
+    /// Single-node queues, for brokers that cannot run quorum queues.
+    Classic,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSettings {
+    /// `amqp://user:password@host:port/vhost`; secret because of the password.
+    pub url: SecretString,
+    /// Prepended to every exchange and queue name: isolates tests and lets
+    /// several deployments share one broker.
+    pub prefix: String,
+    pub queue_type: QueueType,
+    /// Queue for task types that have no `queue` of their own.
+    pub default_queue: String,
+    /// Deliveries after which the broker dead-letters a message that keeps
+    /// getting requeued (e.g. it crashes every worker that takes it).
+    pub delivery_limit: u32,
+    pub connect_timeout_seconds: f64,
+    /// Longest wait for a publisher confirm before the publish counts as
+    /// failed (the task stays recorded; the relay publishes it later).
+    pub publish_timeout_seconds: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSettings {
+    /// `ip:port` to listen on; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Larger request bodies get 413.
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Tasks this replica runs at once.
+    pub concurrency: u32,
+    /// Unacknowledged deliveries the broker may push to this replica;
+    /// 0 means "same as concurrency", so a replica never hoards messages
+    /// another replica could be running (Celery's default is 4×).
+    pub prefetch: u16,
+    /// Queues to consume (short names, without prefix); empty means all.
+    pub queues: Vec<String>,
+    /// On SIGTERM, how long in-flight tasks may take to finish before their
+    /// messages are handed back to the broker.
+    pub shutdown_grace_seconds: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySettings {
+    /// Publish recorded-but-unpublished and due (delayed, retrying) tasks.
+    pub enabled: bool,
+    /// Longest pause between two scans of the outbox.
+    pub interval_ms: u64,
+    /// Tasks published per scan.
+    pub batch_size: u32,
+    /// How long a freshly recorded task is left to the API's own publish
+    /// before the relay takes over.
+    pub lease_seconds: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    pub format: LogFormat,
+    /// `tracing` filter directives, e.g. `info,warren_worker=debug`;
+    /// `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSettings {
+    /// Queue (short name) for this task type; default queue otherwise.
+    pub queue: Option<String>,
+    pub max_retries: Option<u32>,
+    pub retry_delay_seconds: Option<f64>,
+    pub retry_delay_max_seconds: Option<f64>,
+    pub soft_time_limit_seconds: Option<f64>,
+    pub time_limit_seconds: Option<f64>,
+}
+
+impl TaskSettings {
+    pub fn policy_overrides(&self) -> PolicyOverrides {
+        PolicyOverrides {
+            max_retries: self.max_retries,
+            retry_delay_seconds: self.retry_delay_seconds,
+            retry_delay_max_seconds: self.retry_delay_max_seconds,
+            soft_time_limit_seconds: self.soft_time_limit_seconds,
+            time_limit_seconds: self.time_limit_seconds,
+        }
+    }
+}
+
+impl Settings {
+    /// Loads from `./config` (or `WARREN_CONFIG_DIR`) and the process
+    /// environment: what the binaries do.
+    pub fn load() -> Result<Self, SettingsError> {
+        let vars: HashMap<String, String> = std::env::vars().collect();
+        let dir = vars
+            .get(CONFIG_DIR_VAR)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("config"));
+        Self::load_from(&dir, &vars)
+    }
+
+    /// Loads from `dir` with `vars` standing in for the environment, so tests
+    /// can layer configuration without touching the process environment.
+    pub fn load_from(dir: &Path, vars: &HashMap<String, String>) -> Result<Self, SettingsError> {
+        let environment = vars
+            .get(ENV_VAR)
+            .cloned()
+            .unwrap_or_else(|| DEFAULT_ENV.to_owned());
+        let env_file = dir.join(format!("{environment}.toml"));
+        if !env_file.is_file() {
+            return Err(SettingsError::UnknownEnvironment {
+                env: environment,
+                path: env_file,
+            });
+        }
+        // The selector variables would otherwise read as unknown keys.
+        let overrides: HashMap<String, String> = vars
+            .iter()
+            .filter(|(k, _)| k.starts_with("WARREN_") && *k != ENV_VAR && *k != CONFIG_DIR_VAR)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut settings: Settings = config::Config::builder()
+            .add_source(config::File::from(dir.join("default.toml")).required(true))
+            .add_source(config::File::from(env_file).required(true))
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("worker.queues")
+                    .source(Some(overrides.into_iter().collect())),
+            )
+            .build()?
+            .try_deserialize()?;
+        settings.environment = environment;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what types alone cannot. Public so tests that tweak settings
+    /// in code go through the same checks.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let db = &self.database;
+        check_url(&db.url, "database.url", &["postgres", "postgresql"])?;
+        if db.max_connections == 0 {
+            return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+        positive_seconds(
+            "database.connect_timeout_seconds",
+            db.connect_timeout_seconds,
+        )?;
+
+        let amqp = &self.amqp;
+        check_url(&amqp.url, "amqp.url", &["amqp", "amqps"])?;
+        check_name("amqp.prefix", &amqp.prefix, true)?;
+        check_name("amqp.default_queue", &amqp.default_queue, false)?;
+        if amqp.delivery_limit == 0 {
+            return Err(invalid("amqp.delivery_limit", "must be at least 1"));
+        }
+        positive_seconds("amqp.connect_timeout_seconds", amqp.connect_timeout_seconds)?;
+        positive_seconds("amqp.publish_timeout_seconds", amqp.publish_timeout_seconds)?;
+
+        if self.api.max_body_bytes < 1024 {
+            return Err(invalid("api.max_body_bytes", "must be at least 1024"));
+        }
+
+        let w = &self.worker;
+        if !(1..=MAX_CONCURRENCY).contains(&w.concurrency) {
+            return Err(invalid(
+                "worker.concurrency",
+                format!(
+                    "must be between 1 and {MAX_CONCURRENCY}, got {}",
+                    w.concurrency
+                ),
+            ));
+        }
+        for (i, q) in w.queues.iter().enumerate() {
+            check_name(&format!("worker.queues[{i}]"), q, false)?;
+        }
+        non_negative_seconds("worker.shutdown_grace_seconds", w.shutdown_grace_seconds)?;
+
+        let r = &self.relay;
+        if r.interval_ms == 0 || r.interval_ms > 60_000 {
+            return Err(invalid("relay.interval_ms", "must be between 1 and 60000"));
+        }
+        if r.batch_size == 0 || r.batch_size > 10_000 {
+            return Err(invalid("relay.batch_size", "must be between 1 and 10000"));
+        }
+        positive_seconds("relay.lease_seconds", r.lease_seconds)?;
+
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.telemetry.filter) {
+            return Err(invalid("telemetry.filter", e.to_string()));
+        }
+
+        for (name, task) in &self.tasks {
+            if let Some(q) = &task.queue {
+                check_name(&format!("tasks.{name}.queue"), q, false)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DatabaseSettings {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.connect_timeout_seconds)
+    }
+}
+
+impl AmqpSettings {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.connect_timeout_seconds)
+    }
+
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.publish_timeout_seconds)
+    }
+}
+
+impl WorkerSettings {
+    /// The prefetch actually requested from the broker.
+    pub fn effective_prefetch(&self) -> u16 {
+        if self.prefetch == 0 {
+            u16::try_from(self.concurrency).unwrap_or(u16::MAX)
+        } else {
+            self.prefetch
+        }
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs_f64(self.shutdown_grace_seconds)
+    }
+}
+
+impl RelaySettings {
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms)
+    }
+
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs_f64(self.lease_seconds)
+    }
+}
+
+/// A replica running more tasks at once than this wants a second replica.
+const MAX_CONCURRENCY: u32 = 10_000;
+
+fn check_url(url: &SecretString, key: &str, schemes: &[&str]) -> Result<(), SettingsError> {
+    let url = url.expose_secret();
+    let scheme = url.split_once("://").map(|(s, _)| s);
+    match scheme {
+        Some(s) if schemes.contains(&s) => Ok(()),
+        // The URL itself is never echoed: it may carry a password.
+        _ => Err(invalid(
+            key,
+            format!("must be a URL starting with {}://", schemes.join(":// or ")),
+        )),
+    }
+}
+
+/// Exchange and queue names: short, and plain enough to type in the
+/// management UI and in shell scripts.
+fn check_name(key: &str, name: &str, allow_empty: bool) -> Result<(), SettingsError> {
+    if name.is_empty() {
+        return if allow_empty {
+            Ok(())
+        } else {
+            Err(invalid(key, "must not be empty"))
+        };
+    }
+    if name.len() > 100 {
+        return Err(invalid(key, "must be at most 100 characters"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(invalid(
+            key,
+            format!("may only contain letters, digits, '.', '_' and '-', found {c:?}"),
+        ));
+    }
+    Ok(())
+}
+
+fn positive_seconds(key: &str, s: f64) -> Result<(), SettingsError> {
+    if s > 0.0 && s <= 86_400.0 {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("must be between 0 (exclusive) and 86400, got {s}"),
+        ))
+    }
+}
+
+fn non_negative_seconds(key: &str, s: f64) -> Result<(), SettingsError> {
+    if (0.0..=86_400.0).contains(&s) {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("must be between 0 and 86400, got {s}"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The repository's own configuration directory.
+    fn repo_config() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config")
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        Settings::load_from(&repo_config(), &vars(pairs))
+    }
+
+    #[test]
+    fn every_shipped_environment_loads() {
+        for env in ["development", "test", "production"] {
+            let s = load(&[(ENV_VAR, env)]).unwrap_or_else(|e| panic!("{env}: {e}"));
+            assert_eq!(s.environment, env);
+        }
+    }
+
+    #[test]
+    fn development_is_the_default_environment() {
+        assert_eq!(load(&[]).unwrap().environment, "development");
+    }
+
+    #[test]
+    fn environment_file_overrides_default_and_env_vars_override_both() {
+        let dir = tempdir();
+        std::fs::write(
+            dir.join("default.toml"),
+            std::fs::read_to_string(repo_config().join("default.toml")).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("staging.toml"),
+            "[worker]\nconcurrency = 3\nprefetch = 7\n",
+        )
+        .unwrap();
+
+        let s = Settings::load_from(&dir, &vars(&[(ENV_VAR, "staging")])).unwrap();
+        assert_eq!((s.worker.concurrency, s.worker.prefetch), (3, 7));
+
+        let s = Settings::load_from(
+            &dir,
+            &vars(&[
+                (ENV_VAR, "staging"),
+                ("WARREN_WORKER__CONCURRENCY", "5"),
+                ("WARREN_AMQP__PREFIX", "t1."),
+                ("WARREN_API__LISTEN", "0.0.0.0:0"),
+                ("WARREN_DATABASE__URL", "postgres://u:p@db:5432/w"),
+                ("WARREN_AMQP__URL", "amqp://u:p@mq:5672/%2f"),
+                ("WARREN_WORKER__QUEUES", "default,reports"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.worker.concurrency, 5,
+            "env var beats the environment file"
+        );
+        assert_eq!(s.worker.prefetch, 7, "environment file beats default.toml");
+        assert_eq!(s.amqp.prefix, "t1.");
+        assert_eq!(s.api.listen.port(), 0);
+        assert_eq!(s.database.url.expose_secret(), "postgres://u:p@db:5432/w");
+        assert_eq!(s.amqp.url.expose_secret(), "amqp://u:p@mq:5672/%2f");
+        assert_eq!(s.worker.queues, vec!["default", "reports"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("WARREN_WORKER__CONCURRENCY", "abc", "worker.concurrency"),
+            ("WARREN_WORKER__CONCURRENCY", "0", "worker.concurrency"),
+            ("WARREN_API__LISTEN", "localhost", "api.listen"),
+            ("WARREN_DATABASE__URL", "mysql://x", "database.url"),
+            ("WARREN_AMQP__URL", "nonsense", "amqp.url"),
+            ("WARREN_AMQP__PREFIX", "has space", "amqp.prefix"),
+            ("WARREN_AMQP__QUEUE_TYPE", "stream", "amqp.queue_type"),
+            ("WARREN_TELEMETRY__FILTER", "info,[", "telemetry.filter"),
+            ("WARREN_TASKS__SLEEP__QUEUE", "a/b", "tasks.sleep.queue"),
+            ("WARREN_WORKR__CONCURRENCY", "1", "workr"),
+        ];
+        for (var, value, key) in cases {
+            let err = load(&[(var, value)]).unwrap_err().to_string();
+            assert!(
+                err.contains(key),
+                "{var}={value}: `{err}` does not name `{key}`"
+            );
+        }
+    }
+
+    #[test]
+    fn secrets_are_not_echoed_in_errors() {
+        let err = load(&[("WARREN_DATABASE__URL", "mysql://root:hunter2@db")])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        let dir = tempdir();
+        std::fs::write(
+            dir.join("default.toml"),
+            "[database]\nmax_connections = 1\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("development.toml"), "").unwrap();
+        let err = Settings::load_from(&dir, &vars(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("database.url"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_environment_is_reported() {
+        let err = load(&[(ENV_VAR, "prodution")]).unwrap_err().to_string();
+        assert!(err.contains("prodution.toml"), "{err}");
+    }
+
+    #[test]
+    fn prefetch_defaults_to_concurrency() {
+        let mut s = load(&[]).unwrap();
+        s.worker.prefetch = 0;
+        s.worker.concurrency = 12;
+        assert_eq!(s.worker.effective_prefetch(), 12);
+    }
+
+    fn tempdir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("warren-settings-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

@@ -1,0 +1,499 @@
+//! The task state machine, in SQL.
+//!
+//! Every transition is a single statement guarded by the state (and, for a
+//! running task, the attempt number) it expects, so concurrent actors — two
+//! workers handed the same message, a relay and an API racing to publish, a
+//! stale attempt finishing after a newer one started — can never move a task
+//! backwards or overwrite a newer outcome. A statement that finds its guard
+//! false changes nothing and says so; the caller decides what that means.
+
+use crate::{codes::StoredError, db::task, envelope::TaskMessage, state::TaskState};
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ActiveModelTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait,
+    FromQueryResult, Set, Statement, TransactionTrait, Value as DbValue, sqlx,
+};
+use serde_json::Value;
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// PostgreSQL could not be reached or dropped the connection: worth
+    /// retrying, and a 503 for an HTTP client.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] DbErr),
+    #[error("database error: {0}")]
+    Other(#[source] DbErr),
+}
+
+impl StoreError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+impl From<DbErr> for StoreError {
+    fn from(e: DbErr) -> Self {
+        if is_connection_problem(&e) {
+            StoreError::Unavailable(e)
+        } else {
+            StoreError::Other(e)
+        }
+    }
+}
+
+fn is_connection_problem(e: &DbErr) -> bool {
+    use sea_orm::RuntimeErr;
+    let runtime = match e {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => return true,
+        DbErr::Exec(r) | DbErr::Query(r) => r,
+        _ => return false,
+    };
+    let RuntimeErr::SqlxError(sqlx_error) = runtime else {
+        return false;
+    };
+    match sqlx_error.as_ref() {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // Class 08: connection exceptions. 57P01-03: the server is
+            // shutting down, crashed or is starting (pg_terminate_backend
+            // and restarts produce these).
+            code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A task as the API records it on submission.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub id: Uuid,
+    pub task_type: String,
+    pub queue: String,
+    pub owner: Option<String>,
+    pub input: Value,
+    pub eta: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub idempotency_key: Option<String>,
+    pub origin: String,
+    pub traceparent: Option<String>,
+    /// When the relay may publish it if the API's own publish does not
+    /// succeed first (now + lease), or the ETA of a delayed task.
+    pub publish_at: DateTime<Utc>,
+}
+
+/// What a worker learns when it tries to start a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Run it; this is attempt number `attempt` (1-based).
+    Run { attempt: i32 },
+    /// Do not run it: another attempt owns it or it is already over.
+    Skip {
+        state: Option<TaskState>,
+        reason: &'static str,
+    },
+}
+
+/// How a claimed attempt ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Success(Value),
+    Failure(StoredError),
+    /// Failed, and will be published again at `at`.
+    Retry {
+        error: StoredError,
+        at: DateTime<Utc>,
+    },
+}
+
+/// One row the relay publishes.
+#[derive(Debug, Clone)]
+pub struct Due {
+    pub message: TaskMessage,
+    pub expired: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: DatabaseConnection,
+}
+
+fn stmt(sql: &str, values: Vec<DbValue>) -> Statement {
+    Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
+}
+
+fn json(v: &Value) -> DbValue {
+    DbValue::Json(Some(Box::new(v.clone())))
+}
+
+fn stored(e: &StoredError) -> DbValue {
+    json(&serde_json::to_value(e).unwrap_or(Value::Null))
+}
+
+impl Store {
+    pub fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Records a submitted task as PENDING, in the outbox.
+    pub async fn insert(&self, t: &NewTask) -> Result<task::Model> {
+        let now = Utc::now();
+        let model = task::ActiveModel {
+            id: Set(t.id),
+            task_type: Set(t.task_type.clone()),
+            queue: Set(t.queue.clone()),
+            owner: Set(t.owner.clone()),
+            state: Set(TaskState::Pending),
+            input: Set(t.input.clone()),
+            result: Set(None),
+            error: Set(None),
+            progress_done: Set(None),
+            progress_total: Set(None),
+            progress_message: Set(None),
+            attempts: Set(0),
+            eta: Set(t.eta),
+            expires_at: Set(t.expires_at),
+            time_limit: Set(None),
+            soft_time_limit: Set(None),
+            publish_at: Set(Some(t.publish_at)),
+            created_at: Set(now),
+            queued_at: Set(None),
+            started_at: Set(None),
+            finished_at: Set(None),
+            updated_at: Set(now),
+            worker: Set(None),
+            idempotency_key: Set(t.idempotency_key.clone()),
+            origin: Set(Some(t.origin.clone())),
+            root_id: Set(Some(t.id.to_string())),
+            parent_id: Set(None),
+            group_id: Set(None),
+            traceparent: Set(t.traceparent.clone()),
+        };
+        Ok(model.insert(&self.db).await?)
+    }
+
+    /// The API's publish was confirmed: QUEUED, out of the outbox. Guarded
+    /// on the untouched first attempt, so it never undoes a worker that was
+    /// faster than this statement. Returns whether it changed the row.
+    pub async fn mark_queued(&self, id: Uuid) -> Result<bool> {
+        let res = self
+            .db
+            .execute_raw(stmt(
+                "UPDATE tasks SET state = 'QUEUED', queued_at = now(), publish_at = NULL, updated_at = now()
+                 WHERE id = $1 AND state = 'PENDING' AND attempts = 0",
+                vec![id.into()],
+            ))
+            .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    pub async fn get(&self, id: Uuid) -> Result<Option<task::Model>> {
+        Ok(task::Entity::find_by_id(id).one(&self.db).await?)
+    }
+
+    /// A worker takes a delivered message: STARTED with the attempt count
+    /// bumped, creating the row if a Celery client published the message
+    /// (it has no row yet). Allowed from PENDING/QUEUED, from a RETRY that
+    /// is due, and from STARTED only when the broker says it redelivered the
+    /// message (the previous holder died or lost its channel). Anything
+    /// else is a duplicate or a finished task.
+    pub async fn claim(
+        &self,
+        m: &TaskMessage,
+        input: &Value,
+        queue: &str,
+        worker: &str,
+        redelivered: bool,
+    ) -> Result<Claim> {
+        let row = self
+            .db
+            .query_one_raw(stmt(
+                "INSERT INTO tasks AS t (id, task_type, queue, owner, state, input, attempts, eta, expires_at,
+                                         time_limit, soft_time_limit, created_at, queued_at, started_at,
+                                         updated_at, worker, origin, root_id, parent_id, group_id, traceparent)
+                 VALUES ($1, $2, $3, $4, 'STARTED', $5, 1, $6, $7, $8, $9, now(), now(), now(), now(),
+                         $10, $11, $12, $13, $14, $15)
+                 ON CONFLICT (id) DO UPDATE
+                    SET state = 'STARTED', attempts = t.attempts + 1, started_at = now(),
+                        updated_at = now(), worker = EXCLUDED.worker, publish_at = NULL,
+                        queued_at = COALESCE(t.queued_at, now())
+                  WHERE t.task_type = EXCLUDED.task_type
+                    AND (t.state IN ('PENDING', 'QUEUED')
+                         OR (t.state = 'RETRY' AND t.publish_at <= now())
+                         OR (t.state = 'STARTED' AND $16))
+                 RETURNING t.attempts",
+                vec![
+                    m.id.into(),
+                    m.task.clone().into(),
+                    queue.into(),
+                    m.owner.clone().into(),
+                    json(input),
+                    m.eta.into(),
+                    m.expires.into(),
+                    m.time_limit.into(),
+                    m.soft_time_limit.into(),
+                    worker.into(),
+                    m.origin.clone().into(),
+                    m.root_id.clone().into(),
+                    m.parent_id.clone().into(),
+                    m.group.clone().into(),
+                    m.traceparent.clone().into(),
+                    redelivered.into(),
+                ],
+            ))
+            .await?;
+        if let Some(row) = row {
+            let attempt: i32 = row.try_get("", "attempts")?;
+            return Ok(Claim::Run { attempt });
+        }
+        let current = self.get(m.id).await?;
+        let (state, reason) = match current {
+            None => (None, "task vanished"),
+            Some(t) if t.task_type != m.task => {
+                (Some(t.state), "id belongs to a task of another type")
+            }
+            Some(t) if t.state.is_terminal() => (Some(t.state), "already finished"),
+            Some(t) if t.state == TaskState::Started => {
+                (Some(t.state), "another worker is running it")
+            }
+            Some(t) if t.state == TaskState::Retry => (Some(t.state), "its retry is not due yet"),
+            Some(t) => (Some(t.state), "not claimable"),
+        };
+        Ok(Claim::Skip { state, reason })
+    }
+
+    /// Records how attempt `attempt` ended, if it is still the current one.
+    /// Returns false for a stale attempt (a newer one took over), whose
+    /// outcome is then discarded.
+    pub async fn finish(&self, id: Uuid, attempt: i32, outcome: &Outcome) -> Result<bool> {
+        let statement = match outcome {
+            Outcome::Success(result) => stmt(
+                "UPDATE tasks SET state = 'SUCCESS', result = $3, error = NULL, finished_at = now(), updated_at = now()
+                 WHERE id = $1 AND attempts = $2 AND state = 'STARTED'",
+                vec![id.into(), attempt.into(), json(result)],
+            ),
+            Outcome::Failure(error) => stmt(
+                "UPDATE tasks SET state = 'FAILURE', error = $3, finished_at = now(), updated_at = now()
+                 WHERE id = $1 AND attempts = $2 AND state = 'STARTED'",
+                vec![id.into(), attempt.into(), stored(error)],
+            ),
+            Outcome::Retry { error, at } => stmt(
+                "UPDATE tasks SET state = 'RETRY', error = $3, publish_at = $4, updated_at = now()
+                 WHERE id = $1 AND attempts = $2 AND state = 'STARTED'",
+                vec![id.into(), attempt.into(), stored(error), (*at).into()],
+            ),
+        };
+        Ok(self.db.execute_raw(statement).await?.rows_affected() == 1)
+    }
+
+    /// A message arrived after its `expires`: EXPIRED without running,
+    /// creating the row for a Celery-published task.
+    pub async fn expire(
+        &self,
+        m: &TaskMessage,
+        input: &Value,
+        queue: &str,
+        error: &StoredError,
+    ) -> Result<bool> {
+        let res = self
+            .db
+            .execute_raw(stmt(
+                "INSERT INTO tasks AS t (id, task_type, queue, owner, state, input, error, eta, expires_at,
+                                         created_at, finished_at, updated_at, origin, root_id, parent_id, group_id)
+                 VALUES ($1, $2, $3, $4, 'EXPIRED', $5, $6, $7, $8, now(), now(), now(), $9, $10, $11, $12)
+                 ON CONFLICT (id) DO UPDATE
+                    SET state = 'EXPIRED', error = EXCLUDED.error, finished_at = now(),
+                        updated_at = now(), publish_at = NULL
+                  WHERE t.task_type = EXCLUDED.task_type AND t.state IN ('PENDING', 'QUEUED', 'RETRY')",
+                vec![
+                    m.id.into(),
+                    m.task.clone().into(),
+                    queue.into(),
+                    m.owner.clone().into(),
+                    json(input),
+                    stored(error),
+                    m.eta.into(),
+                    m.expires.into(),
+                    m.origin.clone().into(),
+                    m.root_id.clone().into(),
+                    m.parent_id.clone().into(),
+                    m.group.clone().into(),
+                ],
+            ))
+            .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    /// A message arrived before its ETA (a Celery countdown): park it in the
+    /// outbox until then, so it holds no worker slot and survives restarts.
+    pub async fn schedule(&self, m: &TaskMessage, input: &Value, queue: &str) -> Result<bool> {
+        let res = self
+            .db
+            .execute_raw(stmt(
+                "INSERT INTO tasks AS t (id, task_type, queue, owner, state, input, attempts, eta, expires_at,
+                                         time_limit, soft_time_limit, publish_at, created_at, updated_at,
+                                         origin, root_id, parent_id, group_id, traceparent)
+                 VALUES ($1, $2, $3, $4, 'PENDING', $5, $6, $7, $8, $9, $10, $7, now(), now(), $11, $12, $13, $14, $15)
+                 ON CONFLICT (id) DO UPDATE
+                    SET state = 'PENDING', eta = EXCLUDED.eta, publish_at = EXCLUDED.publish_at, updated_at = now()
+                  WHERE t.task_type = EXCLUDED.task_type AND t.state IN ('PENDING', 'QUEUED')",
+                vec![
+                    m.id.into(),
+                    m.task.clone().into(),
+                    queue.into(),
+                    m.owner.clone().into(),
+                    json(input),
+                    i32::try_from(m.retries).unwrap_or(i32::MAX).into(),
+                    m.eta.into(),
+                    m.expires.into(),
+                    m.time_limit.into(),
+                    m.soft_time_limit.into(),
+                    m.origin.clone().into(),
+                    m.root_id.clone().into(),
+                    m.parent_id.clone().into(),
+                    m.group.clone().into(),
+                    m.traceparent.clone().into(),
+                ],
+            ))
+            .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    /// The message of a known task could not be run at all (it was
+    /// dead-lettered): the row says why. Only unfinished tasks change.
+    pub async fn fail_undeliverable(&self, id: Uuid, error: &StoredError) -> Result<bool> {
+        let res = self
+            .db
+            .execute_raw(stmt(
+                "UPDATE tasks SET state = 'FAILURE', error = $2, finished_at = now(), updated_at = now(), publish_at = NULL
+                 WHERE id = $1 AND state IN ('PENDING', 'QUEUED', 'STARTED', 'RETRY')",
+                vec![id.into(), stored(error)],
+            ))
+            .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    /// One pass of the relay: locks up to `limit` due outbox rows (skipping
+    /// rows another relay holds), lets `publish` try them, then marks the
+    /// published ones QUEUED and the expired ones EXPIRED in the same
+    /// transaction. Rows whose publish failed are pushed back by
+    /// `retry_after` so a broker outage is not hammered. Returns how many
+    /// rows were due.
+    pub async fn relay_pass<F, Fut>(
+        &self,
+        limit: u32,
+        retry_after: std::time::Duration,
+        publish: F,
+    ) -> Result<usize>
+    where
+        F: FnOnce(Vec<Due>) -> Fut,
+        Fut: std::future::Future<Output = Vec<(Uuid, bool)>>,
+    {
+        let txn = self.db.begin().await?;
+        let rows = task::Model::find_by_statement(stmt(
+            "SELECT * FROM tasks WHERE publish_at <= now() ORDER BY publish_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+            vec![i64::from(limit).into()],
+        ))
+        .all(&txn)
+        .await?;
+        if rows.is_empty() {
+            txn.commit().await?;
+            return Ok(0);
+        }
+        let now = Utc::now();
+        let due: Vec<Due> = rows
+            .iter()
+            .map(|row| Due {
+                message: message_from_row(row),
+                expired: row.expires_at.is_some_and(|at| at <= now),
+            })
+            .collect();
+        let count = due.len();
+        let expired: Vec<Uuid> = due
+            .iter()
+            .filter(|d| d.expired)
+            .map(|d| d.message.id)
+            .collect();
+        let outcomes = publish(due.into_iter().filter(|d| !d.expired).collect()).await;
+        let (published, failed): (Vec<_>, Vec<_>) = outcomes.into_iter().partition(|(_, ok)| *ok);
+        let published: Vec<Uuid> = published.into_iter().map(|(id, _)| id).collect();
+        let failed: Vec<Uuid> = failed.into_iter().map(|(id, _)| id).collect();
+
+        if !published.is_empty() {
+            txn.execute_raw(stmt(
+                "UPDATE tasks SET state = 'QUEUED', queued_at = now(), publish_at = NULL, updated_at = now()
+                 WHERE id = ANY($1) AND state IN ('PENDING', 'RETRY')",
+                vec![published.into()],
+            ))
+            .await?;
+        }
+        if !expired.is_empty() {
+            let error = StoredError::new(
+                crate::codes::ErrorCode::Expired,
+                "not started before its expiry time",
+                false,
+            );
+            txn.execute_raw(stmt(
+                "UPDATE tasks SET state = 'EXPIRED', error = $2, finished_at = now(), updated_at = now(), publish_at = NULL
+                 WHERE id = ANY($1)",
+                vec![expired.into(), stored(&error)],
+            ))
+            .await?;
+        }
+        if !failed.is_empty() {
+            txn.execute_raw(stmt(
+                "UPDATE tasks SET publish_at = now() + make_interval(secs => $2) WHERE id = ANY($1)",
+                vec![failed.into(), retry_after.as_secs_f64().into()],
+            ))
+            .await?;
+        }
+        txn.commit().await?;
+        Ok(count)
+    }
+
+    /// Tasks waiting in the outbox, due or not (the backlog an operator
+    /// watches when the broker is away).
+    pub async fn outbox_len(&self) -> Result<i64> {
+        let row = self
+            .db
+            .query_one_raw(stmt(
+                "SELECT count(*) AS n FROM tasks WHERE publish_at IS NOT NULL",
+                vec![],
+            ))
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get("", "n")?,
+            None => 0,
+        })
+    }
+}
+
+/// The message that (re)publishes a recorded task. The row is the source
+/// of truth: whatever the original message said, this is what runs.
+pub fn message_from_row(row: &task::Model) -> TaskMessage {
+    let kwargs = row.input.as_object().cloned().unwrap_or_default();
+    let mut m = TaskMessage::new(row.id, row.task_type.clone(), kwargs);
+    m.retries = u32::try_from(row.attempts).unwrap_or(0);
+    m.eta = row.eta;
+    m.expires = row.expires_at;
+    m.time_limit = row.time_limit;
+    m.soft_time_limit = row.soft_time_limit;
+    m.root_id = row.root_id.clone();
+    m.parent_id = row.parent_id.clone();
+    m.group = row.group_id.clone();
+    m.origin = row.origin.clone();
+    m.owner = row.owner.clone();
+    m.traceparent = row.traceparent.clone();
+    m
+}

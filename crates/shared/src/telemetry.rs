@@ -1,0 +1,38 @@
+//! Logging setup: human-readable in development, JSON in production.
+
+use crate::settings::{LogFormat, TelemetrySettings};
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+/// Installs the global subscriber once per process. `RUST_LOG`, when set,
+/// wins over the configured filter. A second call is a no-op, so tests can
+/// call it freely.
+pub fn init(settings: &TelemetrySettings) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&settings.filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = match settings.format {
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true),
+            )
+            .try_init(),
+        LogFormat::Pretty => registry.with(fmt::layer().with_target(true)).try_init(),
+    };
+    // Already initialised (a test harness or an embedding program did it).
+    drop(result);
+}
+
+/// For tests: logs go nowhere unless `TEST_LOG` is set, so a failing test's
+/// output is not buried under every passing test's logs.
+pub fn init_for_tests() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        init(&TelemetrySettings {
+            format: LogFormat::Pretty,
+            filter: "info,warren_api=debug,warren_worker=debug,warren_shared=debug".into(),
+        });
+    }
+}

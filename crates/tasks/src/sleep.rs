@@ -1,0 +1,91 @@
+//! `sleep`: waits without holding a thread, the stand-in for slow I/O-bound
+//! work (a carrier's API, a report query). Stops early when cancelled.
+
+use crate::{FieldError, Input, Task, TaskContext, TaskError, ValidationErrors};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+pub struct Sleep;
+
+/// A day: longer sleeps are almost certainly a unit mistake (ms for s).
+pub const MAX_SLEEP_SECONDS: f64 = 86_400.0;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SleepInput {
+    pub seconds: f64,
+}
+
+impl Input for SleepInput {
+    fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut errors = Vec::new();
+        if !(0.0..=MAX_SLEEP_SECONDS).contains(&self.seconds) {
+            errors.push(FieldError::new(
+                "seconds",
+                "out_of_range",
+                format!("must be between 0 and {MAX_SLEEP_SECONDS}"),
+            ));
+        }
+        ValidationErrors::check(errors)
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct SleepOutput {
+    pub slept_seconds: f64,
+}
+
+impl Task for Sleep {
+    const NAME: &'static str = "sleep";
+    const POSITIONAL: &'static [&'static str] = &["seconds"];
+    type Input = SleepInput;
+    type Output = SleepOutput;
+
+    async fn run(&self, input: SleepInput, ctx: TaskContext) -> Result<SleepOutput, TaskError> {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs_f64(input.seconds)) => Ok(SleepOutput {
+                slept_seconds: input.seconds,
+            }),
+            () = ctx.cancelled() => Err(TaskError::Cancelled),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+
+    #[test]
+    fn rejects_negative_and_absurd_durations() {
+        for bad in [-1.0, MAX_SLEEP_SECONDS + 1.0, f64::NAN] {
+            let err = SleepInput { seconds: bad }.validate().unwrap_err();
+            assert_eq!(err.errors()[0].field, "seconds");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sleeps_for_the_requested_time() {
+        let started = tokio::time::Instant::now();
+        let ctx = TaskContext::detached(uuid::Uuid::nil(), 1);
+        let out = Sleep.run(SleepInput { seconds: 3.0 }, ctx).await.unwrap();
+        assert_eq!(out.slept_seconds, 3.0);
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stops_when_cancelled() {
+        struct Nowhere;
+        impl crate::ProgressSink for Nowhere {
+            fn report(&self, _: crate::Progress) {}
+        }
+        let cancel = CancellationToken::new();
+        let ctx = TaskContext::new(uuid::Uuid::nil(), 1, cancel.clone(), Arc::new(Nowhere));
+        let run = tokio::spawn(async move { Sleep.run(SleepInput { seconds: 60.0 }, ctx).await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cancel.cancel();
+        let err = run.await.unwrap().unwrap_err();
+        assert!(matches!(err, TaskError::Cancelled));
+    }
+}

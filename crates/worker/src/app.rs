@@ -1,0 +1,140 @@
+//! Wiring a worker together and running it until shutdown.
+
+use crate::consumer;
+use std::sync::Arc;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use warren_shared::{
+    broker::{Publisher, process_identity},
+    catalog::Catalog,
+    db::{self, DbErr},
+    relay,
+    settings::{Settings, SettingsError},
+    store::Store,
+};
+use warren_tasks::Registry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error("connecting to PostgreSQL: {0}")]
+    Database(#[source] DbErr),
+    #[error("applying migrations: {0}")]
+    Migrate(#[source] DbErr),
+}
+
+/// Everything one worker replica needs, built once at startup.
+pub struct Worker {
+    pub(crate) settings: Settings,
+    pub(crate) catalog: Catalog,
+    pub(crate) store: Store,
+    pub(crate) publisher: Arc<Publisher>,
+    pub(crate) identity: String,
+    /// Full names of the queues this replica consumes.
+    pub(crate) queues: Vec<String>,
+}
+
+impl Worker {
+    /// Validates configuration against the task registry, connects to
+    /// PostgreSQL (applying migrations if configured). The broker is
+    /// connected in [`Worker::run`], where losing it is survivable.
+    pub async fn build(settings: Settings) -> Result<Self, WorkerError> {
+        let catalog = Catalog::new(&Registry::builtin(), &settings)?;
+        let topology = Arc::clone(catalog.topology());
+        let known = topology.queues();
+        let short_names: Vec<String> = if settings.worker.queues.is_empty() {
+            known.iter().map(|q| (*q).to_owned()).collect()
+        } else {
+            for (i, q) in settings.worker.queues.iter().enumerate() {
+                if !known.contains(q.as_str()) {
+                    return Err(SettingsError::Invalid {
+                        key: format!("worker.queues[{i}]"),
+                        message: format!(
+                            "no task type is routed to queue `{q}` (queues: {})",
+                            known.iter().copied().collect::<Vec<_>>().join(", ")
+                        ),
+                    }
+                    .into());
+                }
+            }
+            settings.worker.queues.clone()
+        };
+        let queues = short_names.iter().map(|q| topology.queue(q)).collect();
+
+        let identity = process_identity("warren-worker");
+        let connection = db::connect(&settings.database, &identity)
+            .await
+            .map_err(WorkerError::Database)?;
+        if settings.database.migrate_on_start {
+            db::migrate(&connection)
+                .await
+                .map_err(WorkerError::Migrate)?;
+        }
+        let publisher = Arc::new(Publisher::new(
+            settings.amqp.url.clone(),
+            format!("{identity}/publish"),
+            settings.amqp.connect_timeout(),
+            settings.amqp.publish_timeout(),
+            topology,
+        ));
+        Ok(Self {
+            settings,
+            catalog,
+            store: Store::new(connection),
+            publisher,
+            identity,
+            queues,
+        })
+    }
+
+    /// Applies pending migrations and returns (the `migrate` subcommand).
+    pub async fn migrate(settings: &Settings) -> Result<(), WorkerError> {
+        db::connect_and_migrate(&settings.database)
+            .await
+            .map_err(WorkerError::Migrate)?;
+        tracing::info!("migrations applied");
+        Ok(())
+    }
+
+    /// Overrides the identity recorded on tasks and shown as the broker
+    /// connection name (default `warren-worker@host:pid`); for running
+    /// several workers in one process.
+    pub fn with_identity(mut self, identity: impl Into<String>) -> Self {
+        self.identity = identity.into();
+        self
+    }
+
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// Consumes until `shutdown` is cancelled, then drains in-flight tasks
+    /// within the configured grace period and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let worker = Arc::new(self);
+        tracing::info!(
+            worker = %worker.identity,
+            queues = ?worker.queues,
+            concurrency = worker.settings.worker.concurrency,
+            prefetch = worker.settings.worker.effective_prefetch(),
+            version = warren_shared::VERSION,
+            "worker starting"
+        );
+        let background = TaskTracker::new();
+        if worker.settings.relay.enabled {
+            background.spawn(relay::run(
+                worker.store.clone(),
+                Arc::clone(&worker.publisher),
+                worker.settings.relay.clone(),
+                shutdown.clone(),
+            ));
+        }
+        consumer::run(Arc::clone(&worker), shutdown.clone()).await;
+        // The consumer returns only on shutdown; the relay sees the same token.
+        background.close();
+        background.wait().await;
+        worker.publisher.close().await;
+        tracing::info!(worker = %worker.identity, "worker stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,349 @@
+//! One delivery, from bytes to acknowledgement.
+//!
+//! The order is the guarantee: the outcome is committed to PostgreSQL
+//! before the message is acknowledged, so a crash at any point leaves
+//! either an unacknowledged message (redelivered, and the claim decides
+//! whether it runs again) or a committed outcome (the redelivery is
+//! acknowledged without running).
+
+use crate::{
+    Worker,
+    execute::{self, Attempt},
+};
+use chrono::Utc;
+use lapin::{
+    message::Delivery,
+    options::{BasicAckOptions, BasicNackOptions},
+};
+use std::{future::Future, sync::Arc, time::Duration};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+use warren_shared::{
+    broker::{Outgoing, with_extra_headers},
+    codes::{ErrorCode, StoredError},
+    envelope::{self, TaskMessage},
+    store::{self, Claim, Outcome},
+};
+use warren_tasks::{Progress, ProgressSink, TaskContext};
+
+/// Headers a dead letter carries besides the original ones.
+pub(crate) const REASON_HEADER: &str = "x-warren-reason";
+pub(crate) const CODE_HEADER: &str = "x-warren-error-code";
+pub(crate) const WORKER_HEADER: &str = "x-warren-worker";
+pub(crate) const QUEUE_HEADER: &str = "x-warren-original-queue";
+
+/// First pause when PostgreSQL is unreachable; doubles up to the max. The
+/// delivery stays unacknowledged meanwhile, holding its slot: a worker that
+/// cannot record outcomes should not take more work.
+const DB_RETRY_MIN: Duration = Duration::from_millis(100);
+const DB_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// What to tell the broker once the outcome is (or cannot be) recorded.
+enum Disposition {
+    Ack,
+    /// Hand it back for another replica (shutdown, database gone).
+    Requeue,
+    /// Copy it to the dead-letter queue with a reason, then acknowledge.
+    DeadLetter {
+        code: ErrorCode,
+        reason: String,
+    },
+}
+
+pub(crate) async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &CancellationToken) {
+    let disposition = match TaskMessage::decode(&delivery.properties, &delivery.data) {
+        Err(e) => {
+            let reason = e.to_string();
+            tracing::warn!(
+                task_id = ?envelope::peek_task_id(&delivery.properties),
+                queue = %delivery.routing_key,
+                %reason,
+                "undecodable message"
+            );
+            if let Some(id) = envelope::peek_task_id(&delivery.properties) {
+                mark_undeliverable(worker, id, ErrorCode::UndecodableMessage, &reason, stop).await;
+            }
+            Disposition::DeadLetter {
+                code: ErrorCode::UndecodableMessage,
+                reason,
+            }
+        }
+        Ok(message) => {
+            let span = tracing::info_span!(
+                "task",
+                task_id = %message.id,
+                task = %message.task,
+                attempt = tracing::field::Empty,
+            );
+            process(worker, &message, delivery.redelivered, stop)
+                .instrument(span)
+                .await
+        }
+    };
+    settle(worker, delivery, disposition).await;
+}
+
+async fn process(
+    worker: &Worker,
+    message: &TaskMessage,
+    redelivered: bool,
+    stop: &CancellationToken,
+) -> Disposition {
+    let Some(entry) = worker.catalog.get(&message.task) else {
+        let reason = format!("unknown task type `{}`", message.task);
+        tracing::warn!(%reason, "dead-lettering");
+        mark_undeliverable(worker, message.id, ErrorCode::UnknownTask, &reason, stop).await;
+        return Disposition::DeadLetter {
+            code: ErrorCode::UnknownTask,
+            reason,
+        };
+    };
+    let input = match entry
+        .task
+        .input_from_call(message.args.clone(), message.kwargs.clone())
+    {
+        Ok(input) => input,
+        Err(e) => {
+            let reason = format!("invalid arguments: {e}");
+            tracing::warn!(%reason, "dead-lettering");
+            mark_undeliverable(worker, message.id, ErrorCode::InvalidInput, &reason, stop).await;
+            return Disposition::DeadLetter {
+                code: ErrorCode::InvalidInput,
+                reason,
+            };
+        }
+    };
+    let store = &worker.store;
+    let now = Utc::now();
+
+    if message.expires.is_some_and(|at| at <= now) {
+        let error = StoredError::new(
+            ErrorCode::Expired,
+            "not started before its expiry time",
+            false,
+        );
+        return match db(stop, || store.expire(message, &input, &entry.queue, &error)).await {
+            Ok(changed) => {
+                tracing::info!(changed, "task expired before it started");
+                Disposition::Ack
+            }
+            Err(d) => d,
+        };
+    }
+    if message.eta.is_some_and(|at| at > now) {
+        // Waits in the outbox, not in this process: no slot, no prefetch,
+        // no consumer timeout, and it survives any restart.
+        return match db(stop, || store.schedule(message, &input, &entry.queue)).await {
+            Ok(changed) => {
+                tracing::info!(eta = ?message.eta, changed, "not due yet; scheduled");
+                Disposition::Ack
+            }
+            Err(d) => d,
+        };
+    }
+
+    let claim = match db(stop, || {
+        store.claim(message, &input, &entry.queue, &worker.identity, redelivered)
+    })
+    .await
+    {
+        Ok(c) => c,
+        Err(d) => return d,
+    };
+    let attempt = match claim {
+        Claim::Run { attempt } => attempt,
+        Claim::Skip { state, reason } => {
+            tracing::info!(?state, reason, redelivered, "not running");
+            return Disposition::Ack;
+        }
+    };
+    tracing::Span::current().record("attempt", attempt);
+    tracing::info!(redelivered, "task started");
+
+    let cancel = CancellationToken::new();
+    let ctx = TaskContext::new(
+        message.id,
+        u32::try_from(attempt).unwrap_or(u32::MAX),
+        cancel.clone(),
+        Arc::new(NoProgress),
+    );
+    // Limits from the message (a Celery caller's per-call limits) win over
+    // the task type's policy.
+    let soft = message
+        .soft_time_limit
+        .map(Duration::from_secs_f64)
+        .or(entry.policy.soft_time_limit);
+    let hard = message
+        .time_limit
+        .map(Duration::from_secs_f64)
+        .or(entry.policy.time_limit);
+    let started = std::time::Instant::now();
+    let result = execute::run(entry.task.run(input, ctx), cancel, soft, hard, stop).await;
+    let elapsed = started.elapsed();
+
+    let outcome = match &result {
+        Attempt::Interrupted => {
+            tracing::warn!("interrupted by shutdown; handing the message back");
+            return Disposition::Requeue;
+        }
+        Attempt::Succeeded(value) => Outcome::Success(value.clone()),
+        failed => {
+            let (code, text, retryable) =
+                failed
+                    .error()
+                    .unwrap_or((ErrorCode::Internal, "unknown failure".into(), false));
+            let retries_done = u32::try_from(attempt - 1).unwrap_or(0);
+            if retryable && retries_done < entry.policy.max_retries {
+                let delay = entry
+                    .policy
+                    .retry_delay_for(u32::try_from(attempt).unwrap_or(1), fastrand::f64());
+                let at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                Outcome::Retry {
+                    error: StoredError::new(code, text, true),
+                    at,
+                }
+            } else {
+                let text = if retryable {
+                    format!("{text} (gave up after {attempt} attempt(s))")
+                } else {
+                    text
+                };
+                Outcome::Failure(StoredError::new(code, text, retryable))
+            }
+        }
+    };
+
+    let recorded = match db(stop, || store.finish(message.id, attempt, &outcome)).await {
+        Ok(r) => r,
+        Err(d) => return d,
+    };
+    if !recorded {
+        tracing::warn!("a newer attempt took over while this one ran; its outcome is discarded");
+        return Disposition::Ack;
+    }
+    match outcome {
+        Outcome::Success(_) => {
+            tracing::info!(elapsed_ms = elapsed.as_millis() as u64, "task succeeded");
+            Disposition::Ack
+        }
+        Outcome::Retry { error, at } => {
+            tracing::warn!(error = %error.message, retry_at = %at, "task failed; retry scheduled");
+            Disposition::Ack
+        }
+        Outcome::Failure(error) => {
+            tracing::error!(code = %error.code, error = %error.message, "task failed");
+            Disposition::DeadLetter {
+                code: match result.error() {
+                    Some((code, _, _)) => code,
+                    None => ErrorCode::TaskFailed,
+                },
+                reason: error.message,
+            }
+        }
+    }
+}
+
+/// Runs a store call, retrying while PostgreSQL is unreachable. Gives up
+/// (with the disposition to apply) only when the worker is stopping or the
+/// error is not about connectivity.
+async fn db<T, F, Fut>(stop: &CancellationToken, mut call: F) -> Result<T, Disposition>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = store::Result<T>>,
+{
+    let mut pause = DB_RETRY_MIN;
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(error = %e, retry_in = ?pause, "database unavailable; holding the message");
+                tokio::select! {
+                    () = stop.cancelled() => return Err(Disposition::Requeue),
+                    () = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(DB_RETRY_MAX);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "database rejected the write");
+                return Err(Disposition::DeadLetter {
+                    code: ErrorCode::Internal,
+                    reason: format!("could not record the outcome: {e}"),
+                });
+            }
+        }
+    }
+}
+
+async fn mark_undeliverable(
+    worker: &Worker,
+    id: Uuid,
+    code: ErrorCode,
+    reason: &str,
+    stop: &CancellationToken,
+) {
+    let error = StoredError::new(code, reason, false);
+    if let Ok(true) = db(stop, || worker.store.fail_undeliverable(id, &error)).await {
+        tracing::info!(task_id = %id, "task marked FAILURE");
+    }
+}
+
+async fn settle(worker: &Worker, delivery: Delivery, disposition: Disposition) {
+    let tag = delivery.delivery_tag;
+    let result = match disposition {
+        Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
+        Disposition::Requeue => {
+            delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+        }
+        Disposition::DeadLetter { code, reason } => {
+            let copy = Outgoing {
+                exchange: worker.catalog.topology().dead_letter_exchange(),
+                routing_key: delivery.routing_key.to_string(),
+                message: envelope::Encoded {
+                    properties: with_extra_headers(
+                        &delivery.properties,
+                        [
+                            (REASON_HEADER, reason),
+                            (CODE_HEADER, code.as_str().to_owned()),
+                            (WORKER_HEADER, worker.identity.clone()),
+                            (QUEUE_HEADER, delivery.routing_key.to_string()),
+                        ],
+                    ),
+                    body: delivery.data.clone(),
+                },
+            };
+            match worker.publisher.publish(&copy).await {
+                Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+                Err(e) => {
+                    // Keep the message rather than drop it; it comes back and
+                    // is dead-lettered once the publish works (the queue's
+                    // delivery limit stops this from going on forever).
+                    tracing::error!(error = %e, "could not dead-letter; requeueing");
+                    delivery
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..BasicNackOptions::default()
+                        })
+                        .await
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        // The channel is gone; the broker redelivers the message and the
+        // claim sees what was already recorded.
+        tracing::warn!(delivery_tag = tag, error = %e, "could not settle delivery");
+    }
+}
+
+/// Progress is accepted and dropped until progress reporting lands.
+struct NoProgress;
+
+impl ProgressSink for NoProgress {
+    fn report(&self, _: Progress) {}
+}

@@ -1,0 +1,25 @@
+//! # warren-worker
+//!
+//! Consumes task messages and turns each into exactly one recorded outcome.
+//! Per delivery: decode (garbage is dead-lettered with a reason), claim the
+//! task in PostgreSQL (a duplicate or finished task is acknowledged without
+//! running), run it under its time limits, commit the outcome, and only then
+//! acknowledge. A retry is written back to the outbox with its due time and
+//! acknowledged: it waits in PostgreSQL, never in worker memory.
+//!
+//! Layout:
+//! - [`Worker`] (`app`): wiring: database, catalog, publisher, relay.
+//! - `consumer`: the connection loop: reconnect with backoff, prefetch as
+//!   slots, graceful shutdown.
+//! - `handler`: one delivery from decode to ack.
+//! - `execute`: running a task with soft/hard time limits, panics caught.
+//!
+//! This crate is the only one that acknowledges deliveries. It serves no
+//! HTTP API and knows nothing of how tasks were submitted.
+
+mod app;
+mod consumer;
+mod execute;
+mod handler;
+
+pub use app::{Worker, WorkerError};
