@@ -1,1 +1,58 @@
+//! # warren-tests
+//!
+//! The harness for Warren's end-to-end tests. Every test gets a [`TestEnv`]:
+//! its own PostgreSQL database (created, migrated, dropped afterwards) and
+//! its own exchange/queue prefix on the one shared RabbitMQ (deleted
+//! afterwards), so tests run in parallel and can be rerun. On top of it a
+//! test starts what it needs: the API in-process ([`TestApi`]), workers
+//! in-process ([`TestWorker`]) or as real OS processes ([`WorkerProcess`])
+//! when it must kill or signal them.
+//!
+//! Waiting is always for an event with a deadline ([`wait_until`]), never
+//! a fixed sleep.
+//!
+//! Environment: `TEST_ADMIN_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`) is where test databases
+//! are created; `TEST_LOG=1` shows logs; `WARREN_BIN_DIR` points at the
+//! built `warren-worker` binary if it is not next to the test executable.
 
+// A panic in the harness is a test failure with a message: exactly right.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod api;
+mod broker;
+mod env;
+mod process;
+mod worker;
+
+pub use api::TestApi;
+pub use broker::{Amqp, Management};
+pub use env::TestEnv;
+pub use process::WorkerProcess;
+pub use worker::TestWorker;
+
+use std::{future::Future, time::Duration};
+
+/// How often [`wait_until`] looks again.
+const POLL_INTERVAL: Duration = Duration::from_millis(25);
+
+/// Polls `check` until it yields `Some`, or panics with `what` after
+/// `timeout`. The interval is short: waiting costs a test its latency only.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut poll = tokio::time::interval(POLL_INTERVAL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        poll.tick().await;
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+    }
+}

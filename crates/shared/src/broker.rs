@@ -81,8 +81,13 @@ pub async fn connect(
 /// One identity per process and role, used for connection names, the
 /// `worker` recorded on tasks and Celery's `origin` header.
 pub fn process_identity(role: &str) -> String {
+    identity(role, std::process::id())
+}
+
+/// `role@host:pid`, the identity of a process on this host.
+pub fn identity(role: &str, pid: u32) -> String {
     let host = gethostname::gethostname();
-    format!("{role}@{}:{}", host.to_string_lossy(), std::process::id())
+    format!("{role}@{}:{pid}", host.to_string_lossy())
 }
 
 /// A message to publish: where to, and what.

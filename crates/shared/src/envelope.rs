@@ -545,32 +545,8 @@ mod tests {
         fn fixture(case: &str) -> (BasicProperties, Vec<u8>) {
             let all: Value = serde_json::from_str(FIXTURES).unwrap();
             let c = &all[case];
-            let p = &c["properties"];
-            let text = |k: &str| p[k].as_str().map(ShortString::from);
-            let mut props = BasicProperties::default()
-                .with_headers(wire::table_from_json(c["headers"].as_object().unwrap()));
-            if let Some(v) = text("content_type") {
-                props = props.with_content_type(v);
-            }
-            if let Some(v) = text("content_encoding") {
-                props = props.with_content_encoding(v);
-            }
-            if let Some(v) = text("correlation_id") {
-                props = props.with_correlation_id(v);
-            }
-            if let Some(v) = text("reply_to") {
-                props = props.with_reply_to(v);
-            }
-            if let Some(v) = text("expiration") {
-                props = props.with_expiration(v);
-            }
-            if let Some(v) = p["delivery_mode"].as_u64() {
-                props = props.with_delivery_mode(u8::try_from(v).unwrap());
-            }
-            if let Some(v) = p["priority"].as_u64() {
-                props = props.with_priority(u8::try_from(v).unwrap());
-            }
-            (props, c["body"].as_str().unwrap().as_bytes().to_vec())
+            let body = c["body"].as_str().unwrap().as_bytes().to_vec();
+            (wire::properties_from_json(c), body)
         }
 
         fn decode(case: &str) -> TaskMessage {

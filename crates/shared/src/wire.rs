@@ -2,7 +2,10 @@
 //! headers to people (dead-letter listings, snapshots) and for replaying
 //! captured Celery messages in tests.
 
-use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties,
+    types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString},
+};
 use serde_json::{Map, Number, Value};
 
 /// An AMQP value as JSON. Byte arrays and non-UTF-8 strings become lossy
@@ -86,6 +89,41 @@ pub fn table_from_json(map: &Map<String, Value>) -> FieldTable {
         }
     }
     table
+}
+
+/// A captured message (`{"properties": {...}, "headers": {...}}`, the shape
+/// of the Celery fixtures and of [`crate::envelope::describe`]) as AMQP
+/// properties: how tests replay what a foreign client published.
+pub fn properties_from_json(message: &Value) -> BasicProperties {
+    let p = &message["properties"];
+    let text = |k: &str| p[k].as_str().map(short_string);
+    let byte = |k: &str| p[k].as_u64().and_then(|v| u8::try_from(v).ok());
+    let mut props = BasicProperties::default();
+    if let Some(headers) = message["headers"].as_object() {
+        props = props.with_headers(table_from_json(headers));
+    }
+    if let Some(v) = text("content_type") {
+        props = props.with_content_type(v);
+    }
+    if let Some(v) = text("content_encoding") {
+        props = props.with_content_encoding(v);
+    }
+    if let Some(v) = text("correlation_id") {
+        props = props.with_correlation_id(v);
+    }
+    if let Some(v) = text("reply_to") {
+        props = props.with_reply_to(v);
+    }
+    if let Some(v) = text("expiration") {
+        props = props.with_expiration(v);
+    }
+    if let Some(v) = byte("delivery_mode") {
+        props = props.with_delivery_mode(v);
+    }
+    if let Some(v) = byte("priority") {
+        props = props.with_priority(v);
+    }
+    props
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
 //! Wiring a worker together and running it until shutdown.
 
 use crate::consumer;
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use warren_shared::{
     broker::{Publisher, process_identity},
@@ -23,8 +26,27 @@ pub enum WorkerError {
     Migrate(#[source] DbErr),
 }
 
+/// What a worker reports about itself while it runs; cheap to share.
+#[derive(Debug, Default)]
+pub struct Health {
+    consuming: AtomicBool,
+}
+
+impl Health {
+    /// True while a consumer is registered with the broker: the worker is
+    /// actually taking work, not just alive.
+    pub fn is_consuming(&self) -> bool {
+        self.consuming.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_consuming(&self, consuming: bool) {
+        self.consuming.store(consuming, Ordering::Relaxed);
+    }
+}
+
 /// Everything one worker replica needs, built once at startup.
 pub struct Worker {
+    pub(crate) health: Arc<Health>,
     pub(crate) settings: Settings,
     pub(crate) catalog: Catalog,
     pub(crate) store: Store,
@@ -78,6 +100,7 @@ impl Worker {
             topology,
         ));
         Ok(Self {
+            health: Arc::default(),
             settings,
             catalog,
             store: Store::new(connection),
@@ -106,6 +129,10 @@ impl Worker {
 
     pub fn identity(&self) -> &str {
         &self.identity
+    }
+
+    pub fn health(&self) -> Arc<Health> {
+        Arc::clone(&self.health)
     }
 
     /// Consumes until `shutdown` is cancelled, then drains in-flight tasks

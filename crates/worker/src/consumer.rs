@@ -43,10 +43,12 @@ pub(crate) async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
         let end = match open(&worker).await {
             Ok((conn, channel, consumers)) => {
                 backoff = BACKOFF_MIN;
+                worker.health.set_consuming(true);
                 let end = consume(
                     &worker, &channel, consumers, &slots, &in_flight, &hard_stop, &shutdown,
                 )
                 .await;
+                worker.health.set_consuming(false);
                 connections.retain(|(c, _)| c.status().connected());
                 connections.push((conn, channel));
                 end

@@ -22,4 +22,4 @@ mod consumer;
 mod execute;
 mod handler;
 
-pub use app::{Worker, WorkerError};
+pub use app::{Health, Worker, WorkerError};

@@ -1,0 +1,195 @@
+//! Direct access to RabbitMQ for tests: raw AMQP and the management API.
+
+use lapin::{
+    BasicProperties, Channel, Connection,
+    message::BasicGetMessage,
+    options::{
+        BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+        QueueDeclareOptions,
+    },
+    types::FieldTable,
+};
+use secrecy::ExposeSecret;
+use serde_json::Value;
+use std::time::Duration;
+use warren_shared::{broker::BrokerError, settings::Settings, wire::short_string};
+
+/// A confirm-mode channel on its own connection.
+pub struct Amqp {
+    connection: Connection,
+    channel: Channel,
+}
+
+impl Amqp {
+    pub async fn connect(settings: &Settings) -> Self {
+        Self::try_connect(settings)
+            .await
+            .expect("connect to RabbitMQ")
+    }
+
+    pub async fn try_connect(settings: &Settings) -> Result<Self, BrokerError> {
+        let connection = warren_shared::broker::connect(
+            &settings.amqp.url,
+            "warren-tests",
+            Duration::from_secs(5),
+        )
+        .await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(BrokerError::Channel)?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(BrokerError::Channel)?;
+        Ok(Self {
+            connection,
+            channel,
+        })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// (ready messages, consumers) of an existing queue.
+    pub async fn queue_depth(&self, queue: &str) -> (u32, u32) {
+        let q = self
+            .channel
+            .queue_declare(
+                short_string(queue),
+                QueueDeclareOptions::default().passive(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("queue {queue} exists: {e}"));
+        (q.message_count(), q.consumer_count())
+    }
+
+    /// Takes one message off a queue (acknowledged), if there is one.
+    pub async fn get(&self, queue: &str) -> Option<BasicGetMessage> {
+        let msg = self
+            .channel
+            .basic_get(short_string(queue), BasicGetOptions::default())
+            .await
+            .expect("basic.get")?;
+        msg.delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .expect("ack");
+        Some(msg)
+    }
+
+    /// Publishes anything anywhere, as a foreign client would, and waits
+    /// for the broker's confirm.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        properties: BasicProperties,
+        body: &[u8],
+    ) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                short_string(exchange),
+                short_string(routing_key),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack(), "broker refused the message");
+    }
+
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "done".into()).await;
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
+
+/// RabbitMQ's management HTTP API (plugin `rabbitmq_management`).
+pub struct Management {
+    base: String,
+    client: reqwest::Client,
+    user: String,
+    password: String,
+}
+
+impl Management {
+    /// `TEST_RABBITMQ_MANAGEMENT_URL` (default `http://127.0.0.1:15672`)
+    /// with the credentials of the AMQP URL.
+    pub fn new(settings: &Settings) -> Self {
+        let url = settings.amqp.url.expose_secret();
+        let creds = url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split_once('@'))
+            .map(|(creds, _)| creds.to_owned())
+            .unwrap_or_else(|| "guest:guest".to_owned());
+        let (user, password) = creds.split_once(':').unwrap_or(("guest", "guest"));
+        Self {
+            base: std::env::var("TEST_RABBITMQ_MANAGEMENT_URL")
+                .unwrap_or_else(|_| "http://127.0.0.1:15672".to_owned()),
+            client: reqwest::Client::new(),
+            user: user.to_owned(),
+            password: password.to_owned(),
+        }
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let response = self
+            .client
+            .get(format!("{}/api/{path}", self.base))
+            .basic_auth(&self.user, Some(&self.password))
+            .send()
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "RabbitMQ management API at {} (is rabbitmq_management enabled?): {e}",
+                    self.base
+                )
+            });
+        assert!(
+            response.status().is_success(),
+            "GET {path}: {}",
+            response.status()
+        );
+        response.json().await.expect("management API returns JSON")
+    }
+
+    pub async fn exchange(&self, name: &str) -> Value {
+        self.get(&format!("exchanges/%2F/{name}")).await
+    }
+
+    pub async fn queue(&self, name: &str) -> Value {
+        self.get(&format!("queues/%2F/{name}")).await
+    }
+
+    /// A connection by its broker-side name (`127.0.0.1:5432 -> ...`).
+    pub async fn connection(&self, name: &str) -> Value {
+        let encoded: String = name
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        self.get(&format!("connections/{encoded}")).await
+    }
+
+    /// Consumers of a queue as the broker sees them (prefetch, ack mode, ...).
+    pub async fn consumers_of(&self, queue: &str) -> Vec<Value> {
+        let all = self.get("consumers/%2F").await;
+        all.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["queue"]["name"] == queue)
+            .cloned()
+            .collect()
+    }
+}

@@ -1,0 +1,205 @@
+//! One isolated environment per test: a fresh database and queue prefix.
+
+use crate::{Amqp, TestApi, TestWorker, WorkerProcess};
+use sea_orm::ConnectionTrait;
+use secrecy::{ExposeSecret, SecretString};
+use std::{collections::HashMap, path::PathBuf, sync::Once};
+use uuid::Uuid;
+use warren_shared::{
+    catalog::Catalog,
+    db,
+    settings::{ENV_VAR, Settings},
+    store::Store,
+    telemetry,
+    topology::Topology,
+};
+use warren_tasks::Registry;
+
+const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+pub struct TestEnv {
+    settings: Settings,
+    admin_url: String,
+    database: String,
+    store: Store,
+}
+
+/// The repository's `config/` directory.
+pub(crate) fn config_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config")
+}
+
+fn admin_url() -> String {
+    std::env::var("TEST_ADMIN_DATABASE_URL").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned())
+}
+
+/// `postgres://…/name` with the database name replaced.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, _) = url.rsplit_once('/').expect("database URL has a path");
+    format!("{base}/{name}")
+}
+
+impl TestEnv {
+    /// Test settings (`config/test.toml`) with a fresh database, migrated,
+    /// and a unique prefix for every exchange and queue.
+    pub async fn new() -> Self {
+        Self::with(|_| {}).await
+    }
+
+    /// Like [`TestEnv::new`], letting the test adjust settings first.
+    pub async fn with(adjust: impl FnOnce(&mut Settings)) -> Self {
+        static LOGS: Once = Once::new();
+        LOGS.call_once(telemetry::init_for_tests);
+
+        let vars = HashMap::from([(ENV_VAR.to_owned(), "test".to_owned())]);
+        let mut settings =
+            Settings::load_from(&config_dir(), &vars).expect("config/test.toml loads");
+        let id = Uuid::new_v4().simple().to_string();
+        let database = format!("warren_test_{id}");
+        let admin_url = admin_url();
+        settings.database.url = SecretString::from(with_database(&admin_url, &database));
+        settings.amqp.prefix = format!("t-{}.", &id[..12]);
+        adjust(&mut settings);
+        settings
+            .validate()
+            .expect("adjusted test settings are valid");
+
+        let admin = sea_orm_connect(&admin_url).await;
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE \"{database}\""))
+            .await
+            .expect("create test database");
+        admin.close().await.ok();
+
+        let connection = db::connect(&settings.database, "warren-tests")
+            .await
+            .expect("connect to test database");
+        db::migrate(&connection)
+            .await
+            .expect("migrate test database");
+        let env = Self {
+            settings,
+            admin_url,
+            database,
+            store: Store::new(connection),
+        };
+        // As an operator importing definitions.json would: queues exist
+        // before anything publishes, so a test never races a worker's
+        // startup to get its messages routed.
+        let amqp = env.amqp().await;
+        env.topology()
+            .declare(amqp.channel())
+            .await
+            .expect("declare topology");
+        amqp.close().await;
+        env
+    }
+
+    pub fn settings(&self) -> Settings {
+        self.settings.clone()
+    }
+
+    /// The store on this test's database, for assertions on rows.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn catalog(&self) -> Catalog {
+        Catalog::new(&Registry::builtin(), &self.settings).expect("catalog")
+    }
+
+    pub fn topology(&self) -> Topology {
+        self.catalog().topology().as_ref().clone()
+    }
+
+    /// Full name of a queue of this test.
+    pub fn queue(&self, short: &str) -> String {
+        self.topology().queue(short)
+    }
+
+    pub fn database_url(&self) -> String {
+        self.settings.database.url.expose_secret().to_owned()
+    }
+
+    pub async fn amqp(&self) -> Amqp {
+        Amqp::connect(&self.settings).await
+    }
+
+    pub async fn spawn_api(&self) -> TestApi {
+        TestApi::spawn(self.settings()).await
+    }
+
+    pub async fn spawn_worker(&self, name: &str) -> TestWorker {
+        TestWorker::spawn(self.settings(), name).await
+    }
+
+    /// A worker as a separate OS process (the built `warren-worker`
+    /// binary), for tests that kill or signal it.
+    pub fn spawn_worker_process(&self, name: &str, env: &[(&str, &str)]) -> WorkerProcess {
+        WorkerProcess::spawn(self, name, env)
+    }
+
+    /// Environment variables that make a binary use this test's database
+    /// and prefix.
+    pub(crate) fn process_env(&self) -> Vec<(String, String)> {
+        vec![
+            (ENV_VAR.to_owned(), "test".to_owned()),
+            (
+                warren_shared::settings::CONFIG_DIR_VAR.to_owned(),
+                config_dir().display().to_string(),
+            ),
+            ("WARREN_DATABASE__URL".to_owned(), self.database_url()),
+            (
+                "WARREN_AMQP__PREFIX".to_owned(),
+                self.settings.amqp.prefix.clone(),
+            ),
+        ]
+    }
+}
+
+async fn sea_orm_connect(url: &str) -> db::Connection {
+    let settings: warren_shared::settings::DatabaseSettings = serde_json::from_value(serde_json::json!({
+        "url": url, "max_connections": 1, "connect_timeout_seconds": 5, "migrate_on_start": false
+    }))
+    .expect("admin settings");
+    db::connect(&settings, "warren-tests-admin")
+        .await
+        .expect("connect to the admin database")
+}
+
+impl Drop for TestEnv {
+    /// Drops the database and deletes the prefix's exchanges and queues,
+    /// also when the test panicked. Runs on its own thread and runtime
+    /// because `Drop` cannot await on the test's.
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let database = self.database.clone();
+        let settings = self.settings.clone();
+        let topology = self.topology();
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cleanup runtime");
+            rt.block_on(async move {
+                if let Ok(amqp) = Amqp::try_connect(&settings).await {
+                    if let Err(e) = topology.delete(amqp.channel()).await {
+                        eprintln!("cleanup: deleting {} topology: {e}", settings.amqp.prefix);
+                    }
+                    amqp.close().await;
+                }
+                let admin = sea_orm_connect(&admin_url).await;
+                if let Err(e) = admin
+                    .execute_unprepared(&format!(
+                        "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+                    ))
+                    .await
+                {
+                    eprintln!("cleanup: dropping {database}: {e}");
+                }
+                admin.close().await.ok();
+            });
+        });
+        let _ = cleanup.join();
+    }
+}

@@ -1,0 +1,44 @@
+//! A worker in-process: quick to start, for tests that do not kill it.
+
+use crate::wait_until;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use warren_shared::settings::Settings;
+use warren_worker::{Worker, WorkerError};
+
+pub struct TestWorker {
+    pub identity: String,
+    shutdown: CancellationToken,
+    handle: JoinHandle<Result<(), WorkerError>>,
+}
+
+impl TestWorker {
+    pub(crate) async fn spawn(settings: Settings, name: &str) -> Self {
+        let worker = Worker::build(settings)
+            .await
+            .expect("worker builds")
+            .with_identity(format!("warren-worker@test:{name}"));
+        let identity = worker.identity().to_owned();
+        let shutdown = CancellationToken::new();
+        let health = worker.health();
+        let handle = tokio::spawn(worker.run(shutdown.clone()));
+        wait_until(
+            &format!("worker {identity} to consume"),
+            Duration::from_secs(20),
+            || async { health.is_consuming().then_some(()) },
+        )
+        .await;
+        Self {
+            identity,
+            shutdown,
+            handle,
+        }
+    }
+
+    /// Graceful stop, as on SIGTERM; returns once it has drained.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.handle.await.expect("worker task").expect("worker ran");
+    }
+}
