@@ -13,7 +13,7 @@
 //!
 //! Environment: `TEST_ADMIN_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`) is where test databases
-//! are created; `TEST_LOG=1` shows logs; `WARREN_BIN_DIR` points at the
+//! are created; `TEST_LOG=1` shows logs; `TEST_BIN_DIR` points at the
 //! built `warren-worker` binary if it is not next to the test executable.
 
 // A panic in the harness is a test failure with a message: exactly right.

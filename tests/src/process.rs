@@ -14,10 +14,10 @@ pub struct WorkerProcess {
     log: PathBuf,
 }
 
-/// Where the binaries are: `WARREN_BIN_DIR`, else the cargo target
+/// Where the binaries are: `TEST_BIN_DIR`, else the cargo target
 /// directory this test executable was built into (`…/debug/deps/..`).
 fn bin(name: &str) -> PathBuf {
-    let dir = match std::env::var_os("WARREN_BIN_DIR") {
+    let dir = match std::env::var_os("TEST_BIN_DIR") {
         Some(dir) => PathBuf::from(dir),
         None => {
             let exe = std::env::current_exe().expect("test executable path");
@@ -28,7 +28,7 @@ fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.is_file(),
-        "{} not found: build the binaries first (`cargo build --bins`) or set WARREN_BIN_DIR",
+        "{} not found: build the binaries first (`cargo build --bins`) or set TEST_BIN_DIR",
         path.display()
     );
     path

@@ -2,7 +2,8 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use warren_shared::{db, settings::Settings, shutdown, telemetry};
+use warren_shared::{catalog::Catalog, db, settings::Settings, shutdown, telemetry};
+use warren_tasks::Registry;
 
 #[derive(Parser)]
 #[command(
@@ -20,14 +21,24 @@ enum Command {
     Serve,
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Print the broker topology as RabbitMQ definitions (JSON) and exit.
+    Definitions,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load().context("loading configuration")?;
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::Definitions = command {
+        let catalog = Catalog::new(&Registry::builtin(), &settings)?;
+        let json = serde_json::to_string_pretty(&catalog.topology().definitions())?;
+        std::io::Write::write_all(&mut std::io::stdout(), format!("{json}\n").as_bytes())?;
+        return Ok(());
+    }
     telemetry::init(&settings.telemetry);
-    match cli.command.unwrap_or(Command::Serve) {
+    match command {
+        Command::Definitions => {}
         Command::Migrate => {
             db::connect_and_migrate(&settings.database)
                 .await

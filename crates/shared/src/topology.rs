@@ -16,7 +16,7 @@
 
 use crate::{
     settings::{AmqpSettings, QueueType},
-    wire::short_string as short,
+    wire::{self, short_string as short},
 };
 use lapin::{
     Channel, ExchangeKind,
@@ -228,6 +228,61 @@ impl Topology {
         Ok(())
     }
 
+    /// The same topology as RabbitMQ definitions (the format the management
+    /// UI imports and `load_definitions` reads), for the default vhost.
+    pub fn definitions(&self) -> serde_json::Value {
+        use serde_json::json;
+        let exchange = |name: String, kind: &str, args: FieldTable| {
+            json!({"name": name, "vhost": "/", "type": kind, "durable": true,
+                   "auto_delete": false, "internal": false, "arguments": wire::table_to_json(&args)})
+        };
+        let queue = |name: String, args: FieldTable| {
+            json!({"name": name, "vhost": "/", "durable": true, "auto_delete": false,
+                   "arguments": wire::table_to_json(&args)})
+        };
+        let binding = |source: String, destination: String, key: &str| {
+            json!({"source": source, "vhost": "/", "destination": destination,
+                   "destination_type": "queue", "routing_key": key, "arguments": {}})
+        };
+        let mut tasks_args = FieldTable::default();
+        tasks_args.insert(
+            "alternate-exchange".into(),
+            long_string(&self.unrouted_exchange()),
+        );
+        let mut queues = vec![queue(
+            self.dead_letter_queue(),
+            self.dead_letter_queue_arguments(),
+        )];
+        queues.extend(
+            self.queues()
+                .into_iter()
+                .map(|q| queue(self.queue(q), self.work_queue_arguments())),
+        );
+        let mut bindings = vec![
+            binding(self.dead_letter_exchange(), self.dead_letter_queue(), ""),
+            binding(
+                self.unrouted_exchange(),
+                self.queue(&self.default_queue),
+                "",
+            ),
+        ];
+        bindings.extend(
+            self.routes
+                .iter()
+                .map(|(task_type, q)| binding(self.exchange(), self.queue(q), task_type)),
+        );
+        json!({
+            "vhosts": [{"name": "/"}],
+            "exchanges": [
+                exchange(self.dead_letter_exchange(), "fanout", FieldTable::default()),
+                exchange(self.unrouted_exchange(), "fanout", FieldTable::default()),
+                exchange(self.exchange(), "direct", tasks_args),
+            ],
+            "queues": queues,
+            "bindings": bindings,
+        })
+    }
+
     /// Removes everything `declare` created, messages included. For tests
     /// and for tearing down a prefix; never called by api or worker.
     pub async fn delete(&self, channel: &Channel) -> Result<(), lapin::Error> {
@@ -284,6 +339,28 @@ mod tests {
         assert_eq!(t.exchange(), "t1.warren.tasks");
         assert_eq!(t.queue("default"), "t1.warren.default");
         assert_eq!(t.dead_letter_queue(), "t1.warren.dead");
+    }
+
+    /// `rabbitmq/definitions.json` is what an operator imports; it must say
+    /// exactly what api and worker declare for the default configuration.
+    #[test]
+    fn shipped_definitions_match_the_declared_topology() {
+        use crate::{catalog::Catalog, settings::Settings};
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let vars =
+            std::collections::HashMap::from([("WARREN_ENV".to_owned(), "production".to_owned())]);
+        let settings = Settings::load_from(&dir.join("config"), &vars).unwrap();
+        let catalog = Catalog::new(&warren_tasks::Registry::builtin(), &settings).unwrap();
+        let expected = catalog.topology().definitions();
+        let shipped: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("rabbitmq/definitions.json")).unwrap(),
+        )
+        .unwrap();
+        assert!(
+            shipped == expected,
+            "rabbitmq/definitions.json is stale; regenerate it with\n  \
+             WARREN_ENV=production cargo run -q -p warren-api -- definitions > rabbitmq/definitions.json"
+        );
     }
 
     #[test]

@@ -1,0 +1,123 @@
+# Shared by scripts/up.sh and scripts/test.sh: make sure RabbitMQ (with its
+# management and Prometheus plugins) and PostgreSQL are running on this
+# machine, starting them, or installing them from Debian's packages, if not.
+# Sourced, not executed.
+
+# shellcheck shell=bash
+
+WARREN_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/warren/target}
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+
+PG_HOST=${PG_HOST:-127.0.0.1}
+PG_PORT=${PG_PORT:-5432}
+AMQP_PORT=${AMQP_PORT:-5672}
+MGMT_PORT=${MGMT_PORT:-15672}
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf '\033[31merror:\033[0m %s\n' "$*" >&2; exit 1; }
+
+# Runs a command as root: directly when we are root, through sudo otherwise.
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    die "need root to run: $* (install sudo or run as root)"
+  fi
+}
+
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+wait_for() { # wait_for <seconds> <description> <command...>
+  local deadline=$((SECONDS + $1)) what=$2; shift 2
+  until "$@"; do
+    [ $SECONDS -ge $deadline ] && die "timed out waiting for $what"
+    sleep 0.5
+  done
+}
+
+apt_install() {
+  say "installing $* (Debian packages)"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" </dev/null
+}
+
+ensure_postgres() {
+  if ! pg_isready -q -h "$PG_HOST" -p "$PG_PORT" 2>/dev/null; then
+    if ! command -v pg_ctlcluster >/dev/null; then apt_install postgresql; fi
+    local version
+    version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
+    [ -n "$version" ] || die "PostgreSQL is installed but has no cluster in /etc/postgresql"
+    say "starting PostgreSQL $version"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start \
+      || die "could not start PostgreSQL $version"
+    wait_for 60 "PostgreSQL on $PG_HOST:$PG_PORT" pg_isready -q -h "$PG_HOST" -p "$PG_PORT"
+  fi
+  # The default URL is the passwordless `postgres` user, as on this project's
+  # machines. A stock Debian install asks for a password over TCP; then use a
+  # `warren` role (created once, over the local socket) instead.
+  if [ -z "${WARREN_DATABASE__URL:-}" ] && ! psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -qtAc 'select 1' >/dev/null 2>&1; then
+    say "postgres needs a password over TCP here; using role warren"
+    as_root su postgres -c "psql -qtAc \"DO \\\$\\\$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'warren') THEN CREATE ROLE warren LOGIN CREATEDB PASSWORD 'warren'; END IF; END\\\$\\\$\"" \
+      || die "could not create the warren role"
+    export WARREN_DATABASE__URL="postgres://warren:warren@$PG_HOST:$PG_PORT/warren"
+    export TEST_ADMIN_DATABASE_URL="postgres://warren:warren@$PG_HOST:$PG_PORT/postgres"
+  fi
+}
+
+# Creates database $1 if it does not exist, as the configured user.
+ensure_database() {
+  local name=$1 url=${WARREN_DATABASE__URL:-postgres://postgres@$PG_HOST:$PG_PORT/warren}
+  local admin=${url%/*}/postgres
+  if [ "$(psql "$admin" -qtAc "select 1 from pg_database where datname = '$name'")" != 1 ]; then
+    say "creating database $name"
+    psql "$admin" -qc "CREATE DATABASE \"$name\"" || die "could not create database $name"
+  fi
+}
+
+ensure_rabbitmq() {
+  if ! port_open 127.0.0.1 "$AMQP_PORT"; then
+    if ! command -v rabbitmq-server >/dev/null; then apt_install rabbitmq-server; fi
+    say "starting RabbitMQ"
+    as_root rabbitmq-server -detached || die "could not start RabbitMQ"
+    wait_for 120 "RabbitMQ on port $AMQP_PORT" port_open 127.0.0.1 "$AMQP_PORT"
+  fi
+  if ! port_open 127.0.0.1 "$MGMT_PORT"; then
+    say "enabling the RabbitMQ management and Prometheus plugins"
+    as_root rabbitmq-plugins enable rabbitmq_management rabbitmq_prometheus >/dev/null \
+      || die "could not enable the RabbitMQ management plugin"
+    wait_for 120 "RabbitMQ management on port $MGMT_PORT" port_open 127.0.0.1 "$MGMT_PORT"
+  fi
+}
+
+ensure_services() {
+  ensure_postgres
+  ensure_rabbitmq
+}
+
+ensure_cargo() {
+  command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs), then run this again"
+}
+
+# Removes what an interrupted test run (Ctrl-C, SIGKILL: no Drop ran) left
+# behind: test databases nobody is connected to, and queues and exchanges
+# whose test database is gone. Resources of a test run in progress are left
+# alone: its databases are in use, and its prefixes still have a database.
+sweep_test_leftovers() {
+  local admin=${TEST_ADMIN_DATABASE_URL:-postgres://postgres@$PG_HOST:$PG_PORT/postgres}
+  local db
+  for db in $(psql "$admin" -qtAc "select datname from pg_database where datname like 'warren\_test\_%'"); do
+    psql "$admin" -qc "DROP DATABASE \"$db\"" >/dev/null 2>&1 && say "swept leftover database $db"
+  done
+  local live kind name prefix
+  live=$(psql "$admin" -qtAc "select substr(datname, 13, 12) from pg_database where datname like 'warren\_test\_%'")
+  for kind in queues exchanges; do
+    for name in $(curl -fsS -u guest:guest "http://127.0.0.1:$MGMT_PORT/api/$kind/%2F?columns=name" 2>/dev/null \
+        | grep -o '"name":"t-[0-9a-f]\{12\}\.warren\.[^"]*"' | cut -d'"' -f4); do
+      prefix=${name:2:12}
+      if ! grep -qx "$prefix" <<<"$live"; then
+        curl -fsS -u guest:guest -X DELETE "http://127.0.0.1:$MGMT_PORT/api/$kind/%2F/$name" >/dev/null 2>&1 \
+          && say "swept leftover ${kind%s} $name"
+      fi
+    done
+  done
+  return 0
+}

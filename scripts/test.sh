@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The test command (also what CI runs): formatting, lints, and every test,
+# unit and end-to-end, against a real RabbitMQ and a real PostgreSQL, which
+# it starts or installs first if needed.
+#
+#   scripts/test.sh          everything
+#   scripts/test.sh celery   only tests whose name contains "celery" (after fmt, clippy, build)
+#
+# Env: CARGO_TARGET_DIR (default ~/.cache/warren/target), TEST_THREADS
+# (default 4), TEST_LOG=1 to see the services' logs.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+cd "$WARREN_ROOT"
+started=$SECONDS
+
+ensure_cargo
+ensure_services
+sweep_test_leftovers
+
+say "cargo fmt --check"
+cargo fmt --all -- --check
+say "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+say "building binaries (the end-to-end tests start real worker processes)"
+cargo build --workspace --bins --locked
+say "cargo test"
+# The e2e tests mostly wait on I/O: more threads than cores is fine.
+TEST_BIN_DIR="$CARGO_TARGET_DIR/debug" \
+  cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}" "$@"
+
+say "all checks passed in $((SECONDS - started))s"

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Brings up the whole system on this machine: RabbitMQ (with management
+# UI) and PostgreSQL (started, or installed from Debian's packages), the
+# `warren` database and its migrations, the API, and N workers.
+#
+#   scripts/up.sh [WORKERS]      default 2 workers
+#
+# Processes run in the background; logs and pids go to .run/. Stop them
+# with scripts/down.sh.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+cd "$WARREN_ROOT"
+
+workers=${1:-2}
+[[ "$workers" =~ ^[0-9]+$ ]] || die "WORKERS must be a number, got '$workers'"
+export WARREN_ENV=${WARREN_ENV:-development}
+listen=${WARREN_API__LISTEN:-127.0.0.1:8080}
+export WARREN_API__LISTEN=$listen
+
+ensure_cargo
+ensure_services
+ensure_database warren
+"$WARREN_ROOT/scripts/down.sh" --quiet
+
+say "building (release)"
+cargo build --release --locked --bins
+bin=$CARGO_TARGET_DIR/release
+
+say "applying migrations"
+"$bin/warren-api" migrate
+
+mkdir -p .run
+say "starting the API on $listen"
+nohup "$bin/warren-api" >.run/api.log 2>&1 &
+echo $! >.run/api.pid
+for i in $(seq 1 "$workers"); do
+  nohup "$bin/warren-worker" >".run/worker-$i.log" 2>&1 &
+  echo $! >".run/worker-$i.pid"
+done
+say "started $workers worker(s)"
+
+ready() { curl -fsS "http://$listen/readyz" >/dev/null 2>&1; }
+wait_for 60 "the API to be ready (see .run/api.log)" ready
+
+cat <<EOT
+
+  Warren is up.
+    API                  http://$listen          (try: curl http://$listen/healthz)
+    RabbitMQ management  http://127.0.0.1:$MGMT_PORT  (guest / guest)
+    PostgreSQL           ${WARREN_DATABASE__URL:-postgres://postgres@127.0.0.1:5432/warren}
+    logs                 .run/api.log, .run/worker-*.log
+    stop                 scripts/down.sh
+
+EOT
