@@ -8,6 +8,13 @@
 
 mod bad_input;
 mod celery;
+mod crashes;
+mod dead_letters;
+mod delays;
+mod faults;
 mod lifecycle;
 mod load_sharing;
+mod outbox;
+mod retries;
 mod submit;
+mod time_limits;

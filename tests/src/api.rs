@@ -11,21 +11,29 @@ use warren_shared::settings::Settings;
 
 pub struct TestApi {
     pub addr: SocketAddr,
+    /// Broker connection name, unique per test.
+    pub identity: String,
+    pub state: warren_api::AppState,
     pub client: reqwest::Client,
     shutdown: CancellationToken,
     handle: JoinHandle<std::io::Result<()>>,
 }
 
 impl TestApi {
-    pub(crate) async fn spawn(settings: Settings) -> Self {
-        let app = warren_api::Application::build(settings)
+    /// An API with these settings (normally via [`crate::TestEnv::spawn_api`]).
+    pub async fn spawn_with(settings: Settings) -> Self {
+        let identity = format!("warren-api@test:{}", settings.amqp.prefix);
+        let app = warren_api::Application::build_named(settings, identity.clone())
             .await
             .expect("API builds");
         let addr = app.local_addr();
+        let state = app.state().clone();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
         Self {
             addr,
+            identity,
+            state,
             client: reqwest::Client::new(),
             shutdown,
             handle,
@@ -59,6 +67,16 @@ impl TestApi {
     pub async fn submit(&self, task_type: &str, input: &Value) -> Response {
         self.post_raw(
             &format!("/tasks/{task_type}"),
+            "application/json",
+            input.to_string(),
+        )
+        .await
+    }
+
+    /// Submits with query parameters (`countdown=3`, ...).
+    pub async fn submit_with(&self, task_type: &str, query: &str, input: &Value) -> Response {
+        self.post_raw(
+            &format!("/tasks/{task_type}?{query}"),
             "application/json",
             input.to_string(),
         )

@@ -80,6 +80,15 @@ impl Amqp {
         Some(msg)
     }
 
+    /// Takes every message off a queue (acknowledged).
+    pub async fn drain(&self, queue: &str) -> Vec<BasicGetMessage> {
+        let mut all = Vec::new();
+        while let Some(msg) = self.get(queue).await {
+            all.push(msg);
+        }
+        all
+    }
+
     /// Publishes anything anywhere, as a foreign client would, and waits
     /// for the broker's confirm.
     pub async fn publish(
@@ -182,6 +191,55 @@ impl Management {
         self.get(&format!("connections/{encoded}")).await
     }
 
+    /// How many connections have a client-given name starting with
+    /// `name_prefix` (listed once their first statistics are in).
+    pub async fn count_connections(&self, name_prefix: &str) -> usize {
+        let all = self.get("connections").await;
+        all.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| {
+                c["client_properties"]["connection_name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(name_prefix))
+            })
+            .count()
+    }
+
+    /// Force-closes every connection whose client-given name starts with
+    /// `name_prefix`, as an operator (or a network failure) would. Returns
+    /// how many were closed.
+    pub async fn close_connections(&self, name_prefix: &str) -> usize {
+        let all = self.get("connections").await;
+        let names: Vec<String> = all
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| {
+                c["client_properties"]["connection_name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(name_prefix))
+            })
+            .filter_map(|c| c["name"].as_str().map(str::to_owned))
+            .collect();
+        for name in &names {
+            let response = self
+                .client
+                .delete(format!("{}/api/connections/{}", self.base, encode(name)))
+                .basic_auth(&self.user, Some(&self.password))
+                .header("X-Reason", "closed by a Warren fault test")
+                .send()
+                .await
+                .expect("close connection");
+            assert!(
+                response.status().is_success(),
+                "closing {name}: {}",
+                response.status()
+            );
+        }
+        names.len()
+    }
+
     /// Consumers of a queue as the broker sees them (prefetch, ack mode, ...).
     pub async fn consumers_of(&self, queue: &str) -> Vec<Value> {
         let all = self.get("consumers/%2F").await;
@@ -192,4 +250,17 @@ impl Management {
             .cloned()
             .collect()
     }
+}
+
+/// Percent-encodes a path segment.
+fn encode(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

@@ -1,13 +1,15 @@
 //! One isolated environment per test: a fresh database and queue prefix.
 
+use crate::wait_until;
 use crate::{Amqp, TestApi, TestWorker, WorkerProcess};
-use sea_orm::ConnectionTrait;
+use sea_orm::{ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, Statement};
 use secrecy::{ExposeSecret, SecretString};
+use std::time::Duration;
 use std::{collections::HashMap, path::PathBuf, sync::Once};
 use uuid::Uuid;
 use warren_shared::{
     catalog::Catalog,
-    db,
+    db::{self, task},
     settings::{ENV_VAR, Settings},
     store::Store,
     telemetry,
@@ -121,16 +123,69 @@ impl TestEnv {
         self.settings.database.url.expose_secret().to_owned()
     }
 
+    /// The rows of `ids`, in no particular order.
+    pub async fn tasks(&self, ids: &[Uuid]) -> Vec<task::Model> {
+        task::Entity::find()
+            .filter(task::Column::Id.is_in(ids.iter().copied()))
+            .all(self.store.connection())
+            .await
+            .expect("read tasks")
+    }
+
+    /// Every task id in this test's database.
+    pub async fn task_ids(&self) -> Vec<Uuid> {
+        task::Entity::find()
+            .all(self.store.connection())
+            .await
+            .expect("read tasks")
+            .into_iter()
+            .map(|t| t.id)
+            .collect()
+    }
+
+    /// Waits until every task in `ids` is in a terminal state.
+    pub async fn wait_for_terminal(&self, ids: &[Uuid], timeout: Duration) -> Vec<task::Model> {
+        wait_until(
+            &format!("{} tasks to finish", ids.len()),
+            timeout,
+            || async {
+                let rows = self.tasks(ids).await;
+                (rows.len() == ids.len() && rows.iter().all(|r| r.state.is_terminal()))
+                    .then_some(rows)
+            },
+        )
+        .await
+    }
+
+    /// Kills this test database's sessions whose `application_name` starts
+    /// with `prefix` (the worker names its pool after itself), as a
+    /// PostgreSQL restart or failover would. Returns how many.
+    pub async fn terminate_sessions(&self, prefix: &str) -> i64 {
+        let admin = sea_orm_connect(&self.admin_url).await;
+        let row = admin
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity
+                 WHERE datname = $1 AND application_name LIKE $2 || '%'",
+                vec![self.database.clone().into(), prefix.into()],
+            ))
+            .await
+            .expect("terminate sessions")
+            .expect("one row");
+        admin.close().await.ok();
+        row.try_get("", "n").expect("count")
+    }
+
     pub async fn amqp(&self) -> Amqp {
         Amqp::connect(&self.settings).await
     }
 
     pub async fn spawn_api(&self) -> TestApi {
-        TestApi::spawn(self.settings()).await
+        TestApi::spawn_with(self.settings()).await
     }
 
     pub async fn spawn_worker(&self, name: &str) -> TestWorker {
-        TestWorker::spawn(self.settings(), name).await
+        TestWorker::spawn_with(self.settings(), name).await
     }
 
     /// A worker as a separate OS process (the built `warren-worker`

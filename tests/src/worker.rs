@@ -14,11 +14,12 @@ pub struct TestWorker {
 }
 
 impl TestWorker {
-    pub(crate) async fn spawn(settings: Settings, name: &str) -> Self {
-        let worker = Worker::build(settings)
+    /// A worker with these settings (normally via [`crate::TestEnv::spawn_worker`]).
+    pub async fn spawn_with(settings: Settings, name: &str) -> Self {
+        let worker = Worker::build(settings.clone())
             .await
             .expect("worker builds")
-            .with_identity(format!("warren-worker@test:{name}"));
+            .with_identity(format!("warren-worker@test:{}{name}", settings.amqp.prefix));
         let identity = worker.identity().to_owned();
         let shutdown = CancellationToken::new();
         let health = worker.health();

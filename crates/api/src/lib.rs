@@ -13,11 +13,13 @@
 //! - [`state`]: [`AppState`], everything handlers share.
 //! - [`error`]: [`ApiError`], the one error type; RFC 9457 problem+json.
 //! - `routes/`: one module per resource.
+//! - [`fail`]: fail points that tests arm to simulate a crash mid-request.
 //!
 //! The API never acknowledges a delivery and never runs a task; it is the
 //! only crate that knows about HTTP.
 
 pub mod error;
+pub mod fail;
 mod routes;
 pub mod startup;
 pub mod state;

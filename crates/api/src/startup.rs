@@ -54,8 +54,14 @@ impl Application {
     /// listener. The broker is connected lazily: the API starts, and
     /// accepts tasks, while RabbitMQ is still down.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        Self::build_named(settings, process_identity("warren-api")).await
+    }
+
+    /// Like [`Application::build`] with an explicit identity (the broker
+    /// connection name and Celery `origin`), for running several APIs in
+    /// one process.
+    pub async fn build_named(settings: Settings, identity: String) -> Result<Self, StartupError> {
         let catalog = Catalog::new(&Registry::builtin(), &settings)?;
-        let identity = process_identity("warren-api");
         let connection = db::connect(&settings.database, &identity)
             .await
             .map_err(StartupError::Database)?;
@@ -87,6 +93,7 @@ impl Application {
             store: Store::new(connection),
             publisher,
             identity: identity.into(),
+            fail_points: Arc::default(),
         };
         Ok(Self {
             listener,

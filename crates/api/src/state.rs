@@ -1,5 +1,6 @@
 //! What every handler can reach. Cheap to clone: all `Arc`s and pools.
 
+use crate::fail::FailPoints;
 use std::sync::Arc;
 use warren_shared::{broker::Publisher, catalog::Catalog, settings::Settings, store::Store};
 
@@ -11,4 +12,6 @@ pub struct AppState {
     pub publisher: Arc<Publisher>,
     /// `warren-api@host:pid`: Celery's `origin` header and connection name.
     pub identity: Arc<str>,
+    /// Disarmed unless a test arms one.
+    pub fail_points: Arc<FailPoints>,
 }

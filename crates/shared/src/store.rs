@@ -106,11 +106,25 @@ pub enum Claim {
 pub enum Outcome {
     Success(Value),
     Failure(StoredError),
-    /// Failed, and will be published again at `at`.
+    /// Failed, and will be published again after `delay`. The due time is
+    /// computed by PostgreSQL, on the same clock the relay reads.
     Retry {
         error: StoredError,
-        at: DateTime<Utc>,
+        delay: std::time::Duration,
     },
+}
+
+/// One failed attempt, from `task_attempts`.
+#[derive(Debug, Clone, PartialEq, FromQueryResult)]
+pub struct AttemptRecord {
+    pub attempt: i32,
+    pub worker: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: DateTime<Utc>,
+    /// `RETRY` or `FAILURE`.
+    pub outcome: String,
+    pub error: Option<Value>,
+    pub retry_at: Option<DateTime<Utc>>,
 }
 
 /// One row the relay publishes.
@@ -283,18 +297,53 @@ impl Store {
                  WHERE id = $1 AND attempts = $2 AND state = 'STARTED'",
                 vec![id.into(), attempt.into(), json(result)],
             ),
+            // A failed attempt also lands in task_attempts, in the same
+            // statement: the history costs no extra round trip.
             Outcome::Failure(error) => stmt(
-                "UPDATE tasks SET state = 'FAILURE', error = $3, finished_at = now(), updated_at = now()
-                 WHERE id = $1 AND attempts = $2 AND state = 'STARTED'",
+                "WITH t AS (
+                    UPDATE tasks SET state = 'FAILURE', error = $3, finished_at = now(), updated_at = now()
+                    WHERE id = $1 AND attempts = $2 AND state = 'STARTED'
+                    RETURNING id, attempts, worker, started_at
+                 ), history AS (
+                    INSERT INTO task_attempts (task_id, attempt, worker, started_at, outcome, error)
+                    SELECT id, attempts, worker, started_at, 'FAILURE', $3 FROM t
+                 )
+                 SELECT count(*) AS n FROM t",
                 vec![id.into(), attempt.into(), stored(error)],
             ),
-            Outcome::Retry { error, at } => stmt(
-                "UPDATE tasks SET state = 'RETRY', error = $3, publish_at = $4, updated_at = now()
-                 WHERE id = $1 AND attempts = $2 AND state = 'STARTED'",
-                vec![id.into(), attempt.into(), stored(error), (*at).into()],
+            Outcome::Retry { error, delay } => stmt(
+                "WITH t AS (
+                    UPDATE tasks SET state = 'RETRY', error = $3, updated_at = now(),
+                                     publish_at = now() + make_interval(secs => $4)
+                    WHERE id = $1 AND attempts = $2 AND state = 'STARTED'
+                    RETURNING id, attempts, worker, started_at, publish_at
+                 ), history AS (
+                    INSERT INTO task_attempts (task_id, attempt, worker, started_at, outcome, error, retry_at)
+                    SELECT id, attempts, worker, started_at, 'RETRY', $3, publish_at FROM t
+                 )
+                 SELECT count(*) AS n FROM t",
+                vec![id.into(), attempt.into(), stored(error), delay.as_secs_f64().into()],
             ),
         };
-        Ok(self.db.execute_raw(statement).await?.rows_affected() == 1)
+        if let Outcome::Success(_) = outcome {
+            return Ok(self.db.execute_raw(statement).await?.rows_affected() == 1);
+        }
+        let n: i64 = match self.db.query_one_raw(statement).await? {
+            Some(row) => row.try_get("", "n")?,
+            None => 0,
+        };
+        Ok(n == 1)
+    }
+
+    /// The failed attempts of a task, oldest first (across requeues).
+    pub async fn attempts(&self, id: Uuid) -> Result<Vec<AttemptRecord>> {
+        Ok(AttemptRecord::find_by_statement(stmt(
+            "SELECT attempt, worker, started_at, finished_at, outcome, error, retry_at
+             FROM task_attempts WHERE task_id = $1 ORDER BY finished_at, id",
+            vec![id.into()],
+        ))
+        .all(&self.db)
+        .await?)
     }
 
     /// A message arrived after its `expires`: EXPIRED without running,
@@ -384,6 +433,35 @@ impl Store {
         Ok(res.rows_affected() == 1)
     }
 
+    /// An operator gives a dead-lettered task another chance: back to
+    /// PENDING with a clean slate (its failed attempts stay in
+    /// `task_attempts`), due now, so the relay publishes it. A task that
+    /// succeeded, was cancelled or expired is left alone. Returns the state
+    /// the task had, or `None` if there is no such task.
+    pub async fn reset_for_requeue(&self, id: Uuid) -> Result<Option<TaskState>> {
+        let txn = self.db.begin().await?;
+        let Some(current) = task::Entity::find_by_id(id).one(&txn).await? else {
+            txn.commit().await?;
+            return Ok(None);
+        };
+        if !matches!(
+            current.state,
+            TaskState::Success | TaskState::Cancelled | TaskState::Expired
+        ) {
+            // Attempts restart at zero so the retry policy applies afresh;
+            // no attempt can be running: its message is the dead letter.
+            txn.execute_raw(stmt(
+                "UPDATE tasks SET state = 'PENDING', attempts = 0, error = NULL, result = NULL,
+                        started_at = NULL, finished_at = NULL, publish_at = now(), updated_at = now()
+                 WHERE id = $1",
+                vec![id.into()],
+            ))
+            .await?;
+        }
+        txn.commit().await?;
+        Ok(Some(current.state))
+    }
+
     /// One pass of the relay: locks up to `limit` due outbox rows (skipping
     /// rows another relay holds), lets `publish` try them, then marks the
     /// published ones QUEUED and the expired ones EXPIRED in the same
@@ -460,6 +538,22 @@ impl Store {
         }
         txn.commit().await?;
         Ok(count)
+    }
+
+    /// How many tasks are in `state` (for tests and operators' eyes; not
+    /// indexed for large tables).
+    pub async fn count_in_state(&self, state: TaskState) -> Result<i64> {
+        let row = self
+            .db
+            .query_one_raw(stmt(
+                "SELECT count(*) AS n FROM tasks WHERE state = $1",
+                vec![state.as_str().into()],
+            ))
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get("", "n")?,
+            None => 0,
+        })
     }
 
     /// Tasks waiting in the outbox, due or not (the backlog an operator

@@ -20,7 +20,9 @@ pub fn init(settings: &TelemetrySettings) {
                     .with_current_span(true),
             )
             .try_init(),
-        LogFormat::Pretty => registry.with(fmt::layer().with_target(true)).try_init(),
+        LogFormat::Pretty => registry
+            .with(fmt::layer().with_target(true).with_writer(std::io::stderr))
+            .try_init(),
     };
     // Already initialised (a test harness or an embedding program did it).
     drop(result);

@@ -31,7 +31,9 @@ use warren_tasks::{Progress, ProgressSink, TaskContext};
 pub(crate) const REASON_HEADER: &str = "x-warren-reason";
 pub(crate) const CODE_HEADER: &str = "x-warren-error-code";
 pub(crate) const WORKER_HEADER: &str = "x-warren-worker";
-pub(crate) const QUEUE_HEADER: &str = "x-warren-original-queue";
+/// Where the message was originally published, so a requeue can send it back.
+pub(crate) const EXCHANGE_HEADER: &str = "x-warren-original-exchange";
+pub(crate) const ROUTING_KEY_HEADER: &str = "x-warren-original-routing-key";
 
 /// First pause when PostgreSQL is unreachable; doubles up to the max. The
 /// delivery stays unacknowledged meanwhile, holding its slot: a worker that
@@ -198,10 +200,9 @@ async fn process(
                 let delay = entry
                     .policy
                     .retry_delay_for(u32::try_from(attempt).unwrap_or(1), fastrand::f64());
-                let at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
                 Outcome::Retry {
                     error: StoredError::new(code, text, true),
-                    at,
+                    delay,
                 }
             } else {
                 let text = if retryable {
@@ -227,8 +228,8 @@ async fn process(
             tracing::info!(elapsed_ms = elapsed.as_millis() as u64, "task succeeded");
             Disposition::Ack
         }
-        Outcome::Retry { error, at } => {
-            tracing::warn!(error = %error.message, retry_at = %at, "task failed; retry scheduled");
+        Outcome::Retry { error, delay } => {
+            tracing::warn!(error = %error.message, retry_in = ?delay, "task failed; retry scheduled");
             Disposition::Ack
         }
         Outcome::Failure(error) => {
@@ -311,7 +312,8 @@ async fn settle(worker: &Worker, delivery: Delivery, disposition: Disposition) {
                             (REASON_HEADER, reason),
                             (CODE_HEADER, code.as_str().to_owned()),
                             (WORKER_HEADER, worker.identity.clone()),
-                            (QUEUE_HEADER, delivery.routing_key.to_string()),
+                            (EXCHANGE_HEADER, delivery.exchange.to_string()),
+                            (ROUTING_KEY_HEADER, delivery.routing_key.to_string()),
                         ],
                     ),
                     body: delivery.data.clone(),

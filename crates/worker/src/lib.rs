@@ -13,12 +13,14 @@
 //!   slots, graceful shutdown.
 //! - `handler`: one delivery from decode to ack.
 //! - `execute`: running a task with soft/hard time limits, panics caught.
+//! - [`dead_letters`]: listing and requeueing dead letters (operator CLI).
 //!
 //! This crate is the only one that acknowledges deliveries. It serves no
 //! HTTP API and knows nothing of how tasks were submitted.
 
 mod app;
 mod consumer;
+pub mod dead_letters;
 mod execute;
 mod handler;
 

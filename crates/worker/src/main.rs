@@ -2,7 +2,10 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use warren_shared::{settings::Settings, shutdown, telemetry};
+use std::io::Write;
+use warren_shared::{catalog::Catalog, db, settings::Settings, shutdown, store::Store, telemetry};
+use warren_tasks::Registry;
+use warren_worker::dead_letters;
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +23,27 @@ enum Command {
     Run,
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Inspect or requeue the dead-letter queue.
+    #[command(subcommand)]
+    DeadLetters(DeadLetters),
+}
+
+#[derive(Subcommand)]
+enum DeadLetters {
+    /// Print dead letters as JSON lines (oldest first), removing nothing.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Give dead letters another chance: tasks go back to PENDING and are
+    /// published afresh; messages without a task are republished as they were.
+    Requeue {
+        /// Only the dead letters of this task.
+        #[arg(long)]
+        task_id: Option<uuid::Uuid>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
 }
 
 #[tokio::main]
@@ -29,6 +53,27 @@ async fn main() -> anyhow::Result<()> {
     telemetry::init(&settings.telemetry);
     match cli.command.unwrap_or(Command::Run) {
         Command::Migrate => Ok(warren_worker::Worker::migrate(&settings).await?),
+        Command::DeadLetters(command) => {
+            let topology = Catalog::new(&Registry::builtin(), &settings)?
+                .topology()
+                .clone();
+            let mut out = std::io::stdout().lock();
+            match command {
+                DeadLetters::List { limit } => {
+                    for letter in dead_letters::list(&settings, &topology, limit).await? {
+                        writeln!(out, "{}", serde_json::to_string(&letter)?)?;
+                    }
+                }
+                DeadLetters::Requeue { task_id, limit } => {
+                    let store =
+                        Store::new(db::connect(&settings.database, "warren-dead-letters").await?);
+                    let report =
+                        dead_letters::requeue(&settings, &topology, &store, task_id, limit).await?;
+                    writeln!(out, "{}", serde_json::to_string(&report)?)?;
+                }
+            }
+            Ok(())
+        }
         Command::Run => {
             let worker = warren_worker::Worker::build(settings).await?;
             let (token, signal) = shutdown::token();

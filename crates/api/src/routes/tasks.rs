@@ -1,6 +1,6 @@
 //! `/tasks/{type}`: submit a task, read its status and its result.
 
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, fail::FailPoint};
 use axum::{
     Json,
     body::Bytes,
@@ -196,6 +196,12 @@ pub(crate) async fn submit(
         },
     };
     let row = state.store.insert(&new).await?;
+    if state.fail_points.hit(FailPoint::AfterCommitBeforePublish) {
+        tracing::error!(task_id = %row.id, "fail point: dying between commit and publish");
+        return Err(ApiError::internal(&std::io::Error::other(
+            "fail point AfterCommitBeforePublish",
+        )));
+    }
     let mut task_state = row.state;
     if !delayed {
         let out = Outgoing::task(state.catalog.topology(), &message_from_row(&row));

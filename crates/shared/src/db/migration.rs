@@ -8,7 +8,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateTasks)]
+        vec![Box::new(CreateTasks), Box::new(CreateTaskAttempts)]
     }
 }
 
@@ -81,6 +81,54 @@ CREATE UNIQUE INDEX tasks_idempotency ON tasks (owner, task_type, idempotency_ke
         manager
             .get_connection()
             .execute_unprepared("DROP TABLE tasks")
+            .await
+            .map(drop)
+    }
+}
+
+/// The history of failed attempts. A successful attempt needs no row here:
+/// the task row itself holds its start, end and worker.
+struct CreateTaskAttempts;
+
+impl MigrationName for CreateTaskAttempts {
+    fn name(&self) -> &str {
+        "m20261123_000002_create_task_attempts"
+    }
+}
+
+#[allow(elided_lifetimes_in_paths)]
+#[async_trait::async_trait]
+impl MigrationTrait for CreateTaskAttempts {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared(
+                r#"
+CREATE TABLE task_attempts (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    task_id     uuid NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+    attempt     integer NOT NULL,
+    worker      text,
+    started_at  timestamptz,
+    finished_at timestamptz NOT NULL DEFAULT now(),
+    outcome     text NOT NULL CHECK (outcome IN ('RETRY', 'FAILURE')),
+    error       jsonb,
+    -- For a retried attempt: when the next one was scheduled.
+    retry_at    timestamptz
+);
+-- Attempt numbers restart when an operator requeues a dead task, so they
+-- are not a key; the history stays whole, in order.
+CREATE INDEX task_attempts_by_task ON task_attempts (task_id, finished_at);
+"#,
+            )
+            .await
+            .map(drop)
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared("DROP TABLE task_attempts")
             .await
             .map(drop)
     }

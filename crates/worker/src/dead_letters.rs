@@ -1,0 +1,242 @@
+//! Operator tools for the dead-letter queue: see what is there and why, and
+//! give messages another chance (`warren-worker dead-letters list|requeue`).
+//!
+//! Messages land there in two ways: the worker copies a message it cannot
+//! or will not run, adding `x-warren-*` headers (reason, code, where it was
+//! going); or the broker dead-letters a message redelivered past the queue's
+//! delivery limit, adding its own `x-death` headers.
+
+use crate::handler::{
+    CODE_HEADER, EXCHANGE_HEADER, REASON_HEADER, ROUTING_KEY_HEADER, WORKER_HEADER,
+};
+use lapin::{
+    BasicProperties, Channel, Connection,
+    message::BasicGetMessage,
+    options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions},
+    types::{AMQPValue, FieldTable},
+};
+use serde::Serialize;
+use serde_json::Value;
+use uuid::Uuid;
+use warren_shared::{
+    broker::{self, BrokerError},
+    envelope,
+    settings::Settings,
+    state::TaskState,
+    store::{Store, StoreError},
+    topology::Topology,
+    wire::short_string,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("reading the dead-letter queue: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the broker did not confirm the republished message")]
+    NotConfirmed,
+}
+
+/// One message in the dead-letter queue, as an operator wants to see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    pub task_id: Option<Uuid>,
+    pub task: Option<String>,
+    /// Why it is here: Warren's reason, or the broker's (`delivery_limit`,
+    /// `rejected`, `expired`).
+    pub reason: Option<String>,
+    pub code: Option<String>,
+    /// Where it was going: exchange and routing key of the original publish.
+    pub exchange: Option<String>,
+    pub routing_key: Option<String>,
+    /// The worker that dead-lettered it, if one did.
+    pub worker: Option<String>,
+    /// Properties, headers and body as JSON.
+    pub message: Value,
+}
+
+/// What a requeue did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct RequeueReport {
+    /// Tasks reset to PENDING; the relay publishes them afresh.
+    pub tasks_reset: usize,
+    /// Messages with no task row, republished as they were.
+    pub republished: usize,
+    /// Dead letters of tasks that had already succeeded, were cancelled or
+    /// expired: removed, nothing rerun.
+    pub dropped_finished: usize,
+}
+
+fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+    props.headers().as_ref().and_then(|h| h.inner().get(name))
+}
+
+fn text(v: Option<&AMQPValue>) -> Option<String> {
+    match v? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// The broker's own record (`x-death`, newest first) of the first hop.
+fn first_death(props: &BasicProperties) -> Option<&FieldTable> {
+    match header(props, "x-death")? {
+        AMQPValue::FieldArray(a) => a.as_slice().last().and_then(|v| match v {
+            AMQPValue::FieldTable(t) => Some(t),
+            _ => None,
+        }),
+        _ => None,
+    }
+}
+
+fn describe(msg: &BasicGetMessage) -> DeadLetter {
+    let props = &msg.delivery.properties;
+    let death = first_death(props);
+    let from_death = |k: &str| death.and_then(|t| text(t.inner().get(k)));
+    let death_routing_key = death.and_then(|t| match t.inner().get("routing-keys") {
+        Some(AMQPValue::FieldArray(a)) => text(a.as_slice().first()),
+        _ => None,
+    });
+    DeadLetter {
+        task_id: envelope::peek_task_id(props),
+        task: text(header(props, "task")),
+        reason: text(header(props, REASON_HEADER)).or_else(|| from_death("reason")),
+        code: text(header(props, CODE_HEADER)),
+        exchange: text(header(props, EXCHANGE_HEADER)).or_else(|| from_death("exchange")),
+        routing_key: text(header(props, ROUTING_KEY_HEADER)).or(death_routing_key),
+        worker: text(header(props, WORKER_HEADER)),
+        message: envelope::describe(props, &msg.delivery.data),
+    }
+}
+
+async fn open(settings: &Settings) -> Result<(Connection, Channel), DeadLetterError> {
+    let conn = broker::connect(
+        &settings.amqp.url,
+        &broker::process_identity("warren-dead-letters"),
+        settings.amqp.connect_timeout(),
+    )
+    .await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok((conn, channel))
+}
+
+async fn close(conn: Connection, channel: Channel) {
+    // Closing hands back every message we took but did not acknowledge.
+    let _ = channel.close(200, "done".into()).await;
+    let _ = conn.close(200, "done".into()).await;
+}
+
+/// Up to `limit` dead letters, oldest first. Nothing is removed.
+pub async fn list(
+    settings: &Settings,
+    topology: &Topology,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, DeadLetterError> {
+    let (conn, channel) = open(settings).await?;
+    let queue = short_string(&topology.dead_letter_queue());
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let Some(msg) = channel
+            .basic_get(queue.clone(), BasicGetOptions::default())
+            .await?
+        else {
+            break;
+        };
+        out.push(describe(&msg));
+    }
+    close(conn, channel).await;
+    Ok(out)
+}
+
+/// Gives up to `limit` dead letters (only those of `task_id`, if given)
+/// another chance, and removes them from the dead-letter queue.
+pub async fn requeue(
+    settings: &Settings,
+    topology: &Topology,
+    store: &Store,
+    task_id: Option<Uuid>,
+    limit: usize,
+) -> Result<RequeueReport, DeadLetterError> {
+    let (conn, channel) = open(settings).await?;
+    let queue = short_string(&topology.dead_letter_queue());
+    let mut report = RequeueReport::default();
+    let mut handled = 0;
+    while handled < limit {
+        let Some(msg) = channel
+            .basic_get(queue.clone(), BasicGetOptions::default())
+            .await?
+        else {
+            break;
+        };
+        let letter = describe(&msg);
+        if task_id.is_some() && letter.task_id != task_id {
+            // Not ours: left unacknowledged, handed back on close.
+            continue;
+        }
+        handled += 1;
+        let known = match letter.task_id {
+            Some(id) => store.reset_for_requeue(id).await?,
+            None => None,
+        };
+        match known {
+            Some(TaskState::Success | TaskState::Cancelled | TaskState::Expired) => {
+                report.dropped_finished += 1
+            }
+            Some(_) => report.tasks_reset += 1,
+            None => {
+                republish(&channel, &msg, &letter).await?;
+                report.republished += 1;
+            }
+        }
+        msg.delivery.ack(BasicAckOptions::default()).await?;
+        tracing::info!(task_id = ?letter.task_id, reason = ?letter.reason, "dead letter requeued");
+    }
+    close(conn, channel).await;
+    Ok(report)
+}
+
+/// Sends a row-less message back where it was first published, without
+/// the dead-letter bookkeeping headers.
+async fn republish(
+    channel: &Channel,
+    msg: &BasicGetMessage,
+    letter: &DeadLetter,
+) -> Result<(), DeadLetterError> {
+    let props = &msg.delivery.properties;
+    let mut headers = props.headers().clone().unwrap_or_default();
+    let cleaned: FieldTable = headers
+        .inner()
+        .iter()
+        .filter(|(k, _)| {
+            !(k.as_str().starts_with("x-warren-")
+                || k.as_str().starts_with("x-death")
+                || k.as_str().starts_with("x-first-death")
+                || k.as_str().starts_with("x-last-death"))
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into();
+    headers = cleaned;
+    let confirm = channel
+        .basic_publish(
+            short_string(letter.exchange.as_deref().unwrap_or("")),
+            short_string(letter.routing_key.as_deref().unwrap_or("")),
+            BasicPublishOptions::default(),
+            &msg.delivery.data,
+            props.clone().with_headers(headers),
+        )
+        .await?
+        .await?;
+    if confirm.is_ack() {
+        Ok(())
+    } else {
+        Err(DeadLetterError::NotConfirmed)
+    }
+}

@@ -1,0 +1,161 @@
+//! Worker processes dying: SIGKILL loses nothing; SIGTERM drains and exits 0.
+
+use futures_util::{StreamExt, stream};
+use serde_json::json;
+use std::time::Duration;
+use uuid::Uuid;
+use warren_shared::state::TaskState;
+use warren_tests::{TestApi, TestEnv, wait_until};
+
+async fn submit_many(
+    api: &TestApi,
+    n: usize,
+    task_type: &str,
+    input: serde_json::Value,
+) -> Vec<Uuid> {
+    stream::iter(0..n)
+        .map(|_| api.submit_ok(task_type, &input))
+        .buffered(16)
+        .collect()
+        .await
+}
+
+async fn count(env: &TestEnv, ids: &[Uuid], state: TaskState) -> usize {
+    env.tasks(ids)
+        .await
+        .iter()
+        .filter(|r| r.state == state)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_way_loses_nothing() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let mut doomed = env.spawn_worker_process("doomed", &[("WARREN_WORKER__CONCURRENCY", "10")]);
+    let ids = submit_many(&api, 100, "sleep", json!({"seconds": 0.5})).await;
+
+    // Mid-way: some done, a full set of slots busy.
+    wait_until(
+        "20 tasks to finish and 10 to be running",
+        Duration::from_secs(30),
+        || async {
+            let rows = env.tasks(&ids).await;
+            let done = rows
+                .iter()
+                .filter(|r| r.state == TaskState::Success)
+                .count();
+            let running = rows
+                .iter()
+                .filter(|r| r.state == TaskState::Started)
+                .count();
+            (done >= 20 && running == 10).then_some(())
+        },
+    )
+    .await;
+    doomed.kill().await;
+    let orphaned: Vec<Uuid> = env
+        .tasks(&ids)
+        .await
+        .into_iter()
+        .filter(|r| r.state == TaskState::Started)
+        .map(|r| r.id)
+        .collect();
+    assert!(!orphaned.is_empty(), "the kill caught tasks mid-run");
+
+    let rescuer = env.spawn_worker_process("rescuer", &[("WARREN_WORKER__CONCURRENCY", "10")]);
+    let rows = env.wait_for_terminal(&ids, Duration::from_secs(60)).await;
+    assert_eq!(rows.len(), 100, "none missing");
+    for row in &rows {
+        assert_eq!(
+            row.state,
+            TaskState::Success,
+            "task {} ended {}",
+            row.id,
+            row.state
+        );
+    }
+    for row in rows.iter().filter(|r| orphaned.contains(&r.id)) {
+        assert_eq!(
+            row.worker.as_deref(),
+            Some(rescuer.identity().as_str()),
+            "rescued by the new worker"
+        );
+        assert_eq!(row.attempts, 2, "the killed attempt counts as one");
+    }
+    drop(rescuer);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_running_tasks_finish_then_exits_zero() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    // config/test.toml: shutdown_grace_seconds = 10.
+    let mut worker = env.spawn_worker_process("graceful", &[("WARREN_WORKER__CONCURRENCY", "20")]);
+    let ids = submit_many(&api, 20, "sleep", json!({"seconds": 2})).await;
+    wait_until("all 20 to be running", Duration::from_secs(20), || async {
+        (count(&env, &ids, TaskState::Started).await == 20).then_some(())
+    })
+    .await;
+
+    let status = worker.terminate(Duration::from_secs(15)).await;
+    let exited = chrono::Utc::now();
+    assert!(status.success(), "exit status {status:?}\n{}", worker.log());
+
+    let rows = env.tasks(&ids).await;
+    assert_eq!(rows.len(), 20);
+    for row in &rows {
+        assert_eq!(
+            row.state,
+            TaskState::Success,
+            "task {} was left {}",
+            row.id,
+            row.state
+        );
+        assert_eq!(
+            row.attempts, 1,
+            "finished by the draining worker, not rerun"
+        );
+        assert!(
+            row.finished_at.unwrap() <= exited,
+            "the worker exited after its tasks finished"
+        );
+    }
+    let amqp = env.amqp().await;
+    let (messages, consumers) = amqp.queue_depth(&env.queue("default")).await;
+    assert_eq!(
+        (messages, consumers),
+        (0, 0),
+        "everything acknowledged, consumer gone"
+    );
+    amqp.close().await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_past_the_grace_period_hands_tasks_back() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let mut worker = env.spawn_worker_process(
+        "impatient",
+        &[
+            ("WARREN_WORKER__CONCURRENCY", "4"),
+            ("WARREN_WORKER__SHUTDOWN_GRACE_SECONDS", "0.5"),
+        ],
+    );
+    let ids = submit_many(&api, 4, "sleep", json!({"seconds": 30})).await;
+    wait_until("all 4 to be running", Duration::from_secs(20), || async {
+        (count(&env, &ids, TaskState::Started).await == 4).then_some(())
+    })
+    .await;
+    let status = worker.terminate(Duration::from_secs(10)).await;
+    assert!(status.success(), "exit status {status:?}\n{}", worker.log());
+
+    // Their messages went back to the queue, ready for another replica.
+    let amqp = env.amqp().await;
+    let (messages, _) = amqp.queue_depth(&env.queue("default")).await;
+    assert_eq!(messages, 4, "handed back to the broker\n{}", worker.log());
+    amqp.close().await;
+    api.stop().await;
+}

@@ -1,0 +1,136 @@
+//! Infrastructure faults under load: broker connections force-closed,
+//! PostgreSQL sessions terminated. Everything recovers by itself and every
+//! task ends SUCCESS.
+
+use futures_util::{StreamExt, stream};
+use serde_json::json;
+use std::{sync::Arc, time::Duration};
+use uuid::Uuid;
+use warren_shared::state::TaskState;
+use warren_tests::{Management, TestEnv, wait_until};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_connections_closed_mid_load_lose_nothing() {
+    const TASKS: usize = 500;
+    let env = TestEnv::new().await;
+    let api = Arc::new(env.spawn_api().await);
+    let worker = env.spawn_worker_process("w", &[("WARREN_WORKER__CONCURRENCY", "8")]);
+    let worker_name = worker.identity();
+    let mgmt = Management::new(&env.settings());
+    // The management API lists a connection once its first statistics are
+    // in (a few seconds): wait for both before any load, so the cut lands
+    // mid-flow.
+    for name in [worker_name.as_str(), api.identity.as_str()] {
+        wait_until(
+            &format!("{name} to show in the management API"),
+            Duration::from_secs(30),
+            || async { (mgmt.count_connections(name).await >= 1).then_some(()) },
+        )
+        .await;
+    }
+
+    let submitter = {
+        let api = Arc::clone(&api);
+        tokio::spawn(async move {
+            stream::iter(0..TASKS)
+                .map(|_| {
+                    let api = Arc::clone(&api);
+                    async move { api.submit_ok("sleep", &json!({"seconds": 0.05})).await }
+                })
+                .buffered(8)
+                .collect::<Vec<Uuid>>()
+                .await
+        })
+    };
+    let store = env.store();
+    wait_until("100 tasks to finish", Duration::from_secs(60), || async {
+        let done = store.count_in_state(TaskState::Success).await.unwrap();
+        (done >= 100).then_some(())
+    })
+    .await;
+    let cut = chrono::Utc::now();
+    assert!(
+        mgmt.close_connections(&worker_name).await >= 1,
+        "the worker's connections were closed"
+    );
+    assert!(
+        mgmt.close_connections(&api.identity).await >= 1,
+        "the API's connection was closed"
+    );
+
+    let ids = submitter.await.unwrap();
+    assert_eq!(ids.len(), TASKS, "every submission was accepted");
+    let rows = env.wait_for_terminal(&ids, Duration::from_secs(90)).await;
+    assert!(
+        rows.iter().all(|r| r.state == TaskState::Success),
+        "all {TASKS} succeeded"
+    );
+    let after_cut = rows.iter().filter(|r| r.finished_at.unwrap() > cut).count();
+    assert!(
+        after_cut >= 100,
+        "work went on after the cut ({after_cut} tasks)"
+    );
+
+    // The worker came back by itself and is consuming again.
+    let amqp = env.amqp().await;
+    let queue = env.queue("default");
+    wait_until(
+        "the worker to consume again",
+        Duration::from_secs(30),
+        || async { (amqp.queue_depth(&queue).await.1 == 1).then_some(()) },
+    )
+    .await;
+    amqp.close().await;
+    if std::env::var_os("TEST_LOG").is_none() {
+        let log = worker.log();
+        assert!(log.contains("broker session lost"), "{log}");
+        assert_eq!(
+            log.matches("consuming").count(),
+            2,
+            "consumed, lost, consumed again:\n{log}"
+        );
+    }
+    drop(worker);
+    Arc::try_unwrap(api).ok().expect("sole owner").stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_sessions_terminated_mid_load_lose_nothing() {
+    const TASKS: usize = 300;
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker_process("w", &[("WARREN_WORKER__CONCURRENCY", "8")]);
+    let input = json!({"seconds": 0.02});
+    let ids: Vec<Uuid> = stream::iter(0..TASKS)
+        .map(|_| api.submit_ok("sleep", &input))
+        .buffered(16)
+        .collect()
+        .await;
+
+    let mut killed = 0;
+    for round in 1..=3 {
+        wait_until("more tasks to finish", Duration::from_secs(60), || async {
+            let done = env
+                .store()
+                .count_in_state(TaskState::Success)
+                .await
+                .unwrap();
+            (done >= 60 * round).then_some(())
+        })
+        .await;
+        killed += env.terminate_sessions("warren-worker").await;
+    }
+    assert!(
+        killed >= 1,
+        "the worker's database sessions were terminated"
+    );
+
+    let rows = env.wait_for_terminal(&ids, Duration::from_secs(90)).await;
+    assert!(
+        rows.iter().all(|r| r.state == TaskState::Success),
+        "all {TASKS} succeeded\n{}",
+        worker.log()
+    );
+    drop(worker);
+    api.stop().await;
+}

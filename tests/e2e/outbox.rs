@@ -1,0 +1,93 @@
+//! 202 means durable: a task recorded but never published (the API died in
+//! between, or the broker was unreachable) still runs, via the relay.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+use warren_api::fail::FailPoint;
+use warren_shared::state::TaskState;
+use warren_tests::TestEnv;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_dying_between_commit_and_publish_loses_nothing() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    api.state
+        .fail_points
+        .arm(FailPoint::AfterCommitBeforePublish);
+    let response = api.submit("multiply", &json!({"x": 6, "y": 7})).await;
+    assert_eq!(
+        response.status(),
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the client never got its 202"
+    );
+    // The API is gone, its relay with it.
+    api.stop().await;
+
+    let amqp = env.amqp().await;
+    assert_eq!(
+        amqp.queue_depth(&env.queue("default")).await.0,
+        0,
+        "never published"
+    );
+    amqp.close().await;
+    assert_eq!(
+        env.store().outbox_len().await.unwrap(),
+        1,
+        "but recorded, in the outbox"
+    );
+
+    // Any relay (here the worker's) publishes it once the API's lease runs out.
+    let worker = env.spawn_worker("w1").await;
+    let id = env.task_ids().await.pop().expect("the orphaned task");
+    let row = env
+        .wait_for_terminal(&[id], Duration::from_secs(15))
+        .await
+        .remove(0);
+    assert_eq!(row.state, TaskState::Success);
+    assert_eq!(row.result, Some(json!(42)));
+    assert_eq!(row.attempts, 1);
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_unreachable_at_submission_still_accepts_and_later_runs() {
+    let env = TestEnv::new().await;
+    // The API's broker: a port nothing listens on.
+    let mut cut_off = env.settings();
+    cut_off.amqp.url = "amqp://guest:guest@127.0.0.1:1/%2f".to_owned().into();
+    let api = warren_tests::TestApi::spawn_with(cut_off).await;
+
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let response = api.submit("multiply", &json!({"x": i, "y": 10})).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::ACCEPTED,
+            "recorded, so accepted"
+        );
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["state"], "PENDING", "not on the broker yet");
+        ids.push(body["id"].as_str().unwrap().parse::<Uuid>().unwrap());
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "no request waited on the dead broker"
+    );
+    let ready: Value = api.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["broker"], "down");
+    assert_eq!(ready["database"], "up");
+
+    // A worker that can reach the broker publishes them through its relay.
+    let worker = env.spawn_worker("w1").await;
+    let rows = env.wait_for_terminal(&ids, Duration::from_secs(20)).await;
+    for row in rows {
+        assert_eq!(row.state, TaskState::Success);
+        let x = row.input["x"].as_i64().unwrap();
+        assert_eq!(row.result, Some(json!(x * 10)));
+    }
+    worker.stop().await;
+    api.stop().await;
+}
