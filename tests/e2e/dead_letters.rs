@@ -86,6 +86,16 @@ async fn garbage_is_dead_lettered_with_a_reason_and_the_worker_keeps_going() {
     // Not even Celery-shaped: no headers at all.
     amqp.publish("", &queue, BasicProperties::default(), b"hello")
         .await;
+    // Through the tasks exchange with a routing key nobody bound: the
+    // alternate exchange still brings it to a worker, which says why.
+    let unrouted = Uuid::now_v7();
+    amqp.publish(
+        &env.topology().exchange(),
+        "not.a.route",
+        celery_props(unrouted, "not.a.route"),
+        br#"[[], {}, {}]"#,
+    )
+    .await;
     let after = api.submit_ok("multiply", &json!({"x": 4, "y": 5})).await;
 
     let rows = env
@@ -97,14 +107,14 @@ async fn garbage_is_dead_lettered_with_a_reason_and_the_worker_keeps_going() {
     );
 
     let dlq = env.topology().dead_letter_queue();
-    wait_until("five dead letters", Duration::from_secs(10), || async {
-        (amqp.queue_depth(&dlq).await.0 == 5).then_some(())
+    wait_until("six dead letters", Duration::from_secs(10), || async {
+        (amqp.queue_depth(&dlq).await.0 == 6).then_some(())
     })
     .await;
     let letters = dead_letters::list(&env.settings(), &env.topology(), 100)
         .await
         .unwrap();
-    assert_eq!(letters.len(), 5);
+    assert_eq!(letters.len(), 6);
     let by_id = reasons(&letters);
     let expect = |id: Uuid, code: &str, fragment: &str| {
         let (c, reason) = &by_id[&id.to_string()];
@@ -122,6 +132,7 @@ async fn garbage_is_dead_lettered_with_a_reason_and_the_worker_keeps_going() {
         "undecodable_message",
         "application/x-python-serialize",
     );
+    expect(unrouted, "unknown_task", "unknown task type `not.a.route`");
     let headerless = letters
         .iter()
         .find(|l| l.task_id.is_none())
@@ -132,7 +143,7 @@ async fn garbage_is_dead_lettered_with_a_reason_and_the_worker_keeps_going() {
     wait_until(
         "the listed dead letters to be back",
         Duration::from_secs(10),
-        || async { (amqp.queue_depth(&dlq).await.0 == 5).then_some(()) },
+        || async { (amqp.queue_depth(&dlq).await.0 == 6).then_some(()) },
     )
     .await;
     amqp.close().await;

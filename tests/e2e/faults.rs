@@ -65,6 +65,14 @@ async fn broker_connections_closed_mid_load_lose_nothing() {
         rows.iter().all(|r| r.state == TaskState::Success),
         "all {TASKS} succeeded"
     );
+    // Redeliveries of tasks still running here were adopted by the running
+    // attempt, not run again.
+    let twice: Vec<_> = rows
+        .iter()
+        .filter(|r| r.attempts != 1)
+        .map(|r| (r.id, r.attempts))
+        .collect();
+    assert!(twice.is_empty(), "tasks run more than once: {twice:?}");
     let after_cut = rows.iter().filter(|r| r.finished_at.unwrap() > cut).count();
     assert!(
         after_cut >= 100,
@@ -131,6 +139,68 @@ async fn postgres_sessions_terminated_mid_load_lose_nothing() {
         "all {TASKS} succeeded\n{}",
         worker.log()
     );
+    drop(worker);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_running_when_its_connection_drops_runs_once() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker_process("w", &[("WARREN_WORKER__CONCURRENCY", "4")]);
+    let worker_name = worker.identity();
+    let mgmt = Management::new(&env.settings());
+    wait_until(
+        "the worker to show in the management API",
+        Duration::from_secs(30),
+        || async { (mgmt.count_connections(&worker_name).await >= 1).then_some(()) },
+    )
+    .await;
+    let input = json!({"seconds": 2});
+    let ids: Vec<Uuid> = stream::iter(0..4)
+        .map(|_| api.submit_ok("sleep", &input))
+        .buffered(4)
+        .collect()
+        .await;
+    wait_until("all 4 to be running", Duration::from_secs(20), || async {
+        let rows = env.tasks(&ids).await;
+        rows.iter()
+            .all(|r| r.state == TaskState::Started)
+            .then_some(())
+    })
+    .await;
+
+    // The broker requeues the 4 messages and redelivers them to the
+    // reconnected worker while their first runs are still going.
+    assert!(mgmt.close_connections(&worker_name).await >= 1);
+    let rows = env.wait_for_terminal(&ids, Duration::from_secs(30)).await;
+    for row in &rows {
+        assert_eq!(row.state, TaskState::Success);
+        assert_eq!(
+            row.attempts,
+            1,
+            "task {} ran again after the redelivery\n{}",
+            row.id,
+            worker.log()
+        );
+    }
+    if std::env::var_os("TEST_LOG").is_none() {
+        let log = worker.log();
+        assert!(
+            log.contains("already running here"),
+            "redeliveries of running tasks were adopted:\n{log}"
+        );
+    }
+    // Both deliveries of each task were settled: nothing left behind.
+    let amqp = env.amqp().await;
+    let queue = env.queue("default");
+    wait_until(
+        "the queue to be empty and consumed",
+        Duration::from_secs(10),
+        || async { (amqp.queue_depth(&queue).await == (0, 1)).then_some(()) },
+    )
+    .await;
+    amqp.close().await;
     drop(worker);
     api.stop().await;
 }

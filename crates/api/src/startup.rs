@@ -31,14 +31,13 @@ pub enum StartupError {
     #[error(transparent)]
     Settings(#[from] SettingsError),
     #[error("connecting to PostgreSQL: {0}")]
-    Database(#[source] DbErr),
+    Database(DbErr),
     #[error("applying migrations: {0}")]
-    Migrate(#[source] DbErr),
-    #[error("binding {addr}: {source}")]
+    Migrate(DbErr),
+    #[error("binding {addr}: {cause}")]
     Bind {
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -83,10 +82,10 @@ impl Application {
         let addr = settings.api.listen;
         let listener = TcpListener::bind(addr)
             .await
-            .map_err(|source| StartupError::Bind { addr, source })?;
+            .map_err(|cause| StartupError::Bind { addr, cause })?;
         let local_addr = listener
             .local_addr()
-            .map_err(|source| StartupError::Bind { addr, source })?;
+            .map_err(|cause| StartupError::Bind { addr, cause })?;
         let state = AppState {
             settings: Arc::new(settings),
             catalog: Arc::new(catalog),

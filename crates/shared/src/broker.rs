@@ -37,9 +37,9 @@ pub enum BrokerError {
     #[error("connecting to the broker timed out after {0:?}")]
     ConnectTimeout(Duration),
     #[error("connecting to the broker: {0}")]
-    Connect(#[source] lapin::Error),
+    Connect(lapin::Error),
     #[error("opening a channel: {0}")]
-    Channel(#[source] lapin::Error),
+    Channel(lapin::Error),
     #[error(transparent)]
     Topology(#[from] TopologyError),
 }
@@ -49,7 +49,7 @@ pub enum PublishError {
     #[error("broker unavailable ({0}); retrying in the background")]
     Unavailable(String),
     #[error("publishing: {0}")]
-    Failed(#[source] lapin::Error),
+    Failed(lapin::Error),
     #[error("the broker did not confirm within {0:?}")]
     ConfirmTimeout(Duration),
     #[error("the broker refused the message (nack)")]

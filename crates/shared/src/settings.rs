@@ -26,11 +26,19 @@ pub enum SettingsError {
     #[error(
         "configuration: {0} (set it in config/*.toml or as WARREN_<SECTION>__<KEY>, e.g. WARREN_DATABASE__URL)"
     )]
-    Load(#[from] config::ConfigError),
+    Load(config::ConfigError),
     #[error("configuration key `{key}`: {message}")]
     Invalid { key: String, message: String },
     #[error("configuration: {ENV_VAR}={env} but {} does not exist", path.display())]
     UnknownEnvironment { env: String, path: PathBuf },
+}
+
+// Not `#[from]`: that would also expose the error as `source()`, and the
+// message already includes it; printed twice in every error chain otherwise.
+impl From<config::ConfigError> for SettingsError {
+    fn from(e: config::ConfigError) -> Self {
+        SettingsError::Load(e)
+    }
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> SettingsError {

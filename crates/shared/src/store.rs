@@ -21,9 +21,9 @@ pub enum StoreError {
     /// PostgreSQL could not be reached or dropped the connection: worth
     /// retrying, and a 503 for an HTTP client.
     #[error("database unavailable: {0}")]
-    Unavailable(#[source] DbErr),
+    Unavailable(DbErr),
     #[error("database error: {0}")]
-    Other(#[source] DbErr),
+    Other(DbErr),
 }
 
 impl StoreError {

@@ -44,13 +44,12 @@ pub enum TopologyError {
     /// queue type, another dead-letter exchange): RabbitMQ refuses to change
     /// a queue in place.
     #[error(
-        "declaring {what} `{name}` failed: {source}; if it exists with other arguments, delete it or use another amqp.prefix"
+        "declaring {what} `{name}` failed: {cause}; if it exists with other arguments, delete it or use another amqp.prefix"
     )]
     Declare {
         what: &'static str,
         name: String,
-        #[source]
-        source: lapin::Error,
+        cause: lapin::Error,
     },
 }
 
@@ -148,10 +147,10 @@ impl Topology {
             channel
                 .exchange_declare(short(&name), kind, durable, args)
                 .await
-                .map_err(|source| TopologyError::Declare {
+                .map_err(|cause| TopologyError::Declare {
                     what: "exchange",
                     name,
-                    source,
+                    cause,
                 })
         };
         let queue = |name: String, args: FieldTable| async move {
@@ -163,10 +162,10 @@ impl Topology {
                 .queue_declare(short(&name), options, args)
                 .await
                 .map(drop)
-                .map_err(|source| TopologyError::Declare {
+                .map_err(|cause| TopologyError::Declare {
                     what: "queue",
                     name,
-                    source,
+                    cause,
                 })
         };
         let bind = |queue: String, exchange: String, key: String| async move {
@@ -179,10 +178,10 @@ impl Topology {
                     FieldTable::default(),
                 )
                 .await
-                .map_err(|source| TopologyError::Declare {
+                .map_err(|cause| TopologyError::Declare {
                     what: "binding",
                     name: format!("{exchange} -[{key}]-> {queue}"),
-                    source,
+                    cause,
                 })
         };
 

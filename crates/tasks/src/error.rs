@@ -16,10 +16,18 @@ pub enum TaskError {
     Permanent(String),
     /// The input does not satisfy the task's contract.
     #[error("invalid input: {0}")]
-    InvalidInput(#[from] ValidationErrors),
+    InvalidInput(ValidationErrors),
     /// The task observed its cancellation signal and stopped early.
     #[error("cancelled")]
     Cancelled,
+}
+
+// Not `#[from]`: the message already includes the errors; exposing them as
+// `source()` too would print them twice in every error chain.
+impl From<ValidationErrors> for TaskError {
+    fn from(e: ValidationErrors) -> Self {
+        TaskError::InvalidInput(e)
+    }
 }
 
 impl TaskError {

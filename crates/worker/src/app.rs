@@ -1,11 +1,16 @@
 //! Wiring a worker together and running it until shutdown.
 
 use crate::consumer;
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
+use lapin::Acker;
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use uuid::Uuid;
 use warren_shared::{
     broker::{Publisher, process_identity},
     catalog::Catalog,
@@ -21,9 +26,9 @@ pub enum WorkerError {
     #[error(transparent)]
     Settings(#[from] SettingsError),
     #[error("connecting to PostgreSQL: {0}")]
-    Database(#[source] DbErr),
+    Database(DbErr),
     #[error("applying migrations: {0}")]
-    Migrate(#[source] DbErr),
+    Migrate(DbErr),
 }
 
 /// What a worker reports about itself while it runs; cheap to share.
@@ -47,6 +52,10 @@ impl Health {
 /// Everything one worker replica needs, built once at startup.
 pub struct Worker {
     pub(crate) health: Arc<Health>,
+    /// Tasks this process is running (or claiming) now, each with the
+    /// delivery of a later copy of its message that it adopted, if any.
+    /// Never held across an await.
+    pub(crate) running: Mutex<HashMap<Uuid, Option<Acker>>>,
     pub(crate) settings: Settings,
     pub(crate) catalog: Catalog,
     pub(crate) store: Store,
@@ -101,6 +110,7 @@ impl Worker {
         ));
         Ok(Self {
             health: Arc::default(),
+            running: Mutex::default(),
             settings,
             catalog,
             store: Store::new(connection),

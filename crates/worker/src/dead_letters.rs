@@ -33,11 +33,17 @@ pub enum DeadLetterError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error("reading the dead-letter queue: {0}")]
-    Amqp(#[from] lapin::Error),
+    Amqp(lapin::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("the broker did not confirm the republished message")]
     NotConfirmed,
+}
+
+impl From<lapin::Error> for DeadLetterError {
+    fn from(e: lapin::Error) -> Self {
+        DeadLetterError::Amqp(e)
+    }
 }
 
 /// One message in the dead-letter queue, as an operator wants to see it.

@@ -12,6 +12,7 @@ use crate::{
 };
 use chrono::Utc;
 use lapin::{
+    Acker,
     message::Delivery,
     options::{BasicAckOptions, BasicNackOptions},
 };
@@ -78,12 +79,75 @@ pub(crate) async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &Canc
                 task = %message.task,
                 attempt = tracing::field::Empty,
             );
-            process(worker, &message, delivery.redelivered, stop)
+            if !adopt_or_register(worker, message.id, &delivery) {
+                span.in_scope(|| {
+                    tracing::info!(
+                        redelivered = delivery.redelivered,
+                        "already running here; that attempt will settle this delivery too"
+                    );
+                });
+                return;
+            }
+            let disposition = process(worker, &message, delivery.redelivered, stop)
                 .instrument(span)
-                .await
+                .await;
+            let adopted = lock(&worker.running).remove(&message.id).flatten();
+            if let Some(acker) = adopted {
+                settle_adopted(acker, &disposition).await;
+            }
+            disposition
         }
     };
     settle(worker, delivery, disposition).await;
+}
+
+/// A message for a task this process is already running arrives when the
+/// broker redelivers it (our channel died mid-task) or when it was
+/// published twice. Rather than run the task a second time, hand the new
+/// delivery to the running attempt, which settles it with its own. Returns
+/// false when adopted, true when this delivery should be processed (and is
+/// now registered as running).
+fn adopt_or_register(worker: &Worker, id: Uuid, delivery: &Delivery) -> bool {
+    let mut running = lock(&worker.running);
+    match running.get_mut(&id) {
+        Some(slot) => {
+            // A still earlier adopted delivery belongs to a dead channel
+            // too; the newest is the one that can still be acknowledged.
+            *slot = Some(delivery.acker.clone());
+            false
+        }
+        None => {
+            running.insert(id, None);
+            true
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave the map inconsistent
+    // (single insert/remove), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn settle_adopted(acker: Acker, disposition: &Disposition) {
+    let result = match disposition {
+        // The outcome is recorded (or its dead-letter copy is out): the
+        // adopted copy is done with too.
+        Disposition::Ack | Disposition::DeadLetter { .. } => {
+            acker.ack(BasicAckOptions::default()).await
+        }
+        Disposition::Requeue => {
+            acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+        }
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "could not settle an adopted delivery");
+    }
 }
 
 async fn process(
