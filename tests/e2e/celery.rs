@@ -101,3 +101,57 @@ async fn celery_positional_args_fill_the_declared_fields() {
     assert_eq!(row.result, Some(json!(42)));
     worker.stop().await;
 }
+
+/// Celery's countdown sets `eta`; Celery workers hold such messages
+/// unacknowledged in memory until due (and RabbitMQ's consumer timeout
+/// eventually kills them). Warren parks the task in PostgreSQL instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_celery_countdown_waits_in_postgres_and_runs_on_time() {
+    let env = TestEnv::new().await;
+    let worker = env.spawn_worker("w1").await;
+    let mut message = fixture("countdown_expires_timelimits");
+    let sent = chrono::Utc::now();
+    let eta = sent + chrono::Duration::seconds(2);
+    message["headers"]["eta"] = json!(eta.to_rfc3339());
+    message["headers"]["expires"] = json!((sent + chrono::Duration::seconds(60)).to_rfc3339());
+    message["properties"]["expiration"] = json!("60000");
+    let id: Uuid = message["headers"]["id"].as_str().unwrap().parse().unwrap();
+
+    publish_like_celery(&env, &message).await;
+
+    // Parked: a PENDING row due at the ETA, and nothing held by the worker.
+    let parked = wait_until("the task to be parked", Duration::from_secs(10), || async {
+        env.store()
+            .get(id)
+            .await
+            .unwrap()
+            .filter(|r| r.state == TaskState::Pending)
+    })
+    .await;
+    assert_eq!(
+        parked.publish_at.map(|t| t.timestamp_millis()),
+        Some(eta.timestamp_millis())
+    );
+    assert_eq!(
+        parked.time_limit,
+        Some(60.0),
+        "Celery's [hard, soft] limits kept"
+    );
+    assert_eq!(parked.soft_time_limit, Some(50.0));
+    let amqp = env.amqp().await;
+    assert_eq!(
+        amqp.queue_depth(&env.queue("default")).await.0,
+        0,
+        "acknowledged, not held"
+    );
+    amqp.close().await;
+
+    let row = env
+        .wait_for_terminal(&[id], Duration::from_secs(15))
+        .await
+        .remove(0);
+    assert_eq!(row.state, TaskState::Success, "{:?}", row.error);
+    assert!(row.started_at.unwrap() >= eta, "started before its ETA");
+    assert_eq!(row.input, json!({"seconds": 1}));
+    worker.stop().await;
+}

@@ -16,5 +16,6 @@ mod lifecycle;
 mod load_sharing;
 mod outbox;
 mod retries;
+mod state_machine;
 mod submit;
 mod time_limits;

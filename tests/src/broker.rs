@@ -191,9 +191,10 @@ impl Management {
         self.get(&format!("connections/{encoded}")).await
     }
 
-    /// How many connections have a client-given name starting with
-    /// `name_prefix` (listed once their first statistics are in).
-    pub async fn count_connections(&self, name_prefix: &str) -> usize {
+    /// Connections whose client-given name starts with `name_prefix`, as
+    /// the management API lists them (once their first statistics are in,
+    /// a few seconds after they open).
+    async fn connections_named(&self, name_prefix: &str) -> Vec<Value> {
         let all = self.get("connections").await;
         all.as_array()
             .into_iter()
@@ -203,23 +204,22 @@ impl Management {
                     .as_str()
                     .is_some_and(|n| n.starts_with(name_prefix))
             })
-            .count()
+            .cloned()
+            .collect()
+    }
+
+    pub async fn count_connections(&self, name_prefix: &str) -> usize {
+        self.connections_named(name_prefix).await.len()
     }
 
     /// Force-closes every connection whose client-given name starts with
     /// `name_prefix`, as an operator (or a network failure) would. Returns
     /// how many were closed.
     pub async fn close_connections(&self, name_prefix: &str) -> usize {
-        let all = self.get("connections").await;
-        let names: Vec<String> = all
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|c| {
-                c["client_properties"]["connection_name"]
-                    .as_str()
-                    .is_some_and(|n| n.starts_with(name_prefix))
-            })
+        let names: Vec<String> = self
+            .connections_named(name_prefix)
+            .await
+            .iter()
             .filter_map(|c| c["name"].as_str().map(str::to_owned))
             .collect();
         for name in &names {

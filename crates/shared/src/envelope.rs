@@ -223,7 +223,7 @@ pub fn peek_task_id(properties: &BasicProperties) -> Option<Uuid> {
         .headers()
         .as_ref()
         .and_then(|h| h.inner().get("id"))
-        .and_then(as_string);
+        .and_then(wire::text);
     let from_correlation = properties
         .correlation_id()
         .as_ref()
@@ -319,7 +319,7 @@ impl Headers<'_> {
     fn optional_string(&self, name: &'static str) -> Result<Option<String>, DecodeError> {
         match self.get(name) {
             None => Ok(None),
-            Some(v) => as_string(v)
+            Some(v) => wire::text(v)
                 .map(Some)
                 .ok_or_else(|| bad(name, "must be a UTF-8 string")),
         }
@@ -362,14 +362,6 @@ fn bad(header: &'static str, problem: impl Into<String>) -> DecodeError {
     DecodeError::BadHeader {
         header,
         problem: problem.into(),
-    }
-}
-
-fn as_string(v: &AMQPValue) -> Option<String> {
-    match v {
-        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok().map(str::to_owned),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
     }
 }
 

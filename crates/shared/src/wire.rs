@@ -47,6 +47,16 @@ pub fn table_to_json(table: &FieldTable) -> Map<String, Value> {
         .collect()
 }
 
+/// The text of a string-typed AMQP value; `None` for other types and for
+/// bytes that are not UTF-8.
+pub fn text(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok().map(str::to_owned),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
 /// An AMQP short string (at most 255 bytes), cut at a character boundary
 /// rather than panicking as `ShortString::from` does on longer input.
 pub fn short_string(s: &str) -> ShortString {

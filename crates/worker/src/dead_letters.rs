@@ -25,7 +25,7 @@ use warren_shared::{
     state::TaskState,
     store::{Store, StoreError},
     topology::Topology,
-    wire::short_string,
+    wire::{self, short_string},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -81,11 +81,7 @@ fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
 }
 
 fn text(v: Option<&AMQPValue>) -> Option<String> {
-    match v? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
+    v.and_then(wire::text)
 }
 
 /// The broker's own record (`x-death`, newest first) of the first hop.

@@ -55,7 +55,7 @@ enum Disposition {
 }
 
 pub(crate) async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &CancellationToken) {
-    let disposition = match TaskMessage::decode(&delivery.properties, &delivery.data) {
+    let (disposition, adopted) = match TaskMessage::decode(&delivery.properties, &delivery.data) {
         Err(e) => {
             let reason = e.to_string();
             tracing::warn!(
@@ -67,10 +67,8 @@ pub(crate) async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &Canc
             if let Some(id) = envelope::peek_task_id(&delivery.properties) {
                 mark_undeliverable(worker, id, ErrorCode::UndecodableMessage, &reason, stop).await;
             }
-            Disposition::DeadLetter {
-                code: ErrorCode::UndecodableMessage,
-                reason,
-            }
+            let code = ErrorCode::UndecodableMessage;
+            (Disposition::DeadLetter { code, reason }, None)
         }
         Ok(message) => {
             let span = tracing::info_span!(
@@ -92,13 +90,10 @@ pub(crate) async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &Canc
                 .instrument(span)
                 .await;
             let adopted = lock(&worker.running).remove(&message.id).flatten();
-            if let Some(acker) = adopted {
-                settle_adopted(acker, &disposition).await;
-            }
-            disposition
+            (disposition, adopted)
         }
     };
-    settle(worker, delivery, disposition).await;
+    settle(worker, delivery, disposition, adopted).await;
 }
 
 /// A message for a task this process is already running arrives when the
@@ -127,27 +122,6 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding this lock cannot leave the map inconsistent
     // (single insert/remove), so a poisoned lock is still usable.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-async fn settle_adopted(acker: Acker, disposition: &Disposition) {
-    let result = match disposition {
-        // The outcome is recorded (or its dead-letter copy is out): the
-        // adopted copy is done with too.
-        Disposition::Ack | Disposition::DeadLetter { .. } => {
-            acker.ack(BasicAckOptions::default()).await
-        }
-        Disposition::Requeue => {
-            acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await
-        }
-    };
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "could not settle an adopted delivery");
-    }
 }
 
 async fn process(
@@ -353,58 +327,76 @@ async fn mark_undeliverable(
     }
 }
 
-async fn settle(worker: &Worker, delivery: Delivery, disposition: Disposition) {
-    let tag = delivery.delivery_tag;
-    let result = match disposition {
-        Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
-        Disposition::Requeue => {
-            delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await
-        }
+/// Applies the disposition to the delivery and to a copy of it the
+/// running attempt adopted, if any: both are acknowledged or both go back.
+async fn settle(
+    worker: &Worker,
+    delivery: Delivery,
+    disposition: Disposition,
+    adopted: Option<Acker>,
+) {
+    let acknowledge = match disposition {
+        Disposition::Ack => true,
+        Disposition::Requeue => false,
         Disposition::DeadLetter { code, reason } => {
-            let copy = Outgoing {
-                exchange: worker.catalog.topology().dead_letter_exchange(),
-                routing_key: delivery.routing_key.to_string(),
-                message: envelope::Encoded {
-                    properties: with_extra_headers(
-                        &delivery.properties,
-                        [
-                            (REASON_HEADER, reason),
-                            (CODE_HEADER, code.as_str().to_owned()),
-                            (WORKER_HEADER, worker.identity.clone()),
-                            (EXCHANGE_HEADER, delivery.exchange.to_string()),
-                            (ROUTING_KEY_HEADER, delivery.routing_key.to_string()),
-                        ],
-                    ),
-                    body: delivery.data.clone(),
-                },
-            };
-            match worker.publisher.publish(&copy).await {
-                Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+            match dead_letter(worker, &delivery, code, reason).await {
+                Ok(()) => true,
                 Err(e) => {
                     // Keep the message rather than drop it; it comes back and
                     // is dead-lettered once the publish works (the queue's
                     // delivery limit stops this from going on forever).
                     tracing::error!(error = %e, "could not dead-letter; requeueing");
-                    delivery
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..BasicNackOptions::default()
-                        })
-                        .await
+                    false
                 }
             }
         }
     };
-    if let Err(e) = result {
-        // The channel is gone; the broker redelivers the message and the
-        // claim sees what was already recorded.
-        tracing::warn!(delivery_tag = tag, error = %e, "could not settle delivery");
+    for acker in std::iter::once(&delivery.acker).chain(adopted.as_ref()) {
+        let result = if acknowledge {
+            acker.ack(BasicAckOptions::default()).await
+        } else {
+            acker.nack(REQUEUE).await
+        };
+        if let Err(e) = result {
+            // The channel is gone; the broker redelivers the message and the
+            // claim sees what was already recorded.
+            tracing::warn!(delivery_tag = delivery.delivery_tag, error = %e, "could not settle delivery");
+        }
     }
+}
+
+/// Hand a delivery back to the broker for another consumer.
+const REQUEUE: BasicNackOptions = BasicNackOptions {
+    requeue: true,
+    multiple: false,
+};
+
+/// Copies a delivery to the dead-letter exchange with the reason in its
+/// headers, and waits for the broker's confirm.
+async fn dead_letter(
+    worker: &Worker,
+    delivery: &Delivery,
+    code: ErrorCode,
+    reason: String,
+) -> Result<(), warren_shared::broker::PublishError> {
+    let copy = Outgoing {
+        exchange: worker.catalog.topology().dead_letter_exchange(),
+        routing_key: delivery.routing_key.to_string(),
+        message: envelope::Encoded {
+            properties: with_extra_headers(
+                &delivery.properties,
+                [
+                    (REASON_HEADER, reason),
+                    (CODE_HEADER, code.as_str().to_owned()),
+                    (WORKER_HEADER, worker.identity.clone()),
+                    (EXCHANGE_HEADER, delivery.exchange.to_string()),
+                    (ROUTING_KEY_HEADER, delivery.routing_key.to_string()),
+                ],
+            ),
+            body: delivery.data.clone(),
+        },
+    };
+    worker.publisher.publish(&copy).await
 }
 
 /// Progress is accepted and dropped until progress reporting lands.

@@ -1,5 +1,7 @@
-//! Schema migrations (sea-orm-migration). Written as SQL: partial indexes and
-//! check constraints read best in the language PostgreSQL speaks.
+//! Schema migrations (sea-orm-migration), written as SQL: partial indexes
+//! and check constraints read best in the language PostgreSQL speaks. A
+//! migration is data: a name, the SQL that applies it, the SQL that undoes
+//! it. Append new ones; never edit one that has shipped.
 
 use sea_orm_migration::prelude::*;
 
@@ -8,27 +10,57 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateTasks), Box::new(CreateTaskAttempts)]
+        vec![
+            Box::new(Sql {
+                name: "m20261123_000001_create_tasks",
+                up: CREATE_TASKS,
+                down: "DROP TABLE tasks",
+            }),
+            // The history of failed attempts. A successful attempt needs no
+            // row here: the task row itself holds its start, end and worker.
+            Box::new(Sql {
+                name: "m20261123_000002_create_task_attempts",
+                up: CREATE_TASK_ATTEMPTS,
+                down: "DROP TABLE task_attempts",
+            }),
+        ]
     }
 }
 
-struct CreateTasks;
+struct Sql {
+    name: &'static str,
+    up: &'static str,
+    down: &'static str,
+}
 
-impl MigrationName for CreateTasks {
+impl MigrationName for Sql {
     fn name(&self) -> &str {
-        "m20261123_000001_create_tasks"
+        self.name
     }
 }
 
 // The trait's signature elides the lifetime; matching it exactly is required.
 #[allow(elided_lifetimes_in_paths)]
 #[async_trait::async_trait]
-impl MigrationTrait for CreateTasks {
+impl MigrationTrait for Sql {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         manager
             .get_connection()
-            .execute_unprepared(
-                r#"
+            .execute_unprepared(self.up)
+            .await
+            .map(drop)
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared(self.down)
+            .await
+            .map(drop)
+    }
+}
+
+const CREATE_TASKS: &str = r#"
 CREATE TABLE tasks (
     id               uuid PRIMARY KEY,
     task_type        text NOT NULL,
@@ -71,39 +103,9 @@ CREATE INDEX tasks_listing ON tasks (owner, task_type, created_at DESC, id DESC)
 
 CREATE UNIQUE INDEX tasks_idempotency ON tasks (owner, task_type, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
-"#,
-            )
-            .await
-            .map(drop)
-    }
+"#;
 
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared("DROP TABLE tasks")
-            .await
-            .map(drop)
-    }
-}
-
-/// The history of failed attempts. A successful attempt needs no row here:
-/// the task row itself holds its start, end and worker.
-struct CreateTaskAttempts;
-
-impl MigrationName for CreateTaskAttempts {
-    fn name(&self) -> &str {
-        "m20261123_000002_create_task_attempts"
-    }
-}
-
-#[allow(elided_lifetimes_in_paths)]
-#[async_trait::async_trait]
-impl MigrationTrait for CreateTaskAttempts {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared(
-                r#"
+const CREATE_TASK_ATTEMPTS: &str = r#"
 CREATE TABLE task_attempts (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     task_id     uuid NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
@@ -119,17 +121,4 @@ CREATE TABLE task_attempts (
 -- Attempt numbers restart when an operator requeues a dead task, so they
 -- are not a key; the history stays whole, in order.
 CREATE INDEX task_attempts_by_task ON task_attempts (task_id, finished_at);
-"#,
-            )
-            .await
-            .map(drop)
-    }
-
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared("DROP TABLE task_attempts")
-            .await
-            .map(drop)
-    }
-}
+"#;
