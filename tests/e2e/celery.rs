@@ -62,8 +62,11 @@ async fn celery_send_task_runs_and_its_row_is_created_by_the_worker() {
     assert_eq!(row.attempts, 1);
 
     // And the API serves it like any other task.
+    // Tasks from a Celery client belong to `worker.default_owner`.
+    assert_eq!(row.owner.as_deref(), Some("celery"));
     let api = env.spawn_api().await;
-    let response = api.get(&format!("/tasks/multiply/{id}/result")).await;
+    let celery = api.client_for("celery").await;
+    let response = celery.get(&format!("/tasks/multiply/{id}/result")).await;
     assert_eq!(response.json::<Value>().await.unwrap(), json!(42));
     api.stop().await;
     worker.stop().await;

@@ -24,6 +24,7 @@ fn new_task(id: Uuid) -> NewTask {
         eta: None,
         expires_at: None,
         idempotency_key: None,
+        idempotency_fingerprint: None,
         origin: "test".into(),
         traceparent: None,
         publish_at: Utc::now() + chrono::Duration::seconds(60),

@@ -1,22 +1,43 @@
-//! The API, in-process on a free port, with one helper per endpoint.
+//! The API, in-process on a free port, and clients with one helper per
+//! endpoint, each acting as one owner (API key).
 
 use crate::wait_until;
 use reqwest::{Response, StatusCode};
 use serde_json::Value;
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, ops::Deref, time::Duration};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use warren_shared::settings::Settings;
+
+/// The owner the default client of a [`TestApi`] acts as.
+pub const DEFAULT_OWNER: &str = "alice";
 
 pub struct TestApi {
     pub addr: SocketAddr,
     /// Broker connection name, unique per test.
     pub identity: String,
     pub state: warren_api::AppState,
-    pub client: reqwest::Client,
+    client: ApiClient,
     shutdown: CancellationToken,
     handle: JoinHandle<std::io::Result<()>>,
+}
+
+/// Requests as one owner; `TestApi` derefs to its default client.
+#[derive(Clone)]
+pub struct ApiClient {
+    base: String,
+    http: reqwest::Client,
+    key: Option<String>,
+    pub owner: Option<String>,
+}
+
+impl Deref for TestApi {
+    type Target = ApiClient;
+
+    fn deref(&self) -> &ApiClient {
+        &self.client
+    }
 }
 
 impl TestApi {
@@ -30,57 +51,117 @@ impl TestApi {
         let state = app.state().clone();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
-        Self {
+        let mut api = Self {
             addr,
             identity,
             state,
-            client: reqwest::Client::new(),
+            client: ApiClient {
+                base: format!("http://{addr}"),
+                http: reqwest::Client::new(),
+                key: None,
+                owner: None,
+            },
             shutdown,
             handle,
+        };
+        api.client = api.client_for(DEFAULT_OWNER).await;
+        api
+    }
+
+    /// A client acting as `owner`, with a freshly created API key.
+    pub async fn client_for(&self, owner: &str) -> ApiClient {
+        let (key, _) = warren_api::auth::create(self.state.store.connection(), owner, "test")
+            .await
+            .expect("create an API key");
+        self.client_with_key(&key).with_owner(owner)
+    }
+
+    /// A client sending this (possibly bogus) key.
+    pub fn client_with_key(&self, key: &str) -> ApiClient {
+        ApiClient {
+            key: Some(key.to_owned()),
+            owner: None,
+            ..self.client.clone()
         }
     }
 
+    /// A client sending no key at all.
+    pub fn anonymous(&self) -> ApiClient {
+        ApiClient {
+            key: None,
+            owner: None,
+            ..self.client.clone()
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.handle.await.expect("API task").expect("API served");
+    }
+}
+
+impl ApiClient {
+    fn with_owner(mut self, owner: &str) -> Self {
+        self.owner = Some(owner.to_owned());
+        self
+    }
+
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}{path}", self.base)
+    }
+
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
     }
 
     pub async fn get(&self, path: &str) -> Response {
-        self.client.get(self.url(path)).send().await.expect("GET")
+        self.authorized(self.http.get(self.url(path)))
+            .send()
+            .await
+            .expect("GET")
     }
 
-    /// POSTs `body` verbatim with the given content type.
+    /// POSTs `body` verbatim with the given content type and extra headers.
+    pub async fn post_with(
+        &self,
+        path: &str,
+        content_type: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<reqwest::Body>,
+    ) -> Response {
+        let mut request = self.authorized(self.http.post(self.url(path)));
+        request = request.header("content-type", content_type);
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        request.body(body).send().await.expect("POST")
+    }
+
     pub async fn post_raw(
         &self,
         path: &str,
         content_type: &str,
         body: impl Into<reqwest::Body>,
     ) -> Response {
-        self.client
-            .post(self.url(path))
-            .header("content-type", content_type)
-            .body(body)
-            .send()
+        self.post_with(path, content_type, &[], body).await
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> Response {
+        self.post_raw(path, "application/json", body.to_string())
             .await
-            .expect("POST")
     }
 
     pub async fn submit(&self, task_type: &str, input: &Value) -> Response {
-        self.post_raw(
-            &format!("/tasks/{task_type}"),
-            "application/json",
-            input.to_string(),
-        )
-        .await
+        self.post_json(&format!("/tasks/{task_type}"), input).await
     }
 
     /// Submits with query parameters (`countdown=3`, ...).
     pub async fn submit_with(&self, task_type: &str, query: &str, input: &Value) -> Response {
-        self.post_raw(
-            &format!("/tasks/{task_type}?{query}"),
-            "application/json",
-            input.to_string(),
-        )
-        .await
+        self.post_json(&format!("/tasks/{task_type}?{query}"), input)
+            .await
     }
 
     /// Submits and insists on 202; returns the task id.
@@ -98,8 +179,10 @@ impl TestApi {
     /// `GET /tasks/{type}/{id}`, insisting on 200.
     pub async fn task(&self, task_type: &str, id: Uuid) -> Value {
         let response = self.get(&format!("/tasks/{task_type}/{id}")).await;
-        assert_eq!(response.status(), StatusCode::OK);
-        response.json().await.expect("JSON body")
+        let status = response.status();
+        let body: Value = response.json().await.expect("JSON body");
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
     }
 
     /// Waits until the task reaches one of `states`; returns its view.
@@ -120,10 +203,5 @@ impl TestApi {
             },
         )
         .await
-    }
-
-    pub async fn stop(self) {
-        self.shutdown.cancel();
-        self.handle.await.expect("API task").expect("API served");
     }
 }

@@ -25,7 +25,7 @@ mod env;
 mod process;
 mod worker;
 
-pub use api::TestApi;
+pub use api::{ApiClient, DEFAULT_OWNER, TestApi};
 pub use broker::{Amqp, Management};
 pub use env::TestEnv;
 pub use process::WorkerProcess;

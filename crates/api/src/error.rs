@@ -136,6 +136,24 @@ impl ApiError {
         )
     }
 
+    pub fn missing_api_key() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::MissingApiKey,
+            "Missing API key",
+            "send `Authorization: Bearer <key>`; keys come from `warren-api keys create`",
+        )
+    }
+
+    pub fn invalid_api_key(detail: &str) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::InvalidApiKey,
+            "Invalid API key",
+            detail,
+        )
+    }
+
     pub fn route_not_found(path: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
@@ -176,6 +194,45 @@ impl ApiError {
         )
         .with("state", state)
         .with("error", error.unwrap_or(Value::Null))
+    }
+
+    pub fn already_finished(state: &str) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            ErrorCode::AlreadyFinished,
+            "Task already finished",
+            format!("the task ended {state}; there is nothing to cancel"),
+        )
+        .with("state", state)
+    }
+
+    pub fn not_retryable(state: &str) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            ErrorCode::NotRetryable,
+            "Task cannot be retried",
+            format!("the task is {state}; only a task that ended FAILURE, CANCELLED or EXPIRED can be retried"),
+        )
+        .with("state", state)
+    }
+
+    pub fn idempotency_key_reused(key: &str, task: uuid::Uuid) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            ErrorCode::IdempotencyKeyReused,
+            "Idempotency key reused",
+            format!("the key `{key}` was used for a different request (task {task}); use a new key for a new request"),
+        )
+        .with("task_id", task.to_string())
+    }
+
+    pub fn artifact_not_found(name: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::ArtifactNotFound,
+            "Artifact not found",
+            format!("the task has no artifact `{name}`"),
+        )
     }
 
     pub fn database_unavailable() -> Self {
@@ -238,6 +295,9 @@ impl IntoResponse for ApiError {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         if let Some(s) = self.retry_after_seconds {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

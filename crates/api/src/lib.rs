@@ -12,17 +12,22 @@
 //!   drive either.
 //! - [`state`]: [`AppState`], everything handlers share.
 //! - [`error`]: [`ApiError`], the one error type; RFC 9457 problem+json.
+//! - [`auth`]: API keys and the [`auth::Caller`] extractor that scopes
+//!   every request to the key's owner.
 //! - `routes/`: one module per resource.
+//! - [`waiters`]: long-polling, woken by PostgreSQL notifications.
 //! - [`fail`]: fail points that tests arm to simulate a crash mid-request.
 //!
 //! The API never acknowledges a delivery and never runs a task; it is the
 //! only crate that knows about HTTP.
 
+pub mod auth;
 pub mod error;
 pub mod fail;
 mod routes;
 pub mod startup;
 pub mod state;
+pub mod waiters;
 
 pub use error::ApiError;
 pub use startup::{Application, StartupError, router};

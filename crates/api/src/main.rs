@@ -2,6 +2,8 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use std::io::Write;
+use warren_api::auth;
 use warren_shared::{catalog::Catalog, db, settings::Settings, shutdown, telemetry};
 use warren_tasks::Registry;
 
@@ -23,6 +25,28 @@ enum Command {
     Migrate,
     /// Print the broker topology as RabbitMQ definitions (JSON) and exit.
     Definitions,
+    /// Create, list or revoke API keys.
+    #[command(subcommand)]
+    Keys(Keys),
+}
+
+#[derive(Subcommand)]
+enum Keys {
+    /// Create a key for an owner; the key is printed once, only its hash is stored.
+    Create {
+        #[arg(long)]
+        owner: String,
+        /// A label to recognise the key by (e.g. "billing service").
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// List keys (without the keys themselves), as JSON lines.
+    List {
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// Revoke a key by the prefix `list` shows or by its id.
+    Revoke { key: String },
 }
 
 #[tokio::main]
@@ -33,12 +57,34 @@ async fn main() -> anyhow::Result<()> {
     if let Command::Definitions = command {
         let catalog = Catalog::new(&Registry::builtin(), &settings)?;
         let json = serde_json::to_string_pretty(&catalog.topology().definitions())?;
-        std::io::Write::write_all(&mut std::io::stdout(), format!("{json}\n").as_bytes())?;
+        writeln!(std::io::stdout().lock(), "{json}")?;
         return Ok(());
     }
     telemetry::init(&settings.telemetry);
     match command {
         Command::Definitions => {}
+        Command::Keys(command) => {
+            let db = db::connect(&settings.database, "warren-keys").await?;
+            let mut out = std::io::stdout().lock();
+            match command {
+                Keys::Create { owner, name } => {
+                    let (key, record) = auth::create(&db, &owner, &name).await?;
+                    let shown = serde_json::json!({"key": key, "owner": record.owner, "name": record.name,
+                                                   "prefix": record.key_prefix, "id": record.id});
+                    writeln!(out, "{shown}")?;
+                }
+                Keys::List { owner } => {
+                    for record in auth::list(&db, owner.as_deref()).await? {
+                        writeln!(out, "{}", serde_json::to_string(&record)?)?;
+                    }
+                }
+                Keys::Revoke { key } => {
+                    let revoked = auth::revoke(&db, &key).await?;
+                    anyhow::ensure!(revoked > 0, "no active key matches `{key}`");
+                    writeln!(out, "{{\"revoked\": {revoked}}}")?;
+                }
+            }
+        }
         Command::Migrate => {
             db::connect_and_migrate(&settings.database)
                 .await

@@ -1,6 +1,6 @@
 //! Building the application: connections, router, listener.
 
-use crate::{ApiError, AppState, routes};
+use crate::{ApiError, AppState, auth::Authenticator, routes, waiters};
 use axum::{
     Router,
     extract::{DefaultBodyLimit, Request},
@@ -17,6 +17,7 @@ use tower_http::{
     trace::TraceLayer,
 };
 use warren_shared::{
+    artifacts::PgArtifacts,
     broker::{Publisher, process_identity},
     catalog::Catalog,
     db::{self, DbErr},
@@ -86,7 +87,15 @@ impl Application {
         let local_addr = listener
             .local_addr()
             .map_err(|cause| StartupError::Bind { addr, cause })?;
+        let auth = Arc::new(Authenticator::new(
+            connection.clone(),
+            &settings.api.static_keys,
+            std::time::Duration::from_secs(settings.api.key_cache_seconds),
+        ));
         let state = AppState {
+            artifacts: Arc::new(PgArtifacts::new(connection.clone())),
+            waiters: Arc::default(),
+            auth,
             settings: Arc::new(settings),
             catalog: Arc::new(catalog),
             store: Store::new(connection),
@@ -123,6 +132,11 @@ impl Application {
                 shutdown.clone(),
             ));
         }
+        background.spawn(waiters::listen(
+            Arc::clone(&self.state.waiters),
+            self.state.store.clone(),
+            shutdown.clone(),
+        ));
         tracing::info!(
             addr = %self.local_addr,
             version = warren_shared::VERSION,
@@ -147,9 +161,26 @@ impl Application {
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.api.max_body_bytes;
     Router::new()
-        .route("/tasks/{task_type}", post(routes::tasks::submit))
+        .route(
+            "/tasks/{task_type}",
+            post(routes::tasks::submit).get(routes::tasks::list),
+        )
+        .route(
+            "/tasks/{task_type}/batch",
+            post(routes::tasks::submit_batch),
+        )
         .route("/tasks/{task_type}/{id}", get(routes::tasks::status))
         .route("/tasks/{task_type}/{id}/result", get(routes::tasks::result))
+        .route("/tasks/{task_type}/{id}/errors", get(routes::tasks::errors))
+        .route(
+            "/tasks/{task_type}/{id}/artifacts/{name}",
+            get(routes::tasks::artifact),
+        )
+        .route(
+            "/tasks/{task_type}/{id}/cancel",
+            post(routes::tasks::cancel),
+        )
+        .route("/tasks/{task_type}/{id}/retry", post(routes::tasks::retry))
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .fallback(not_found)
@@ -162,10 +193,18 @@ pub fn router(state: AppState) -> Router {
                 .get("x-request-id")
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
-            tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id)
+            tracing::info_span!(
+                "http",
+                method = %req.method(),
+                path = %req.uri().path(),
+                request_id,
+                owner = tracing::field::Empty,
+            )
         }))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(SetSensitiveRequestHeadersLayer::new(once(header::AUTHORIZATION)))
+        .layer(SetSensitiveRequestHeadersLayer::new(once(
+            header::AUTHORIZATION,
+        )))
         .with_state(state)
 }
 

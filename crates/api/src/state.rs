@@ -1,8 +1,10 @@
 //! What every handler can reach. Cheap to clone: all `Arc`s and pools.
 
-use crate::fail::FailPoints;
+use crate::{auth::Authenticator, fail::FailPoints, waiters::Waiters};
 use std::sync::Arc;
-use warren_shared::{broker::Publisher, catalog::Catalog, settings::Settings, store::Store};
+use warren_shared::{
+    artifacts::ArtifactStore, broker::Publisher, catalog::Catalog, settings::Settings, store::Store,
+};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -10,6 +12,10 @@ pub struct AppState {
     pub catalog: Arc<Catalog>,
     pub store: Store,
     pub publisher: Arc<Publisher>,
+    pub auth: Arc<Authenticator>,
+    pub artifacts: Arc<dyn ArtifactStore>,
+    /// Long-polling requests waiting for their task to finish.
+    pub waiters: Arc<Waiters>,
     /// `warren-api@host:pid`: Celery's `origin` header and connection name.
     pub identity: Arc<str>,
     /// Disarmed unless a test arms one.

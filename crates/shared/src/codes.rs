@@ -24,10 +24,22 @@ pub enum ErrorCode {
     ResultNotReady,
     /// The task finished without a result (failed, cancelled, expired) (409).
     NoResult,
+    /// The task already finished: nothing to cancel (409).
+    AlreadyFinished,
+    /// Only a task that ended FAILURE, CANCELLED or EXPIRED can be retried (409).
+    NotRetryable,
+    /// The idempotency key was used before with a different request (409).
+    IdempotencyKeyReused,
+    /// The task has no artifact of that name (404).
+    ArtifactNotFound,
     /// A query parameter is malformed (400).
     InvalidParameter,
     /// No resource at that path (404).
     NotFound,
+    /// No `Authorization: Bearer <key>` header (401).
+    MissingApiKey,
+    /// The key is malformed, unknown or revoked (401).
+    InvalidApiKey,
     /// The resource exists but not with that method (405).
     MethodNotAllowed,
 
@@ -67,8 +79,14 @@ impl ErrorCode {
             ErrorCode::TaskNotFound => "task_not_found",
             ErrorCode::ResultNotReady => "result_not_ready",
             ErrorCode::NoResult => "no_result",
+            ErrorCode::AlreadyFinished => "already_finished",
+            ErrorCode::NotRetryable => "not_retryable",
+            ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
+            ErrorCode::ArtifactNotFound => "artifact_not_found",
             ErrorCode::InvalidParameter => "invalid_parameter",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::MissingApiKey => "missing_api_key",
+            ErrorCode::InvalidApiKey => "invalid_api_key",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::DatabaseUnavailable => "database_unavailable",
             ErrorCode::Internal => "internal",

@@ -10,7 +10,9 @@
 //! - [`topology`]: exchange and queue names, idempotent declaration.
 //! - [`broker`]: named connections and a confirming, self-healing publisher.
 //! - [`db`]: sea-orm connection, entities, migrations.
-//! - [`store`]: the task state machine as guarded SQL statements.
+//! - [`store`]: the task state machine as guarded SQL statements; item
+//!   outcomes, progress, listings.
+//! - [`artifacts`]: files tasks produce, behind an interface (PostgreSQL now).
 //! - [`relay`]: the outbox relay (recorded → published, delays, retries).
 //! - [`state`], [`codes`]: task states and stable error codes.
 //! - [`telemetry`], [`shutdown`]: logging setup and signal handling.
@@ -19,6 +21,7 @@
 //! never acknowledges a delivery (only `worker` does), and spawns nothing:
 //! long-running loops such as [`relay::run`] are futures the binaries spawn.
 
+pub mod artifacts;
 pub mod broker;
 pub mod catalog;
 pub mod codes;

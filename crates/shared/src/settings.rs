@@ -113,6 +113,18 @@ pub struct ApiSettings {
     pub listen: SocketAddr,
     /// Larger request bodies get 413.
     pub max_body_bytes: usize,
+    /// Longest `?wait=` a long-polling client may ask for, in seconds.
+    pub max_wait_seconds: u64,
+    /// Most tasks in one batch submission.
+    pub max_batch: usize,
+    /// How long a verified API key is trusted without asking PostgreSQL
+    /// again; a revoked key stops working within this time.
+    pub key_cache_seconds: u64,
+    /// Keys given in configuration, owner → key, besides those created
+    /// with `warren-api keys create`. For local development and for
+    /// bootstrapping from a secret store; never commit a real one.
+    #[serde(default)]
+    pub static_keys: BTreeMap<String, SecretString>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -129,6 +141,12 @@ pub struct WorkerSettings {
     /// On SIGTERM, how long in-flight tasks may take to finish before their
     /// messages are handed back to the broker.
     pub shutdown_grace_seconds: f64,
+    /// Owner given to tasks whose message names none (a Celery client's);
+    /// create an API key for this owner to read them over HTTP.
+    pub default_owner: String,
+    /// How often a worker checks whether a client asked to cancel one of
+    /// the tasks it is running.
+    pub cancel_check_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -262,6 +280,22 @@ impl Settings {
         if self.api.max_body_bytes < 1024 {
             return Err(invalid("api.max_body_bytes", "must be at least 1024"));
         }
+        if self.api.max_wait_seconds > 3600 {
+            return Err(invalid("api.max_wait_seconds", "must be at most 3600"));
+        }
+        if !(1..=100_000).contains(&self.api.max_batch) {
+            return Err(invalid("api.max_batch", "must be between 1 and 100000"));
+        }
+        for (owner, key) in &self.api.static_keys {
+            check_owner(&format!("api.static_keys.{owner}"), owner)?;
+            if key.expose_secret().len() < 16 {
+                // The key is not echoed: it is a secret even when too short.
+                return Err(invalid(
+                    format!("api.static_keys.{owner}"),
+                    "must be at least 16 characters",
+                ));
+            }
+        }
 
         let w = &self.worker;
         if !(1..=MAX_CONCURRENCY).contains(&w.concurrency) {
@@ -277,6 +311,13 @@ impl Settings {
             check_name(&format!("worker.queues[{i}]"), q, false)?;
         }
         non_negative_seconds("worker.shutdown_grace_seconds", w.shutdown_grace_seconds)?;
+        check_owner("worker.default_owner", &w.default_owner)?;
+        if !(10..=60_000).contains(&w.cancel_check_ms) {
+            return Err(invalid(
+                "worker.cancel_check_ms",
+                "must be between 10 and 60000",
+            ));
+        }
 
         let r = &self.relay;
         if r.interval_ms == 0 || r.interval_ms > 60_000 {
@@ -377,6 +418,26 @@ fn check_name(key: &str, name: &str, allow_empty: bool) -> Result<(), SettingsEr
         return Err(invalid(
             key,
             format!("may only contain letters, digits, '.', '_' and '-', found {c:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Owners name API key holders; they show up in URLs of nothing but logs
+/// and rows, and are compared exactly.
+pub fn check_owner(key: &str, owner: &str) -> Result<(), SettingsError> {
+    if owner.is_empty() || owner.len() > 100 {
+        return Err(invalid(key, "an owner is 1 to 100 characters"));
+    }
+    if let Some(c) = owner
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@')))
+    {
+        return Err(invalid(
+            key,
+            format!(
+                "an owner may only contain letters, digits, '.', '_', '-' and '@', found {c:?}"
+            ),
         ));
     }
     Ok(())

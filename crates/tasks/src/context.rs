@@ -1,8 +1,15 @@
 //! What a running task may observe and report.
 
-use std::sync::Arc;
+use crate::{FieldError, TaskError};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use uuid::Uuid;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Progress of a long task, e.g. 1,200 of 6,000 labels rendered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,18 +19,69 @@ pub struct Progress {
     pub message: Option<String>,
 }
 
-/// Where progress reports go. The worker implements it by coalescing reports
-/// into PostgreSQL writes; tests can collect them. Implementations must not
-/// block: `report` is called from the task's own async code.
-pub trait ProgressSink: Send + Sync {
-    fn report(&self, progress: Progress);
+/// The outcome of one item of a batch task: its result, or why it failed
+/// (the same error a synchronous validation of that item alone gives).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemOutcome {
+    pub index: u32,
+    pub outcome: Result<serde_json::Value, FieldError>,
 }
 
-/// Ignores progress; for contexts that have nowhere to report to.
-struct Discard;
+/// A file a task produced, for clients to download.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewArtifact {
+    /// Unique per task; letters, digits, `.`, `_`, `-`.
+    pub name: String,
+    pub content_type: String,
+    pub data: Vec<u8>,
+}
 
-impl ProgressSink for Discard {
-    fn report(&self, _: Progress) {}
+/// What a running task may ask of whatever runs it. The worker implements
+/// it over PostgreSQL; [`Recorder`] keeps everything in memory.
+pub trait Services: Send + Sync {
+    /// Must not block: called from the task's own code, often in a loop.
+    fn report_progress(&self, progress: Progress);
+    fn record_items(&self, items: Vec<ItemOutcome>) -> BoxFuture<'_, Result<(), TaskError>>;
+    fn put_artifact(&self, artifact: NewArtifact) -> BoxFuture<'_, Result<(), TaskError>>;
+}
+
+/// Keeps what a task reports in memory: for unit tests and for running a
+/// task outside a worker.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    pub progress: Mutex<Vec<Progress>>,
+    pub items: Mutex<Vec<ItemOutcome>>,
+    pub artifacts: Mutex<Vec<NewArtifact>>,
+}
+
+impl Recorder {
+    fn push<T>(list: &Mutex<Vec<T>>, values: impl IntoIterator<Item = T>) {
+        list.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(values);
+    }
+
+    pub fn take<T: Clone>(list: &Mutex<Vec<T>>) -> Vec<T> {
+        list.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Services for Recorder {
+    fn report_progress(&self, progress: Progress) {
+        Self::push(&self.progress, [progress]);
+    }
+
+    fn record_items(&self, items: Vec<ItemOutcome>) -> BoxFuture<'_, Result<(), TaskError>> {
+        Self::push(&self.items, items);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn put_artifact(&self, artifact: NewArtifact) -> BoxFuture<'_, Result<(), TaskError>> {
+        Self::push(&self.artifacts, [artifact]);
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Handed to every run of a task. Cheap to clone.
@@ -36,7 +94,7 @@ struct Inner {
     task_id: Uuid,
     attempt: u32,
     cancel: CancellationToken,
-    progress: Arc<dyn ProgressSink>,
+    services: Arc<dyn Services>,
 }
 
 impl TaskContext {
@@ -47,26 +105,26 @@ impl TaskContext {
         task_id: Uuid,
         attempt: u32,
         cancel: CancellationToken,
-        progress: Arc<dyn ProgressSink>,
+        services: Arc<dyn Services>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 task_id,
                 attempt,
                 cancel,
-                progress,
+                services,
             }),
         }
     }
 
-    /// A context with no progress sink and a cancellation nobody triggers:
-    /// for running a task outside a worker (unit tests, benchmarks).
+    /// A context whose reports go to a fresh [`Recorder`] and whose
+    /// cancellation nobody triggers: for running a task outside a worker.
     pub fn detached(task_id: Uuid, attempt: u32) -> Self {
         Self::new(
             task_id,
             attempt,
             CancellationToken::new(),
-            Arc::new(Discard),
+            Arc::new(Recorder::default()),
         )
     }
 
@@ -89,12 +147,24 @@ impl TaskContext {
         self.inner.cancel.cancelled()
     }
 
+    /// Cheap: reports are coalesced before anything is written.
     pub fn set_progress(&self, done: u64, total: u64, message: Option<String>) {
-        self.inner.progress.report(Progress {
+        self.inner.services.report_progress(Progress {
             done,
             total,
             message,
         });
+    }
+
+    /// Records outcomes of items of a batch; call it per chunk (hundreds),
+    /// not per item. Recording an item again replaces its outcome.
+    pub async fn record_items(&self, items: Vec<ItemOutcome>) -> Result<(), TaskError> {
+        self.inner.services.record_items(items).await
+    }
+
+    /// Stores a file the task produced; clients download it by name.
+    pub async fn put_artifact(&self, artifact: NewArtifact) -> Result<(), TaskError> {
+        self.inner.services.put_artifact(artifact).await
     }
 }
 

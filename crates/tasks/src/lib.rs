@@ -10,11 +10,14 @@
 //!   construction) → `run(ctx)` → typed output.
 //! - [`Registry`]: the one list of tasks that api and worker share.
 //! - [`TaskContext`]: what a running task may observe or report (attempt,
-//!   cancellation and soft time limit, progress).
+//!   cancellation and soft time limit, progress, per-item outcomes,
+//!   artifacts), through [`Services`] that whoever runs it provides.
 //! - [`TaskError`]: every failure answers "is another attempt worth it?".
 //! - [`Policy`]: retry and time-limit defaults a task declares; deployments
 //!   override them in configuration.
-//! - one file per built-in task: [`multiply`], [`noop`], [`sleep`], [`flaky`].
+//! - one file per built-in task: [`multiply`], [`noop`], [`sleep`], [`flaky`],
+//!   [`beneficiaries`] (`beneficiaries.create`, `beneficiaries.import`),
+//!   [`labels`] (`labels.generate`, a PDF of shipping labels).
 //!
 //! This crate deliberately knows nothing about AMQP, HTTP or SQL, depends on
 //! no other Warren crate, and spawns nothing: it is a library of pure work.
@@ -26,12 +29,14 @@ mod registry;
 mod task;
 mod validation;
 
+pub mod beneficiaries;
 pub mod flaky;
+pub mod labels;
 pub mod multiply;
 pub mod noop;
 pub mod sleep;
 
-pub use context::{Progress, ProgressSink, TaskContext};
+pub use context::{BoxFuture, ItemOutcome, NewArtifact, Progress, Recorder, Services, TaskContext};
 pub use error::TaskError;
 pub use policy::{Policy, PolicyError, PolicyOverrides};
 pub use registry::{DynTask, Registry, TaskFuture};

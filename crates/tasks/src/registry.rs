@@ -94,6 +94,9 @@ impl Registry {
     /// file and a line here.
     pub fn builtin() -> Self {
         Self::default()
+            .with(crate::beneficiaries::CreateBeneficiary)
+            .with(crate::beneficiaries::ImportBeneficiaries)
+            .with(crate::labels::GenerateLabels)
             .with(crate::multiply::Multiply)
             .with(crate::noop::Noop)
             .with(crate::sleep::Sleep)
@@ -135,7 +138,18 @@ mod tests {
     #[test]
     fn builtin_tasks_are_registered() {
         let names: Vec<_> = registry().names().collect();
-        assert_eq!(names, vec!["flaky", "multiply", "noop", "sleep"]);
+        assert_eq!(
+            names,
+            vec![
+                "beneficiaries.create",
+                "beneficiaries.import",
+                "flaky",
+                "labels.generate",
+                "multiply",
+                "noop",
+                "sleep"
+            ]
+        );
     }
 
     #[test]

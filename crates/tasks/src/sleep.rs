@@ -76,12 +76,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn stops_when_cancelled() {
-        struct Nowhere;
-        impl crate::ProgressSink for Nowhere {
-            fn report(&self, _: crate::Progress) {}
-        }
         let cancel = CancellationToken::new();
-        let ctx = TaskContext::new(uuid::Uuid::nil(), 1, cancel.clone(), Arc::new(Nowhere));
+        let ctx = TaskContext::new(
+            uuid::Uuid::nil(),
+            1,
+            cancel.clone(),
+            Arc::new(crate::Recorder::default()),
+        );
         let run = tokio::spawn(async move { Sleep.run(SleepInput { seconds: 60.0 }, ctx).await });
         tokio::time::sleep(Duration::from_secs(1)).await;
         cancel.cancel();

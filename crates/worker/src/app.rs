@@ -12,6 +12,7 @@ use std::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
 use warren_shared::{
+    artifacts::{ArtifactStore, PgArtifacts},
     broker::{Publisher, process_identity},
     catalog::Catalog,
     db::{self, DbErr},
@@ -49,13 +50,24 @@ impl Health {
     }
 }
 
+/// A task this process is running, as the rest of the process sees it.
+#[derive(Default)]
+pub(crate) struct Running {
+    /// Cancels the task's context; set once the task is claimed.
+    pub(crate) cancel: Option<CancellationToken>,
+    /// A client asked to cancel it (rather than a time limit or shutdown).
+    pub(crate) cancel_requested: bool,
+    /// The delivery of a later copy of its message, adopted rather than run.
+    pub(crate) adopted: Option<Acker>,
+}
+
 /// Everything one worker replica needs, built once at startup.
 pub struct Worker {
     pub(crate) health: Arc<Health>,
-    /// Tasks this process is running (or claiming) now, each with the
-    /// delivery of a later copy of its message that it adopted, if any.
-    /// Never held across an await.
-    pub(crate) running: Mutex<HashMap<Uuid, Option<Acker>>>,
+    /// Tasks this process is running (or claiming) now. Never held across
+    /// an await.
+    pub(crate) running: Mutex<HashMap<Uuid, Running>>,
+    pub(crate) artifacts: Arc<dyn ArtifactStore>,
     pub(crate) settings: Settings,
     pub(crate) catalog: Catalog,
     pub(crate) store: Store,
@@ -111,6 +123,7 @@ impl Worker {
         Ok(Self {
             health: Arc::default(),
             running: Mutex::default(),
+            artifacts: Arc::new(PgArtifacts::new(connection.clone())),
             settings,
             catalog,
             store: Store::new(connection),
@@ -158,6 +171,7 @@ impl Worker {
             "worker starting"
         );
         let background = TaskTracker::new();
+        background.spawn(watch_cancellations(Arc::clone(&worker), shutdown.clone()));
         if worker.settings.relay.enabled {
             background.spawn(relay::run(
                 worker.store.clone(),
@@ -174,4 +188,45 @@ impl Worker {
         tracing::info!(worker = %worker.identity, "worker stopped");
         Ok(())
     }
+}
+
+/// Cancels the running tasks a client asked to cancel. One query per
+/// `worker.cancel_check_ms` for all running tasks, and none while idle.
+async fn watch_cancellations(worker: Arc<Worker>, shutdown: CancellationToken) {
+    let every = std::time::Duration::from_millis(worker.settings.worker.cancel_check_ms);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let ids: Vec<Uuid> = lock(&worker.running)
+            .iter()
+            .filter(|(_, r)| r.cancel.is_some() && !r.cancel_requested)
+            .map(|(id, _)| *id)
+            .collect();
+        if ids.is_empty() {
+            continue;
+        }
+        match worker.store.cancel_requested_among(&ids).await {
+            Ok(cancelled) => {
+                let mut running = lock(&worker.running);
+                for id in cancelled {
+                    if let Some(r) = running.get_mut(&id) {
+                        r.cancel_requested = true;
+                        if let Some(token) = &r.cancel {
+                            tracing::info!(task_id = %id, "cancellation requested; telling the task");
+                            token.cancel();
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not check for cancellations"),
+        }
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Only whole entries are inserted or removed under these locks, so a
+    // poisoned one is still consistent.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -8,7 +8,9 @@
 
 use crate::{
     Worker,
+    app::{Running, lock},
     execute::{self, Attempt},
+    services::WorkerServices,
 };
 use chrono::Utc;
 use lapin::{
@@ -26,7 +28,7 @@ use warren_shared::{
     envelope::{self, TaskMessage},
     store::{self, Claim, Outcome},
 };
-use warren_tasks::{Progress, ProgressSink, TaskContext};
+use warren_tasks::TaskContext;
 
 /// Headers a dead letter carries besides the original ones.
 pub(crate) const REASON_HEADER: &str = "x-warren-reason";
@@ -42,6 +44,9 @@ pub(crate) const ROUTING_KEY_HEADER: &str = "x-warren-original-routing-key";
 const DB_RETRY_MIN: Duration = Duration::from_millis(100);
 const DB_RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// How often a running task's latest progress report is written.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
 /// What to tell the broker once the outcome is (or cannot be) recorded.
 enum Disposition {
     Ack,
@@ -55,7 +60,13 @@ enum Disposition {
 }
 
 pub(crate) async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &CancellationToken) {
-    let (disposition, adopted) = match TaskMessage::decode(&delivery.properties, &delivery.data) {
+    let decoded = TaskMessage::decode(&delivery.properties, &delivery.data).map(|mut m| {
+        // A Celery client names no owner; someone must be able to read it.
+        m.owner
+            .get_or_insert_with(|| worker.settings.worker.default_owner.clone());
+        m
+    });
+    let (disposition, adopted) = match decoded {
         Err(e) => {
             let reason = e.to_string();
             tracing::warn!(
@@ -89,7 +100,9 @@ pub(crate) async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &Canc
             let disposition = process(worker, &message, delivery.redelivered, stop)
                 .instrument(span)
                 .await;
-            let adopted = lock(&worker.running).remove(&message.id).flatten();
+            let adopted = lock(&worker.running)
+                .remove(&message.id)
+                .and_then(|r| r.adopted);
             (disposition, adopted)
         }
     };
@@ -105,23 +118,17 @@ pub(crate) async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &Canc
 fn adopt_or_register(worker: &Worker, id: Uuid, delivery: &Delivery) -> bool {
     let mut running = lock(&worker.running);
     match running.get_mut(&id) {
-        Some(slot) => {
+        Some(entry) => {
             // A still earlier adopted delivery belongs to a dead channel
             // too; the newest is the one that can still be acknowledged.
-            *slot = Some(delivery.acker.clone());
+            entry.adopted = Some(delivery.acker.clone());
             false
         }
         None => {
-            running.insert(id, None);
+            running.insert(id, Running::default());
             true
         }
     }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding this lock cannot leave the map inconsistent
-    // (single insert/remove), so a poisoned lock is still usable.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn process(
@@ -202,11 +209,20 @@ async fn process(
     tracing::info!(redelivered, "task started");
 
     let cancel = CancellationToken::new();
+    if let Some(entry) = lock(&worker.running).get_mut(&message.id) {
+        entry.cancel = Some(cancel.clone());
+    }
+    let services = Arc::new(WorkerServices::new(
+        store.clone(),
+        Arc::clone(&worker.artifacts),
+        message.id,
+        attempt,
+    ));
     let ctx = TaskContext::new(
         message.id,
         u32::try_from(attempt).unwrap_or(u32::MAX),
         cancel.clone(),
-        Arc::new(NoProgress),
+        Arc::clone(&services) as Arc<dyn warren_tasks::Services>,
     );
     // Limits from the message (a Celery caller's per-call limits) win over
     // the task type's policy.
@@ -219,8 +235,22 @@ async fn process(
         .map(Duration::from_secs_f64)
         .or(entry.policy.time_limit);
     let started = std::time::Instant::now();
-    let result = execute::run(entry.task.run(input, ctx), cancel, soft, hard, stop).await;
+    let run = execute::run(entry.task.run(input, ctx), cancel, soft, hard, stop);
+    tokio::pin!(run);
+    // Progress is written while the task runs, at most every tick.
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result = loop {
+        tokio::select! {
+            result = &mut run => break result,
+            _ = tick.tick() => services.flush_progress().await,
+        }
+    };
+    services.flush_progress().await;
     let elapsed = started.elapsed();
+    let cancel_requested = lock(&worker.running)
+        .get(&message.id)
+        .is_some_and(|r| r.cancel_requested);
 
     let outcome = match &result {
         Attempt::Interrupted => {
@@ -228,6 +258,11 @@ async fn process(
             return Disposition::Requeue;
         }
         Attempt::Succeeded(value) => Outcome::Success(value.clone()),
+        // The client asked, the task stopped: that is a cancellation, not
+        // a failure, and nothing to retry.
+        Attempt::Failed(warren_tasks::TaskError::Cancelled) if cancel_requested => {
+            Outcome::Cancelled
+        }
         failed => {
             let (code, text, retryable) =
                 failed
@@ -264,6 +299,10 @@ async fn process(
     match outcome {
         Outcome::Success(_) => {
             tracing::info!(elapsed_ms = elapsed.as_millis() as u64, "task succeeded");
+            Disposition::Ack
+        }
+        Outcome::Cancelled => {
+            tracing::info!("task cancelled at the client's request");
             Disposition::Ack
         }
         Outcome::Retry { error, delay } => {
@@ -397,11 +436,4 @@ async fn dead_letter(
         },
     };
     worker.publisher.publish(&copy).await
-}
-
-/// Progress is accepted and dropped until progress reporting lands.
-struct NoProgress;
-
-impl ProgressSink for NoProgress {
-    fn report(&self, _: Progress) {}
 }

@@ -13,6 +13,8 @@
 //!   slots, graceful shutdown.
 //! - `handler`: one delivery from decode to ack.
 //! - `execute`: running a task with soft/hard time limits, panics caught.
+//! - `services`: what a running task can ask of the worker (progress, item
+//!   outcomes, artifacts), over PostgreSQL; cancellation of running tasks.
 //! - [`dead_letters`]: listing and requeueing dead letters (operator CLI).
 //!
 //! This crate is the only one that acknowledges deliveries. It serves no
@@ -23,5 +25,6 @@ mod consumer;
 pub mod dead_letters;
 mod execute;
 mod handler;
+mod services;
 
 pub use app::{Health, Worker, WorkerError};

@@ -23,6 +23,11 @@ impl MigratorTrait for Migrator {
                 up: CREATE_TASK_ATTEMPTS,
                 down: "DROP TABLE task_attempts",
             }),
+            Box::new(Sql {
+                name: "m20261123_000003_keys_items_artifacts",
+                up: KEYS_ITEMS_ARTIFACTS,
+                down: KEYS_ITEMS_ARTIFACTS_DOWN,
+            }),
         ]
     }
 }
@@ -121,4 +126,76 @@ CREATE TABLE task_attempts (
 -- Attempt numbers restart when an operator requeues a dead task, so they
 -- are not a key; the history stays whole, in order.
 CREATE INDEX task_attempts_by_task ON task_attempts (task_id, finished_at);
+"#;
+
+/// API keys, per-item outcomes of batch tasks, stored artifacts, cancellation
+/// and idempotency on tasks, and a notification when a task finishes.
+const KEYS_ITEMS_ARTIFACTS: &str = r#"
+-- Only a hash of each key is kept; the key itself is shown once, at creation.
+CREATE TABLE api_keys (
+    id          uuid PRIMARY KEY,
+    owner       text NOT NULL,
+    name        text NOT NULL DEFAULT '',
+    key_prefix  text NOT NULL,
+    key_hash    bytea NOT NULL UNIQUE,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    revoked_at  timestamptz
+);
+CREATE INDEX api_keys_by_owner ON api_keys (owner);
+
+ALTER TABLE tasks
+    ADD COLUMN cancel_requested_at     timestamptz,
+    ADD COLUMN idempotency_fingerprint text;
+
+-- One row per item of a batch task (a beneficiary, a label): its outcome.
+-- Keyed by (task, index) so a retried attempt rewrites rather than repeats.
+CREATE TABLE task_items (
+    task_id       uuid NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+    item_index    integer NOT NULL,
+    ok            boolean NOT NULL,
+    result        jsonb,
+    error_code    text,
+    error_field   text,
+    error_message text,
+    PRIMARY KEY (task_id, item_index)
+);
+-- "the errors of this task, in order" without reading the successes.
+CREATE INDEX task_items_errors ON task_items (task_id, item_index) WHERE NOT ok;
+
+-- Files a task produced (a labels PDF). PostgreSQL is enough for now; the
+-- code reaches this table through an interface that S3 can implement too.
+CREATE TABLE artifacts (
+    task_id      uuid NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+    name         text NOT NULL,
+    content_type text NOT NULL,
+    size_bytes   bigint NOT NULL,
+    data         bytea NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (task_id, name)
+);
+
+-- Wake long-polling API requests when a task finishes. The payload is empty
+-- on purpose: PostgreSQL folds identical notifications of one transaction
+-- into one, so a batch of results costs one notification, and listeners
+-- re-check the tasks they wait for.
+CREATE FUNCTION warren_notify_finished() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('warren_task_finished', '');
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER tasks_finished
+    AFTER INSERT OR UPDATE OF state ON tasks
+    FOR EACH ROW
+    WHEN (NEW.state IN ('SUCCESS', 'FAILURE', 'CANCELLED', 'EXPIRED'))
+    EXECUTE FUNCTION warren_notify_finished();
+"#;
+
+const KEYS_ITEMS_ARTIFACTS_DOWN: &str = r#"
+DROP TRIGGER tasks_finished ON tasks;
+DROP FUNCTION warren_notify_finished();
+DROP TABLE artifacts;
+DROP TABLE task_items;
+ALTER TABLE tasks DROP COLUMN cancel_requested_at, DROP COLUMN idempotency_fingerprint;
+DROP TABLE api_keys;
 "#;

@@ -6,7 +6,10 @@ pub mod task;
 
 use crate::settings::DatabaseSettings;
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, TransactionTrait};
-pub use sea_orm::{DatabaseConnection as Connection, DbErr};
+pub use sea_orm::{
+    DatabaseConnection as Connection, DbErr,
+    sqlx::{Error as SqlxError, postgres::PgListener},
+};
 use sea_orm_migration::MigratorTrait;
 use secrecy::ExposeSecret;
 

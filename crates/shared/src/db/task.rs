@@ -49,6 +49,11 @@ pub struct Model {
     pub parent_id: Option<String>,
     pub group_id: Option<String>,
     pub traceparent: Option<String>,
+    /// Set when a client asked to cancel a running task; the worker running
+    /// it cancels the task's context.
+    pub cancel_requested_at: Option<DateTimeUtc>,
+    /// Hash of the submission an idempotency key was first used with.
+    pub idempotency_fingerprint: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -7,11 +7,26 @@
 //! backwards or overwrite a newer outcome. A statement that finds its guard
 //! false changes nothing and says so; the caller decides what that means.
 
-use crate::{codes::StoredError, db::task, envelope::TaskMessage, state::TaskState};
+mod items;
+mod reads;
+mod requests;
+
+pub use items::{ItemError, ItemRecord};
+pub use reads::{ListFilter, TaskSummary};
+use requests::RESETTABLE_BY_OPERATOR;
+pub use requests::{Cancellation, Inserted, Retry};
+
+use crate::{
+    codes::{ErrorCode, StoredError},
+    db::task,
+    envelope::TaskMessage,
+    state::TaskState,
+};
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveModelTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait,
-    FromQueryResult, Set, Statement, TransactionTrait, Value as DbValue, sqlx,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr,
+    EntityTrait, FromQueryResult, QueryFilter, Set, Statement, TransactionTrait, Value as DbValue,
+    sqlx,
 };
 use serde_json::Value;
 use uuid::Uuid;
@@ -82,11 +97,51 @@ pub struct NewTask {
     pub eta: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
     pub idempotency_key: Option<String>,
+    /// Hash of what was submitted with `idempotency_key`, to tell a
+    /// retried request from a different one reusing the key.
+    pub idempotency_fingerprint: Option<String>,
     pub origin: String,
     pub traceparent: Option<String>,
     /// When the relay may publish it if the API's own publish does not
     /// succeed first (now + lease), or the ETA of a delayed task.
     pub publish_at: DateTime<Utc>,
+}
+
+/// The row of a freshly submitted task: PENDING, in the outbox.
+fn new_row(t: &NewTask, now: DateTime<Utc>) -> task::ActiveModel {
+    task::ActiveModel {
+        id: Set(t.id),
+        task_type: Set(t.task_type.clone()),
+        queue: Set(t.queue.clone()),
+        owner: Set(t.owner.clone()),
+        state: Set(TaskState::Pending),
+        input: Set(t.input.clone()),
+        result: Set(None),
+        error: Set(None),
+        progress_done: Set(None),
+        progress_total: Set(None),
+        progress_message: Set(None),
+        attempts: Set(0),
+        eta: Set(t.eta),
+        expires_at: Set(t.expires_at),
+        time_limit: Set(None),
+        soft_time_limit: Set(None),
+        publish_at: Set(Some(t.publish_at)),
+        created_at: Set(now),
+        queued_at: Set(None),
+        started_at: Set(None),
+        finished_at: Set(None),
+        updated_at: Set(now),
+        worker: Set(None),
+        idempotency_key: Set(t.idempotency_key.clone()),
+        origin: Set(Some(t.origin.clone())),
+        root_id: Set(Some(t.id.to_string())),
+        parent_id: Set(None),
+        group_id: Set(None),
+        traceparent: Set(t.traceparent.clone()),
+        cancel_requested_at: Set(None),
+        idempotency_fingerprint: Set(t.idempotency_fingerprint.clone()),
+    }
 }
 
 /// What a worker learns when it tries to start a task.
@@ -106,6 +161,8 @@ pub enum Claim {
 pub enum Outcome {
     Success(Value),
     Failure(StoredError),
+    /// Stopped because a client asked to cancel it.
+    Cancelled,
     /// Failed, and will be published again after `delay`. The due time is
     /// computed by PostgreSQL, on the same clock the relay reads.
     Retry {
@@ -139,15 +196,15 @@ pub struct Store {
     db: DatabaseConnection,
 }
 
-fn stmt(sql: &str, values: Vec<DbValue>) -> Statement {
+pub(crate) fn stmt(sql: &str, values: Vec<DbValue>) -> Statement {
     Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
 }
 
-fn json(v: &Value) -> DbValue {
+pub(crate) fn json(v: &Value) -> DbValue {
     DbValue::Json(Some(Box::new(v.clone())))
 }
 
-fn stored(e: &StoredError) -> DbValue {
+pub(crate) fn stored(e: &StoredError) -> DbValue {
     json(&serde_json::to_value(e).unwrap_or(Value::Null))
 }
 
@@ -162,39 +219,7 @@ impl Store {
 
     /// Records a submitted task as PENDING, in the outbox.
     pub async fn insert(&self, t: &NewTask) -> Result<task::Model> {
-        let now = Utc::now();
-        let model = task::ActiveModel {
-            id: Set(t.id),
-            task_type: Set(t.task_type.clone()),
-            queue: Set(t.queue.clone()),
-            owner: Set(t.owner.clone()),
-            state: Set(TaskState::Pending),
-            input: Set(t.input.clone()),
-            result: Set(None),
-            error: Set(None),
-            progress_done: Set(None),
-            progress_total: Set(None),
-            progress_message: Set(None),
-            attempts: Set(0),
-            eta: Set(t.eta),
-            expires_at: Set(t.expires_at),
-            time_limit: Set(None),
-            soft_time_limit: Set(None),
-            publish_at: Set(Some(t.publish_at)),
-            created_at: Set(now),
-            queued_at: Set(None),
-            started_at: Set(None),
-            finished_at: Set(None),
-            updated_at: Set(now),
-            worker: Set(None),
-            idempotency_key: Set(t.idempotency_key.clone()),
-            origin: Set(Some(t.origin.clone())),
-            root_id: Set(Some(t.id.to_string())),
-            parent_id: Set(None),
-            group_id: Set(None),
-            traceparent: Set(t.traceparent.clone()),
-        };
-        Ok(model.insert(&self.db).await?)
+        Ok(new_row(t, Utc::now()).insert(&self.db).await?)
     }
 
     /// The API's publish was confirmed: QUEUED, out of the outbox. Guarded
@@ -214,6 +239,14 @@ impl Store {
 
     pub async fn get(&self, id: Uuid) -> Result<Option<task::Model>> {
         Ok(task::Entity::find_by_id(id).one(&self.db).await?)
+    }
+
+    /// A task as its owner sees it: someone else's task does not exist.
+    pub async fn get_owned(&self, id: Uuid, owner: &str) -> Result<Option<task::Model>> {
+        Ok(task::Entity::find_by_id(id)
+            .filter(task::Column::Owner.eq(owner))
+            .one(&self.db)
+            .await?)
     }
 
     /// A worker takes a delivered message: STARTED with the attempt count
@@ -297,6 +330,15 @@ impl Store {
                  WHERE id = $1 AND attempts = $2 AND state = 'STARTED'",
                 vec![id.into(), attempt.into(), json(result)],
             ),
+            Outcome::Cancelled => stmt(
+                "UPDATE tasks SET state = 'CANCELLED', error = $3, finished_at = now(), updated_at = now()
+                 WHERE id = $1 AND attempts = $2 AND state = 'STARTED'",
+                vec![
+                    id.into(),
+                    attempt.into(),
+                    stored(&StoredError::new(ErrorCode::Cancelled, "cancelled at the client's request", false)),
+                ],
+            ),
             // A failed attempt also lands in task_attempts, in the same
             // statement: the history costs no extra round trip.
             Outcome::Failure(error) => stmt(
@@ -325,7 +367,7 @@ impl Store {
                 vec![id.into(), attempt.into(), stored(error), delay.as_secs_f64().into()],
             ),
         };
-        if let Outcome::Success(_) = outcome {
+        if let Outcome::Success(_) | Outcome::Cancelled = outcome {
             return Ok(self.db.execute_raw(statement).await?.rows_affected() == 1);
         }
         let n: i64 = match self.db.query_one_raw(statement).await? {
@@ -439,27 +481,19 @@ impl Store {
     /// succeeded, was cancelled or expired is left alone. Returns the state
     /// the task had, or `None` if there is no such task.
     pub async fn reset_for_requeue(&self, id: Uuid) -> Result<Option<TaskState>> {
-        let txn = self.db.begin().await?;
-        let Some(current) = task::Entity::find_by_id(id).one(&txn).await? else {
-            txn.commit().await?;
-            return Ok(None);
+        let before = match self.get(id).await? {
+            None => return Ok(None),
+            Some(t) => t.state,
         };
         if !matches!(
-            current.state,
+            before,
             TaskState::Success | TaskState::Cancelled | TaskState::Expired
         ) {
-            // Attempts restart at zero so the retry policy applies afresh;
-            // no attempt can be running: its message is the dead letter.
-            txn.execute_raw(stmt(
-                "UPDATE tasks SET state = 'PENDING', attempts = 0, error = NULL, result = NULL,
-                        started_at = NULL, finished_at = NULL, publish_at = now(), updated_at = now()
-                 WHERE id = $1",
-                vec![id.into()],
-            ))
-            .await?;
+            // No attempt can be running: its message is the dead letter.
+            self.reset(id, None, &RESETTABLE_BY_OPERATOR, chrono::Duration::zero())
+                .await?;
         }
-        txn.commit().await?;
-        Ok(Some(current.state))
+        Ok(Some(before))
     }
 
     /// One pass of the relay: locks up to `limit` due outbox rows (skipping
@@ -518,7 +552,7 @@ impl Store {
         }
         if !expired.is_empty() {
             let error = StoredError::new(
-                crate::codes::ErrorCode::Expired,
+                ErrorCode::Expired,
                 "not started before its expiry time",
                 false,
             );

@@ -1,0 +1,160 @@
+//! What the API reads: a task's status, listings, without ever loading a
+//! task's input or result unless asked for (an import's input is megabytes).
+
+use super::{Result, Store, stmt};
+use crate::{db::task, state::TaskState};
+use chrono::{DateTime, Utc};
+use sea_orm::ConnectionTrait;
+use sea_orm::{
+    ColumnTrait, Condition, EntityTrait, FromQueryResult, QueryFilter, QueryOrder, QuerySelect,
+    sea_query::{Expr, ExprTrait},
+};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// Everything about a task but its input and result.
+#[derive(Debug, Clone, PartialEq, FromQueryResult)]
+pub struct TaskSummary {
+    pub id: Uuid,
+    pub task_type: String,
+    pub queue: String,
+    pub state: TaskState,
+    pub error: Option<Value>,
+    pub progress_done: Option<i64>,
+    pub progress_total: Option<i64>,
+    pub progress_message: Option<String>,
+    pub attempts: i32,
+    pub eta: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub publish_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub queued_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub worker: Option<String>,
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+}
+
+const SUMMARY_COLUMNS: [task::Column; 18] = [
+    task::Column::Id,
+    task::Column::TaskType,
+    task::Column::Queue,
+    task::Column::State,
+    task::Column::Error,
+    task::Column::ProgressDone,
+    task::Column::ProgressTotal,
+    task::Column::ProgressMessage,
+    task::Column::Attempts,
+    task::Column::Eta,
+    task::Column::ExpiresAt,
+    task::Column::PublishAt,
+    task::Column::CreatedAt,
+    task::Column::QueuedAt,
+    task::Column::StartedAt,
+    task::Column::FinishedAt,
+    task::Column::Worker,
+    task::Column::CancelRequestedAt,
+];
+
+/// Which tasks to list.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Any of these states; empty means all.
+    pub states: Vec<TaskState>,
+    pub created_after: Option<DateTime<Utc>>,
+    pub created_before: Option<DateTime<Utc>>,
+    /// Continue after this (created_at, id): the last row of the previous page.
+    pub after: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: u64,
+}
+
+impl Store {
+    /// An owner's task of a type, without input and result.
+    pub async fn summary(
+        &self,
+        owner: &str,
+        task_type: &str,
+        id: Uuid,
+    ) -> Result<Option<TaskSummary>> {
+        Ok(task::Entity::find_by_id(id)
+            .select_only()
+            .columns(SUMMARY_COLUMNS)
+            .filter(task::Column::Owner.eq(owner))
+            .filter(task::Column::TaskType.eq(task_type))
+            .into_model::<TaskSummary>()
+            .one(&self.db)
+            .await?)
+    }
+
+    /// An owner's tasks of a type, newest first, keyset-paginated on
+    /// (created_at, id): a page boundary is a fixed point, so tasks created
+    /// meanwhile never shift or repeat what the following pages hold.
+    /// Returns up to `limit + 1` rows; the extra one says there is more.
+    pub async fn list(
+        &self,
+        owner: &str,
+        task_type: &str,
+        f: &ListFilter,
+    ) -> Result<Vec<TaskSummary>> {
+        let mut q = task::Entity::find()
+            .select_only()
+            .columns(SUMMARY_COLUMNS)
+            .filter(task::Column::Owner.eq(owner))
+            .filter(task::Column::TaskType.eq(task_type));
+        if !f.states.is_empty() {
+            let states: Vec<&str> = f.states.iter().map(|s| s.as_str()).collect();
+            q = q.filter(Expr::col(task::Column::State).is_in(states));
+        }
+        if let Some(t) = f.created_after {
+            q = q.filter(task::Column::CreatedAt.gt(t));
+        }
+        if let Some(t) = f.created_before {
+            q = q.filter(task::Column::CreatedAt.lt(t));
+        }
+        if let Some((t, id)) = f.after {
+            q = q.filter(
+                Condition::any().add(task::Column::CreatedAt.lt(t)).add(
+                    Condition::all()
+                        .add(task::Column::CreatedAt.eq(t))
+                        .add(task::Column::Id.lt(id)),
+                ),
+            );
+        }
+        Ok(q.order_by_desc(task::Column::CreatedAt)
+            .order_by_desc(task::Column::Id)
+            .limit(f.limit + 1)
+            .into_model::<TaskSummary>()
+            .all(&self.db)
+            .await?)
+    }
+
+    /// A finished task's output (`None` unless it succeeded).
+    pub async fn result_of(&self, id: Uuid) -> Result<Option<Value>> {
+        let row = self
+            .db
+            .query_one_raw(stmt(
+                "SELECT result FROM tasks WHERE id = $1",
+                vec![id.into()],
+            ))
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get("", "result")?,
+            None => None,
+        })
+    }
+
+    /// Which of `ids` have finished: what long-polling requests wait for.
+    pub async fn finished_among(&self, ids: &[Uuid]) -> Result<Vec<Uuid>> {
+        let rows = self
+            .db
+            .query_all_raw(stmt(
+                "SELECT id FROM tasks WHERE id = ANY($1)
+                 AND state IN ('SUCCESS', 'FAILURE', 'CANCELLED', 'EXPIRED')",
+                vec![ids.to_vec().into()],
+            ))
+            .await?;
+        rows.iter()
+            .map(|r| r.try_get("", "id").map_err(Into::into))
+            .collect()
+    }
+}

@@ -1,0 +1,223 @@
+//! What clients ask of tasks beyond submitting one: submit idempotently,
+//! submit many at once, cancel, retry.
+
+use super::{Result, Store, StoreError, new_row, stmt, stored};
+use crate::{
+    codes::{ErrorCode, StoredError},
+    db::task,
+    state::TaskState,
+};
+use chrono::Utc;
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter,
+    TransactionTrait, sqlx,
+};
+use uuid::Uuid;
+
+use super::NewTask;
+
+/// The result of an idempotent submission.
+#[derive(Debug)]
+pub enum Inserted {
+    New(task::Model),
+    /// The key was used before; this is the task it created.
+    Existing(task::Model),
+}
+
+/// What a cancellation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancellation {
+    /// It had not started: CANCELLED now, and it never will start.
+    Cancelled,
+    /// It is running: its worker cancels its context shortly.
+    Requested,
+    AlreadyFinished(TaskState),
+    NotFound,
+}
+
+/// What a retry request did.
+#[derive(Debug)]
+pub enum Retry {
+    /// Back to PENDING with a clean slate; publish it.
+    Requeued(Box<task::Model>),
+    NotRetryable(TaskState),
+    NotFound,
+}
+
+/// States a client may retry from: the task ended without success.
+const RETRYABLE_BY_CLIENT: [TaskState; 3] =
+    [TaskState::Failure, TaskState::Cancelled, TaskState::Expired];
+/// States an operator's dead-letter requeue resets: any unfinished or
+/// failed one (its message is in the dead-letter queue, so nothing runs it).
+pub(super) const RESETTABLE_BY_OPERATOR: [TaskState; 5] = [
+    TaskState::Pending,
+    TaskState::Queued,
+    TaskState::Started,
+    TaskState::Retry,
+    TaskState::Failure,
+];
+
+/// Rows per multi-row INSERT: a task row takes about 30 parameters and
+/// PostgreSQL allows 65,535.
+const TASKS_PER_STATEMENT: usize = 1000;
+
+fn is_idempotency_conflict(e: &StoreError) -> bool {
+    let StoreError::Other(
+        DbErr::Exec(sea_orm::RuntimeErr::SqlxError(inner))
+        | DbErr::Query(sea_orm::RuntimeErr::SqlxError(inner)),
+    ) = e
+    else {
+        return false;
+    };
+    matches!(inner.as_ref(), sqlx::Error::Database(db) if db.constraint() == Some("tasks_idempotency"))
+}
+
+impl Store {
+    /// Records a submission carrying an idempotency key. The first time it
+    /// is recorded as usual; after that, the task the key created first is
+    /// returned, and the caller compares fingerprints.
+    pub async fn insert_idempotent(&self, t: &NewTask) -> Result<Inserted> {
+        match self.insert(t).await {
+            Ok(row) => Ok(Inserted::New(row)),
+            Err(e) if is_idempotency_conflict(&e) => {
+                let existing = task::Entity::find()
+                    .filter(task::Column::Owner.eq(t.owner.clone()))
+                    .filter(task::Column::TaskType.eq(t.task_type.clone()))
+                    .filter(task::Column::IdempotencyKey.eq(t.idempotency_key.clone()))
+                    .one(&self.db)
+                    .await?;
+                existing.map(Inserted::Existing).ok_or(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records many submissions in one transaction: all or none.
+    pub async fn insert_many(&self, tasks: &[NewTask]) -> Result<Vec<task::Model>> {
+        let now = Utc::now();
+        let txn = self.db.begin().await?;
+        let mut rows = Vec::with_capacity(tasks.len());
+        for chunk in tasks.chunks(TASKS_PER_STATEMENT) {
+            let models = chunk.iter().map(|t| new_row(t, now));
+            rows.extend(
+                task::Entity::insert_many(models)
+                    .exec_with_returning(&txn)
+                    .await?,
+            );
+        }
+        txn.commit().await?;
+        Ok(rows)
+    }
+
+    /// [`Store::mark_queued`] for many tasks at once.
+    pub async fn mark_queued_many(&self, ids: &[Uuid]) -> Result<u64> {
+        let res = self
+            .db
+            .execute_raw(stmt(
+                "UPDATE tasks SET state = 'QUEUED', queued_at = now(), publish_at = NULL, updated_at = now()
+                 WHERE id = ANY($1) AND state = 'PENDING' AND attempts = 0",
+                vec![ids.to_vec().into()],
+            ))
+            .await?;
+        Ok(res.rows_affected())
+    }
+
+    /// A client cancels its task. One statement decides by the current
+    /// state: not started yet → CANCELLED at once (a message already on the
+    /// broker finds it finished and is dropped); running → flagged, and the
+    /// worker running it cancels the task's context.
+    pub async fn cancel(&self, id: Uuid, owner: &str, task_type: &str) -> Result<Cancellation> {
+        #[derive(FromQueryResult)]
+        struct After {
+            state: TaskState,
+        }
+        let error = StoredError::new(
+            ErrorCode::Cancelled,
+            "cancelled at the client's request",
+            false,
+        );
+        let after = After::find_by_statement(stmt(
+            "UPDATE tasks SET
+                state = CASE WHEN state = 'STARTED' THEN state ELSE 'CANCELLED' END,
+                finished_at = CASE WHEN state = 'STARTED' THEN finished_at ELSE now() END,
+                error = CASE WHEN state = 'STARTED' THEN error ELSE $4 END,
+                publish_at = CASE WHEN state = 'STARTED' THEN publish_at ELSE NULL END,
+                cancel_requested_at = COALESCE(cancel_requested_at, now()),
+                updated_at = now()
+             WHERE id = $1 AND owner = $2 AND task_type = $3
+               AND state IN ('PENDING', 'QUEUED', 'RETRY', 'STARTED')
+             RETURNING state",
+            vec![id.into(), owner.into(), task_type.into(), stored(&error)],
+        ))
+        .one(&self.db)
+        .await?;
+        Ok(match after {
+            Some(After {
+                state: TaskState::Cancelled,
+            }) => Cancellation::Cancelled,
+            Some(_) => Cancellation::Requested,
+            None => match self.summary(owner, task_type, id).await? {
+                Some(t) => Cancellation::AlreadyFinished(t.state),
+                None => Cancellation::NotFound,
+            },
+        })
+    }
+
+    /// A client retries its task that ended without success: back to
+    /// PENDING with a clean slate; its failed attempts stay in the history.
+    /// In the outbox for `lease`, in case the caller's own publish fails.
+    pub async fn retry(
+        &self,
+        id: Uuid,
+        owner: &str,
+        task_type: &str,
+        lease: chrono::Duration,
+    ) -> Result<Retry> {
+        if let Some(row) = self
+            .reset(id, Some((owner, task_type)), &RETRYABLE_BY_CLIENT, lease)
+            .await?
+        {
+            return Ok(Retry::Requeued(Box::new(row)));
+        }
+        Ok(match self.summary(owner, task_type, id).await? {
+            Some(t) => Retry::NotRetryable(t.state),
+            None => Retry::NotFound,
+        })
+    }
+
+    /// Back to PENDING, attempts from zero, due after `delay`; only from
+    /// `from` states, and only the caller's own task when `scope` is given.
+    pub(super) async fn reset(
+        &self,
+        id: Uuid,
+        scope: Option<(&str, &str)>,
+        from: &[TaskState],
+        delay: chrono::Duration,
+    ) -> Result<Option<task::Model>> {
+        let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+        let (owner, task_type) = scope.map_or((None, None), |(o, t)| {
+            (Some(o.to_owned()), Some(t.to_owned()))
+        });
+        Ok(task::Model::find_by_statement(stmt(
+            "UPDATE tasks SET state = 'PENDING', attempts = 0, error = NULL, result = NULL,
+                    started_at = NULL, finished_at = NULL, cancel_requested_at = NULL,
+                    progress_done = NULL, progress_total = NULL, progress_message = NULL,
+                    publish_at = now() + make_interval(secs => $5), updated_at = now()
+             WHERE id = $1 AND state = ANY($2)
+               AND ($3::text IS NULL OR owner = $3) AND ($4::text IS NULL OR task_type = $4)
+             RETURNING *",
+            vec![
+                id.into(),
+                from.into_iter()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+                    .into(),
+                owner.into(),
+                task_type.into(),
+                delay.as_seconds_f64().into(),
+            ],
+        ))
+        .one(&self.db)
+        .await?)
+    }
+}
