@@ -7,14 +7,21 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod bad_input;
+mod batches;
 mod celery;
+mod control;
 mod crashes;
 mod dead_letters;
 mod delays;
 mod faults;
+mod idempotency;
+mod keys;
 mod lifecycle;
+mod listing;
 mod load_sharing;
+mod long_poll;
 mod outbox;
+mod real_work;
 mod retries;
 mod state_machine;
 mod submit;

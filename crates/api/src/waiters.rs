@@ -74,6 +74,15 @@ impl Waiters {
         }
     }
 
+    /// How many distinct tasks are awaited right now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     fn awaited(&self) -> Vec<Uuid> {
         self.lock().keys().copied().collect()
     }

@@ -1,0 +1,119 @@
+//! `GET /tasks/{type}`: the caller's tasks, newest first, filtered, paged
+//! with cursors that stay stable while tasks are added.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use uuid::Uuid;
+use warren_tests::{ApiClient, TestEnv};
+
+async fn page(client: &ApiClient, query: &str) -> Value {
+    let response = client.get(&format!("/tasks/multiply?{query}")).await;
+    let status = response.status();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{query}: {body}");
+    body
+}
+
+fn ids(page: &Value) -> Vec<Uuid> {
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().parse().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newest_first_with_cursors_stable_under_concurrent_inserts() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let mut submitted = Vec::new();
+    for i in 0..25 {
+        submitted.push(api.submit_ok("multiply", &json!({"x": i, "y": 1})).await);
+    }
+    let newest_first: Vec<Uuid> = submitted.iter().rev().copied().collect();
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let query = match &cursor {
+            Some(c) => format!("limit=10&cursor={c}"),
+            None => "limit=10".to_owned(),
+        };
+        let p = page(&api, &query).await;
+        seen.extend(ids(&p));
+        // New tasks arrive while the client pages through.
+        api.submit_ok("multiply", &json!({"x": 100, "y": 1})).await;
+        match p["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen, newest_first,
+        "every original task once, newest first, none from later inserts"
+    );
+    let first = &page(&api, "limit=1").await["items"][0];
+    assert_eq!(first["progress"], Value::Null);
+    assert!(
+        first["created_at"].is_string() && first["links"]["self"].is_string(),
+        "{first}"
+    );
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_by_state_and_creation_time() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let early = api.submit_ok("multiply", &json!({"x": 1, "y": 1})).await;
+    let middle = api.submit_ok("multiply", &json!({"x": 2, "y": 1})).await;
+    let late = api.submit_ok("multiply", &json!({"x": 3, "y": 1})).await;
+    let cancelled = api
+        .post_json(&format!("/tasks/multiply/{middle}/cancel"), &json!({}))
+        .await;
+    assert_eq!(cancelled.status(), StatusCode::OK);
+
+    let p = page(&api, "state=CANCELLED").await;
+    assert_eq!(ids(&p), [middle]);
+    let p = page(&api, "state=QUEUED,CANCELLED").await;
+    assert_eq!(ids(&p), [late, middle, early]);
+
+    let early_at = env.store().get(early).await.unwrap().unwrap().created_at;
+    let late_at = env.store().get(late).await.unwrap().unwrap().created_at;
+    let (after, before) = (early_at.to_rfc3339(), late_at.to_rfc3339());
+    let encode = |t: &str| t.replace('+', "%2B");
+    let p = page(
+        &api,
+        &format!(
+            "created_after={}&created_before={}",
+            encode(&after),
+            encode(&before)
+        ),
+    )
+    .await;
+    assert_eq!(ids(&p), [middle]);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_listing_parameters_are_400() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    for (query, parameter) in [
+        ("state=BOGUS", "state"),
+        ("limit=0", "limit"),
+        ("limit=100000", "limit"),
+        ("cursor=not-a-cursor", "cursor"),
+        ("created_after=yesterday", "created_after"),
+        ("sort=asc", "query"),
+    ] {
+        let response = api.get(&format!("/tasks/multiply?{query}")).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{query}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["parameter"], parameter, "{query}: {body}");
+    }
+    let unknown = api.get("/tasks/nope").await;
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    api.stop().await;
+}
