@@ -104,15 +104,17 @@ ensure_cargo() {
 sweep_test_leftovers() {
   local admin=${TEST_ADMIN_DATABASE_URL:-postgres://postgres@$PG_HOST:$PG_PORT/postgres}
   local db
-  for db in $(psql "$admin" -qtAc "select datname from pg_database where datname like 'warren\_test\_%'"); do
+  for db in $(psql "$admin" -qtAc "select datname from pg_database where datname like 'warren\_test\_%' or datname like 'warren\_st\_%'"); do
     psql "$admin" -qc "DROP DATABASE \"$db\"" >/dev/null 2>&1 && say "swept leftover database $db"
   done
   local live kind name prefix
-  live=$(psql "$admin" -qtAc "select substr(datname, 13, 12) from pg_database where datname like 'warren\_test\_%'")
+  live=$(psql "$admin" -qtAc "select substr(datname, 13, 12) from pg_database where datname like 'warren\_test\_%'
+                              union all select substr(datname, 11, 12) from pg_database where datname like 'warren\_st\_%'")
   for kind in queues exchanges; do
     for name in $(curl -fsS -u guest:guest "http://127.0.0.1:$MGMT_PORT/api/$kind/%2F?columns=name" 2>/dev/null \
-        | grep -o '"name":"t-[0-9a-f]\{12\}\.warren\.[^"]*"' | cut -d'"' -f4); do
-      prefix=${name:2:12}
+        | grep -o '"name":"\(t\|st\)-[0-9a-f]\{12\}\.warren\.[^"]*"' | cut -d'"' -f4); do
+      prefix=${name#*-}
+      prefix=${prefix:0:12}
       if ! grep -qx "$prefix" <<<"$live"; then
         curl -fsS -u guest:guest -X DELETE "http://127.0.0.1:$MGMT_PORT/api/$kind/%2F/$name" >/dev/null 2>&1 \
           && say "swept leftover ${kind%s} $name"

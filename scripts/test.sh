@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (also what CI runs): formatting, lints, and every test,
 # unit and end-to-end, against a real RabbitMQ and a real PostgreSQL, which
-# it starts or installs first if needed.
+# it starts or installs first if needed; then schemathesis against the
+# running API's /openapi.json.
 #
 #   scripts/test.sh          everything
 #   scripts/test.sh celery   only tests whose name contains "celery" (after fmt, clippy, build)
@@ -27,5 +28,8 @@ say "cargo test"
 # The e2e tests mostly wait on I/O: more threads than cores is fine.
 TEST_BIN_DIR="$CARGO_TARGET_DIR/debug" \
   cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}" "$@"
+
+say "schemathesis (property-based, against /openapi.json)"
+"$WARREN_ROOT/scripts/schemathesis.sh"
 
 say "all checks passed in $((SECONDS - started))s"

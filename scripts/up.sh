@@ -45,7 +45,8 @@ wait_for 60 "the API to be ready (see .run/api.log)" ready
 cat <<EOT
 
   Warren is up.
-    API                  http://$listen          (try: curl http://$listen/healthz)
+    API                  http://$listen          (docs: http://$listen/docs)
+    API key (dev)        warren-dev-key-local-only   (config/development.toml; real keys: warren-api keys create)
     RabbitMQ management  http://127.0.0.1:$MGMT_PORT  (guest / guest)
     PostgreSQL           ${WARREN_DATABASE__URL:-postgres://postgres@127.0.0.1:5432/warren}
     logs                 .run/api.log, .run/worker-*.log

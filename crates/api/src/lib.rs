@@ -16,6 +16,7 @@
 //!   every request to the key's owner.
 //! - `routes/`: one module per resource.
 //! - [`waiters`]: long-polling, woken by PostgreSQL notifications.
+//! - [`openapi`]: the OpenAPI 3.1 document generated from the handlers.
 //! - [`fail`]: fail points that tests arm to simulate a crash mid-request.
 //!
 //! The API never acknowledges a delivery and never runs a task; it is the
@@ -24,6 +25,7 @@
 pub mod auth;
 pub mod error;
 pub mod fail;
+pub mod openapi;
 mod routes;
 pub mod startup;
 pub mod state;

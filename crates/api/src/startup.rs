@@ -1,6 +1,6 @@
 //! Building the application: connections, router, listener.
 
-use crate::{ApiError, AppState, auth::Authenticator, routes, waiters};
+use crate::{ApiError, AppState, auth::Authenticator, openapi, routes, waiters};
 use axum::{
     Router,
     extract::{DefaultBodyLimit, Request},
@@ -182,6 +182,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/tasks/{task_type}/{id}/retry", post(routes::tasks::retry))
         .route("/healthz", get(routes::health::healthz))
+        .route("/openapi.json", get(openapi::openapi_json))
+        .route("/docs", get(openapi::docs))
         .route("/readyz", get(routes::health::readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::time::Duration;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 use warren_shared::{
     artifacts::ArtifactMeta,
@@ -164,16 +165,21 @@ fn validate_input(entry: &Entry, input: &Value, prefix: &str) -> Result<(), Vali
 
 /// Optional scheduling for a submission, as query parameters so the body
 /// stays exactly the task's input.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct SubmitParams {
     /// Do not start before this many seconds from now.
+    #[param(minimum = 0, maximum = 2_592_000)]
     countdown: Option<f64>,
-    /// Do not start before this instant (RFC 3339).
+    /// Do not start before this instant (RFC 3339), at most 30 days ahead.
+    #[param(value_type = Option<String>, format = DateTime)]
     eta: Option<String>,
     /// Do not start after this instant (RFC 3339); the task ends EXPIRED.
+    #[param(value_type = Option<String>, format = DateTime)]
     expires: Option<String>,
     /// Do not start after this many seconds from now.
+    #[param(minimum = 0, maximum = 2_592_000)]
     expires_in: Option<f64>,
 }
 
@@ -317,10 +323,11 @@ async fn publish_due(state: &AppState, rows: &[task::Model]) -> Vec<Uuid> {
 
 // ----------------------------------------------------------------- views
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct Submitted {
     id: Uuid,
     task_type: String,
+    #[schema(value_type = crate::openapi::TaskState)]
     state: TaskState,
     created_at: DateTime<Utc>,
     eta: Option<DateTime<Utc>>,
@@ -343,14 +350,14 @@ impl Submitted {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct ProgressView {
     done: i64,
     total: Option<i64>,
     message: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct ArtifactView {
     name: String,
     content_type: String,
@@ -358,7 +365,7 @@ pub(crate) struct ArtifactView {
     url: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct Links {
     #[serde(rename = "self")]
     this: String,
@@ -369,10 +376,11 @@ pub(crate) struct Links {
 }
 
 /// A task's status as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct TaskView {
     id: Uuid,
     task_type: String,
+    #[schema(value_type = crate::openapi::TaskState)]
     state: TaskState,
     queue: String,
     attempts: i32,
@@ -507,6 +515,26 @@ fn fingerprint(task_type: &str, input: &Value, schedule: &Schedule) -> String {
 /// 202 once the task is recorded in PostgreSQL. It is normally on the
 /// broker by then too (`state: QUEUED`); if the broker is unreachable the
 /// task stays `PENDING` and the relay publishes it as soon as it can.
+#[utoipa::path(
+    post,
+    path = "/tasks/{task_type}",
+    tag = "tasks",
+    security(("api_key" = [])),
+    params(("task_type" = String, Path, description = "A task type this deployment runs"), SubmitParams, ("Idempotency-Key" = Option<String>, Header, description = "Makes retrying this request safe: the same key and body return the same task")),
+    request_body(content = Object, description = "The task's input", content_type = "application/json"),
+    responses(
+        (status = 202, description = "Recorded (and normally queued)", body = Submitted,
+         headers(("Location" = String, description = "The task's status URL"))),
+        (status = 400, description = "A malformed parameter", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such task type, or no such task of the caller", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The idempotency key was used for another request", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body exceeds api.max_body_bytes", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not declared as JSON", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The input is not valid for this task type, per field", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "PostgreSQL is unreachable", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub(crate) async fn submit(
     State(state): State<AppState>,
     caller: Caller,
@@ -578,19 +606,21 @@ pub(crate) async fn submit(
     Ok(response)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BatchBody {
+    /// The tasks' inputs, each a JSON object (at most `api.max_batch`).
+    #[schema(value_type = Vec<Object>, min_items = 1)]
     tasks: Vec<Value>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct BatchItem {
     id: Uuid,
     status_url: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct BatchSubmitted {
     count: usize,
     /// How many are on the broker already; the rest are in the outbox
@@ -601,6 +631,24 @@ pub(crate) struct BatchSubmitted {
 
 /// `POST /tasks/{type}/batch` with `{"tasks": [input, …]}`: many tasks in
 /// one request and one transaction. All are valid or none is recorded.
+#[utoipa::path(
+    post,
+    path = "/tasks/{task_type}/batch",
+    tag = "tasks",
+    security(("api_key" = [])),
+    params(("task_type" = String, Path, description = "A task type this deployment runs"), SubmitParams),
+    request_body(content = BatchBody, content_type = "application/json"),
+    responses(
+        (status = 202, description = "All recorded in one transaction", body = BatchSubmitted),
+        (status = 400, description = "A malformed parameter", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such task type, or no such task of the caller", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body exceeds api.max_body_bytes", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not declared as JSON", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Some task is invalid (fields named tasks[i].field); none was recorded", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "PostgreSQL is unreachable", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub(crate) async fn submit_batch(
     State(state): State<AppState>,
     caller: Caller,
@@ -667,18 +715,29 @@ pub(crate) async fn submit_batch(
 
 // ----------------------------------------------------------------- reads
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ListParams {
     /// Comma-separated states, e.g. `FAILURE,CANCELLED`.
+    #[param(
+        pattern = r"^(PENDING|QUEUED|STARTED|RETRY|SUCCESS|FAILURE|CANCELLED|EXPIRED)(,(PENDING|QUEUED|STARTED|RETRY|SUCCESS|FAILURE|CANCELLED|EXPIRED))*$"
+    )]
     state: Option<String>,
+    /// Only tasks created after this instant (RFC 3339).
+    #[param(value_type = Option<String>, format = DateTime)]
     created_after: Option<String>,
+    /// Only tasks created before this instant (RFC 3339).
+    #[param(value_type = Option<String>, format = DateTime)]
     created_before: Option<String>,
+    /// Page size, 50 by default.
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u64>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct Page<T> {
     items: Vec<T>,
     /// Pass as `cursor` for the next page; `null` on the last one.
@@ -708,6 +767,20 @@ fn decode_cursor(cursor: &str) -> Option<String> {
 }
 
 /// `GET /tasks/{type}`: the caller's tasks of that type, newest first.
+#[utoipa::path(
+    get,
+    path = "/tasks/{task_type}",
+    tag = "tasks",
+    security(("api_key" = [])),
+    params(("task_type" = String, Path, description = "A task type this deployment runs"), ListParams),
+    responses(
+        (status = 200, description = "The caller's tasks of this type, newest first", body = Page<TaskView>),
+        (status = 400, description = "A malformed parameter", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such task type, or no such task of the caller", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "PostgreSQL is unreachable", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -776,15 +849,32 @@ pub(crate) async fn list(
     }))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct StatusParams {
-    /// Wait up to this many seconds for the task to finish.
+    /// Wait up to this many seconds for the task to finish (at most
+    /// `api.max_wait_seconds`, 60 by default).
+    #[param(minimum = 0, maximum = 60)]
     wait: Option<f64>,
 }
 
 /// `GET /tasks/{type}/{id}`, optionally `?wait=<seconds>`: answers as soon
 /// as the task has finished, or when the wait is over, whichever is first.
+#[utoipa::path(
+    get,
+    path = "/tasks/{task_type}/{id}",
+    tag = "tasks",
+    security(("api_key" = [])),
+    params(("task_type" = String, Path, description = "A task type this deployment runs"), ("id" = String, Path, description = "The task id"), StatusParams),
+    responses(
+        (status = 200, description = "The task's status", body = TaskView),
+        (status = 400, description = "A malformed parameter", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such task type, or no such task of the caller", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "PostgreSQL is unreachable", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub(crate) async fn status(
     State(state): State<AppState>,
     caller: Caller,
@@ -821,6 +911,20 @@ pub(crate) async fn status(
 /// `GET /tasks/{type}/{id}/result`: the task's output as the JSON body
 /// (200) once it succeeded; 409 `result_not_ready` (with `Retry-After`)
 /// while it has not finished; 409 `no_result` if it ended otherwise.
+#[utoipa::path(
+    get,
+    path = "/tasks/{task_type}/{id}/result",
+    tag = "tasks",
+    security(("api_key" = [])),
+    params(("task_type" = String, Path, description = "A task type this deployment runs"), ("id" = String, Path, description = "The task id")),
+    responses(
+        (status = 200, description = "The task's output, as it returned it", body = Value),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such task type, or no such task of the caller", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not finished yet (result_not_ready, with Retry-After), or ended without a result (no_result)", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "PostgreSQL is unreachable", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub(crate) async fn result(
     State(state): State<AppState>,
     caller: Caller,
@@ -836,14 +940,18 @@ pub(crate) async fn result(
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ErrorsParams {
+    /// Page size, 50 by default.
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u64>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct ItemErrorView {
     /// Position of the item in the task's input list.
     index: i32,
@@ -852,7 +960,7 @@ pub(crate) struct ItemErrorView {
     message: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct ErrorsPage {
     /// Failed items in all.
     total: i64,
@@ -863,6 +971,20 @@ pub(crate) struct ErrorsPage {
 /// `GET /tasks/{type}/{id}/errors`: the items of a batch task that failed,
 /// in input order, with the same codes and messages a synchronous
 /// validation of each gives.
+#[utoipa::path(
+    get,
+    path = "/tasks/{task_type}/{id}/errors",
+    tag = "tasks",
+    security(("api_key" = [])),
+    params(("task_type" = String, Path, description = "A task type this deployment runs"), ("id" = String, Path, description = "The task id"), ErrorsParams),
+    responses(
+        (status = 200, description = "Failed items, in input order", body = ErrorsPage),
+        (status = 400, description = "A malformed parameter", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such task type, or no such task of the caller", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "PostgreSQL is unreachable", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub(crate) async fn errors(
     State(state): State<AppState>,
     caller: Caller,
@@ -906,6 +1028,19 @@ pub(crate) async fn errors(
 
 /// `GET /tasks/{type}/{id}/artifacts/{name}`: a file the task produced,
 /// with its content type (a labels PDF is `application/pdf`).
+#[utoipa::path(
+    get,
+    path = "/tasks/{task_type}/{id}/artifacts/{name}",
+    tag = "tasks",
+    security(("api_key" = [])),
+    params(("task_type" = String, Path, description = "A task type this deployment runs"), ("id" = String, Path, description = "The task id"), ("name" = String, Path, description = "The artifact's name, as the task's status lists it")),
+    responses(
+        (status = 200, description = "The file, with its own content type (application/pdf for labels)", body = Vec<u8>, content_type = "*/*"),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such task, or no such artifact of it", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "PostgreSQL is unreachable", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub(crate) async fn artifact(
     State(state): State<AppState>,
     caller: Caller,
@@ -939,6 +1074,21 @@ pub(crate) async fn artifact(
 /// `POST /tasks/{type}/{id}/cancel`: 200 when the task had not started (it
 /// is CANCELLED and never runs); 202 when it is running (its worker tells
 /// it to stop and it ends CANCELLED); 409 when it already finished.
+#[utoipa::path(
+    post,
+    path = "/tasks/{task_type}/{id}/cancel",
+    tag = "tasks",
+    security(("api_key" = [])),
+    params(("task_type" = String, Path, description = "A task type this deployment runs"), ("id" = String, Path, description = "The task id")),
+    responses(
+        (status = 200, description = "It had not started: CANCELLED, and it never runs", body = TaskView),
+        (status = 202, description = "It is running: its worker tells it to stop", body = TaskView),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such task type, or no such task of the caller", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "It already finished", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "PostgreSQL is unreachable", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub(crate) async fn cancel(
     State(state): State<AppState>,
     caller: Caller,
@@ -958,6 +1108,20 @@ pub(crate) async fn cancel(
 
 /// `POST /tasks/{type}/{id}/retry`: a task that ended FAILURE, CANCELLED or
 /// EXPIRED runs again, attempts counted afresh (202); 409 otherwise.
+#[utoipa::path(
+    post,
+    path = "/tasks/{task_type}/{id}/retry",
+    tag = "tasks",
+    security(("api_key" = [])),
+    params(("task_type" = String, Path, description = "A task type this deployment runs"), ("id" = String, Path, description = "The task id")),
+    responses(
+        (status = 202, description = "Queued again, attempts counted afresh", body = TaskView),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such task type, or no such task of the caller", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Only a task that ended FAILURE, CANCELLED or EXPIRED can be retried", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "PostgreSQL is unreachable", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub(crate) async fn retry(
     State(state): State<AppState>,
     caller: Caller,
