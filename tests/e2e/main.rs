@@ -14,6 +14,7 @@ mod crashes;
 mod dead_letters;
 mod delays;
 mod faults;
+mod http_contract;
 mod idempotency;
 mod keys;
 mod lifecycle;

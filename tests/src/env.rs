@@ -176,6 +176,31 @@ impl TestEnv {
         row.try_get("", "n").expect("count")
     }
 
+    /// Makes this test's database refuse every connection (and drops the
+    /// open ones), as an outage would; `false` puts it back.
+    pub async fn refuse_connections(&self, refuse: bool) {
+        let admin = sea_orm_connect(&self.admin_url).await;
+        admin
+            .execute_unprepared(&format!(
+                "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS {}",
+                self.database,
+                if refuse { "false" } else { "true" }
+            ))
+            .await
+            .expect("alter database");
+        if refuse {
+            admin
+                .execute_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                    vec![self.database.clone().into()],
+                ))
+                .await
+                .expect("terminate sessions");
+        }
+        admin.close().await.ok();
+    }
+
     pub async fn amqp(&self) -> Amqp {
         Amqp::connect(&self.settings).await
     }

@@ -1,0 +1,137 @@
+//! The HTTP contract around the endpoints: the OpenAPI document, request
+//! ids, and what happens when PostgreSQL is unreachable.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::time::Duration;
+use warren_tests::{TestEnv, wait_until};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_describes_every_route() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let anonymous = api.anonymous();
+    let doc: Value = anonymous.get("/openapi.json").await.json().await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths: Vec<&String> = doc["paths"].as_object().unwrap().keys().collect();
+    for path in [
+        "/tasks/{task_type}",
+        "/tasks/{task_type}/batch",
+        "/tasks/{task_type}/{id}",
+        "/tasks/{task_type}/{id}/result",
+        "/tasks/{task_type}/{id}/errors",
+        "/tasks/{task_type}/{id}/artifacts/{name}",
+        "/tasks/{task_type}/{id}/cancel",
+        "/tasks/{task_type}/{id}/retry",
+        "/healthz",
+        "/readyz",
+    ] {
+        assert!(
+            paths.iter().any(|p| *p == path),
+            "{path} documented: {paths:?}"
+        );
+    }
+    let task_type = doc["paths"]["/tasks/{task_type}"]["post"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "task_type")
+        .unwrap()
+        .clone();
+    let types = task_type["schema"]["enum"].as_array().unwrap();
+    assert!(
+        types.contains(&json!("labels.generate")) && types.contains(&json!("multiply")),
+        "{task_type}"
+    );
+    assert_eq!(
+        doc["components"]["securitySchemes"]["api_key"]["scheme"],
+        "bearer"
+    );
+
+    let docs = anonymous.get("/docs").await;
+    assert_eq!(docs.status(), StatusCode::OK);
+    assert!(docs.text().await.unwrap().contains("/openapi.json"));
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_made_or_echoed() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let response = api.get("/tasks/noop").await;
+    let made = response.headers()["x-request-id"].to_str().unwrap();
+    assert!(uuid::Uuid::parse_str(made).is_ok(), "{made}");
+    let mine = reqwest::Client::new()
+        .get(api.url("/healthz"))
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mine.headers()["x-request-id"], "trace-me-42");
+    // Errors carry it too.
+    let problem = api.get("/tasks/nope").await;
+    assert!(problem.headers().contains_key("x-request-id"));
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_task_has_no_result() {
+    let env = TestEnv::with(|s| {
+        s.tasks.entry("flaky".into()).or_default().max_retries = Some(0);
+    })
+    .await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker("w1").await;
+    let id = api.submit_ok("flaky", &json!({"fail_times": 1})).await;
+    api.wait_for_state("flaky", id, &["FAILURE"], Duration::from_secs(10))
+        .await;
+    let response = api.get(&format!("/tasks/flaky/{id}/result")).await;
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["code"], "no_result");
+    assert_eq!(problem["state"], "FAILURE");
+    assert_eq!(problem["error"]["code"], "task_error");
+    worker.stop().await;
+    api.stop().await;
+}
+
+/// Guarantee 1: with PostgreSQL unreachable nothing can be recorded, so
+/// nothing is accepted: 503, and the API recovers by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_unreachable_is_503_and_nothing_is_recorded() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    api.submit_ok("noop", &json!({})).await;
+
+    env.refuse_connections(true).await;
+    let response = wait_until(
+        "submissions to be refused",
+        Duration::from_secs(15),
+        || async {
+            let r = api.submit("noop", &json!({})).await;
+            (r.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(response.headers()["retry-after"], "1");
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["code"], "database_unavailable");
+    let ready = api.anonymous().get("/readyz").await;
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    env.refuse_connections(false).await;
+    wait_until(
+        "the API to accept again",
+        Duration::from_secs(15),
+        || async {
+            (api.submit("noop", &json!({})).await.status() == StatusCode::ACCEPTED).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        env.task_ids().await.len(),
+        2,
+        "the refused submissions left nothing behind"
+    );
+    api.stop().await;
+}
