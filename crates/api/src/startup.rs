@@ -163,24 +163,33 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route(
             "/tasks/{task_type}",
-            post(routes::tasks::submit).get(routes::tasks::list),
+            post(routes::tasks::submit::submit).get(routes::tasks::read::list),
         )
         .route(
             "/tasks/{task_type}/batch",
-            post(routes::tasks::submit_batch),
+            post(routes::tasks::submit::submit_batch),
         )
-        .route("/tasks/{task_type}/{id}", get(routes::tasks::status))
-        .route("/tasks/{task_type}/{id}/result", get(routes::tasks::result))
-        .route("/tasks/{task_type}/{id}/errors", get(routes::tasks::errors))
+        .route("/tasks/{task_type}/{id}", get(routes::tasks::read::status))
+        .route(
+            "/tasks/{task_type}/{id}/result",
+            get(routes::tasks::read::result),
+        )
+        .route(
+            "/tasks/{task_type}/{id}/errors",
+            get(routes::tasks::read::errors),
+        )
         .route(
             "/tasks/{task_type}/{id}/artifacts/{name}",
-            get(routes::tasks::artifact),
+            get(routes::tasks::read::artifact),
         )
         .route(
             "/tasks/{task_type}/{id}/cancel",
-            post(routes::tasks::cancel),
+            post(routes::tasks::control::cancel),
         )
-        .route("/tasks/{task_type}/{id}/retry", post(routes::tasks::retry))
+        .route(
+            "/tasks/{task_type}/{id}/retry",
+            post(routes::tasks::control::retry),
+        )
         .route("/healthz", get(routes::health::healthz))
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/docs", get(openapi::docs))

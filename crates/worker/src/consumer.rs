@@ -142,6 +142,9 @@ async fn consume(
             Some(Err(e)) => return SessionEnd::Lost(e.to_string()),
             None => return SessionEnd::Lost("the broker cancelled our consumer".into()),
         };
+        if handler::try_adopt(worker, &delivery) {
+            continue;
+        }
         // Wait for a free slot; with prefetch = concurrency this is immediate.
         let permit = tokio::select! {
             () = shutdown.cancelled() => break,

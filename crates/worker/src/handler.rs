@@ -109,6 +109,29 @@ pub(crate) async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &Canc
     settle(worker, delivery, disposition, adopted).await;
 }
 
+/// Adopts `delivery` if this process is running its task already; true if
+/// it did. The consumer asks before waiting for a free slot: an adopted
+/// delivery needs none, and the slots may all be held by the very tasks
+/// whose redeliveries are waiting.
+pub(crate) fn try_adopt(worker: &Worker, delivery: &Delivery) -> bool {
+    let Some(id) = envelope::peek_task_id(&delivery.properties) else {
+        return false;
+    };
+    let mut running = lock(&worker.running);
+    match running.get_mut(&id) {
+        Some(entry) => {
+            entry.adopted = Some(delivery.acker.clone());
+            tracing::info!(
+                task_id = %id,
+                redelivered = delivery.redelivered,
+                "already running here; that attempt will settle this delivery too"
+            );
+            true
+        }
+        None => false,
+    }
+}
+
 /// A message for a task this process is already running arrives when the
 /// broker redelivers it (our channel died mid-task) or when it was
 /// published twice. Rather than run the task a second time, hand the new

@@ -1,0 +1,398 @@
+//! Submitting tasks: alone (optionally idempotent) or in batches, with
+//! optional scheduling.
+
+use super::*;
+
+// ------------------------------------------------------------- scheduling
+
+/// Optional scheduling for a submission, as query parameters so the body
+/// stays exactly the task's input.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct SubmitParams {
+    /// Do not start before this many seconds from now.
+    #[param(minimum = 0, maximum = 2_592_000)]
+    countdown: Option<f64>,
+    /// Do not start before this instant (RFC 3339), at most 30 days ahead.
+    #[param(value_type = Option<String>, format = DateTime)]
+    eta: Option<String>,
+    /// Do not start after this instant (RFC 3339); the task ends EXPIRED.
+    #[param(value_type = Option<String>, format = DateTime)]
+    expires: Option<String>,
+    /// Do not start after this many seconds from now.
+    #[param(minimum = 0, maximum = 2_592_000)]
+    expires_in: Option<f64>,
+}
+
+struct Schedule {
+    eta: Option<DateTime<Utc>>,
+    expires: Option<DateTime<Utc>>,
+}
+
+pub(super) fn instant(name: &str, text: &str) -> Result<DateTime<Utc>, ApiError> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| {
+            ApiError::invalid_parameter(name, format!("{name} is not an RFC 3339 timestamp: {e}"))
+        })
+}
+
+impl SubmitParams {
+    fn resolve(&self, now: DateTime<Utc>) -> Result<Schedule, ApiError> {
+        let seconds = |name: &str, s: f64| -> Result<DateTime<Utc>, ApiError> {
+            if !(0.0..=MAX_DELAY.as_seconds_f64()).contains(&s) {
+                return Err(ApiError::invalid_parameter(
+                    name,
+                    format!(
+                        "{name} must be between 0 and {} seconds",
+                        MAX_DELAY.num_seconds()
+                    ),
+                ));
+            }
+            Ok(now + chrono::TimeDelta::milliseconds((s * 1000.0) as i64))
+        };
+        let ahead = |name: &str, text: &str| -> Result<DateTime<Utc>, ApiError> {
+            let at = instant(name, text)?;
+            if at - now > MAX_DELAY {
+                return Err(ApiError::invalid_parameter(
+                    name,
+                    format!("{name} is more than {} days ahead", MAX_DELAY.num_days()),
+                ));
+            }
+            Ok(at)
+        };
+        let eta = match (&self.countdown, &self.eta) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::invalid_parameter(
+                    "eta",
+                    "give countdown or eta, not both",
+                ));
+            }
+            (Some(s), None) => Some(seconds("countdown", *s)?),
+            (None, Some(t)) => Some(ahead("eta", t)?),
+            (None, None) => None,
+        };
+        let expires = match (&self.expires_in, &self.expires) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::invalid_parameter(
+                    "expires",
+                    "give expires_in or expires, not both",
+                ));
+            }
+            (Some(s), None) => Some(seconds("expires_in", *s)?),
+            (None, Some(t)) => Some(ahead("expires", t)?),
+            (None, None) => None,
+        };
+        if let (Some(eta), Some(expires)) = (eta, expires)
+            && expires <= eta
+        {
+            return Err(ApiError::invalid_parameter(
+                "expires",
+                "expires must be after the eta",
+            ));
+        }
+        Ok(Schedule { eta, expires })
+    }
+}
+
+fn new_task(
+    state: &AppState,
+    caller: &Caller,
+    entry: &Entry,
+    task_type: &str,
+    input: Value,
+    schedule: &Schedule,
+    now: DateTime<Utc>,
+) -> NewTask {
+    let lease = chrono::Duration::from_std(state.settings.relay.lease()).unwrap_or_default();
+    NewTask {
+        id: Uuid::now_v7(),
+        task_type: task_type.to_owned(),
+        queue: entry.queue.clone(),
+        owner: Some(caller.owner.clone()),
+        input,
+        eta: schedule.eta,
+        expires_at: schedule.expires,
+        idempotency_key: None,
+        idempotency_fingerprint: None,
+        origin: state.identity.to_string(),
+        traceparent: None,
+        // A delayed task waits in the outbox until its ETA; any other is
+        // published right away, and the relay steps in only if that fails.
+        publish_at: match schedule.eta {
+            Some(eta) if eta > now => eta,
+            _ => now + lease,
+        },
+    }
+}
+
+/// Publishes tasks that are due now (not delayed), waits for the broker's
+/// confirms, and marks the confirmed ones QUEUED. Whatever fails stays in
+/// the outbox for the relay; it is never an error for the client, whose
+/// tasks are recorded already. Returns the confirmed ids.
+pub(super) async fn publish_due(state: &AppState, rows: &[task::Model]) -> Vec<Uuid> {
+    let now = Utc::now();
+    let due: Vec<&task::Model> = rows
+        .iter()
+        .filter(|r| r.eta.is_none_or(|eta| eta <= now))
+        .collect();
+    if due.is_empty() {
+        return Vec::new();
+    }
+    let topology = state.catalog.topology();
+    let batch: Vec<Outgoing> = due
+        .iter()
+        .map(|r| Outgoing::task(topology, &message_from_row(r)))
+        .collect();
+    let results = state.publisher.publish_all(&batch).await;
+    let mut confirmed = Vec::with_capacity(due.len());
+    for (row, result) in due.iter().zip(results) {
+        match result {
+            Ok(()) => confirmed.push(row.id),
+            Err(e) => {
+                tracing::warn!(task_id = %row.id, error = %e, "recorded, not yet published; the relay will publish it")
+            }
+        }
+    }
+    if !confirmed.is_empty()
+        && let Err(e) = state.store.mark_queued_many(&confirmed).await
+    {
+        tracing::warn!(error = %e, "published, but could not mark QUEUED; the relay will republish");
+    }
+    confirmed
+}
+
+// --------------------------------------------------------------- submit
+
+/// A client's key for retrying a submission safely: 1 to 255 visible ASCII.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(raw) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = raw
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or_else(|| {
+            ApiError::invalid_parameter(
+                "Idempotency-Key",
+                "must be 1 to 255 visible ASCII characters",
+            )
+        })?;
+    Ok(Some(key.to_owned()))
+}
+
+/// What makes two submissions "the same" for an idempotency key.
+fn fingerprint(task_type: &str, input: &Value, schedule: &Schedule) -> String {
+    let mut h = Sha256::new();
+    for part in [
+        task_type.to_owned(),
+        input.to_string(),
+        format!("{:?}", schedule.eta),
+        format!("{:?}", schedule.expires),
+    ] {
+        h.update(part.as_bytes());
+        h.update(b"\n");
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `POST /tasks/{type}`: the body is the task's input (a JSON object).
+///
+/// 202 once the task is recorded in PostgreSQL. It is normally on the
+/// broker by then too (`state: QUEUED`); if the broker is unreachable the
+/// task stays `PENDING` and the relay publishes it as soon as it can.
+#[utoipa::path(
+    post,
+    path = "/tasks/{task_type}",
+    tag = "tasks",
+    security(("api_key" = [])),
+    params(TypePath, SubmitParams, ("Idempotency-Key" = Option<String>, Header, description = "Makes retrying this request safe: the same key and body return the same task")),
+    request_body(content = Object, description = "The task's input", content_type = "application/json"),
+    responses(
+        (status = 202, description = "Recorded (and normally queued)", body = Submitted,
+         headers(("Location" = String, description = "The task's status URL"))),
+        (status = 400, description = "A malformed parameter", body = Problem, content_type = PROBLEM_JSON),
+        CommonErrors,
+        (status = 409, description = "The idempotency key was used for another request", body = Problem, content_type = PROBLEM_JSON),
+        (status = 413, description = "The body exceeds api.max_body_bytes", body = Problem, content_type = PROBLEM_JSON),
+        (status = 415, description = "The body is not declared as JSON", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "The input is not valid for this task type, per field", body = Problem, content_type = PROBLEM_JSON),
+    ),
+)]
+pub(crate) async fn submit(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(TypePath { task_type }): Path<TypePath>,
+    params: Result<Query<SubmitParams>, QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let entry = entry(&state, &task_type)?;
+    let params = query(params)?;
+    let key = idempotency_key(&headers)?;
+    let input = json_body(&headers, body, state.settings.api.max_body_bytes)?;
+    validate_input(entry, &input, "").map_err(ApiError::invalid_input)?;
+    let now = Utc::now();
+    let schedule = params.resolve(now)?;
+
+    let mut new = new_task(&state, &caller, entry, &task_type, input, &schedule, now);
+    let (row, replayed) = match key {
+        None => (state.store.insert(&new).await?, false),
+        Some(key) => {
+            let fp = fingerprint(&task_type, &new.input, &schedule);
+            new.idempotency_key = Some(key.clone());
+            new.idempotency_fingerprint = Some(fp.clone());
+            match state.store.insert_idempotent(&new).await? {
+                Inserted::New(row) => (row, false),
+                Inserted::Existing(row)
+                    if row.idempotency_fingerprint.as_deref() == Some(fp.as_str()) =>
+                {
+                    (row, true)
+                }
+                Inserted::Existing(row) => {
+                    return Err(ApiError::idempotency_key_reused(&key, row.id));
+                }
+            }
+        }
+    };
+    if state.fail_points.hit(FailPoint::AfterCommitBeforePublish) {
+        tracing::error!(task_id = %row.id, "fail point: dying between commit and publish");
+        return Err(ApiError::internal(&std::io::Error::other(
+            "fail point AfterCommitBeforePublish",
+        )));
+    }
+    let task_state = if replayed {
+        // Its first submission published it (or the relay will).
+        state
+            .store
+            .get(row.id)
+            .await?
+            .map_or(row.state, |r| r.state)
+    } else if publish_due(&state, std::slice::from_ref(&row))
+        .await
+        .is_empty()
+    {
+        row.state
+    } else {
+        TaskState::Queued
+    };
+    tracing::info!(task_id = %row.id, task = %task_type, state = %task_state, replayed, "task accepted");
+
+    let body = Submitted::new(&row, task_state);
+    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&task_path(&task_type, row.id)) {
+        headers.insert(header::LOCATION, v);
+    }
+    if replayed {
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BatchBody {
+    /// The tasks' inputs, each a JSON object (at most `api.max_batch`).
+    #[schema(value_type = Vec<Object>, min_items = 1)]
+    tasks: Vec<Value>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct BatchItem {
+    id: Uuid,
+    status_url: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct BatchSubmitted {
+    count: usize,
+    /// How many are on the broker already; the rest are in the outbox
+    /// (delayed, or the broker was unreachable) and follow by themselves.
+    queued: usize,
+    tasks: Vec<BatchItem>,
+}
+
+/// `POST /tasks/{type}/batch` with `{"tasks": [input, …]}`: many tasks in
+/// one request and one transaction. All are valid or none is recorded.
+#[utoipa::path(
+    post,
+    path = "/tasks/{task_type}/batch",
+    tag = "tasks",
+    security(("api_key" = [])),
+    params(TypePath, SubmitParams),
+    request_body(content = BatchBody, content_type = "application/json"),
+    responses(
+        (status = 202, description = "All recorded in one transaction", body = BatchSubmitted),
+        (status = 400, description = "A malformed parameter", body = Problem, content_type = PROBLEM_JSON),
+        CommonErrors,
+        (status = 413, description = "The body exceeds api.max_body_bytes", body = Problem, content_type = PROBLEM_JSON),
+        (status = 415, description = "The body is not declared as JSON", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "Some task is invalid (fields named tasks[i].field); none was recorded", body = Problem, content_type = PROBLEM_JSON),
+    ),
+)]
+pub(crate) async fn submit_batch(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(TypePath { task_type }): Path<TypePath>,
+    params: Result<Query<SubmitParams>, QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let entry = entry(&state, &task_type)?;
+    let params = query(params)?;
+    let body = json_body(&headers, body, state.settings.api.max_body_bytes)?;
+    let BatchBody { tasks } = serde_path_to_error::deserialize(&body).map_err(|e| {
+        ApiError::invalid_input(ValidationErrors::single(
+            e.path().to_string().trim_start_matches('.'),
+            "invalid_type",
+            format!(
+                "the body must be {{\"tasks\": [input, ...]}}: {}",
+                e.inner()
+            ),
+        ))
+    })?;
+    let max = state.settings.api.max_batch;
+    if tasks.is_empty() || tasks.len() > max {
+        return Err(ApiError::invalid_input(ValidationErrors::single(
+            "tasks",
+            "invalid_length",
+            format!("a batch holds 1 to {max} tasks, got {}", tasks.len()),
+        )));
+    }
+    let mut problems: Vec<FieldError> = Vec::new();
+    for (i, input) in tasks.iter().enumerate() {
+        if let Err(e) = validate_input(entry, input, &format!("tasks[{i}]")) {
+            problems.extend(e.errors().iter().cloned());
+        }
+        if problems.len() >= MAX_REPORTED_ERRORS {
+            problems.truncate(MAX_REPORTED_ERRORS);
+            break;
+        }
+    }
+    ValidationErrors::check(problems).map_err(ApiError::invalid_input)?;
+
+    let now = Utc::now();
+    let schedule = params.resolve(now)?;
+    let new: Vec<NewTask> = tasks
+        .into_iter()
+        .map(|input| new_task(&state, &caller, entry, &task_type, input, &schedule, now))
+        .collect();
+    let rows = state.store.insert_many(&new).await?;
+    let queued = publish_due(&state, &rows).await.len();
+    tracing::info!(task = %task_type, count = rows.len(), queued, "batch accepted");
+    let body = BatchSubmitted {
+        count: rows.len(),
+        queued,
+        tasks: rows
+            .iter()
+            .map(|r| BatchItem {
+                id: r.id,
+                status_url: task_path(&task_type, r.id),
+            })
+            .collect(),
+    };
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
