@@ -93,6 +93,12 @@ ensure_services() {
   ensure_rabbitmq
 }
 
+# promtool checks the shipped Prometheus configuration and the metrics
+# output in tests; Debian ships it in the `prometheus` package.
+ensure_promtool() {
+  command -v promtool >/dev/null || apt_install prometheus
+}
+
 ensure_cargo() {
   command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs), then run this again"
 }

@@ -16,7 +16,13 @@ started=$SECONDS
 
 ensure_cargo
 ensure_services
+ensure_promtool
 sweep_test_leftovers
+
+say "promtool: Prometheus configuration, alert rules and their unit tests"
+promtool check config deploy/prometheus/prometheus.yml
+promtool check rules deploy/prometheus/alerts.yml
+(cd deploy/prometheus && promtool test rules alerts_test.yml)
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

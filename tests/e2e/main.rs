@@ -21,6 +21,7 @@ mod lifecycle;
 mod listing;
 mod load_sharing;
 mod long_poll;
+mod observability;
 mod outbox;
 mod real_work;
 mod retries;

@@ -58,12 +58,15 @@ async fn a_stale_attempt_never_overwrites_a_newer_one() {
     let id = Uuid::now_v7();
     store.insert(&new_task(id)).await.unwrap();
 
-    assert_eq!(
+    assert!(matches!(
         claim(store, id, "a", false).await,
-        Claim::Run { attempt: 1 }
-    );
+        Claim::Run { attempt: 1, .. }
+    ));
     // Worker a's channel died; the broker redelivered to worker b.
-    assert_eq!(claim(store, id, "b", true).await, Claim::Run { attempt: 2 });
+    assert!(matches!(
+        claim(store, id, "b", true).await,
+        Claim::Run { attempt: 2, .. }
+    ));
 
     assert!(
         store
@@ -89,10 +92,10 @@ async fn claims_are_refused_for_finished_tasks_and_for_duplicates_of_running_one
     let store = env.store();
     let id = Uuid::now_v7();
     store.insert(&new_task(id)).await.unwrap();
-    assert_eq!(
+    assert!(matches!(
         claim(store, id, "a", false).await,
-        Claim::Run { attempt: 1 }
-    );
+        Claim::Run { attempt: 1, .. }
+    ));
 
     // A second copy of the message (not a redelivery) while it runs.
     assert!(matches!(
@@ -126,10 +129,10 @@ async fn marking_queued_never_undoes_a_faster_worker() {
     let id = Uuid::now_v7();
     store.insert(&new_task(id)).await.unwrap();
     // The worker got the message before the API recorded the confirm.
-    assert_eq!(
+    assert!(matches!(
         claim(store, id, "fast", false).await,
-        Claim::Run { attempt: 1 }
-    );
+        Claim::Run { attempt: 1, .. }
+    ));
     assert!(!store.mark_queued(id).await.unwrap());
     let row = store.get(id).await.unwrap().unwrap();
     assert_eq!(row.state, TaskState::Started);

@@ -33,6 +33,25 @@ pub use worker::TestWorker;
 
 use std::{future::Future, time::Duration};
 
+/// The value of the series `name` whose labels include all of `labels`,
+/// read from Prometheus exposition text; `None` if there is none.
+pub fn metric(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+            (n == name).then_some((rest, value))
+        })
+        .find(|(rest, _)| {
+            labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|(_, value)| value.parse().ok())
+}
+
 /// How often [`wait_until`] looks again.
 const POLL_INTERVAL: Duration = Duration::from_millis(25);
 

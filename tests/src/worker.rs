@@ -9,6 +9,8 @@ use warren_worker::{Worker, WorkerError};
 
 pub struct TestWorker {
     pub identity: String,
+    /// Its `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_addr: std::net::SocketAddr,
     shutdown: CancellationToken,
     handle: JoinHandle<Result<(), WorkerError>>,
 }
@@ -21,6 +23,7 @@ impl TestWorker {
             .expect("worker builds")
             .with_identity(format!("warren-worker@test:{}{name}", settings.amqp.prefix));
         let identity = worker.identity().to_owned();
+        let metrics_addr = worker.metrics_addr();
         let shutdown = CancellationToken::new();
         let health = worker.health();
         let handle = tokio::spawn(worker.run(shutdown.clone()));
@@ -32,6 +35,7 @@ impl TestWorker {
         .await;
         Self {
             identity,
+            metrics_addr,
             shutdown,
             handle,
         }

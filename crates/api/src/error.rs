@@ -235,6 +235,17 @@ impl ApiError {
         )
     }
 
+    pub fn broker_management_unavailable(detail: &str) -> Self {
+        tracing::warn!(%detail, "RabbitMQ management API unavailable");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::BrokerManagementUnavailable,
+            "Broker management unavailable",
+            "RabbitMQ's management API did not answer; queue depths are unknown",
+        )
+        .retry_after(5)
+    }
+
     pub fn database_unavailable() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -17,6 +17,7 @@
 //! - `routes/`: one module per resource.
 //! - [`waiters`]: long-polling, woken by PostgreSQL notifications.
 //! - [`openapi`]: the OpenAPI 3.1 document generated from the handlers.
+//! - [`metrics`]: what the API counts, at `/metrics`.
 //! - [`fail`]: fail points that tests arm to simulate a crash mid-request.
 //!
 //! The API never acknowledges a delivery and never runs a task; it is the
@@ -25,6 +26,7 @@
 pub mod auth;
 pub mod error;
 pub mod fail;
+pub mod metrics;
 pub mod openapi;
 mod routes;
 pub mod startup;

@@ -1,6 +1,13 @@
 //! Building the application: connections, router, listener.
 
-use crate::{ApiError, AppState, auth::Authenticator, openapi, routes, waiters};
+use crate::{
+    ApiError, AppState,
+    auth::Authenticator,
+    metrics::{self, ApiMetrics},
+    openapi, routes,
+    state::Management,
+    waiters,
+};
 use axum::{
     Router,
     extract::{DefaultBodyLimit, Request},
@@ -18,7 +25,7 @@ use tower_http::{
 };
 use warren_shared::{
     artifacts::PgArtifacts,
-    broker::{Publisher, process_identity},
+    broker::{self, Publisher, process_identity},
     catalog::Catalog,
     db::{self, DbErr},
     relay,
@@ -35,6 +42,10 @@ pub enum StartupError {
     Database(DbErr),
     #[error("applying migrations: {0}")]
     Migrate(DbErr),
+    #[error("setting up metrics: {0}")]
+    Metrics(warren_shared::metrics::MetricsError),
+    #[error("building the HTTP client for RabbitMQ's management API: {0}")]
+    Http(reqwest::Error),
     #[error("binding {addr}: {cause}")]
     Bind {
         addr: SocketAddr,
@@ -92,7 +103,28 @@ impl Application {
             &settings.api.static_keys,
             std::time::Duration::from_secs(settings.api.key_cache_seconds),
         ));
+        let (user, password, vhost) =
+            broker::credentials(&settings.amqp.url).ok_or_else(|| SettingsError::Invalid {
+                key: "amqp.url".into(),
+                message: "is not a valid amqp://user:password@host:port/vhost URL".into(),
+            })?;
+        let management = Arc::new(Management {
+            base: settings
+                .amqp
+                .management_url
+                .trim_end_matches('/')
+                .to_owned(),
+            user,
+            password,
+            vhost,
+            client: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(5))
+                .build()
+                .map_err(StartupError::Http)?,
+        });
         let state = AppState {
+            metrics: Arc::new(ApiMetrics::new().map_err(StartupError::Metrics)?),
+            management,
             artifacts: Arc::new(PgArtifacts::new(connection.clone())),
             waiters: Arc::default(),
             auth,
@@ -190,6 +222,9 @@ pub fn router(state: AppState) -> Router {
             "/tasks/{task_type}/{id}/retry",
             post(routes::tasks::control::retry),
         )
+        .route("/workers", get(routes::ops::workers))
+        .route("/queues", get(routes::ops::queues))
+        .route("/metrics", get(metrics::serve))
         .route("/healthz", get(routes::health::healthz))
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/docs", get(openapi::docs))
@@ -197,6 +232,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let request_id = req
@@ -210,6 +249,7 @@ pub fn router(state: AppState) -> Router {
                 path = %req.uri().path(),
                 request_id,
                 owner = tracing::field::Empty,
+                trace_id = tracing::field::Empty,
             )
         }))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))

@@ -78,6 +78,14 @@ pub async fn connect(
     }
 }
 
+/// User, password and vhost of an AMQP URL: the management API takes the
+/// same credentials. `None` if the URL does not parse.
+pub fn credentials(url: &SecretString) -> Option<(String, SecretString, String)> {
+    let uri: lapin::uri::AMQPUri = url.expose_secret().parse().ok()?;
+    let info = uri.authority.userinfo;
+    Some((info.username, SecretString::from(info.password), uri.vhost))
+}
+
 /// One identity per process and role, used for connection names, the
 /// `worker` recorded on tasks and Celery's `origin` header.
 pub fn process_identity(role: &str) -> String {

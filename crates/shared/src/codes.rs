@@ -46,6 +46,8 @@ pub enum ErrorCode {
     // Service errors (HTTP 5xx).
     /// PostgreSQL is unreachable: nothing was recorded (503).
     DatabaseUnavailable,
+    /// RabbitMQ's management API did not answer (503).
+    BrokerManagementUnavailable,
     /// Anything else; details are in the logs, never in the response (500).
     Internal,
 
@@ -89,6 +91,7 @@ impl ErrorCode {
             ErrorCode::InvalidApiKey => "invalid_api_key",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::DatabaseUnavailable => "database_unavailable",
+            ErrorCode::BrokerManagementUnavailable => "broker_management_unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::TaskFailed => "task_failed",
             ErrorCode::TaskError => "task_error",

@@ -16,6 +16,8 @@
 //! - [`relay`]: the outbox relay (recorded → published, delays, retries).
 //! - [`state`], [`codes`]: task states and stable error codes.
 //! - [`telemetry`], [`shutdown`]: logging setup and signal handling.
+//! - [`metrics`]: registries that label every series with the version.
+//! - [`trace`]: W3C `traceparent`, from request to task to worker logs.
 //!
 //! It deliberately knows nothing about HTTP (only `api` depends on axum),
 //! never acknowledges a delivery (only `worker` does), and spawns nothing:
@@ -27,6 +29,7 @@ pub mod catalog;
 pub mod codes;
 pub mod db;
 pub mod envelope;
+pub mod metrics;
 pub mod relay;
 pub mod settings;
 pub mod shutdown;
@@ -34,6 +37,7 @@ pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod topology;
+pub mod trace;
 pub mod wire;
 
 /// The version of this build, carried in logs, metrics and worker records.

@@ -101,6 +101,9 @@ pub struct AmqpSettings {
     /// getting requeued (e.g. it crashes every worker that takes it).
     pub delivery_limit: u32,
     pub connect_timeout_seconds: f64,
+    /// RabbitMQ's management API, for queue depths (`GET /queues`); the
+    /// user and password are those of `amqp.url`.
+    pub management_url: String,
     /// Longest wait for a publisher confirm before the publish counts as
     /// failed (the task stays recorded; the relay publishes it later).
     pub publish_timeout_seconds: f64,
@@ -117,6 +120,9 @@ pub struct ApiSettings {
     pub max_wait_seconds: u64,
     /// Most tasks in one batch submission.
     pub max_batch: usize,
+    /// A worker that has not sent a heartbeat for this long is no longer
+    /// listed by `GET /workers`.
+    pub worker_timeout_seconds: f64,
     /// How long a verified API key is trusted without asking PostgreSQL
     /// again; a revoked key stops working within this time.
     pub key_cache_seconds: u64,
@@ -147,6 +153,11 @@ pub struct WorkerSettings {
     /// How often a worker checks whether a client asked to cancel one of
     /// the tasks it is running.
     pub cancel_check_ms: u64,
+    /// `/metrics`, `/healthz` and `/readyz` of this replica; port 0 picks a
+    /// free port (logged, and shown by `GET /workers`).
+    pub metrics_listen: SocketAddr,
+    /// How often a worker records that it is alive, for `GET /workers`.
+    pub heartbeat_seconds: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -269,6 +280,12 @@ impl Settings {
 
         let amqp = &self.amqp;
         check_url(&amqp.url, "amqp.url", &["amqp", "amqps"])?;
+        if crate::broker::credentials(&amqp.url).is_none() {
+            return Err(invalid(
+                "amqp.url",
+                "is not a valid amqp://user:password@host:port/vhost URL",
+            ));
+        }
         check_name("amqp.prefix", &amqp.prefix, true)?;
         check_name("amqp.default_queue", &amqp.default_queue, false)?;
         if amqp.delivery_limit == 0 {
@@ -276,10 +293,22 @@ impl Settings {
         }
         positive_seconds("amqp.connect_timeout_seconds", amqp.connect_timeout_seconds)?;
         positive_seconds("amqp.publish_timeout_seconds", amqp.publish_timeout_seconds)?;
+        if !(amqp.management_url.starts_with("http://")
+            || amqp.management_url.starts_with("https://"))
+        {
+            return Err(invalid(
+                "amqp.management_url",
+                "must be an http:// or https:// URL",
+            ));
+        }
 
         if self.api.max_body_bytes < 1024 {
             return Err(invalid("api.max_body_bytes", "must be at least 1024"));
         }
+        positive_seconds(
+            "api.worker_timeout_seconds",
+            self.api.worker_timeout_seconds,
+        )?;
         if self.api.max_wait_seconds > 3600 {
             return Err(invalid("api.max_wait_seconds", "must be at most 3600"));
         }
@@ -312,6 +341,7 @@ impl Settings {
         }
         non_negative_seconds("worker.shutdown_grace_seconds", w.shutdown_grace_seconds)?;
         check_owner("worker.default_owner", &w.default_owner)?;
+        positive_seconds("worker.heartbeat_seconds", w.heartbeat_seconds)?;
         if !(10..=60_000).contains(&w.cancel_check_ms) {
             return Err(invalid(
                 "worker.cancel_check_ms",

@@ -320,7 +320,7 @@ mod tests {
     fn topology() -> Topology {
         let mut amqp: AmqpSettings = serde_json::from_value(serde_json::json!({
             "url": "amqp://localhost", "prefix": "t1.", "queue_type": "quorum",
-            "default_queue": "default", "delivery_limit": 5,
+            "default_queue": "default", "delivery_limit": 5, "management_url": "http://localhost:15672",
             "connect_timeout_seconds": 1, "publish_timeout_seconds": 1
         }))
         .unwrap();

@@ -1,14 +1,19 @@
 //! Wiring a worker together and running it until shutdown.
 
-use crate::consumer;
+use crate::{
+    consumer,
+    metrics::{self, WorkerMetrics},
+};
+use chrono::{DateTime, Utc};
 use lapin::Acker;
 use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
 use warren_shared::{
@@ -20,6 +25,7 @@ use warren_shared::{
     settings::{Settings, SettingsError},
     store::Store,
 };
+use warren_shared::{metrics::MetricsError, store::WorkerRecord};
 use warren_tasks::Registry;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +36,13 @@ pub enum WorkerError {
     Database(DbErr),
     #[error("applying migrations: {0}")]
     Migrate(DbErr),
+    #[error("setting up metrics: {0}")]
+    Metrics(MetricsError),
+    #[error("binding worker.metrics_listen {addr}: {cause}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        cause: std::io::Error,
+    },
 }
 
 /// What a worker reports about itself while it runs; cheap to share.
@@ -75,6 +88,15 @@ pub struct Worker {
     pub(crate) identity: String,
     /// Full names of the queues this replica consumes.
     pub(crate) queues: Vec<String>,
+    /// One permit per task this replica may run at once.
+    pub(crate) slots: Arc<Semaphore>,
+    pub(crate) metrics: WorkerMetrics,
+    /// Deliveries handled (any outcome) since start, for heartbeats.
+    pub(crate) processed: AtomicU64,
+    started_at: DateTime<Utc>,
+    /// Bound at build, served while running.
+    metrics_listener: std::sync::Mutex<Option<TcpListener>>,
+    metrics_addr: std::net::SocketAddr,
 }
 
 impl Worker {
@@ -113,6 +135,13 @@ impl Worker {
                 .await
                 .map_err(WorkerError::Migrate)?;
         }
+        let addr = settings.worker.metrics_listen;
+        let metrics_listener = TcpListener::bind(addr)
+            .await
+            .map_err(|cause| WorkerError::Bind { addr, cause })?;
+        let metrics_addr = metrics_listener
+            .local_addr()
+            .map_err(|cause| WorkerError::Bind { addr, cause })?;
         let publisher = Arc::new(Publisher::new(
             settings.amqp.url.clone(),
             format!("{identity}/publish"),
@@ -121,6 +150,12 @@ impl Worker {
             topology,
         ));
         Ok(Self {
+            slots: Arc::new(Semaphore::new(settings.worker.concurrency as usize)),
+            metrics: WorkerMetrics::new().map_err(WorkerError::Metrics)?,
+            processed: AtomicU64::new(0),
+            started_at: Utc::now(),
+            metrics_listener: std::sync::Mutex::new(Some(metrics_listener)),
+            metrics_addr,
             health: Arc::default(),
             running: Mutex::default(),
             artifacts: Arc::new(PgArtifacts::new(connection.clone())),
@@ -158,6 +193,33 @@ impl Worker {
         Arc::clone(&self.health)
     }
 
+    /// Where `/metrics`, `/healthz` and `/readyz` answer (the port the OS
+    /// picked when `worker.metrics_listen` has port 0).
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        self.metrics_addr
+    }
+
+    /// Tasks running (or being claimed) right now.
+    pub(crate) fn in_flight(&self) -> usize {
+        lock(&self.running).len()
+    }
+
+    fn record(&self) -> WorkerRecord {
+        WorkerRecord {
+            id: self.identity.clone(),
+            host: gethostname::gethostname().to_string_lossy().into_owned(),
+            pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
+            version: warren_shared::VERSION.to_owned(),
+            queues: self.queues.clone(),
+            concurrency: i32::try_from(self.settings.worker.concurrency).unwrap_or(i32::MAX),
+            in_flight: i32::try_from(self.in_flight()).unwrap_or(i32::MAX),
+            processed: i64::try_from(self.processed.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
+            metrics_addr: Some(self.metrics_addr.to_string()),
+            started_at: self.started_at,
+            last_heartbeat: Utc::now(),
+        }
+    }
+
     /// Consumes until `shutdown` is cancelled, then drains in-flight tasks
     /// within the configured grace period and returns.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
@@ -168,9 +230,18 @@ impl Worker {
             concurrency = worker.settings.worker.concurrency,
             prefetch = worker.settings.worker.effective_prefetch(),
             version = warren_shared::VERSION,
+            metrics = %worker.metrics_addr,
             "worker starting"
         );
         let background = TaskTracker::new();
+        if let Some(listener) = lock(&worker.metrics_listener).take() {
+            background.spawn(metrics::serve(
+                listener,
+                Arc::clone(&worker),
+                shutdown.clone(),
+            ));
+        }
+        background.spawn(heartbeat(Arc::clone(&worker), shutdown.clone()));
         background.spawn(watch_cancellations(Arc::clone(&worker), shutdown.clone()));
         if worker.settings.relay.enabled {
             background.spawn(relay::run(
@@ -185,8 +256,25 @@ impl Worker {
         background.close();
         background.wait().await;
         worker.publisher.close().await;
+        if let Err(e) = worker.store.forget_worker(&worker.identity).await {
+            tracing::warn!(error = %e, "could not remove this worker from the live list");
+        }
         tracing::info!(worker = %worker.identity, "worker stopped");
         Ok(())
+    }
+}
+
+/// Tells PostgreSQL this replica is alive, every `worker.heartbeat_seconds`.
+async fn heartbeat(worker: Arc<Worker>, shutdown: CancellationToken) {
+    let every = std::time::Duration::from_secs_f64(worker.settings.worker.heartbeat_seconds);
+    loop {
+        if let Err(e) = worker.store.heartbeat(&worker.record()).await {
+            tracing::warn!(error = %e, "heartbeat failed");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
     }
 }
 

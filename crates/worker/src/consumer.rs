@@ -29,7 +29,7 @@ enum SessionEnd {
 /// Runs sessions until shutdown, then drains. Returns when every in-flight
 /// task has finished or the grace period is over.
 pub(crate) async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(worker.settings.worker.concurrency as usize));
+    let slots = Arc::clone(&worker.slots);
     let in_flight = TaskTracker::new();
     // Cancelled when the grace period runs out: running tasks are asked to
     // stop and handlers stop retrying database writes.
@@ -58,6 +58,7 @@ pub(crate) async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
         match end {
             SessionEnd::Shutdown => break,
             SessionEnd::Lost(reason) => {
+                worker.metrics.reconnects.inc();
                 tracing::warn!(%reason, retry_in = ?backoff, "broker session lost; reconnecting");
                 tokio::select! {
                     () = shutdown.cancelled() => break,

@@ -10,6 +10,7 @@ use crate::{
     Worker,
     app::{Running, lock},
     execute::{self, Attempt},
+    metrics::WorkerMetrics,
     services::WorkerServices,
 };
 use chrono::Utc;
@@ -22,6 +23,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
+use warren_shared::trace::TraceParent;
 use warren_shared::{
     broker::{Outgoing, with_extra_headers},
     codes::{ErrorCode, StoredError},
@@ -82,11 +84,14 @@ pub(crate) async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &Canc
             (Disposition::DeadLetter { code, reason }, None)
         }
         Ok(message) => {
+            let trace = message.traceparent.as_deref().and_then(TraceParent::parse);
             let span = tracing::info_span!(
                 "task",
                 task_id = %message.id,
                 task = %message.task,
                 attempt = tracing::field::Empty,
+                trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
+                parent_span_id = trace.map(|t| t.parent_id_hex()).unwrap_or_default(),
             );
             if !adopt_or_register(worker, message.id, &delivery) {
                 span.in_scope(|| {
@@ -107,6 +112,9 @@ pub(crate) async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &Canc
         }
     };
     settle(worker, delivery, disposition, adopted).await;
+    worker
+        .processed
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Adopts `delivery` if this process is running its task already; true if
@@ -195,6 +203,7 @@ async fn process(
         );
         return match db(stop, || store.expire(message, &input, &entry.queue, &error)).await {
             Ok(changed) => {
+                worker.metrics.event(entry.task.name(), "expired");
                 tracing::info!(changed, "task expired before it started");
                 Disposition::Ack
             }
@@ -206,6 +215,7 @@ async fn process(
         // no consumer timeout, and it survives any restart.
         return match db(stop, || store.schedule(message, &input, &entry.queue)).await {
             Ok(changed) => {
+                worker.metrics.event(entry.task.name(), "deferred");
                 tracing::info!(eta = ?message.eta, changed, "not due yet; scheduled");
                 Disposition::Ack
             }
@@ -213,6 +223,7 @@ async fn process(
         };
     }
 
+    let label = entry.task.name();
     let claim = match db(stop, || {
         store.claim(message, &input, &entry.queue, &worker.identity, redelivered)
     })
@@ -222,8 +233,20 @@ async fn process(
         Err(d) => return d,
     };
     let attempt = match claim {
-        Claim::Run { attempt } => attempt,
+        Claim::Run {
+            attempt,
+            queue_wait,
+        } => {
+            worker.metrics.event(label, "started");
+            worker
+                .metrics
+                .queue_wait_seconds
+                .with_label_values(&[label])
+                .observe(queue_wait.as_secs_f64());
+            attempt
+        }
         Claim::Skip { state, reason } => {
+            worker.metrics.event(label, "skipped");
             tracing::info!(?state, reason, redelivered, "not running");
             return Disposition::Ack;
         }
@@ -311,10 +334,30 @@ async fn process(
         }
     };
 
+    worker
+        .metrics
+        .run_seconds
+        .with_label_values(&[label])
+        .observe(elapsed.as_secs_f64());
+    let outcome_label = match &outcome {
+        Outcome::Success(_) => "succeeded",
+        Outcome::Failure(_) => "failed",
+        Outcome::Cancelled => "cancelled",
+        Outcome::Retry { .. } => "retried",
+    };
+    let writing = std::time::Instant::now();
     let recorded = match db(stop, || store.finish(message.id, attempt, &outcome)).await {
         Ok(r) => r,
         Err(d) => return d,
     };
+    worker
+        .metrics
+        .write_seconds
+        .with_label_values(&[outcome_label])
+        .observe(writing.elapsed().as_secs_f64());
+    if recorded {
+        worker.metrics.event(label, outcome_label);
+    }
     if !recorded {
         tracing::warn!("a newer attempt took over while this one ran; its outcome is discarded");
         return Disposition::Ack;
@@ -402,7 +445,22 @@ async fn settle(
         Disposition::Requeue => false,
         Disposition::DeadLetter { code, reason } => {
             match dead_letter(worker, &delivery, code, reason).await {
-                Ok(()) => true,
+                Ok(()) => {
+                    let task = delivery
+                        .properties
+                        .headers()
+                        .as_ref()
+                        .and_then(|h| h.inner().get("task"))
+                        .and_then(warren_shared::wire::text)
+                        .unwrap_or_default();
+                    let label = WorkerMetrics::task_label(worker, &task);
+                    worker
+                        .metrics
+                        .dead_letters
+                        .with_label_values(&[label, code.as_str()])
+                        .inc();
+                    true
+                }
                 Err(e) => {
                     // Keep the message rather than drop it; it comes back and
                     // is dead-lettered once the publish works (the queue's

@@ -16,6 +16,8 @@
 //! - `services`: what a running task can ask of the worker (progress, item
 //!   outcomes, artifacts), over PostgreSQL; cancellation of running tasks.
 //! - [`dead_letters`]: listing and requeueing dead letters (operator CLI).
+//! - `metrics`: what a replica counts, served with `/healthz` and `/readyz`
+//!   on `worker.metrics_listen`; heartbeats for `GET /workers`.
 //!
 //! This crate is the only one that acknowledges deliveries. It serves no
 //! HTTP API and knows nothing of how tasks were submitted.
@@ -25,6 +27,7 @@ mod consumer;
 pub mod dead_letters;
 mod execute;
 mod handler;
+mod metrics;
 mod services;
 
 pub use app::{Health, Worker, WorkerError};

@@ -1,4 +1,5 @@
 //! Route handlers, one module per resource.
 
 pub(crate) mod health;
+pub(crate) mod ops;
 pub(crate) mod tasks;

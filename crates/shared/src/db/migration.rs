@@ -28,6 +28,13 @@ impl MigratorTrait for Migrator {
                 up: KEYS_ITEMS_ARTIFACTS,
                 down: KEYS_ITEMS_ARTIFACTS_DOWN,
             }),
+            // Live workers, for `GET /workers`: each replica upserts its row
+            // every heartbeat and deletes it on a clean exit.
+            Box::new(Sql {
+                name: "m20261123_000004_workers",
+                up: WORKERS,
+                down: "DROP TABLE workers",
+            }),
         ]
     }
 }
@@ -198,4 +205,20 @@ DROP TABLE artifacts;
 DROP TABLE task_items;
 ALTER TABLE tasks DROP COLUMN cancel_requested_at, DROP COLUMN idempotency_fingerprint;
 DROP TABLE api_keys;
+"#;
+
+const WORKERS: &str = r#"
+CREATE TABLE workers (
+    id             text PRIMARY KEY,
+    host           text NOT NULL,
+    pid            integer NOT NULL,
+    version        text NOT NULL,
+    queues         text[] NOT NULL,
+    concurrency    integer NOT NULL,
+    in_flight      integer NOT NULL DEFAULT 0,
+    processed      bigint NOT NULL DEFAULT 0,
+    metrics_addr   text,
+    started_at     timestamptz NOT NULL,
+    last_heartbeat timestamptz NOT NULL
+);
 "#;

@@ -10,11 +10,13 @@
 mod items;
 mod reads;
 mod requests;
+mod workers;
 
 pub use items::{ItemError, ItemRecord};
 pub use reads::{ListFilter, TaskSummary};
 use requests::RESETTABLE_BY_OPERATOR;
 pub use requests::{Cancellation, Inserted, Retry};
+pub use workers::WorkerRecord;
 
 use crate::{
     codes::{ErrorCode, StoredError},
@@ -147,8 +149,12 @@ fn new_row(t: &NewTask, now: DateTime<Utc>) -> task::ActiveModel {
 /// What a worker learns when it tries to start a task.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// Run it; this is attempt number `attempt` (1-based).
-    Run { attempt: i32 },
+    /// Run it; this is attempt number `attempt` (1-based), and it waited
+    /// `queue_wait` between being queued (published) and started.
+    Run {
+        attempt: i32,
+        queue_wait: std::time::Duration,
+    },
     /// Do not run it: another attempt owns it or it is already over.
     Skip {
         state: Option<TaskState>,
@@ -279,7 +285,8 @@ impl Store {
                     AND (t.state IN ('PENDING', 'QUEUED')
                          OR (t.state = 'RETRY' AND t.publish_at <= now())
                          OR (t.state = 'STARTED' AND $16))
-                 RETURNING t.attempts",
+                 RETURNING t.attempts,
+                           greatest(extract(epoch FROM t.started_at - t.queued_at), 0)::float8 AS queue_wait",
                 vec![
                     m.id.into(),
                     m.task.clone().into(),
@@ -302,7 +309,13 @@ impl Store {
             .await?;
         if let Some(row) = row {
             let attempt: i32 = row.try_get("", "attempts")?;
-            return Ok(Claim::Run { attempt });
+            let wait: Option<f64> = row.try_get("", "queue_wait")?;
+            let queue_wait =
+                std::time::Duration::try_from_secs_f64(wait.unwrap_or(0.0)).unwrap_or_default();
+            return Ok(Claim::Run {
+                attempt,
+                queue_wait,
+            });
         }
         let current = self.get(m.id).await?;
         let (state, reason) = match current {

@@ -2,6 +2,7 @@
 //! optional scheduling.
 
 use super::*;
+use warren_shared::trace::TraceParent;
 
 // ------------------------------------------------------------- scheduling
 
@@ -131,6 +132,42 @@ fn new_task(
 /// confirms, and marks the confirmed ones QUEUED. Whatever fails stays in
 /// the outbox for the relay; it is never an error for the client, whose
 /// tasks are recorded already. Returns the confirmed ids.
+/// The caller's trace continued one hop (the API's own span), or a new
+/// trace: carried with the task so the worker's logs join it.
+fn trace_context(headers: &HeaderMap) -> TraceParent {
+    let mut random = [0u8; 24];
+    // Without OS randomness, fall back to the time: ids must be unique,
+    // not secret.
+    if getrandom::fill(&mut random).is_err() {
+        let nanos = Utc::now()
+            .timestamp_nanos_opt()
+            .unwrap_or_default()
+            .to_le_bytes();
+        random[..8].copy_from_slice(&nanos);
+        random[16..].copy_from_slice(&nanos);
+    }
+    let mut span = [0u8; 8];
+    span.copy_from_slice(&random[16..]);
+    let tp = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse)
+        .map_or_else(
+            || {
+                let mut trace_id = [0u8; 16];
+                trace_id.copy_from_slice(&random[..16]);
+                TraceParent {
+                    trace_id,
+                    parent_id: span,
+                    flags: 1,
+                }
+            },
+            |caller| caller.child(span),
+        );
+    tracing::Span::current().record("trace_id", tp.trace_id_hex().as_str());
+    tp
+}
+
 pub(super) async fn publish_due(state: &AppState, rows: &[task::Model]) -> Vec<Uuid> {
     let now = Utc::now();
     let due: Vec<&task::Model> = rows
@@ -145,7 +182,12 @@ pub(super) async fn publish_due(state: &AppState, rows: &[task::Model]) -> Vec<U
         .iter()
         .map(|r| Outgoing::task(topology, &message_from_row(r)))
         .collect();
+    let publishing = std::time::Instant::now();
     let results = state.publisher.publish_all(&batch).await;
+    state
+        .metrics
+        .confirm_seconds
+        .observe(publishing.elapsed().as_secs_f64());
     let mut confirmed = Vec::with_capacity(due.len());
     for (row, result) in due.iter().zip(results) {
         match result {
@@ -238,6 +280,7 @@ pub(crate) async fn submit(
     let schedule = params.resolve(now)?;
 
     let mut new = new_task(&state, &caller, entry, &task_type, input, &schedule, now);
+    new.traceparent = Some(trace_context(&headers).to_string());
     let (row, replayed) = match key {
         None => (state.store.insert(&new).await?, false),
         Some(key) => {
@@ -278,6 +321,13 @@ pub(crate) async fn submit(
     } else {
         TaskState::Queued
     };
+    if !replayed {
+        state
+            .metrics
+            .submitted
+            .with_label_values(&[&task_type])
+            .inc();
+    }
     tracing::info!(task_id = %row.id, task = %task_type, state = %task_state, replayed, "task accepted");
 
     let body = Submitted::new(&row, task_state);
@@ -382,6 +432,11 @@ pub(crate) async fn submit_batch(
         .collect();
     let rows = state.store.insert_many(&new).await?;
     let queued = publish_due(&state, &rows).await.len();
+    state
+        .metrics
+        .submitted
+        .with_label_values(&[&task_type])
+        .inc_by(rows.len() as u64);
     tracing::info!(task = %task_type, count = rows.len(), queued, "batch accepted");
     let body = BatchSubmitted {
         count: rows.len(),

@@ -1,0 +1,99 @@
+//! What the API counts, served at `/metrics`: HTTP requests by method,
+//! route template and status, their durations, tasks submitted by type,
+//! publish-confirm latency, and the outbox backlog. Every series carries
+//! the build version (see `warren_shared::metrics`).
+
+use crate::AppState;
+use axum::{
+    extract::{MatchedPath, Request, State},
+    http::header,
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Registry};
+use std::time::Instant;
+use warren_shared::metrics::{self, MetricsError};
+
+pub struct ApiMetrics {
+    registry: Registry,
+    http_requests: IntCounterVec,
+    http_seconds: HistogramVec,
+    pub submitted: IntCounterVec,
+    pub confirm_seconds: Histogram,
+    outbox: IntGauge,
+}
+
+impl ApiMetrics {
+    pub fn new() -> Result<Self, MetricsError> {
+        let r = metrics::registry("api")?;
+        Ok(Self {
+            http_requests: metrics::counters(
+                &r,
+                "warren_http_requests_total",
+                "HTTP requests by method, route template and status.",
+                &["method", "route", "status"],
+            )?,
+            http_seconds: metrics::seconds(
+                &r,
+                "warren_http_request_duration_seconds",
+                "HTTP request durations by method and route template.",
+                &["method", "route"],
+            )?,
+            submitted: metrics::counters(
+                &r,
+                "warren_tasks_submitted_total",
+                "Tasks accepted (202) by task type.",
+                &["task_type"],
+            )?,
+            confirm_seconds: metrics::register(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "warren_publish_confirm_seconds",
+                        "From publishing a batch of tasks to the broker's confirms.",
+                    )
+                    .buckets(metrics::SECONDS_BUCKETS.to_vec()),
+                )?,
+            )?,
+            outbox: metrics::gauge(
+                &r,
+                "warren_outbox_tasks",
+                "Tasks recorded but not on the broker: unpublished, delayed, or waiting to retry.",
+            )?,
+            registry: r,
+        })
+    }
+}
+
+/// Records every request. The route is the matched template
+/// (`/tasks/{task_type}/{id}`), never the raw path, so ids cannot blow up
+/// the number of series; what matched nothing is `unmatched`.
+pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let m = &state.metrics;
+    m.http_requests
+        .with_label_values(&[&method, &route, response.status().as_str()])
+        .inc();
+    m.http_seconds
+        .with_label_values(&[&method, &route])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// `GET /metrics` (no key: Prometheus scrapes it).
+pub async fn serve(State(state): State<AppState>) -> impl IntoResponse {
+    match state.store.outbox_len().await {
+        Ok(n) => state.metrics.outbox.set(n),
+        Err(e) => tracing::warn!(error = %e, "metrics: could not count the outbox"),
+    }
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        metrics::encode(&state.metrics.registry),
+    )
+}

@@ -1,0 +1,175 @@
+//! What a worker replica counts, and the listener that serves it with its
+//! health: `/metrics` (Prometheus text), `/healthz` (alive), `/readyz`
+//! (consuming, and PostgreSQL answers). Plain hyper: only the API speaks axum.
+
+use crate::Worker;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry};
+use std::{convert::Infallible, sync::Arc, time::Duration};
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use warren_shared::metrics::{self, MetricsError};
+
+pub(crate) struct WorkerMetrics {
+    registry: Registry,
+    /// `event`: started, succeeded, failed, retried, expired, cancelled,
+    /// skipped (a duplicate or finished task's message, acknowledged unrun).
+    pub(crate) tasks: IntCounterVec,
+    pub(crate) dead_letters: IntCounterVec,
+    pub(crate) run_seconds: HistogramVec,
+    pub(crate) queue_wait_seconds: HistogramVec,
+    pub(crate) write_seconds: HistogramVec,
+    pub(crate) reconnects: IntCounter,
+    in_flight: IntGauge,
+    free_slots: IntGauge,
+}
+
+impl WorkerMetrics {
+    pub(crate) fn new() -> Result<Self, MetricsError> {
+        let r = metrics::registry("worker")?;
+        Ok(Self {
+            tasks: metrics::counters(
+                &r,
+                "warren_worker_tasks_total",
+                "Task events by task type: started, succeeded, failed, retried, expired, cancelled, skipped.",
+                &["task_type", "event"],
+            )?,
+            dead_letters: metrics::counters(
+                &r,
+                "warren_worker_dead_letters_total",
+                "Messages copied to the dead-letter queue, by task type and error code.",
+                &["task_type", "code"],
+            )?,
+            run_seconds: metrics::seconds(
+                &r,
+                "warren_worker_task_run_seconds",
+                "How long one attempt of a task ran.",
+                &["task_type"],
+            )?,
+            queue_wait_seconds: metrics::seconds(
+                &r,
+                "warren_worker_queue_wait_seconds",
+                "From queued (published) to started.",
+                &["task_type"],
+            )?,
+            write_seconds: metrics::seconds(
+                &r,
+                "warren_worker_result_write_seconds",
+                "Recording an attempt's outcome in PostgreSQL.",
+                &["outcome"],
+            )?,
+            reconnects: metrics::register(
+                &r,
+                IntCounter::new(
+                    "warren_worker_broker_reconnects_total",
+                    "Broker sessions lost and reopened.",
+                )?,
+            )?,
+            in_flight: metrics::gauge(&r, "warren_worker_tasks_in_flight", "Tasks running now.")?,
+            free_slots: metrics::gauge(
+                &r,
+                "warren_worker_free_slots",
+                "Slots free for another task.",
+            )?,
+            registry: r,
+        })
+    }
+
+    /// A task type as a label: one of ours, or `unknown` (a garbage message
+    /// must not create a new series per made-up name).
+    pub(crate) fn task_label<'a>(worker: &Worker, task_type: &'a str) -> &'a str {
+        if worker.catalog.get(task_type).is_some() {
+            task_type
+        } else {
+            "unknown"
+        }
+    }
+
+    pub(crate) fn event(&self, task_type: &str, event: &str) {
+        self.tasks.with_label_values(&[task_type, event]).inc();
+    }
+
+    fn render(&self, worker: &Worker) -> String {
+        self.in_flight
+            .set(i64::try_from(worker.in_flight()).unwrap_or(i64::MAX));
+        self.free_slots
+            .set(i64::try_from(worker.slots.available_permits()).unwrap_or(i64::MAX));
+        metrics::encode(&self.registry)
+    }
+}
+
+/// Serves the listener until `shutdown`.
+pub(crate) async fn serve(listener: TcpListener, worker: Arc<Worker>, shutdown: CancellationToken) {
+    let connections = TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics listener: accept failed");
+                    continue;
+                }
+            },
+        };
+        let worker = Arc::clone(&worker);
+        connections.spawn(async move {
+            let service = service_fn(move |req| answer(Arc::clone(&worker), req));
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics connection ended");
+            }
+        });
+    }
+    connections.close();
+    // Scrapes are quick; do not let a stuck one hold up shutdown.
+    let _ = tokio::time::timeout(Duration::from_secs(2), connections.wait()).await;
+}
+
+async fn answer(
+    worker: Arc<Worker>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let respond = |status: StatusCode, content_type: &'static str, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static(content_type),
+        );
+        Ok(r)
+    };
+    match req.uri().path() {
+        "/metrics" => respond(
+            StatusCode::OK,
+            metrics::CONTENT_TYPE,
+            worker.metrics.render(&worker),
+        ),
+        "/healthz" => respond(
+            StatusCode::OK,
+            "application/json",
+            r#"{"status":"ok"}"#.into(),
+        ),
+        "/readyz" => {
+            let consuming = worker.health.is_consuming();
+            let database = worker.store.connection().ping().await.is_ok();
+            let ready = consuming && database;
+            let body = serde_json::json!({
+                "status": if ready { "ready" } else { "unavailable" },
+                "consuming": consuming,
+                "database": if database { "up" } else { "down" },
+            });
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            respond(status, "application/json", body.to_string())
+        }
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
