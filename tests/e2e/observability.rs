@@ -463,3 +463,84 @@ async fn the_request_trace_continues_in_the_worker() {
     drop(worker);
     api.stop().await;
 }
+
+/// `rabbitmq/definitions.json` imports into RabbitMQ (as an operator would
+/// through the management UI) and yields exactly what the code declares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_definitions_import_and_match_the_code() {
+    let env = TestEnv::new().await;
+    let mgmt = Management::new(&env.settings());
+    let vhost = format!("warren-defs-{}", Uuid::new_v4().simple());
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut definitions: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("rabbitmq/definitions.json")).unwrap(),
+    )
+    .unwrap();
+    // Import into a scratch vhost, not over the real one.
+    definitions.as_object_mut().unwrap().remove("vhosts");
+    let put = mgmt
+        .request(reqwest::Method::PUT, &format!("vhosts/{vhost}"), None)
+        .await;
+    assert!(put.status().is_success(), "create vhost: {}", put.status());
+    let user = env.settings().amqp.url;
+    let user = warren_shared::broker::credentials(&user).unwrap().0;
+    let permit = json!({"configure": ".*", "write": ".*", "read": ".*"});
+    mgmt.request(
+        reqwest::Method::PUT,
+        &format!("permissions/{vhost}/{user}"),
+        Some(&permit),
+    )
+    .await;
+
+    let imported = mgmt
+        .request(
+            reqwest::Method::POST,
+            &format!("definitions/{vhost}"),
+            Some(&definitions),
+        )
+        .await;
+    let status = imported.status();
+    let queues: Value = mgmt
+        .request(reqwest::Method::GET, &format!("queues/{vhost}"), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let bindings: Value = mgmt
+        .request(reqwest::Method::GET, &format!("bindings/{vhost}"), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    // Put RabbitMQ back as it was before asserting anything.
+    mgmt.request(reqwest::Method::DELETE, &format!("vhosts/{vhost}"), None)
+        .await;
+    assert!(status.is_success(), "import answered {status}");
+
+    let mut defaults = env.settings();
+    defaults.amqp.prefix = String::new();
+    let catalog =
+        warren_shared::catalog::Catalog::new(&warren_tasks::Registry::builtin(), &defaults)
+            .unwrap();
+    let declared = catalog.topology().definitions();
+    for q in declared["queues"].as_array().unwrap() {
+        let live = queues
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == q["name"]);
+        let live = live.unwrap_or_else(|| panic!("{} was not imported", q["name"]));
+        assert_eq!(live["arguments"], q["arguments"], "{}", q["name"]);
+        assert_eq!(live["durable"], true);
+    }
+    let routed = |key: &str| {
+        bindings
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["source"] == "warren.tasks" && b["routing_key"] == key)
+    };
+    for task_type in catalog.task_types() {
+        assert!(routed(task_type), "no binding for {task_type}");
+    }
+}

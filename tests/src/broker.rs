@@ -240,6 +240,24 @@ impl Management {
         names.len()
     }
 
+    /// Sends a request with the management credentials; for what the
+    /// helpers above do not cover.
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .client
+            .request(method, format!("{}/api/{path}", self.base))
+            .basic_auth(&self.user, Some(&self.password));
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        request.send().await.expect("management API request")
+    }
+
     /// Consumers of a queue as the broker sees them (prefetch, ack mode, ...).
     pub async fn consumers_of(&self, queue: &str) -> Vec<Value> {
         let all = self.get("consumers/%2F").await;
