@@ -99,26 +99,51 @@ ensure_promtool() {
   command -v promtool >/dev/null || apt_install prometheus
 }
 
+# Python tools the tests use, pinned, in a virtualenv outside the clone:
+# schemathesis (property tests of the HTTP API) and kubernetes-validate
+# (schemas of deploy/k8s).
+PY_VENV=$HOME/.cache/warren/venv
+ensure_python_tools() {
+  # hypothesis from 6.136 describes lambdas by parsing their source, which
+  # trips CPython 3.11's "AST constructor recursion depth mismatch" bug
+  # (fixed in later CPython releases) inside schemathesis's coverage phase;
+  # 6.135.0 predates that code and satisfies schemathesis's >=6.130.12.
+  local want="schemathesis==4.32.5 hypothesis==6.135.0 kubernetes-validate==1.37.0"
+  # One stamp file instead of asking pip: `pip show` is slow, and comparing
+  # its piped output with grep -q would trip pipefail.
+  if [ "$(cat "$PY_VENV/.warren-pins" 2>/dev/null)" != "$want" ]; then
+    say "installing $want into $PY_VENV"
+    command -v python3 >/dev/null && python3 -c 'import ensurepip' 2>/dev/null \
+      || apt_install python3 python3-venv
+    python3 -m venv "$PY_VENV" || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
+    # shellcheck disable=SC2086 # one argument per pinned package
+    "$PY_VENV/bin/pip" install -q $want || die "pip install failed"
+    echo "$want" >"$PY_VENV/.warren-pins"
+  fi
+}
+
 ensure_cargo() {
   command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs), then run this again"
 }
 
-# Removes what an interrupted test run (Ctrl-C, SIGKILL: no Drop ran) left
-# behind: test databases nobody is connected to, and queues and exchanges
-# whose test database is gone. Resources of a test run in progress are left
-# alone: its databases are in use, and its prefixes still have a database.
+# Removes what an interrupted test or benchmark run (Ctrl-C, SIGKILL: no
+# cleanup ran) left behind: their databases nobody is connected to, and
+# queues and exchanges whose database is gone. Resources of a run in
+# progress are left alone: its databases are in use, and its prefixes still
+# have a database.
 sweep_test_leftovers() {
   local admin=${TEST_ADMIN_DATABASE_URL:-postgres://postgres@$PG_HOST:$PG_PORT/postgres}
   local db
-  for db in $(psql "$admin" -qtAc "select datname from pg_database where datname like 'warren\_test\_%' or datname like 'warren\_st\_%'"); do
+  for db in $(psql "$admin" -qtAc "select datname from pg_database where datname like 'warren\_test\_%' or datname like 'warren\_st\_%' or datname like 'warren\_bench\_%'"); do
     psql "$admin" -qc "DROP DATABASE \"$db\"" >/dev/null 2>&1 && say "swept leftover database $db"
   done
   local live kind name prefix
   live=$(psql "$admin" -qtAc "select substr(datname, 13, 12) from pg_database where datname like 'warren\_test\_%'
-                              union all select substr(datname, 11, 12) from pg_database where datname like 'warren\_st\_%'")
+                              union all select substr(datname, 11, 12) from pg_database where datname like 'warren\_st\_%'
+                              union all select substr(datname, 14, 12) from pg_database where datname like 'warren\_bench\_%'")
   for kind in queues exchanges; do
     for name in $(curl -fsS -u guest:guest "http://127.0.0.1:$MGMT_PORT/api/$kind/%2F?columns=name" 2>/dev/null \
-        | grep -o '"name":"\(t\|st\)-[0-9a-f]\{12\}\.warren\.[^"]*"' | cut -d'"' -f4); do
+        | grep -o '"name":"\(t\|st\|bench\)-[0-9a-f]\{12\}\.warren\.[^"]*"' | cut -d'"' -f4); do
       prefix=${name#*-}
       prefix=${prefix:0:12}
       if ! grep -qx "$prefix" <<<"$live"; then
@@ -128,4 +153,43 @@ sweep_test_leftovers() {
     done
   done
   return 0
+}
+
+# The local system of scripts/up.sh and scripts/scale.sh: release binaries,
+# logs and pid files in .run/ (worker-<n>.pid, one per replica).
+RUN_DIR=$WARREN_ROOT/.run
+RELEASE_BIN=$CARGO_TARGET_DIR/release
+
+# Replica n serves /metrics, /healthz and /readyz on 127.0.0.1:(base + n),
+# so local Prometheus and the scripts below can find each one.
+WORKER_PORT_BASE=${WORKER_PORT_BASE:-9100}
+worker_addr() { echo "127.0.0.1:$((WORKER_PORT_BASE + $1))"; }
+
+# Starts worker replica number $1 in the background.
+start_worker() {
+  mkdir -p "$RUN_DIR"
+  WARREN_WORKER__METRICS_LISTEN=$(worker_addr "$1") \
+    nohup "$RELEASE_BIN/warren-worker" >"$RUN_DIR/worker-$1.log" 2>&1 &
+  echo $! >"$RUN_DIR/worker-$1.pid"
+}
+
+# Waits until replicas $@ answer /readyz (consuming, database reachable).
+wait_for_workers() {
+  local n
+  for n in "$@"; do
+    wait_for 60 "worker $n to be ready (see .run/worker-$n.log)" \
+      curl -fs -o /dev/null "http://$(worker_addr "$n")/readyz"
+  done
+}
+
+# Numbers of the worker replicas that are running, ascending.
+running_workers() {
+  local f n
+  shopt -s nullglob
+  for f in "$RUN_DIR"/worker-*.pid; do
+    n=${f##*/worker-}
+    n=${n%.pid}
+    kill -0 "$(cat "$f")" 2>/dev/null && echo "$n"
+  done | sort -n
+  shopt -u nullglob
 }

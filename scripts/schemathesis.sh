@@ -5,27 +5,12 @@
 # Runs a real API and worker on a fresh database and queue prefix, and
 # removes them afterwards. Called by scripts/test.sh after the cargo tests.
 #
-# Env: ST_MAX_EXAMPLES (default 40), SCHEMATHESIS_VERSION.
+# Env: ST_MAX_EXAMPLES (default 40).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$WARREN_ROOT"
 
-version=${SCHEMATHESIS_VERSION:-4.32.5}
-# hypothesis from 6.136 describes lambdas by parsing their source, which
-# trips CPython 3.11's "AST constructor recursion depth mismatch" bug (fixed
-# in later CPython releases) inside schemathesis's coverage phase; 6.135.0
-# predates that code and satisfies schemathesis's hypothesis>=6.130.12.
-hypothesis=6.135.0
-venv=$HOME/.cache/warren/venv
-# Compare captured output: `grep -q` closing a pipe early would make the
-# writer fail under `pipefail` and force a reinstall every run.
-installed_st=$("$venv/bin/st" --version 2>/dev/null || true)
-installed_hypothesis=$("$venv/bin/pip" show hypothesis 2>/dev/null || true)
-if [[ "$installed_st" != *"version $version"* || "$installed_hypothesis" != *"Version: $hypothesis"* ]]; then
-  say "installing schemathesis $version (hypothesis $hypothesis) into $venv"
-  python3 -m venv "$venv" || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
-  "$venv/bin/pip" install -q "schemathesis==$version" "hypothesis==$hypothesis"
-fi
+ensure_python_tools
 
 bin=$CARGO_TARGET_DIR/debug
 [ -x "$bin/warren-api" ] || die "build first: cargo build --bins"
@@ -66,7 +51,7 @@ key=$("$bin/warren-api" keys create --owner schemathesis --name "property tests"
 
 say "schemathesis against http://127.0.0.1:$port/openapi.json"
 set +e
-"$venv/bin/st" run "http://127.0.0.1:$port/openapi.json" \
+"$PY_VENV/bin/st" run "http://127.0.0.1:$port/openapi.json" \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
   --header "Authorization: Bearer $key" \
   --max-examples "${ST_MAX_EXAMPLES:-40}" \

@@ -30,6 +30,7 @@ say "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 say "building binaries (the end-to-end tests start real worker processes)"
 cargo build --workspace --bins --locked
+"$WARREN_ROOT/scripts/check-deploy.sh"
 say "cargo test"
 # The e2e tests mostly wait on I/O: more threads than cores is fine.
 TEST_BIN_DIR="$CARGO_TARGET_DIR/debug" \

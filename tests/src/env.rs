@@ -219,6 +219,14 @@ impl TestEnv {
         WorkerProcess::spawn(self, name, env)
     }
 
+    /// A built binary (`warren-api`, `warren-worker`) set up to use this
+    /// test's database and prefix, for running its subcommands.
+    pub fn command(&self, binary: &str) -> std::process::Command {
+        let mut command = std::process::Command::new(crate::process::bin(binary));
+        command.envs(self.process_env());
+        command
+    }
+
     /// Environment variables that make a binary use this test's database
     /// and prefix.
     pub(crate) fn process_env(&self) -> Vec<(String, String)> {

@@ -16,7 +16,7 @@ pub struct WorkerProcess {
 
 /// Where the binaries are: `TEST_BIN_DIR`, else the cargo target
 /// directory this test executable was built into (`…/debug/deps/..`).
-fn bin(name: &str) -> PathBuf {
+pub(crate) fn bin(name: &str) -> PathBuf {
     let dir = match std::env::var_os("TEST_BIN_DIR") {
         Some(dir) => PathBuf::from(dir),
         None => {

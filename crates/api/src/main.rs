@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::io::Write;
 use warren_api::auth;
-use warren_shared::{catalog::Catalog, db, settings::Settings, shutdown, telemetry};
+use warren_shared::{catalog::Catalog, db, probe, settings::Settings, shutdown, telemetry};
 use warren_tasks::Registry;
 
 #[derive(Parser)]
@@ -25,6 +25,8 @@ enum Command {
     Migrate,
     /// Print the broker topology as RabbitMQ definitions (JSON) and exit.
     Definitions,
+    /// Exit 0 if this API answers /healthz on api.listen (for HEALTHCHECK).
+    Healthcheck,
     /// Create, list or revoke API keys.
     #[command(subcommand)]
     Keys(Keys),
@@ -60,9 +62,14 @@ async fn main() -> anyhow::Result<()> {
         writeln!(std::io::stdout().lock(), "{json}")?;
         return Ok(());
     }
+    if let Command::Healthcheck = command {
+        let addr = probe::local(settings.api.listen);
+        let ok = probe::healthy(addr, "/healthz", std::time::Duration::from_secs(3)).await;
+        std::process::exit(if ok { 0 } else { 1 });
+    }
     telemetry::init(&settings.telemetry);
     match command {
-        Command::Definitions => {}
+        Command::Definitions | Command::Healthcheck => {}
         Command::Keys(command) => {
             let db = db::connect(&settings.database, "warren-keys").await?;
             let mut out = std::io::stdout().lock();

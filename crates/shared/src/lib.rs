@@ -16,6 +16,7 @@
 //! - [`relay`]: the outbox relay (recorded → published, delays, retries).
 //! - [`state`], [`codes`]: task states and stable error codes.
 //! - [`telemetry`], [`shutdown`]: logging setup and signal handling.
+//! - [`probe`]: the `healthcheck` subcommands' HTTP probe.
 //! - [`metrics`]: registries that label every series with the version.
 //! - [`trace`]: W3C `traceparent`, from request to task to worker logs.
 //!
@@ -30,6 +31,7 @@ pub mod codes;
 pub mod db;
 pub mod envelope;
 pub mod metrics;
+pub mod probe;
 pub mod relay;
 pub mod settings;
 pub mod shutdown;

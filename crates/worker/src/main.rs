@@ -3,7 +3,9 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::io::Write;
-use warren_shared::{catalog::Catalog, db, settings::Settings, shutdown, store::Store, telemetry};
+use warren_shared::{
+    catalog::Catalog, db, probe, settings::Settings, shutdown, store::Store, telemetry,
+};
 use warren_tasks::Registry;
 use warren_worker::dead_letters;
 
@@ -23,6 +25,9 @@ enum Command {
     Run,
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Exit 0 if this replica answers /healthz on worker.metrics_listen
+    /// (for HEALTHCHECK; needs a fixed port).
+    Healthcheck,
     /// Inspect or requeue the dead-letter queue.
     #[command(subcommand)]
     DeadLetters(DeadLetters),
@@ -50,8 +55,14 @@ enum DeadLetters {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load().context("loading configuration")?;
+    if let Some(Command::Healthcheck) = cli.command {
+        let addr = probe::local(settings.worker.metrics_listen);
+        let ok = probe::healthy(addr, "/healthz", std::time::Duration::from_secs(3)).await;
+        std::process::exit(if ok { 0 } else { 1 });
+    }
     telemetry::init(&settings.telemetry);
     match cli.command.unwrap_or(Command::Run) {
+        Command::Healthcheck => Ok(()),
         Command::Migrate => Ok(warren_worker::Worker::migrate(&settings).await?),
         Command::DeadLetters(command) => {
             let topology = Catalog::new(&Registry::builtin(), &settings)?
