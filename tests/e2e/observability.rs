@@ -206,6 +206,24 @@ async fn metrics_count_a_known_workload_exactly() {
         Some(0.0)
     );
     assert!(metric(&w, "process_resident_memory_bytes", &[]).unwrap_or(0.0) > 0.0);
+    // The pool (config/test.toml: database.max_connections = 4) and the
+    // server's connections, which every replica's pool draws on.
+    assert_eq!(metric(&w, "warren_db_pool_max_connections", &[]), Some(4.0));
+    let pool =
+        |state: &str| metric(&w, "warren_db_pool_connections", &[("state", state)]).unwrap_or(-1.0);
+    let (busy, idle) = (pool("busy"), pool("idle"));
+    assert!(
+        busy >= 0.0 && idle >= 0.0 && busy + idle >= 1.0 && busy + idle <= 4.0,
+        "busy {busy}, idle {idle}"
+    );
+    let server =
+        |kind: &str| metric(&w, "warren_postgres_connections", &[("kind", kind)]).unwrap_or(0.0);
+    assert!(
+        server("usable") >= server("in_use") && server("in_use") >= 1.0,
+        "usable {}, in use {}",
+        server("usable"),
+        server("in_use")
+    );
 
     let a = scrape(&api.url("/metrics")).await;
     let submitted = |task: &str| {
@@ -238,6 +256,7 @@ async fn metrics_count_a_known_workload_exactly() {
         Some(6.0)
     );
     assert_eq!(metric(&a, "warren_outbox_tasks", &[]), Some(0.0));
+    assert_eq!(metric(&a, "warren_db_pool_max_connections", &[]), Some(4.0));
 
     // Every series says which build produced it.
     let version = format!("version=\"{}\"", warren_shared::VERSION);
@@ -543,4 +562,99 @@ async fn the_shipped_definitions_import_and_match_the_code() {
     for task_type in catalog.task_types() {
         assert!(routed(task_type), "no binding for {task_type}");
     }
+}
+
+/// The startup check that warns before replicas exhaust PostgreSQL's
+/// connections reads real figures: held connections count as in use, and
+/// the usable total is the server's limit minus the superuser reserve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_headroom_counts_what_is_open() {
+    use sea_orm::ConnectionTrait;
+    let env = TestEnv::new().await;
+    let settings: warren_shared::settings::DatabaseSettings = serde_json::from_value(json!({
+        "url": env.database_url(), "max_connections": 5,
+        "connect_timeout_seconds": 5, "migrate_on_start": false
+    }))
+    .unwrap();
+    let pool = warren_shared::db::connect(&settings, "headroom-test")
+        .await
+        .unwrap();
+    // Five connections held at once: five sessions in pg_stat_activity.
+    let held: Vec<_> = futures_util::future::join_all((0..5).map(|_| async {
+        let txn = sea_orm::TransactionTrait::begin(&pool).await.unwrap();
+        txn.execute_unprepared("SELECT 1").await.unwrap();
+        txn
+    }))
+    .await;
+    let h = warren_shared::db::headroom(env.store().connection())
+        .await
+        .unwrap();
+    let row = env
+        .store()
+        .connection()
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT current_setting('max_connections')::int8 AS max,
+                    current_setting('superuser_reserved_connections')::int8 AS reserved",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let (max, reserved): (i64, i64) = (
+        row.try_get("", "max").unwrap(),
+        row.try_get("", "reserved").unwrap(),
+    );
+    assert_eq!(h.usable, max - reserved);
+    assert!(h.in_use >= 6, "5 held + the asking one, at least: {h:?}");
+    assert_eq!(h.free(), h.usable - h.in_use);
+    for txn in held {
+        txn.rollback().await.unwrap();
+    }
+    pool.close().await.unwrap();
+}
+
+/// `healthcheck` (the image's HEALTHCHECK, Compose's worker health) exits
+/// 0 while the process it probes answers /healthz, and 1 once it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_subcommands_probe_the_real_endpoints() {
+    let env = TestEnv::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let worker_healthy = || {
+        env.command("warren-worker")
+            .arg("healthcheck")
+            .env("WARREN_WORKER__METRICS_LISTEN", &listen)
+            .status()
+            .unwrap()
+            .code()
+    };
+    assert_eq!(worker_healthy(), Some(1), "nothing listens yet");
+    let mut worker =
+        env.spawn_worker_process("probed", &[("WARREN_WORKER__METRICS_LISTEN", &listen)]);
+    wait_until("the worker to answer", Duration::from_secs(30), || async {
+        (worker_healthy() == Some(0)).then_some(())
+    })
+    .await;
+    assert!(worker.terminate(Duration::from_secs(15)).await.success());
+    assert_eq!(worker_healthy(), Some(1), "the worker is gone");
+
+    let api = env.spawn_api().await;
+    let api_healthy = |addr: String| {
+        env.command("warren-api")
+            .arg("healthcheck")
+            .env("WARREN_API__LISTEN", addr)
+            .status()
+            .unwrap()
+            .code()
+    };
+    assert_eq!(api_healthy(api.addr.to_string()), Some(0));
+    // A wildcard listen address is probed on loopback, as in a container.
+    assert_eq!(api_healthy(format!("0.0.0.0:{}", api.addr.port())), Some(0));
+    let addr = api.addr.to_string();
+    api.stop().await;
+    assert_eq!(api_healthy(addr), Some(1), "the API is gone");
 }

@@ -24,8 +24,9 @@ pub struct ApiMetrics {
 }
 
 impl ApiMetrics {
-    pub fn new() -> Result<Self, MetricsError> {
+    pub fn new(db: &warren_shared::db::Connection, pool_max: u32) -> Result<Self, MetricsError> {
         let r = metrics::registry("api")?;
+        metrics::register_pool(&r, db, pool_max)?;
         Ok(Self {
             http_requests: metrics::counters(
                 &r,

@@ -81,6 +81,7 @@ impl Application {
                 .await
                 .map_err(StartupError::Migrate)?;
         }
+        db::warn_if_short_of_connections(&connection, &settings.database).await;
         let publisher = Arc::new(Publisher::new(
             settings.amqp.url.clone(),
             identity.clone(),
@@ -123,7 +124,10 @@ impl Application {
                 .map_err(StartupError::Http)?,
         });
         let state = AppState {
-            metrics: Arc::new(ApiMetrics::new().map_err(StartupError::Metrics)?),
+            metrics: Arc::new(
+                ApiMetrics::new(&connection, settings.database.max_connections)
+                    .map_err(StartupError::Metrics)?,
+            ),
             management,
             artifacts: Arc::new(PgArtifacts::new(connection.clone())),
             waiters: Arc::default(),

@@ -5,8 +5,10 @@
 //! (resident memory, CPU, open files) and `warren_build_info` come along.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
-    core::Collector,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+    core::{Collector, Desc},
+    proto::MetricFamily,
 };
 use std::collections::HashMap;
 
@@ -69,6 +71,59 @@ pub fn seconds(
 
 pub fn gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge, MetricsError> {
     register(registry, IntGauge::new(name, help)?)
+}
+
+/// This process's PostgreSQL pool, read at every scrape:
+/// `warren_db_pool_connections{state="busy"|"idle"}` and
+/// `warren_db_pool_max_connections`. A pool that stays fully busy is why
+/// tasks wait although slots are free; see also `warren_postgres_connections`.
+pub fn register_pool(
+    registry: &Registry,
+    db: &crate::db::Connection,
+    max: u32,
+) -> Result<(), MetricsError> {
+    let collector = PoolCollector {
+        pool: db.get_postgres_connection_pool().clone(),
+        connections: IntGaugeVec::new(
+            Opts::new(
+                "warren_db_pool_connections",
+                "Connections of this process's PostgreSQL pool, busy or idle.",
+            ),
+            &["state"],
+        )?,
+        max: IntGauge::new(
+            "warren_db_pool_max_connections",
+            "The pool's ceiling (database.max_connections).",
+        )?,
+    };
+    collector.max.set(i64::from(max));
+    registry.register(Box::new(collector))
+}
+
+struct PoolCollector {
+    pool: sea_orm::sqlx::PgPool,
+    connections: IntGaugeVec,
+    max: IntGauge,
+}
+
+impl Collector for PoolCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut descs = self.connections.desc();
+        descs.extend(self.max.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let size = i64::from(self.pool.size());
+        let idle = i64::try_from(self.pool.num_idle()).unwrap_or(size);
+        self.connections.with_label_values(&["idle"]).set(idle);
+        self.connections
+            .with_label_values(&["busy"])
+            .set((size - idle).max(0));
+        let mut families = self.connections.collect();
+        families.extend(self.max.collect());
+        families
+    }
 }
 
 /// The exposition text (format 0.0.4) of everything registered.

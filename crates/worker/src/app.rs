@@ -135,6 +135,7 @@ impl Worker {
                 .await
                 .map_err(WorkerError::Migrate)?;
         }
+        db::warn_if_short_of_connections(&connection, &settings.database).await;
         let addr = settings.worker.metrics_listen;
         let metrics_listener = TcpListener::bind(addr)
             .await
@@ -151,7 +152,8 @@ impl Worker {
         ));
         Ok(Self {
             slots: Arc::new(Semaphore::new(settings.worker.concurrency as usize)),
-            metrics: WorkerMetrics::new().map_err(WorkerError::Metrics)?,
+            metrics: WorkerMetrics::new(&connection, settings.database.max_connections)
+                .map_err(WorkerError::Metrics)?,
             processed: AtomicU64::new(0),
             started_at: Utc::now(),
             metrics_listener: std::sync::Mutex::new(Some(metrics_listener)),
@@ -270,6 +272,11 @@ async fn heartbeat(worker: Arc<Worker>, shutdown: CancellationToken) {
     loop {
         if let Err(e) = worker.store.heartbeat(&worker.record()).await {
             tracing::warn!(error = %e, "heartbeat failed");
+        }
+        if let Ok(h) = db::headroom(worker.store.connection()).await {
+            let gauges = &worker.metrics.postgres_connections;
+            gauges.with_label_values(&["usable"]).set(h.usable);
+            gauges.with_label_values(&["in_use"]).set(h.in_use);
         }
         tokio::select! {
             () = shutdown.cancelled() => return,

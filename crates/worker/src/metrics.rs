@@ -6,7 +6,7 @@ use crate::Worker;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry};
+use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use std::{convert::Infallible, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -22,13 +22,20 @@ pub(crate) struct WorkerMetrics {
     pub(crate) queue_wait_seconds: HistogramVec,
     pub(crate) write_seconds: HistogramVec,
     pub(crate) reconnects: IntCounter,
+    /// `kind`: usable (the server's max_connections minus its superuser
+    /// reserve) and in_use (by everyone), read at every heartbeat.
+    pub(crate) postgres_connections: IntGaugeVec,
     in_flight: IntGauge,
     free_slots: IntGauge,
 }
 
 impl WorkerMetrics {
-    pub(crate) fn new() -> Result<Self, MetricsError> {
+    pub(crate) fn new(
+        db: &warren_shared::db::Connection,
+        pool_max: u32,
+    ) -> Result<Self, MetricsError> {
         let r = metrics::registry("worker")?;
+        metrics::register_pool(&r, db, pool_max)?;
         Ok(Self {
             tasks: metrics::counters(
                 &r,
@@ -65,6 +72,16 @@ impl WorkerMetrics {
                 IntCounter::new(
                     "warren_worker_broker_reconnects_total",
                     "Broker sessions lost and reopened.",
+                )?,
+            )?,
+            postgres_connections: metrics::register(
+                &r,
+                IntGaugeVec::new(
+                    prometheus::Opts::new(
+                        "warren_postgres_connections",
+                        "PostgreSQL server connections: usable (max_connections minus the superuser reserve) and in_use (all clients). Every replica's pool draws on the same limit.",
+                    ),
+                    &["kind"],
                 )?,
             )?,
             in_flight: metrics::gauge(&r, "warren_worker_tasks_in_flight", "Tasks running now.")?,

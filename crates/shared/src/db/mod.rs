@@ -36,6 +36,63 @@ pub async fn connect(
     Database::connect(options).await
 }
 
+/// How many more connections PostgreSQL would accept right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Headroom {
+    /// `max_connections` minus the slots reserved for superusers.
+    pub usable: i64,
+    /// Connections open now, on every database of the server.
+    pub in_use: i64,
+}
+
+impl Headroom {
+    pub fn free(&self) -> i64 {
+        self.usable - self.in_use
+    }
+}
+
+/// Asks PostgreSQL how many connections it allows and how many are open.
+/// Every replica has its own pool, so adding replicas can exhaust
+/// `max_connections` long before CPU runs out; then acquiring a
+/// connection times out and tasks wait. Processes call this at startup to
+/// say so in the log while the cause is still obvious.
+pub async fn headroom(db: &DatabaseConnection) -> Result<Headroom, DbErr> {
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT current_setting('max_connections')::int8
+                    - current_setting('superuser_reserved_connections')::int8 AS usable,
+                    (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend') AS in_use",
+        ))
+        .await?
+        .ok_or_else(|| DbErr::Custom("no row from the connection count query".into()))?;
+    Ok(Headroom {
+        usable: row.try_get("", "usable")?,
+        in_use: row.try_get("", "in_use")?,
+    })
+}
+
+/// Logs a warning when this process's pool could not open all its
+/// connections. Best effort: a failed query is only a debug line.
+pub async fn warn_if_short_of_connections(db: &DatabaseConnection, settings: &DatabaseSettings) {
+    match headroom(db).await {
+        // This process holds one of the in-use connections already.
+        Ok(h) if h.free() + 1 < i64::from(settings.max_connections) => tracing::warn!(
+            pool = settings.max_connections,
+            free = h.free(),
+            max_connections = h.usable,
+            "PostgreSQL may run out of connections: this process's pool may open \
+             database.max_connections={} but the server has {} free; every replica \
+             needs its own, so lower database.max_connections, raise PostgreSQL's \
+             max_connections, or put PgBouncer in front (README, Deploy)",
+            settings.max_connections,
+            h.free().max(0)
+        ),
+        Ok(h) => tracing::debug!(free = h.free(), "PostgreSQL connection headroom"),
+        Err(e) => tracing::debug!(error = %e, "could not read PostgreSQL connection limits"),
+    }
+}
+
 /// Arbitrary, fixed key for the advisory lock that serialises migrations,
 /// so an api and a worker starting together do not both create a table.
 const MIGRATION_LOCK_KEY: i64 = 0x5741_5252_454e; // "WARREN"
