@@ -24,7 +24,7 @@ ensure_database warren
 
 say "building (release)"
 cargo build --release --locked --bins
-bin=$CARGO_TARGET_DIR/release
+bin=$RELEASE_BIN
 
 say "applying migrations"
 "$bin/warren-api" migrate
@@ -33,14 +33,12 @@ mkdir -p .run
 say "starting the API on $listen"
 nohup "$bin/warren-api" >.run/api.log 2>&1 &
 echo $! >.run/api.pid
-for i in $(seq 1 "$workers"); do
-  nohup "$bin/warren-worker" >".run/worker-$i.log" 2>&1 &
-  echo $! >".run/worker-$i.pid"
-done
-say "started $workers worker(s)"
+for i in $(seq 1 "$workers"); do start_worker "$i"; done
+say "started $workers worker(s); add or remove one with scripts/scale.sh add|remove"
 
 ready() { curl -fsS "http://$listen/readyz" >/dev/null 2>&1; }
 wait_for 60 "the API to be ready (see .run/api.log)" ready
+wait_for_workers $(seq 1 "$workers")
 
 cat <<EOT
 
@@ -50,6 +48,7 @@ cat <<EOT
     RabbitMQ management  http://127.0.0.1:$MGMT_PORT  (guest / guest)
     PostgreSQL           ${WARREN_DATABASE__URL:-postgres://postgres@127.0.0.1:5432/warren}
     logs                 .run/api.log, .run/worker-*.log
+    workers              scripts/scale.sh add | remove | status
     stop                 scripts/down.sh
 
 EOT

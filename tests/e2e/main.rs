@@ -25,6 +25,7 @@ mod observability;
 mod outbox;
 mod real_work;
 mod retries;
+mod scaling;
 mod state_machine;
 mod submit;
 mod time_limits;

@@ -1,6 +1,7 @@
 //! Logging setup: human-readable in development, JSON in production.
 
 use crate::settings::{LogFormat, TelemetrySettings};
+use std::io::IsTerminal;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 /// Installs the global subscriber once per process. `RUST_LOG`, when set,
@@ -20,8 +21,15 @@ pub fn init(settings: &TelemetrySettings) {
                     .with_current_span(true),
             )
             .try_init(),
+        // Colours only for a terminal: redirected to a file (scripts/up.sh's
+        // .run/*.log) escape codes would only get in the way of grep.
         LogFormat::Pretty => registry
-            .with(fmt::layer().with_target(true).with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .with_target(true)
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
     };
     // Already initialised (a test harness or an embedding program did it).
