@@ -1,0 +1,91 @@
+//! `warren-bench`: the command line; the scenarios live in the library.
+
+// The table on stdout is this binary's output.
+#![allow(clippy::print_stdout)]
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use warren_bench::{
+    scaling,
+    system::{self, Setup},
+};
+
+#[derive(Parser)]
+#[command(version, about = "Warren's benchmark: prints a table, writes JSON")]
+struct Cli {
+    /// Directory of the warren-api and warren-worker binaries (default:
+    /// this binary's own, where `cargo build --release` puts them all).
+    #[arg(long, global = true)]
+    bin_dir: Option<PathBuf>,
+    /// Warren's configuration directory; the systems run its `production`
+    /// environment with local overrides.
+    #[arg(long, global = true, default_value = "config")]
+    config_dir: PathBuf,
+    /// A database on the PostgreSQL server where benchmark databases are
+    /// created and dropped.
+    #[arg(
+        long,
+        global = true,
+        env = "BENCH_ADMIN_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    admin_database_url: String,
+    #[arg(
+        long,
+        global = true,
+        env = "BENCH_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    amqp_url: String,
+    /// Log filter of the API and workers (as shipped: info).
+    #[arg(long, global = true, default_value = "info,sqlx=warn")]
+    log_filter: String,
+    /// Keep the API's and workers' logs of every system.
+    #[arg(long, global = true)]
+    keep_logs: bool,
+    /// Where to write the figures as JSON.
+    #[arg(long, global = true, default_value = "warren-bench.json")]
+    json: PathBuf,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// The same sleep tasks with 1, 2, 4 worker replicas: wall time per count.
+    Scaling(scaling::Args),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let setup = Setup {
+        bin_dir: cli.bin_dir.unwrap_or_else(system::default_bin_dir),
+        config_dir: cli.config_dir,
+        admin_database_url: cli.admin_database_url,
+        amqp_url: cli.amqp_url,
+        log_filter: cli.log_filter,
+        keep_logs: cli.keep_logs,
+    };
+    let (table, json) = match &cli.scenario {
+        Scenario::Scaling(args) => {
+            let rows = scaling::run(&setup, args).await?;
+            (
+                scaling::render(args, &rows),
+                serde_json::json!({ "scenario": "scaling", "parameters": {
+                    "tasks": args.tasks, "sleep_ms": args.sleep_ms,
+                    "concurrency": args.concurrency, "runs": args.runs,
+                    "worker_env": args.worker_env,
+                }, "rows": rows }),
+            )
+        }
+    };
+    println!("{table}");
+    std::fs::write(&cli.json, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {}", cli.json.display()))?;
+    eprintln!("figures written to {}", cli.json.display());
+    Ok(())
+}

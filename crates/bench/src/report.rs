@@ -1,0 +1,111 @@
+//! Figures as the benchmark reports them: the median of several runs with
+//! their range, in a table that reads the same in a terminal and in the
+//! README (Markdown), and in JSON for anything that compares runs.
+
+use serde::Serialize;
+
+/// The median of a set of runs, with the smallest and largest.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Figure {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub runs: usize,
+}
+
+impl Figure {
+    /// `None` for no runs (or a NaN among them: nothing to report).
+    pub fn of(values: &[f64]) -> Option<Self> {
+        let mut v = values.to_vec();
+        if v.is_empty() || v.iter().any(|x| x.is_nan()) {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let mid = v.len() / 2;
+        let median = if v.len() % 2 == 1 {
+            v[mid]
+        } else {
+            (v[mid - 1] + v[mid]) / 2.0
+        };
+        Some(Self {
+            median,
+            min: v[0],
+            max: v[v.len() - 1],
+            runs: v.len(),
+        })
+    }
+
+    /// `12.5 (12.1–13.0)`, or just `12.5` for a single run.
+    pub fn display(&self, decimals: usize) -> String {
+        if self.runs == 1 {
+            format!("{:.decimals$}", self.median)
+        } else {
+            format!(
+                "{:.decimals$} ({:.decimals$}–{:.decimals$})",
+                self.median, self.min, self.max
+            )
+        }
+    }
+}
+
+/// A Markdown table with columns padded to line up in a terminal.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let width = |i: usize| {
+        rows.iter()
+            .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
+            .chain([headers[i].chars().count()])
+            .max()
+            .unwrap_or(0)
+    };
+    let widths: Vec<usize> = (0..headers.len()).map(width).collect();
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        format!("| {} |\n", padded.join(" | "))
+    };
+    let mut out = line(headers.iter().map(|h| (*h).to_owned()).collect());
+    out.push_str(&line(widths.iter().map(|w| "-".repeat(*w)).collect()));
+    for row in rows {
+        out.push_str(&line(row.clone()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        let odd = Figure::of(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((odd.median, odd.min, odd.max, odd.runs), (2.0, 1.0, 3.0, 3));
+        let even = Figure::of(&[4.0, 1.0, 2.0, 3.0]).unwrap();
+        assert_eq!(even.median, 2.5);
+        assert_eq!(Figure::of(&[]), None);
+        assert_eq!(Figure::of(&[1.0, f64::NAN]), None);
+    }
+
+    #[test]
+    fn display_shows_the_range_only_for_several_runs() {
+        assert_eq!(
+            Figure::of(&[1.0, 2.0, 4.0]).unwrap().display(1),
+            "2.0 (1.0–4.0)"
+        );
+        assert_eq!(Figure::of(&[12.345]).unwrap().display(2), "12.35");
+    }
+
+    #[test]
+    fn table_columns_line_up() {
+        let t = table(
+            &["a", "long header"],
+            &[vec!["wide cell".into(), "1".into()]],
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "| a         | long header |");
+        assert_eq!(lines[1], "| --------- | ----------- |");
+        assert_eq!(lines[2], "| wide cell | 1           |");
+    }
+}

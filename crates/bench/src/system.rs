@@ -1,0 +1,381 @@
+//! A whole Warren, brought up for one measurement on the local RabbitMQ and
+//! PostgreSQL: a fresh database, a unique exchange/queue prefix, the API
+//! and worker replicas as real processes of the release binaries. Taken
+//! down again (processes stopped, database dropped, queues deleted) by
+//! [`System::down`], also when the measurement failed.
+
+use anyhow::{Context, bail};
+use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+use warren_shared::{
+    broker,
+    catalog::Catalog,
+    db::{self, task},
+    settings::{CONFIG_DIR_VAR, DatabaseSettings, ENV_VAR, Settings},
+    topology::Topology,
+    wire::short_string,
+};
+use warren_tasks::Registry;
+
+/// Where the system comes from: binaries, configuration, services.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    /// Directory holding `warren-api` and `warren-worker`.
+    pub bin_dir: PathBuf,
+    pub config_dir: PathBuf,
+    /// A database on the PostgreSQL server where benchmark databases are
+    /// created (and dropped).
+    pub admin_database_url: String,
+    pub amqp_url: String,
+    /// `tracing` filter of the API and workers.
+    pub log_filter: String,
+    /// Keep the processes' logs (their directory is printed) instead of
+    /// deleting them with the system.
+    pub keep_logs: bool,
+}
+
+/// Processes are stopped with SIGTERM and waited for this long.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct System {
+    setup: Setup,
+    settings: Settings,
+    /// Environment of every process: configuration selects this system.
+    vars: HashMap<String, String>,
+    database: String,
+    db: DatabaseConnection,
+    topology: Topology,
+    amqp: lapin::Connection,
+    channel: lapin::Channel,
+    logs: PathBuf,
+    api: Option<(Child, String)>,
+    workers: Vec<Child>,
+    http: reqwest::Client,
+    key: String,
+}
+
+impl System {
+    /// Database created and migrated, topology declared, API started and
+    /// answering, an API key made. No workers yet: [`System::add_worker`].
+    pub async fn up(setup: &Setup) -> anyhow::Result<Self> {
+        let id = Uuid::new_v4().simple().to_string();
+        let database = format!("warren_bench_{}", &id[..12]);
+        let prefix = format!("bench-{}.", &id[..12]);
+        let (base, _) = setup
+            .admin_database_url
+            .rsplit_once('/')
+            .context("the admin database URL has no /database part")?;
+        let api_port = free_port()?;
+        let vars: HashMap<String, String> = [
+            (ENV_VAR, "production".to_owned()),
+            (CONFIG_DIR_VAR, setup.config_dir.display().to_string()),
+            ("WARREN_DATABASE__URL", format!("{base}/{database}")),
+            ("WARREN_AMQP__URL", setup.amqp_url.clone()),
+            ("WARREN_AMQP__PREFIX", prefix.clone()),
+            ("WARREN_API__LISTEN", format!("127.0.0.1:{api_port}")),
+            // Several replicas on one host: each picks a free port.
+            ("WARREN_WORKER__METRICS_LISTEN", "127.0.0.1:0".to_owned()),
+            ("WARREN_TELEMETRY__FILTER", setup.log_filter.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let settings = Settings::load_from(&setup.config_dir, &vars)
+            .with_context(|| format!("loading {}", setup.config_dir.display()))?;
+
+        let admin = admin_connection(&setup.admin_database_url).await?;
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE \"{database}\""))
+            .await
+            .with_context(|| format!("creating database {database}"))?;
+        admin.close().await.ok();
+        let db = db::connect(&settings.database, "warren-bench")
+            .await
+            .context("connecting to the benchmark database")?;
+        db::migrate(&db).await.context("migrating")?;
+        let (key, _) = warren_api::auth::create(&db, "bench", "warren-bench")
+            .await
+            .context("creating an API key")?;
+
+        let topology = Catalog::new(&Registry::builtin(), &settings)?
+            .topology()
+            .as_ref()
+            .clone();
+        let amqp =
+            broker::connect(&settings.amqp.url, "warren-bench", Duration::from_secs(5)).await?;
+        let channel = amqp.create_channel().await?;
+        topology.declare(&channel).await?;
+
+        let logs = std::env::temp_dir().join(format!("warren-bench-{}", &id[..12]));
+        std::fs::create_dir_all(&logs)?;
+        let mut system = Self {
+            setup: setup.clone(),
+            settings,
+            vars,
+            database,
+            db,
+            topology,
+            amqp,
+            channel,
+            logs,
+            api: None,
+            workers: Vec::new(),
+            http: reqwest::Client::new(),
+            key,
+        };
+        let api = system.spawn("warren-api", "api", &[])?;
+        system.api = Some((api, format!("http://127.0.0.1:{api_port}")));
+        system.wait_for_api().await?;
+        Ok(system)
+    }
+
+    fn spawn(&self, binary: &str, log: &str, extra: &[(&str, String)]) -> anyhow::Result<Child> {
+        let path = self.setup.bin_dir.join(binary);
+        if !path.is_file() {
+            bail!(
+                "{} not found: build it (cargo build --release --bins) or pass --bin-dir",
+                path.display()
+            );
+        }
+        let log = std::fs::File::create(self.logs.join(format!("{log}.log")))?;
+        // A clean environment: the caller's WARREN_* variables must not
+        // change what is measured.
+        let child = Command::new(&path)
+            .env_clear()
+            .envs(std::env::var_os("PATH").map(|p| ("PATH", p)))
+            .envs(&self.vars)
+            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", path.display()))?;
+        Ok(child)
+    }
+
+    async fn wait_for_api(&mut self) -> anyhow::Result<()> {
+        let url = format!("{}/readyz", self.api_url());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.http.get(&url).send().await
+                && r.status().is_success()
+            {
+                return Ok(());
+            }
+            if let Some((child, _)) = &mut self.api
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("the API exited ({status}); see {}", self.logs.display());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "the API was not ready within 30 s; see {}",
+                    self.logs.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn api_url(&self) -> &str {
+        self.api.as_ref().map(|(_, url)| url.as_str()).unwrap_or("")
+    }
+
+    /// Starts one more worker replica with these extra settings
+    /// (`WARREN_WORKER__CONCURRENCY`, ...).
+    pub fn add_worker(&mut self, extra: &[(&str, String)]) -> anyhow::Result<()> {
+        let n = self.workers.len();
+        let child = self.spawn("warren-worker", &format!("worker-{n}"), extra)?;
+        self.workers.push(child);
+        Ok(())
+    }
+
+    /// Identities the replicas record on the tasks they run.
+    pub fn worker_identities(&self) -> Vec<String> {
+        self.workers
+            .iter()
+            .filter_map(Child::id)
+            .map(|pid| broker::identity("warren-worker", pid))
+            .collect()
+    }
+
+    /// Waits until `n` consumers are registered on the default queue: the
+    /// replicas are ready to take work.
+    pub async fn wait_for_consumers(&mut self, n: u32) -> anyhow::Result<()> {
+        let queue = self.topology.queue(&self.settings.amqp.default_queue);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let q = self
+                .channel
+                .queue_declare(
+                    short_string(&queue),
+                    lapin::options::QueueDeclareOptions::default().passive(),
+                    lapin::types::FieldTable::default(),
+                )
+                .await?;
+            if q.consumer_count() == n {
+                return Ok(());
+            }
+            for worker in &mut self.workers {
+                if let Some(status) = worker.try_wait()? {
+                    bail!("a worker exited ({status}); see {}", self.logs.display());
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "{n} consumers expected on {queue}, {} after 60 s",
+                    q.consumer_count()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Submits `count` tasks of `task_type` with `input` through the batch
+    /// endpoint, in requests of at most `api.max_batch`. Returns their ids.
+    pub async fn submit_batch(
+        &self,
+        task_type: &str,
+        input: &Value,
+        count: usize,
+    ) -> anyhow::Result<Vec<Uuid>> {
+        let mut ids = Vec::with_capacity(count);
+        let url = format!("{}/tasks/{task_type}/batch", self.api_url());
+        while ids.len() < count {
+            let n = (count - ids.len()).min(self.settings.api.max_batch);
+            let body = json!({ "tasks": vec![input; n] });
+            let response = self
+                .http
+                .post(&url)
+                .bearer_auth(&self.key)
+                .json(&body)
+                .send()
+                .await?;
+            let status = response.status();
+            let body: Value = response.json().await?;
+            if status != reqwest::StatusCode::ACCEPTED {
+                bail!("batch submit answered {status}: {body}");
+            }
+            for t in body["tasks"].as_array().context("no tasks in the answer")? {
+                let id = t["id"].as_str().context("a task without id")?;
+                ids.push(id.parse()?);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The rows of `ids` once all of them are terminal; fails after `timeout`.
+    pub async fn wait_for_terminal(
+        &self,
+        ids: &[Uuid],
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<task::Model>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let rows = self.tasks(ids).await?;
+            let done = rows.iter().filter(|r| r.state.is_terminal()).count();
+            if done == ids.len() {
+                return Ok(rows);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "{done} of {} tasks finished within {timeout:?}; logs in {}",
+                    ids.len(),
+                    self.logs.display()
+                );
+            }
+            // Polling only decides when to look at the rows; the times
+            // reported come from the rows themselves.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn tasks(&self, ids: &[Uuid]) -> anyhow::Result<Vec<task::Model>> {
+        let mut rows = Vec::with_capacity(ids.len());
+        // Bounded IN lists: PostgreSQL takes at most 65,535 parameters.
+        for chunk in ids.chunks(10_000) {
+            rows.extend(
+                task::Entity::find()
+                    .filter(task::Column::Id.is_in(chunk.iter().copied()))
+                    .all(&self.db)
+                    .await?,
+            );
+        }
+        Ok(rows)
+    }
+
+    /// Stops every process (SIGTERM, as an orchestrator does), drops the
+    /// database and deletes the queues and exchanges.
+    pub async fn down(mut self) -> anyhow::Result<()> {
+        let mut children: Vec<Child> = self.workers.drain(..).collect();
+        children.extend(self.api.take().map(|(c, _)| c));
+        for child in &children {
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+        }
+        for child in &mut children {
+            if tokio::time::timeout(STOP_TIMEOUT, child.wait())
+                .await
+                .is_err()
+            {
+                child.kill().await.ok();
+            }
+        }
+        self.topology.delete(&self.channel).await.ok();
+        self.amqp.close(200, "bench done".into()).await.ok();
+        self.db.close().await.ok();
+        let admin = admin_connection(&self.setup.admin_database_url).await?;
+        admin
+            .execute_unprepared(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.database
+            ))
+            .await?;
+        admin.close().await.ok();
+        if self.setup.keep_logs {
+            eprintln!("  logs kept in {}", self.logs.display());
+        } else {
+            std::fs::remove_dir_all(&self.logs).ok();
+        }
+        Ok(())
+    }
+}
+
+async fn admin_connection(url: &str) -> anyhow::Result<DatabaseConnection> {
+    let settings = DatabaseSettings {
+        url: SecretString::from(url.to_owned()),
+        max_connections: 1,
+        connect_timeout_seconds: 5.0,
+        migrate_on_start: false,
+    };
+    db::connect(&settings, "warren-bench-admin")
+        .await
+        .context("connecting to PostgreSQL with --admin-database-url")
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// The release binaries next to this one (`cargo build --release` puts
+/// them all in one directory).
+pub fn default_bin_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."))
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The benchmark: builds the release binaries, makes sure RabbitMQ and
+# PostgreSQL run, and runs warren-bench, which brings up its own Warren per
+# measurement (fresh database, unique queue prefix) and takes it down after.
+#
+#   scripts/bench.sh scaling                   2,000 × 50 ms sleep tasks, 1/2/4 replicas, 3 runs
+#   scripts/bench.sh scaling --replicas 1,2,4,8 --runs 1
+#   scripts/bench.sh --help
+#
+# Prints a Markdown table; writes the figures to warren-bench.json (--json).
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+cd "$WARREN_ROOT"
+
+ensure_cargo
+ensure_services
+sweep_test_leftovers
+say "building (release)"
+cargo build --release --locked --bins
+export BENCH_ADMIN_DATABASE_URL=${TEST_ADMIN_DATABASE_URL:-postgres://postgres@$PG_HOST:$PG_PORT/postgres}
+exec "$RELEASE_BIN/warren-bench" "$@"
