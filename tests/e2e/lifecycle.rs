@@ -108,7 +108,12 @@ async fn worker_acks_manually_with_the_configured_prefetch() {
         Duration::from_secs(10),
         || async {
             let c = mgmt.consumers_of(&queue).await;
-            (!c.is_empty()).then_some(c)
+            // The management API may list a consumer before it has its
+            // channel's details (statistics arrive separately).
+            let described = c
+                .iter()
+                .all(|c| c["channel_details"]["connection_name"].is_string());
+            (!c.is_empty() && described).then_some(c)
         },
     )
     .await;
