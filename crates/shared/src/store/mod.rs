@@ -261,6 +261,11 @@ impl Store {
     /// is due, and from STARTED only when the broker says it redelivered the
     /// message (the previous holder died or lost its channel). Anything
     /// else is a duplicate or a finished task.
+    ///
+    /// `started_at` is `clock_timestamp()`, not `now()`: `now()` is when
+    /// the statement began, and this statement may have waited for the
+    /// API's QUEUED update of the same row, which began later. Started
+    /// would then precede queued.
     pub async fn claim(
         &self,
         m: &TaskMessage,
@@ -278,7 +283,7 @@ impl Store {
                  VALUES ($1, $2, $3, $4, 'STARTED', $5, 1, $6, $7, $8, $9, now(), now(), now(), now(),
                          $10, $11, $12, $13, $14, $15)
                  ON CONFLICT (id) DO UPDATE
-                    SET state = 'STARTED', attempts = t.attempts + 1, started_at = now(),
+                    SET state = 'STARTED', attempts = t.attempts + 1, started_at = clock_timestamp(),
                         updated_at = now(), worker = EXCLUDED.worker, publish_at = NULL,
                         queued_at = COALESCE(t.queued_at, now())
                   WHERE t.task_type = EXCLUDED.task_type
