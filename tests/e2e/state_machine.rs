@@ -185,3 +185,118 @@ async fn concurrent_relays_never_take_the_same_row() {
         assert!(row.publish_at.is_none());
     }
 }
+
+/// What a busy worker does: one statement claims many messages, and each
+/// answer is what a claim of its own would have said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_claims_answers_each_like_a_single_claim() {
+    use warren_shared::store::{ClaimRequest, Success};
+    let env = TestEnv::new().await;
+    let store = env.store();
+    let input = json!({"x": 1, "y": 2});
+    let request = |id: Uuid, redelivered: bool| {
+        ClaimRequest::new(&message(id), &input, "default", redelivered)
+    };
+    let (queued, celery, finished, running, orphaned) = (
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+    );
+    for id in [queued, finished, running, orphaned] {
+        store.insert(&new_task(id)).await.unwrap();
+    }
+    for id in [finished, running, orphaned] {
+        assert!(matches!(
+            claim(store, id, "a", false).await,
+            Claim::Run { .. }
+        ));
+    }
+    assert!(
+        store
+            .finish(finished, 1, &Outcome::Success(json!(2)))
+            .await
+            .unwrap()
+    );
+
+    let claims = store
+        .claim_many(
+            &[
+                request(queued, false),
+                request(celery, false),  // no row yet: created
+                request(finished, true), // redelivered after it finished
+                request(running, false), // a duplicate while it runs
+                request(orphaned, true), // redelivered: its holder died
+                request(queued, false),  // the same message twice in one batch
+            ],
+            "b",
+        )
+        .await
+        .unwrap();
+    let attempts: Vec<Option<i32>> = claims
+        .iter()
+        .map(|c| match c {
+            Claim::Run { attempt, .. } => Some(*attempt),
+            Claim::Skip { .. } => None,
+        })
+        .collect();
+    assert_eq!(
+        attempts,
+        [Some(1), Some(1), None, None, Some(2), None],
+        "{claims:?}"
+    );
+    assert!(matches!(
+        claims[2],
+        Claim::Skip {
+            reason: "already finished",
+            ..
+        }
+    ));
+    assert!(matches!(
+        claims[5],
+        Claim::Skip {
+            reason: "another worker is running it",
+            ..
+        }
+    ));
+    let created = store.get(celery).await.unwrap().unwrap();
+    assert_eq!(
+        (created.state, created.input, created.worker.as_deref()),
+        (TaskState::Started, input.clone(), Some("b"))
+    );
+
+    // Results in one statement: the stale attempt of `orphaned` (1, now
+    // 2 runs) is refused, the others recorded.
+    let recorded = store
+        .finish_successes(&[
+            Success {
+                id: queued,
+                attempt: 1,
+                result: json!(null),
+            },
+            Success {
+                id: orphaned,
+                attempt: 1,
+                result: json!("stale"),
+            },
+            Success {
+                id: celery,
+                attempt: 1,
+                result: json!({"n": 3}),
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(recorded, [true, false, true]);
+    let rows = env.tasks(&[queued, orphaned, celery]).await;
+    let by_id = |id: Uuid| rows.iter().find(|r| r.id == id).unwrap();
+    assert_eq!(
+        by_id(queued).result,
+        Some(json!(null)),
+        "JSON null is a result"
+    );
+    assert_eq!(by_id(queued).state, TaskState::Success);
+    assert_eq!(by_id(orphaned).state, TaskState::Started);
+    assert_eq!(by_id(celery).result, Some(json!({"n": 3})));
+}

@@ -18,10 +18,10 @@ pub struct TestWorker {
 impl TestWorker {
     /// A worker with these settings (normally via [`crate::TestEnv::spawn_worker`]).
     pub async fn spawn_with(settings: Settings, name: &str) -> Self {
-        let worker = Worker::build(settings.clone())
+        let identity = format!("warren-worker@test:{}{name}", settings.amqp.prefix);
+        let worker = Worker::build_named(settings, identity)
             .await
-            .expect("worker builds")
-            .with_identity(format!("warren-worker@test:{}{name}", settings.amqp.prefix));
+            .expect("worker builds");
         let identity = worker.identity().to_owned();
         let metrics_addr = worker.metrics_addr();
         let shutdown = CancellationToken::new();

@@ -7,6 +7,10 @@ use warren_api::auth;
 use warren_shared::{catalog::Catalog, db, probe, settings::Settings, shutdown, telemetry};
 use warren_tasks::Registry;
 
+/// See `mimalloc` in the workspace Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     version,

@@ -9,6 +9,7 @@
 //! `scripts/bench.sh` builds the binaries, makes sure the services run
 //! and calls this; `warren-bench --help` lists the scenarios.
 
+pub mod drain;
 pub mod report;
 pub mod scaling;
 pub mod system;

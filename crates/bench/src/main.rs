@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use warren_bench::{
-    scaling,
+    drain, scaling,
     system::{self, Setup},
 };
 
@@ -57,6 +57,8 @@ struct Cli {
 enum Scenario {
     /// The same sleep tasks with 1, 2, 4 worker replicas: wall time per count.
     Scaling(scaling::Args),
+    /// N no-op tasks queued, then 1 (or more) workers run them all.
+    Drain(drain::Args),
 }
 
 #[tokio::main]
@@ -80,6 +82,13 @@ async fn main() -> anyhow::Result<()> {
                     "concurrency": args.concurrency, "runs": args.runs,
                     "worker_env": args.worker_env,
                 }, "rows": rows }),
+            )
+        }
+        Scenario::Drain(args) => {
+            let rows = drain::run(&setup, args).await?;
+            (
+                drain::render(&rows),
+                serde_json::json!({ "scenario": "drain", "rows": rows }),
             )
         }
     };

@@ -32,15 +32,8 @@ pub struct Args {
     pub runs: usize,
     /// More settings for every replica, e.g.
     /// `--worker-env WARREN_DATABASE__MAX_CONNECTIONS=4` (repeatable).
-    #[arg(long, value_parser = parse_setting)]
+    #[arg(long, value_parser = crate::system::parse_setting)]
     pub worker_env: Vec<(String, String)>,
-}
-
-fn parse_setting(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if k.starts_with("WARREN_") && k.len() > 7 => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("expected WARREN_<SECTION>__<KEY>=value, got `{s}`")),
-    }
 }
 
 /// One replica count's figures.

@@ -300,6 +300,102 @@ impl System {
         }
     }
 
+    /// Tasks per state, over the whole database.
+    pub async fn states(&self) -> anyhow::Result<HashMap<String, i64>> {
+        let rows = self
+            .db
+            .query_all_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT state::text AS state, count(*) AS n FROM tasks GROUP BY state",
+            ))
+            .await?;
+        let mut out = HashMap::new();
+        for row in rows {
+            out.insert(row.try_get("", "state")?, row.try_get("", "n")?);
+        }
+        Ok(out)
+    }
+
+    /// Waits until `count` tasks are in `state`; fails after `timeout`.
+    pub async fn wait_for_state_count(
+        &self,
+        state: &str,
+        count: i64,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let states = self.states().await?;
+            let n = states.get(state).copied().unwrap_or(0);
+            if n >= count {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "{n} of {count} tasks {state} within {timeout:?} ({states:?}); logs in {}",
+                    self.logs.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// What all tasks in the database add up to, once they are done.
+    pub async fn totals(&self) -> anyhow::Result<Totals> {
+        let row = self
+            .db
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT count(*) AS tasks,
+                        count(*) FILTER (WHERE state = 'SUCCESS' AND attempts = 1) AS once,
+                        extract(epoch FROM max(finished_at) - min(started_at))::float8 AS run_seconds,
+                        extract(epoch FROM max(finished_at) - min(created_at))::float8 AS total_seconds
+                 FROM tasks",
+            ))
+            .await?
+            .context("no row from the totals query")?;
+        Ok(Totals {
+            tasks: row.try_get("", "tasks")?,
+            succeeded_once: row.try_get("", "once")?,
+            run_seconds: row
+                .try_get::<Option<f64>>("", "run_seconds")?
+                .unwrap_or(0.0),
+            total_seconds: row
+                .try_get::<Option<f64>>("", "total_seconds")?
+                .unwrap_or(0.0),
+        })
+    }
+
+    /// Resident memory (now, peak) of the worker replicas, in bytes.
+    pub fn worker_memory(&self) -> Vec<Memory> {
+        self.workers
+            .iter()
+            .filter_map(Child::id)
+            .filter_map(memory)
+            .collect()
+    }
+
+    /// Resident memory (now, peak) of the API, in bytes.
+    pub fn api_memory(&self) -> Option<Memory> {
+        self.api.as_ref().and_then(|(c, _)| c.id()).and_then(memory)
+    }
+
+    pub fn api_url_for(&self, path: &str) -> String {
+        format!("{}{path}", self.api_url())
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
     pub async fn tasks(&self, ids: &[Uuid]) -> anyhow::Result<Vec<task::Model>> {
         let mut rows = Vec::with_capacity(ids.len());
         // Bounded IN lists: PostgreSQL takes at most 65,535 parameters.
@@ -354,6 +450,39 @@ impl System {
     }
 }
 
+/// Aggregates over every task of a system.
+#[derive(Debug, Clone, Copy)]
+pub struct Totals {
+    pub tasks: i64,
+    /// SUCCESS on the first and only attempt.
+    pub succeeded_once: i64,
+    /// First start to last finish.
+    pub run_seconds: f64,
+    /// First submission to last finish.
+    pub total_seconds: f64,
+}
+
+/// Resident set size of a process, now and at its peak (`VmRSS`,
+/// `VmHWM` in /proc/<pid>/status), in bytes.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Memory {
+    pub rss: u64,
+    pub peak: u64,
+}
+
+fn memory(pid: u32) -> Option<Memory> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    };
+    Some(Memory {
+        rss: field("VmRSS:")?,
+        peak: field("VmHWM:")?,
+    })
+}
+
 async fn admin_connection(url: &str) -> anyhow::Result<DatabaseConnection> {
     let settings = DatabaseSettings {
         url: SecretString::from(url.to_owned()),
@@ -364,6 +493,21 @@ async fn admin_connection(url: &str) -> anyhow::Result<DatabaseConnection> {
     db::connect(&settings, "warren-bench-admin")
         .await
         .context("connecting to PostgreSQL with --admin-database-url")
+}
+
+/// `NAME=value`, as `--worker-env` takes it: Warren's settings
+/// (`WARREN_<SECTION>__<KEY>`) or the runtime's (`TOKIO_WORKER_THREADS`).
+pub fn parse_setting(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v))
+            if !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') =>
+        {
+            Ok((k.to_owned(), v.to_owned()))
+        }
+        _ => Err(format!(
+            "expected NAME=value (e.g. WARREN_WORKER__CONCURRENCY=64), got `{s}`"
+        )),
+    }
 }
 
 fn free_port() -> anyhow::Result<u16> {

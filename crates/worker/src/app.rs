@@ -1,11 +1,12 @@
 //! Wiring a worker together and running it until shutdown.
 
 use crate::{
+    acks::Settle,
+    batch::Batcher,
     consumer,
     metrics::{self, WorkerMetrics},
 };
 use chrono::{DateTime, Utc};
-use lapin::Acker;
 use std::{
     collections::HashMap,
     sync::{
@@ -23,7 +24,7 @@ use warren_shared::{
     db::{self, DbErr},
     relay,
     settings::{Settings, SettingsError},
-    store::Store,
+    store::{Claim, ClaimRequest, Store, Success},
 };
 use warren_shared::{metrics::MetricsError, store::WorkerRecord};
 use warren_tasks::Registry;
@@ -44,6 +45,11 @@ pub enum WorkerError {
         cause: std::io::Error,
     },
 }
+
+/// Most rows one claim or result statement carries. Larger batches gain
+/// little once a statement's fixed cost is spread; smaller ones cap
+/// throughput at this many per round trip.
+const BATCH_MAX: usize = 512;
 
 /// What a worker reports about itself while it runs; cheap to share.
 #[derive(Debug, Default)]
@@ -71,7 +77,7 @@ pub(crate) struct Running {
     /// A client asked to cancel it (rather than a time limit or shutdown).
     pub(crate) cancel_requested: bool,
     /// The delivery of a later copy of its message, adopted rather than run.
-    pub(crate) adopted: Option<Acker>,
+    pub(crate) adopted: Vec<Settle>,
 }
 
 /// Everything one worker replica needs, built once at startup.
@@ -93,6 +99,10 @@ pub struct Worker {
     pub(crate) metrics: WorkerMetrics,
     /// Deliveries handled (any outcome) since start, for heartbeats.
     pub(crate) processed: AtomicU64,
+    /// Claims and successful outcomes of concurrent handlers, written a
+    /// statement per batch (`batch`).
+    pub(crate) claims: Batcher<ClaimRequest, Claim>,
+    pub(crate) successes: Batcher<Success, bool>,
     started_at: DateTime<Utc>,
     /// Bound at build, served while running.
     metrics_listener: std::sync::Mutex<Option<TcpListener>>,
@@ -104,6 +114,13 @@ impl Worker {
     /// PostgreSQL (applying migrations if configured). The broker is
     /// connected in [`Worker::run`], where losing it is survivable.
     pub async fn build(settings: Settings) -> Result<Self, WorkerError> {
+        Self::build_named(settings, process_identity("warren-worker")).await
+    }
+
+    /// Like [`Worker::build`] with an explicit identity (the `worker`
+    /// recorded on tasks, the broker connection name), for running several
+    /// workers in one process.
+    pub async fn build_named(settings: Settings, identity: String) -> Result<Self, WorkerError> {
         let catalog = Catalog::new(&Registry::builtin(), &settings)?;
         let topology = Arc::clone(catalog.topology());
         let known = topology.queues();
@@ -126,7 +143,6 @@ impl Worker {
         };
         let queues = short_names.iter().map(|q| topology.queue(q)).collect();
 
-        let identity = process_identity("warren-worker");
         let connection = db::connect(&settings.database, &identity)
             .await
             .map_err(WorkerError::Database)?;
@@ -150,10 +166,28 @@ impl Worker {
             settings.amqp.publish_timeout(),
             topology,
         ));
+        let metrics = WorkerMetrics::new(&connection, settings.database.max_connections)
+            .map_err(WorkerError::Metrics)?;
+        let store = Store::new(connection.clone());
+        let claims = {
+            let (store, identity) = (store.clone(), identity.clone());
+            Batcher::spawn(BATCH_MAX, metrics.batch_size("claim"), move |requests| {
+                let (store, identity) = (store.clone(), identity.clone());
+                async move { store.claim_many(&requests, &identity).await }
+            })
+        };
+        let successes = {
+            let store = store.clone();
+            Batcher::spawn(BATCH_MAX, metrics.batch_size("success"), move |done| {
+                let store = store.clone();
+                async move { store.finish_successes(&done).await }
+            })
+        };
         Ok(Self {
             slots: Arc::new(Semaphore::new(settings.worker.concurrency as usize)),
-            metrics: WorkerMetrics::new(&connection, settings.database.max_connections)
-                .map_err(WorkerError::Metrics)?,
+            metrics,
+            claims,
+            successes,
             processed: AtomicU64::new(0),
             started_at: Utc::now(),
             metrics_listener: std::sync::Mutex::new(Some(metrics_listener)),
@@ -163,7 +197,7 @@ impl Worker {
             artifacts: Arc::new(PgArtifacts::new(connection.clone())),
             settings,
             catalog,
-            store: Store::new(connection),
+            store,
             publisher,
             identity,
             queues,
@@ -177,14 +211,6 @@ impl Worker {
             .map_err(WorkerError::Migrate)?;
         tracing::info!("migrations applied");
         Ok(())
-    }
-
-    /// Overrides the identity recorded on tasks and shown as the broker
-    /// connection name (default `warren-worker@host:pid`); for running
-    /// several workers in one process.
-    pub fn with_identity(mut self, identity: impl Into<String>) -> Self {
-        self.identity = identity.into();
-        self
     }
 
     pub fn identity(&self) -> &str {

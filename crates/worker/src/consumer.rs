@@ -2,7 +2,7 @@
 //! free slot; on any broker failure, reconnect with backoff; on shutdown,
 //! stop consuming and let in-flight tasks finish within the grace period.
 
-use crate::{Worker, handler};
+use crate::{Worker, acks::Acks, handler};
 use futures_util::stream::{SelectAll, StreamExt};
 use lapin::{
     Channel, Connection, Consumer,
@@ -37,20 +37,24 @@ pub(crate) async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
     let mut backoff = BACKOFF_MIN;
     // Channels of earlier sessions stay open while their in-flight tasks
     // finish, so those can still be acknowledged on them.
-    let mut connections: Vec<(Connection, Channel)> = Vec::new();
+    let mut connections: Vec<(Connection, Channel, Arc<Acks>)> = Vec::new();
+    // A settled delivery may wait behind a running one for a later
+    // `multiple` acknowledgement; at most a quarter of the window does.
+    let hold = usize::from(worker.settings.worker.effective_prefetch()) / 4;
 
     loop {
         let end = match open(&worker).await {
             Ok((conn, channel, consumers)) => {
                 backoff = BACKOFF_MIN;
                 worker.health.set_consuming(true);
+                let acks = Acks::new(hold);
                 let end = consume(
-                    &worker, &channel, consumers, &slots, &in_flight, &hard_stop, &shutdown,
+                    &worker, &channel, &acks, consumers, &slots, &in_flight, &hard_stop, &shutdown,
                 )
                 .await;
                 worker.health.set_consuming(false);
-                connections.retain(|(c, _)| c.status().connected());
-                connections.push((conn, channel));
+                connections.retain(|(c, _, _)| c.status().connected());
+                connections.push((conn, channel, acks));
                 end
             }
             Err(e) => SessionEnd::Lost(e),
@@ -70,7 +74,9 @@ pub(crate) async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
     }
 
     drain(&worker, &in_flight, &hard_stop).await;
-    for (conn, channel) in connections {
+    for (conn, channel, acks) in connections {
+        // Settled deliveries still waiting for a `multiple` go now.
+        acks.finish().await;
         // Closing the channel hands every unacknowledged delivery back to
         // the broker, which redelivers it to another replica.
         let _ = channel.close(200, "worker shutting down".into()).await;
@@ -124,9 +130,11 @@ async fn open(worker: &Worker) -> Result<(Connection, Channel, SelectAll<Consume
     Ok((conn, channel, consumers))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn consume(
     worker: &Arc<Worker>,
     channel: &Channel,
+    acks: &Arc<Acks>,
     mut consumers: SelectAll<Consumer>,
     slots: &Arc<Semaphore>,
     in_flight: &TaskTracker,
@@ -143,7 +151,10 @@ async fn consume(
             Some(Err(e)) => return SessionEnd::Lost(e.to_string()),
             None => return SessionEnd::Lost("the broker cancelled our consumer".into()),
         };
-        if handler::try_adopt(worker, &delivery) {
+        // Registered in the order the broker sent them, before anything
+        // can be acknowledged after them.
+        let own = acks.register(&delivery);
+        if handler::try_adopt(worker, &delivery, &own) {
             continue;
         }
         // Wait for a free slot; with prefetch = concurrency this is immediate.
@@ -157,7 +168,7 @@ async fn consume(
         let worker = Arc::clone(worker);
         let hard_stop = hard_stop.clone();
         in_flight.spawn(async move {
-            handler::handle(&worker, delivery, &hard_stop).await;
+            handler::handle(&worker, delivery, own, &hard_stop).await;
             drop(permit);
         });
     }

@@ -8,17 +8,14 @@
 
 use crate::{
     Worker,
+    acks::Settle,
     app::{Running, lock},
     execute::{self, Attempt},
     metrics::WorkerMetrics,
     services::WorkerServices,
 };
 use chrono::Utc;
-use lapin::{
-    Acker,
-    message::Delivery,
-    options::{BasicAckOptions, BasicNackOptions},
-};
+use lapin::message::Delivery;
 use std::{future::Future, sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -28,7 +25,7 @@ use warren_shared::{
     broker::{Outgoing, with_extra_headers},
     codes::{ErrorCode, StoredError},
     envelope::{self, TaskMessage},
-    store::{self, Claim, Outcome},
+    store::{self, Claim, ClaimRequest, Outcome, Success},
 };
 use warren_tasks::TaskContext;
 
@@ -61,7 +58,12 @@ enum Disposition {
     },
 }
 
-pub(crate) async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &CancellationToken) {
+pub(crate) async fn handle(
+    worker: &Arc<Worker>,
+    delivery: Delivery,
+    own: Settle,
+    stop: &CancellationToken,
+) {
     let decoded = TaskMessage::decode(&delivery.properties, &delivery.data).map(|mut m| {
         // A Celery client names no owner; someone must be able to read it.
         m.owner
@@ -81,9 +83,9 @@ pub(crate) async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &Canc
                 mark_undeliverable(worker, id, ErrorCode::UndecodableMessage, &reason, stop).await;
             }
             let code = ErrorCode::UndecodableMessage;
-            (Disposition::DeadLetter { code, reason }, None)
+            (Disposition::DeadLetter { code, reason }, Vec::new())
         }
-        Ok(message) => {
+        Ok(mut message) => {
             let trace = message.traceparent.as_deref().and_then(TraceParent::parse);
             let span = tracing::info_span!(
                 "task",
@@ -93,7 +95,7 @@ pub(crate) async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &Canc
                 trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
                 parent_span_id = trace.map(|t| t.parent_id_hex()).unwrap_or_default(),
             );
-            if !adopt_or_register(worker, message.id, &delivery) {
+            if !adopt_or_register(worker, message.id, &own) {
                 span.in_scope(|| {
                     tracing::info!(
                         redelivered = delivery.redelivered,
@@ -102,16 +104,17 @@ pub(crate) async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &Canc
                 });
                 return;
             }
-            let disposition = process(worker, &message, delivery.redelivered, stop)
+            let disposition = process(worker, &mut message, delivery.redelivered, stop)
                 .instrument(span)
                 .await;
             let adopted = lock(&worker.running)
                 .remove(&message.id)
-                .and_then(|r| r.adopted);
+                .map(|r| r.adopted)
+                .unwrap_or_default();
             (disposition, adopted)
         }
     };
-    settle(worker, delivery, disposition, adopted).await;
+    settle(worker, &delivery, own, disposition, adopted).await;
     worker
         .processed
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -121,14 +124,14 @@ pub(crate) async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &Canc
 /// it did. The consumer asks before waiting for a free slot: an adopted
 /// delivery needs none, and the slots may all be held by the very tasks
 /// whose redeliveries are waiting.
-pub(crate) fn try_adopt(worker: &Worker, delivery: &Delivery) -> bool {
+pub(crate) fn try_adopt(worker: &Worker, delivery: &Delivery, own: &Settle) -> bool {
     let Some(id) = envelope::peek_task_id(&delivery.properties) else {
         return false;
     };
     let mut running = lock(&worker.running);
     match running.get_mut(&id) {
         Some(entry) => {
-            entry.adopted = Some(delivery.acker.clone());
+            entry.adopted.push(own.clone());
             tracing::info!(
                 task_id = %id,
                 redelivered = delivery.redelivered,
@@ -146,13 +149,14 @@ pub(crate) fn try_adopt(worker: &Worker, delivery: &Delivery) -> bool {
 /// delivery to the running attempt, which settles it with its own. Returns
 /// false when adopted, true when this delivery should be processed (and is
 /// now registered as running).
-fn adopt_or_register(worker: &Worker, id: Uuid, delivery: &Delivery) -> bool {
+fn adopt_or_register(worker: &Worker, id: Uuid, own: &Settle) -> bool {
     let mut running = lock(&worker.running);
     match running.get_mut(&id) {
         Some(entry) => {
-            // A still earlier adopted delivery belongs to a dead channel
-            // too; the newest is the one that can still be acknowledged.
-            entry.adopted = Some(delivery.acker.clone());
+            // Every adopted delivery is settled with the attempt: one on a
+            // dead channel just fails to, one on a live channel must not
+            // stay outstanding.
+            entry.adopted.push(own.clone());
             false
         }
         None => {
@@ -164,7 +168,7 @@ fn adopt_or_register(worker: &Worker, id: Uuid, delivery: &Delivery) -> bool {
 
 async fn process(
     worker: &Worker,
-    message: &TaskMessage,
+    message: &mut TaskMessage,
     redelivered: bool,
     stop: &CancellationToken,
 ) -> Disposition {
@@ -179,8 +183,11 @@ async fn process(
     };
     let input = match entry
         .task
-        .input_from_call(message.args.clone(), message.kwargs.clone())
-    {
+        // The arguments are needed only to build the input: moved, not copied.
+        .input_from_call(
+            std::mem::take(&mut message.args),
+            std::mem::take(&mut message.kwargs),
+        ) {
         Ok(input) => input,
         Err(e) => {
             let reason = format!("invalid arguments: {e}");
@@ -224,11 +231,8 @@ async fn process(
     }
 
     let label = entry.task.name();
-    let claim = match db(stop, || {
-        store.claim(message, &input, &entry.queue, &worker.identity, redelivered)
-    })
-    .await
-    {
+    let request = ClaimRequest::new(message, &input, &entry.queue, redelivered);
+    let claim = match db(stop, || worker.claims.call(request.clone())).await {
         Ok(c) => c,
         Err(d) => return d,
     };
@@ -252,7 +256,10 @@ async fn process(
         }
     };
     tracing::Span::current().record("attempt", attempt);
-    tracing::info!(redelivered, "task started");
+    // One line per task at info is the success (or failure) line, which
+    // carries the run time; a line at start too costs a busy worker a
+    // tenth of its throughput. STARTED is visible in the row and /workers.
+    tracing::debug!(redelivered, "task started");
 
     let cancel = CancellationToken::new();
     if let Some(entry) = lock(&worker.running).get_mut(&message.id) {
@@ -346,7 +353,22 @@ async fn process(
         Outcome::Retry { .. } => "retried",
     };
     let writing = std::time::Instant::now();
-    let recorded = match db(stop, || store.finish(message.id, attempt, &outcome)).await {
+    let recorded = match db(stop, || async {
+        match &outcome {
+            // The common case shares a statement with other handlers.
+            Outcome::Success(result) => {
+                let done = Success {
+                    id: message.id,
+                    attempt,
+                    result: result.clone(),
+                };
+                worker.successes.call(done).await
+            }
+            other => store.finish(message.id, attempt, other).await,
+        }
+    })
+    .await
+    {
         Ok(r) => r,
         Err(d) => return d,
     };
@@ -432,19 +454,20 @@ async fn mark_undeliverable(
     }
 }
 
-/// Applies the disposition to the delivery and to a copy of it the
-/// running attempt adopted, if any: both are acknowledged or both go back.
+/// Applies the disposition to the delivery and to the copies of it the
+/// running attempt adopted, if any: all are acknowledged or all go back.
 async fn settle(
     worker: &Worker,
-    delivery: Delivery,
+    delivery: &Delivery,
+    own: Settle,
     disposition: Disposition,
-    adopted: Option<Acker>,
+    adopted: Vec<Settle>,
 ) {
     let acknowledge = match disposition {
         Disposition::Ack => true,
         Disposition::Requeue => false,
         Disposition::DeadLetter { code, reason } => {
-            match dead_letter(worker, &delivery, code, reason).await {
+            match dead_letter(worker, delivery, code, reason).await {
                 Ok(()) => {
                     let task = delivery
                         .properties
@@ -471,25 +494,14 @@ async fn settle(
             }
         }
     };
-    for acker in std::iter::once(&delivery.acker).chain(adopted.as_ref()) {
-        let result = if acknowledge {
-            acker.ack(BasicAckOptions::default()).await
+    for settle in std::iter::once(own).chain(adopted) {
+        if acknowledge {
+            settle.ack().await;
         } else {
-            acker.nack(REQUEUE).await
-        };
-        if let Err(e) = result {
-            // The channel is gone; the broker redelivers the message and the
-            // claim sees what was already recorded.
-            tracing::warn!(delivery_tag = delivery.delivery_tag, error = %e, "could not settle delivery");
+            settle.requeue().await;
         }
     }
 }
-
-/// Hand a delivery back to the broker for another consumer.
-const REQUEUE: BasicNackOptions = BasicNackOptions {
-    requeue: true,
-    multiple: false,
-};
 
 /// Copies a delivery to the dead-letter exchange with the reason in its
 /// headers, and waits for the broker's confirm.

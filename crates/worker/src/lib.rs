@@ -12,6 +12,10 @@
 //! - `consumer`: the connection loop: reconnect with backoff, prefetch as
 //!   slots, graceful shutdown.
 //! - `handler`: one delivery from decode to ack.
+//! - `batch`: group commit: concurrent handlers' claims and results share
+//!   one statement per round trip.
+//! - `acks`: acknowledgements per channel, the settled prefix in one
+//!   `multiple` frame, never ahead of the commit.
 //! - `execute`: running a task with soft/hard time limits, panics caught.
 //! - `services`: what a running task can ask of the worker (progress, item
 //!   outcomes, artifacts), over PostgreSQL; cancellation of running tasks.
@@ -22,7 +26,9 @@
 //! This crate is the only one that acknowledges deliveries. It serves no
 //! HTTP API and knows nothing of how tasks were submitted.
 
+mod acks;
 mod app;
+mod batch;
 mod consumer;
 pub mod dead_letters;
 mod execute;

@@ -9,6 +9,10 @@ use warren_shared::{
 use warren_tasks::Registry;
 use warren_worker::dead_letters;
 
+/// See `mimalloc` in the workspace Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     version,

@@ -22,6 +22,7 @@ pub(crate) struct WorkerMetrics {
     pub(crate) queue_wait_seconds: HistogramVec,
     pub(crate) write_seconds: HistogramVec,
     pub(crate) reconnects: IntCounter,
+    batch_sizes: HistogramVec,
     /// `kind`: usable (the server's max_connections minus its superuser
     /// reserve) and in_use (by everyone), read at every heartbeat.
     pub(crate) postgres_connections: IntGaugeVec,
@@ -84,6 +85,17 @@ impl WorkerMetrics {
                     &["kind"],
                 )?,
             )?,
+            batch_sizes: metrics::register(
+                &r,
+                HistogramVec::new(
+                    prometheus::HistogramOpts::new(
+                        "warren_worker_batch_size",
+                        "Rows per claim or result statement: how much concurrent handlers share one round trip.",
+                    )
+                    .buckets(vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 512.0]),
+                    &["stage"],
+                )?,
+            )?,
             in_flight: metrics::gauge(&r, "warren_worker_tasks_in_flight", "Tasks running now.")?,
             free_slots: metrics::gauge(
                 &r,
@@ -92,6 +104,11 @@ impl WorkerMetrics {
             )?,
             registry: r,
         })
+    }
+
+    /// The batch-size histogram of one write stage.
+    pub(crate) fn batch_size(&self, stage: &str) -> prometheus::Histogram {
+        self.batch_sizes.with_label_values(&[stage])
     }
 
     /// A task type as a label: one of ours, or `unknown` (a garbage message

@@ -1,0 +1,162 @@
+//! Drain: N no-op tasks already queued (submitted through the API, on the
+//! broker, rows QUEUED), then worker replicas start and run them all. The
+//! figure is tasks per second from the first start to the last result
+//! committed, read from the rows themselves; every task must end SUCCESS on
+//! its first attempt.
+
+use crate::{
+    report::{Figure, table},
+    system::{Memory, Setup, System},
+};
+use anyhow::{Context, bail, ensure};
+use serde::Serialize;
+use serde_json::json;
+use std::time::Duration;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct Args {
+    /// Tasks queued before the workers start.
+    #[arg(long, default_value_t = 100_000)]
+    pub tasks: usize,
+    /// Replica counts to measure, in order.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub replicas: Vec<usize>,
+    /// Concurrency of every replica; prefetch follows it.
+    #[arg(long, default_value_t = 1000)]
+    pub concurrency: usize,
+    /// Runs per replica count; the table shows their median and range.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// More settings for every replica (repeatable).
+    #[arg(long, value_parser = crate::system::parse_setting)]
+    pub worker_env: Vec<(String, String)>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub replicas: usize,
+    pub concurrency: usize,
+    pub tasks: usize,
+    pub tasks_per_second: Figure,
+    pub seconds: Figure,
+    /// The largest replica's peak resident memory, MiB.
+    pub worker_peak_mib: Figure,
+}
+
+pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Vec<Row>> {
+    ensure!(
+        args.tasks > 0 && args.runs > 0,
+        "--tasks and --runs must be positive"
+    );
+    ensure!(
+        args.replicas.iter().all(|&r| r > 0),
+        "--replicas must be positive"
+    );
+    ensure!(args.concurrency > 0, "--concurrency must be positive");
+    let mut rows = Vec::new();
+    for &replicas in &args.replicas {
+        let (mut rates, mut seconds, mut peaks) = (Vec::new(), Vec::new(), Vec::new());
+        for run in 1..=args.runs {
+            let m = once(setup, args, replicas).await?;
+            eprintln!(
+                "  drain, {replicas} replica(s), run {run}: {} tasks in {:.2} s = {:.0}/s, worker peak {:.0} MiB",
+                args.tasks, m.seconds, m.rate, m.worker_peak_mib
+            );
+            rates.push(m.rate);
+            seconds.push(m.seconds);
+            peaks.push(m.worker_peak_mib);
+        }
+        rows.push(Row {
+            replicas,
+            concurrency: args.concurrency,
+            tasks: args.tasks,
+            tasks_per_second: Figure::of(&rates).context("no rates")?,
+            seconds: Figure::of(&seconds).context("no times")?,
+            worker_peak_mib: Figure::of(&peaks).context("no memory figures")?,
+        });
+    }
+    Ok(rows)
+}
+
+pub(crate) struct Measured {
+    pub rate: f64,
+    pub seconds: f64,
+    pub worker_peak_mib: f64,
+}
+
+/// One drain on a fresh system, taken down afterwards.
+pub(crate) async fn once(setup: &Setup, args: &Args, replicas: usize) -> anyhow::Result<Measured> {
+    let mut system = System::up(setup).await?;
+    let measured = measure(&mut system, args, replicas).await;
+    system.down().await?;
+    measured
+}
+
+async fn measure(system: &mut System, args: &Args, replicas: usize) -> anyhow::Result<Measured> {
+    // Queued first, with no worker running: the backlog a deploy finds.
+    system.submit_batch("noop", &json!({}), args.tasks).await?;
+    let n = i64::try_from(args.tasks)?;
+    system
+        .wait_for_state_count("QUEUED", n, Duration::from_secs(600))
+        .await?;
+
+    let mut env = vec![("WARREN_WORKER__CONCURRENCY", args.concurrency.to_string())];
+    env.extend(args.worker_env.iter().map(|(k, v)| (k.as_str(), v.clone())));
+    for _ in 0..replicas {
+        system.add_worker(&env)?;
+    }
+    // Generous: a hundred tasks a second would still finish.
+    let timeout = Duration::from_secs(120 + args.tasks as u64 / 100);
+    system.wait_for_state_count("SUCCESS", n, timeout).await?;
+    let peak = system
+        .worker_memory()
+        .iter()
+        .map(|m: &Memory| m.peak)
+        .max()
+        .unwrap_or(0);
+    let totals = system.totals().await?;
+    if totals.succeeded_once != n || totals.tasks != n {
+        bail!(
+            "{} tasks, {} of them SUCCESS on their first attempt; expected {n}",
+            totals.tasks,
+            totals.succeeded_once
+        );
+    }
+    Ok(Measured {
+        rate: n as f64 / totals.run_seconds,
+        seconds: totals.run_seconds,
+        worker_peak_mib: peak as f64 / (1024.0 * 1024.0),
+    })
+}
+
+pub fn render(rows: &[Row]) -> String {
+    let base = rows.first().map(|r| r.tasks_per_second.median);
+    let lines: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.replicas.to_string(),
+                r.concurrency.to_string(),
+                r.tasks.to_string(),
+                r.seconds.display(2),
+                r.tasks_per_second.display(0),
+                base.map_or("-".into(), |b| {
+                    format!("{:.2}×", r.tasks_per_second.median / b)
+                }),
+                r.worker_peak_mib.display(0),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "replicas",
+            "concurrency",
+            "tasks",
+            "drain s",
+            "tasks/s",
+            "vs first",
+            "worker peak MiB",
+        ],
+        &lines,
+    )
+}
