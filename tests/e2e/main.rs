@@ -23,6 +23,7 @@ mod load_sharing;
 mod long_poll;
 mod observability;
 mod outbox;
+mod pipeline;
 mod real_work;
 mod retries;
 mod scaling;

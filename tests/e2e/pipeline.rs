@@ -1,0 +1,120 @@
+//! The worker's throughput machinery (group commit, acknowledgements with
+//! `multiple`) changes how many statements and frames carry the work,
+//! never what happens to a task.
+
+use serde_json::{Value, json};
+use std::time::Duration;
+use uuid::Uuid;
+use warren_shared::state::TaskState;
+use warren_tests::{TestEnv, metric, wait_until};
+
+fn ids(body: &Value) -> Vec<Uuid> {
+    body["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// Acknowledgements wait behind a running delivery only up to a quarter of
+/// the prefetch window; if they waited for it to finish, the window would
+/// fill with finished-but-unacknowledged messages and the worker would get
+/// nothing more until the long task ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_task_does_not_stall_the_short_ones_behind_it() {
+    let env = TestEnv::with(|s| s.worker.concurrency = 20).await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker("w").await;
+    let long = api.submit_ok("sleep", &json!({"seconds": 30})).await;
+    wait_until(
+        "the long task to start",
+        Duration::from_secs(10),
+        || async {
+            let rows = env.tasks(&[long]).await;
+            (rows[0].state == TaskState::Started).then_some(())
+        },
+    )
+    .await;
+
+    // Five windows' worth of short tasks behind it.
+    let body: Value = api
+        .post_json("/tasks/noop/batch", &json!({"tasks": vec![json!({}); 100]}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let short = ids(&body);
+    let rows = env.wait_for_terminal(&short, Duration::from_secs(20)).await;
+    assert!(
+        rows.iter()
+            .all(|r| r.state == TaskState::Success && r.attempts == 1)
+    );
+    let long_row = &env.tasks(&[long]).await[0];
+    assert_eq!(
+        long_row.state,
+        TaskState::Started,
+        "all 100 finished while the long task still ran"
+    );
+    // Cancel the long one so the worker stops promptly.
+    let response = api
+        .post_json(&format!("/tasks/sleep/{long}/cancel"), &json!({}))
+        .await;
+    assert!(response.status().is_success(), "{}", response.status());
+    env.wait_for_terminal(&[long], Duration::from_secs(10))
+        .await;
+    worker.stop().await;
+    let amqp = env.amqp().await;
+    let (messages, consumers) = amqp.queue_depth(&env.queue("default")).await;
+    assert_eq!((messages, consumers), (0, 0), "every delivery settled");
+    amqp.close().await;
+    api.stop().await;
+}
+
+/// Tasks that arrive together are claimed and recorded in shared
+/// statements: far fewer statements than tasks, each task still exactly
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_shares_statements_and_runs_each_task_once() {
+    let env = TestEnv::with(|s| s.worker.concurrency = 200).await;
+    let api = env.spawn_api().await;
+    let body: Value = api
+        .post_json(
+            "/tasks/noop/batch",
+            &json!({"tasks": vec![json!({}); 2000]}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let ids = ids(&body);
+    // Queued before the worker starts: it finds a backlog.
+    let worker = env.spawn_worker("w").await;
+    let rows = env.wait_for_terminal(&ids, Duration::from_secs(60)).await;
+    assert!(
+        rows.iter()
+            .all(|r| r.state == TaskState::Success && r.attempts == 1),
+        "every task SUCCESS on its first attempt"
+    );
+    let text = reqwest::get(format!("http://{}/metrics", worker.metrics_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let stage =
+        |stage: &str, series: &str| metric(&text, series, &[("stage", stage)]).unwrap_or(0.0);
+    for s in ["claim", "success"] {
+        let (statements, rows) = (
+            stage(s, "warren_worker_batch_size_count"),
+            stage(s, "warren_worker_batch_size_sum"),
+        );
+        assert_eq!(rows, 2000.0, "{s}: every task in exactly one statement");
+        assert!(
+            statements > 0.0 && statements < 1000.0,
+            "{s}: {statements} statements for 2000 tasks"
+        );
+    }
+    worker.stop().await;
+    api.stop().await;
+}
