@@ -300,3 +300,73 @@ async fn a_batch_of_claims_answers_each_like_a_single_claim() {
     assert_eq!(by_id(orphaned).state, TaskState::Started);
     assert_eq!(by_id(celery).result, Some(json!({"n": 3})));
 }
+
+/// Another connection's transaction, holding row locks until dropped.
+async fn lock_rows(env: &TestEnv, ids: &[Uuid]) -> sea_orm::DatabaseTransaction {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let db = sea_orm::Database::connect(env.database_url()).await.unwrap();
+    let txn = db.begin().await.unwrap();
+    let list: Vec<String> = ids.iter().map(|id| format!("'{id}'")).collect();
+    txn.execute_unprepared(&format!(
+        "SELECT id FROM tasks WHERE id IN ({}) FOR UPDATE",
+        list.join(",")
+    ))
+    .await
+    .unwrap();
+    txn
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marking_queued_passes_over_a_row_a_worker_is_claiming() {
+    // The API marks a batch QUEUED while a worker's claim holds one of its
+    // rows: waiting could deadlock against the worker's own batch, so the
+    // mark leaves that row to the claim and does the rest at once.
+    let env = TestEnv::new().await;
+    let store = env.store();
+    let (held, free) = (Uuid::now_v7(), Uuid::now_v7());
+    for id in [held, free] {
+        store.insert(&new_task(id)).await.unwrap();
+    }
+    let claiming = lock_rows(&env, &[held]).await;
+    let marked = tokio::time::timeout(
+        Duration::from_secs(10),
+        store.mark_queued_many(&[held, free]),
+    )
+    .await
+    .expect("the mark waited for the worker's lock")
+    .unwrap();
+    assert_eq!(marked, 1);
+    drop(claiming);
+    let rows = env.tasks(&[held, free]).await;
+    let state = |id| rows.iter().find(|r| r.id == id).unwrap().state;
+    assert_eq!(state(held), TaskState::Pending, "left for the claim");
+    assert_eq!(state(free), TaskState::Queued);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadlock_is_a_conflict_worth_retrying_not_a_broken_task() {
+    use sea_orm::ConnectionTrait;
+    use warren_shared::store::StoreError;
+    let env = TestEnv::new().await;
+    let store = env.store();
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    for id in [a, b] {
+        store.insert(&new_task(id)).await.unwrap();
+    }
+    // Two transactions each holding one row and wanting the other's:
+    // PostgreSQL picks a victim and rolls it back with 40P01.
+    let (first, second) = (lock_rows(&env, &[a]).await, lock_rows(&env, &[b]).await);
+    let update = |id: Uuid| format!("UPDATE tasks SET updated_at = now() WHERE id = '{id}'");
+    let (to_b, to_a) = (update(b), update(a));
+    let (x, y) = tokio::join!(
+        first.execute_unprepared(&to_b),
+        second.execute_unprepared(&to_a),
+    );
+    let victim = match (x, y) {
+        (Err(e), Ok(_)) | (Ok(_), Err(e)) => StoreError::from(e),
+        other => panic!("expected exactly one deadlock victim, got {other:?}"),
+    };
+    assert!(matches!(victim, StoreError::Conflict(_)), "{victim:?}");
+    assert!(victim.is_retryable());
+    assert!(!victim.is_unavailable(), "not a reason to report 'database down'");
+}

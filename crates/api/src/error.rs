@@ -277,8 +277,9 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        if e.is_unavailable() {
-            tracing::warn!(error = %e, "database unavailable");
+        if e.is_retryable() {
+            // Both mean "try again shortly": 503 with Retry-After.
+            tracing::warn!(error = %e, "database unavailable or in conflict");
             ApiError::database_unavailable()
         } else {
             ApiError::internal(&e)

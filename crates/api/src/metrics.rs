@@ -21,6 +21,7 @@ pub struct ApiMetrics {
     pub submitted: IntCounterVec,
     pub confirm_seconds: Histogram,
     outbox: IntGauge,
+    batch_sizes: HistogramVec,
 }
 
 impl ApiMetrics {
@@ -61,8 +62,24 @@ impl ApiMetrics {
                 "warren_outbox_tasks",
                 "Tasks recorded but not on the broker: unpublished, delayed, or waiting to retry.",
             )?,
+            batch_sizes: metrics::register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "warren_api_batch_size",
+                        "Single submissions per INSERT or QUEUED statement: how much concurrent requests share one round trip.",
+                    )
+                    .buckets(metrics::BATCH_BUCKETS.to_vec()),
+                    &["stage"],
+                )?,
+            )?,
             registry: r,
         })
+    }
+
+    /// The batch-size histogram of one write stage.
+    pub fn batch_size(&self, stage: &str) -> Histogram {
+        self.batch_sizes.with_label_values(&[stage])
     }
 }
 

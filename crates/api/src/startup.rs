@@ -5,7 +5,7 @@ use crate::{
     auth::Authenticator,
     metrics::{self, ApiMetrics},
     openapi, routes,
-    state::Management,
+    state::{Management, Submissions},
     waiters,
 };
 use axum::{
@@ -123,18 +123,24 @@ impl Application {
                 .build()
                 .map_err(StartupError::Http)?,
         });
+        let metrics = Arc::new(
+            ApiMetrics::new(&connection, settings.database.max_connections)
+                .map_err(StartupError::Metrics)?,
+        );
+        let store = Store::new(connection.clone());
+        let (submissions, inserting, marking) = Submissions::new(&store, &metrics);
+        tokio::spawn(inserting);
+        tokio::spawn(marking);
         let state = AppState {
-            metrics: Arc::new(
-                ApiMetrics::new(&connection, settings.database.max_connections)
-                    .map_err(StartupError::Metrics)?,
-            ),
+            metrics,
+            submissions: Arc::new(submissions),
             management,
             artifacts: Arc::new(PgArtifacts::new(connection.clone())),
             waiters: Arc::default(),
             auth,
             settings: Arc::new(settings),
             catalog: Arc::new(catalog),
-            store: Store::new(connection),
+            store,
             publisher,
             identity: identity.into(),
             fail_points: Arc::default(),

@@ -9,7 +9,12 @@
 //! `scripts/bench.sh` builds the binaries, makes sure the services run
 //! and calls this; `warren-bench --help` lists the scenarios.
 
+pub mod all;
+pub mod ceiling;
 pub mod drain;
+pub mod latency;
+pub mod memory;
 pub mod report;
 pub mod scaling;
+pub mod submit;
 pub mod system;

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use warren_bench::{
-    drain, scaling,
+    all, ceiling, drain, latency, memory, scaling, submit,
     system::{self, Setup},
 };
 
@@ -55,10 +55,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
+    /// Every scenario below (scaling as drain with 1, 2, 4 replicas), 3
+    /// runs each, and a summary against the ceiling and the peers.
+    All(all::Args),
     /// The same sleep tasks with 1, 2, 4 worker replicas: wall time per count.
     Scaling(scaling::Args),
     /// N no-op tasks queued, then 1 (or more) workers run them all.
     Drain(drain::Args),
+    /// 202s per second: single POSTs from many clients, and batches.
+    Submit(submit::Args),
+    /// What RabbitMQ allows: a bare lapin publish and consume, same queue.
+    Ceiling(ceiling::Args),
+    /// Open-loop arrivals at half the highest rate: submit→start, →result.
+    Latency(latency::Args),
+    /// Worker RSS after 100k vs 1M tasks; worker and API peaks.
+    Memory(memory::Args),
 }
 
 #[tokio::main]
@@ -73,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
         keep_logs: cli.keep_logs,
     };
     let (table, json) = match &cli.scenario {
+        Scenario::All(args) => all::run(&setup, args).await?,
         Scenario::Scaling(args) => {
             let rows = scaling::run(&setup, args).await?;
             (
@@ -89,6 +101,34 @@ async fn main() -> anyhow::Result<()> {
             (
                 drain::render(&rows),
                 serde_json::json!({ "scenario": "drain", "rows": rows }),
+            )
+        }
+        Scenario::Ceiling(args) => {
+            let figures = ceiling::run(&setup, args).await?;
+            (
+                ceiling::render(&figures),
+                serde_json::json!({ "scenario": "ceiling", "figures": figures }),
+            )
+        }
+        Scenario::Latency(args) => {
+            let figures = latency::run(&setup, args).await?;
+            (
+                latency::render(&figures),
+                serde_json::json!({ "scenario": "latency", "figures": figures }),
+            )
+        }
+        Scenario::Memory(args) => {
+            let figures = memory::run(&setup, args).await?;
+            (
+                memory::render(&figures),
+                serde_json::json!({ "scenario": "memory", "figures": figures }),
+            )
+        }
+        Scenario::Submit(args) => {
+            let figures = submit::run(&setup, args).await?;
+            (
+                submit::render(&figures),
+                serde_json::json!({ "scenario": "submit", "figures": figures }),
             )
         }
     };

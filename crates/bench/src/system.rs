@@ -380,12 +380,37 @@ impl System {
         self.api.as_ref().and_then(|(c, _)| c.id()).and_then(memory)
     }
 
+    /// The mean of an API histogram (e.g. `warren_api_batch_size` with
+    /// `stage="insert"`), from its `_sum` and `_count`: where the time of a
+    /// scenario went.
+    pub async fn api_mean(&self, name: &str, labels: &str) -> anyhow::Result<Option<f64>> {
+        let text = self.scrape(&self.api_url_for("/metrics")).await?;
+        let count = series_sum(&text, &format!("{name}_count"), labels);
+        Ok((count > 0.0).then(|| series_sum(&text, &format!("{name}_sum"), labels) / count))
+    }
+
+    /// A Prometheus endpoint's text.
+    pub async fn scrape(&self, url: &str) -> anyhow::Result<String> {
+        Ok(self
+            .http
+            .get(url)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
+    }
+
     pub fn api_url_for(&self, path: &str) -> String {
         format!("{}{path}", self.api_url())
     }
 
     pub fn key(&self) -> &str {
         &self.key
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
     }
 
     pub fn settings(&self) -> &Settings {
@@ -495,6 +520,17 @@ async fn admin_connection(url: &str) -> anyhow::Result<DatabaseConnection> {
         .context("connecting to PostgreSQL with --admin-database-url")
 }
 
+/// The sum of a Prometheus series in text format over the label sets
+/// containing `labels` (e.g. `stage="insert"`; empty for all).
+pub fn series_sum(text: &str, series: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with(series) && l[series.len()..].starts_with(['{', ' ']) && l.contains(labels)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// `NAME=value`, as `--worker-env` takes it: Warren's settings
 /// (`WARREN_<SECTION>__<KEY>`) or the runtime's (`TOKIO_WORKER_THREADS`).
 pub fn parse_setting(s: &str) -> Result<(String, String), String> {
@@ -510,7 +546,7 @@ pub fn parse_setting(s: &str) -> Result<(String, String), String> {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }
@@ -522,4 +558,23 @@ pub fn default_bin_dir() -> PathBuf {
         .ok()
         .and_then(|exe| exe.parent().map(Path::to_path_buf))
         .unwrap_or_else(|| PathBuf::from("."))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_sum_adds_the_matching_label_sets_only() {
+        let text = "# HELP h h\n\
+            h_sum{stage=\"a\",version=\"1\"} 30\n\
+            h_count{stage=\"a\",version=\"1\"} 3\n\
+            h_count{stage=\"b\",version=\"1\"} 1\n\
+            h_count_other{stage=\"a\"} 50\n\
+            g 2.5\n";
+        assert_eq!(series_sum(text, "h_count", "stage=\"a\""), 3.0);
+        assert_eq!(series_sum(text, "h_count", ""), 4.0);
+        assert_eq!(series_sum(text, "h_count", "stage=\"c\""), 0.0);
+        assert_eq!(series_sum(text, "g", ""), 2.5);
+    }
 }

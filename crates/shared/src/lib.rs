@@ -10,6 +10,7 @@
 //! - [`topology`]: exchange and queue names, idempotent declaration.
 //! - [`broker`]: named connections and a confirming, self-healing publisher.
 //! - [`db`]: sea-orm connection, entities, migrations.
+//! - [`batch`]: group commit, many callers' writes as one statement.
 //! - [`store`]: the task state machine as guarded SQL statements; item
 //!   outcomes, progress, listings.
 //! - [`artifacts`]: files tasks produce, behind an interface (PostgreSQL now).
@@ -25,6 +26,7 @@
 //! long-running loops such as [`relay::run`] are futures the binaries spawn.
 
 pub mod artifacts;
+pub mod batch;
 pub mod broker;
 pub mod catalog;
 pub mod codes;

@@ -2,7 +2,6 @@
 
 use crate::{
     acks::Settle,
-    batch::Batcher,
     consumer,
     metrics::{self, WorkerMetrics},
 };
@@ -19,6 +18,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
 use warren_shared::{
     artifacts::{ArtifactStore, PgArtifacts},
+    batch::Batcher,
     broker::{Publisher, process_identity},
     catalog::Catalog,
     db::{self, DbErr},
@@ -171,17 +171,23 @@ impl Worker {
         let store = Store::new(connection.clone());
         let claims = {
             let (store, identity) = (store.clone(), identity.clone());
-            Batcher::spawn(BATCH_MAX, metrics.batch_size("claim"), move |requests| {
-                let (store, identity) = (store.clone(), identity.clone());
-                async move { store.claim_many(&requests, &identity).await }
-            })
+            let (claims, batching) =
+                Batcher::new(BATCH_MAX, 1, metrics.batch_size("claim"), move |requests| {
+                    let (store, identity) = (store.clone(), identity.clone());
+                    async move { store.claim_many(&requests, &identity).await }
+                });
+            tokio::spawn(batching);
+            claims
         };
         let successes = {
             let store = store.clone();
-            Batcher::spawn(BATCH_MAX, metrics.batch_size("success"), move |done| {
-                let store = store.clone();
-                async move { store.finish_successes(&done).await }
-            })
+            let (successes, batching) =
+                Batcher::new(BATCH_MAX, 1, metrics.batch_size("success"), move |done| {
+                    let store = store.clone();
+                    async move { store.finish_successes(&done).await }
+                });
+            tokio::spawn(batching);
+            successes
         };
         Ok(Self {
             slots: Arc::new(Semaphore::new(settings.worker.concurrency as usize)),

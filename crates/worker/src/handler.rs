@@ -422,8 +422,8 @@ where
     loop {
         match call().await {
             Ok(v) => return Ok(v),
-            Err(e) if e.is_unavailable() => {
-                tracing::warn!(error = %e, retry_in = ?pause, "database unavailable; holding the message");
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, retry_in = ?pause, "database unavailable or in conflict; holding the message");
                 tokio::select! {
                     () = stop.cancelled() => return Err(Disposition::Requeue),
                     () = tokio::time::sleep(pause) => {}

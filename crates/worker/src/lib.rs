@@ -12,8 +12,8 @@
 //! - `consumer`: the connection loop: reconnect with backoff, prefetch as
 //!   slots, graceful shutdown.
 //! - `handler`: one delivery from decode to ack.
-//! - `batch`: group commit: concurrent handlers' claims and results share
-//!   one statement per round trip.
+//! - claims and successes go through `warren_shared::batch` (group
+//!   commit): concurrent handlers share one statement per round trip.
 //! - `acks`: acknowledgements per channel, the settled prefix in one
 //!   `multiple` frame, never ahead of the commit.
 //! - `execute`: running a task with soft/hard time limits, panics caught.
@@ -28,7 +28,6 @@
 
 mod acks;
 mod app;
-mod batch;
 mod consumer;
 pub mod dead_letters;
 mod execute;

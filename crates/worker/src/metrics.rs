@@ -92,7 +92,7 @@ impl WorkerMetrics {
                         "warren_worker_batch_size",
                         "Rows per claim or result statement: how much concurrent handlers share one round trip.",
                     )
-                    .buckets(vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 512.0]),
+                    .buckets(metrics::BATCH_BUCKETS.to_vec()),
                     &["stage"],
                 )?,
             )?,

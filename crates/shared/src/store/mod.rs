@@ -39,6 +39,11 @@ pub enum StoreError {
     /// retrying, and a 503 for an HTTP client.
     #[error("database unavailable: {0}")]
     Unavailable(DbErr),
+    /// A concurrent transaction got in the way (deadlock, serialization
+    /// failure): PostgreSQL rolled this statement back, and running it
+    /// again normally succeeds.
+    #[error("database conflict: {0}")]
+    Conflict(DbErr),
     #[error("database error: {0}")]
     Other(DbErr),
 }
@@ -48,12 +53,19 @@ impl StoreError {
         matches!(self, StoreError::Unavailable(_))
     }
 
+    /// Worth running again: the database was unreachable or another
+    /// transaction got in the way.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Conflict(_))
+    }
+
     /// An error of the same kind with the same message, for everyone a
     /// failed batch statement answers (database errors are not `Clone`).
     pub fn same_kind(&self) -> StoreError {
         let e = DbErr::Custom(self.to_string());
         match self {
             StoreError::Unavailable(_) => StoreError::Unavailable(e),
+            StoreError::Conflict(_) => StoreError::Conflict(e),
             StoreError::Other(_) => StoreError::Other(e),
         }
     }
@@ -63,10 +75,24 @@ impl From<DbErr> for StoreError {
     fn from(e: DbErr) -> Self {
         if is_connection_problem(&e) {
             StoreError::Unavailable(e)
+        } else if is_conflict(&e) {
+            StoreError::Conflict(e)
         } else {
             StoreError::Other(e)
         }
     }
+}
+
+/// 40P01 deadlock detected, 40001 serialization failure: the statement was
+/// rolled back because of another transaction, not because it was wrong.
+fn is_conflict(e: &DbErr) -> bool {
+    let (DbErr::Exec(sea_orm::RuntimeErr::SqlxError(inner))
+    | DbErr::Query(sea_orm::RuntimeErr::SqlxError(inner))) = e
+    else {
+        return false;
+    };
+    matches!(inner.as_ref(), sqlx::Error::Database(db)
+        if matches!(db.code().as_deref(), Some("40P01" | "40001")))
 }
 
 fn is_connection_problem(e: &DbErr) -> bool {

@@ -7,10 +7,10 @@ use crate::{
     db::task,
     state::TaskState,
 };
-use chrono::Utc;
+use chrono::{SubsecRound, Utc};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter,
-    TransactionTrait, sqlx,
+    TransactionTrait, TryIntoModel, sqlx,
 };
 use uuid::Uuid;
 
@@ -94,19 +94,30 @@ impl Store {
 
     /// Records many submissions in one transaction: all or none.
     pub async fn insert_many(&self, tasks: &[NewTask]) -> Result<Vec<task::Model>> {
-        let now = Utc::now();
-        let txn = self.db.begin().await?;
-        let mut rows = Vec::with_capacity(tasks.len());
-        for chunk in tasks.chunks(TASKS_PER_STATEMENT) {
-            let models = chunk.iter().map(|t| new_row(t, now));
-            rows.extend(
-                task::Entity::insert_many(models)
-                    .exec_with_returning(&txn)
-                    .await?,
-            );
+        // The rows are exactly what we send (no column is left to a
+        // default), so nothing is read back: RETURNING would double the
+        // bytes on the wire for a batch of large inputs. PostgreSQL keeps
+        // microseconds; so does `now`, so the rows match what a read shows.
+        let now = Utc::now().trunc_subsecs(6);
+        let rows: Vec<task::ActiveModel> = tasks.iter().map(|t| new_row(t, now)).collect();
+        if tasks.len() <= TASKS_PER_STATEMENT {
+            // One statement is atomic by itself: no BEGIN and COMMIT round
+            // trips (the API's group commit sends many small batches).
+            task::Entity::insert_many(rows.clone())
+                .exec_without_returning(&self.db)
+                .await?;
+        } else {
+            let txn = self.db.begin().await?;
+            for chunk in rows.chunks(TASKS_PER_STATEMENT) {
+                task::Entity::insert_many(chunk.to_vec())
+                    .exec_without_returning(&txn)
+                    .await?;
+            }
+            txn.commit().await?;
         }
-        txn.commit().await?;
-        Ok(rows)
+        rows.into_iter()
+            .map(|row| TryIntoModel::<task::Model>::try_into_model(row).map_err(StoreError::from))
+            .collect()
     }
 
     /// [`Store::mark_queued`] for many tasks at once.
@@ -114,8 +125,16 @@ impl Store {
         let res = self
             .db
             .execute_raw(stmt(
+                // SKIP LOCKED: a row locked now is being claimed by a
+                // worker (which makes it STARTED anyway) or taken by the
+                // relay; waiting for it would risk a deadlock with a
+                // worker's batch for nothing. A row left PENDING is
+                // republished by the relay after its lease, never lost.
                 "UPDATE tasks SET state = 'QUEUED', queued_at = now(), publish_at = NULL, updated_at = now()
-                 WHERE id = ANY($1) AND state = 'PENDING' AND attempts = 0",
+                 WHERE id IN (SELECT id FROM tasks
+                              WHERE id = ANY($1) AND state = 'PENDING' AND attempts = 0
+                              FOR UPDATE SKIP LOCKED)
+                   AND state = 'PENDING'",
                 vec![ids.to_vec().into()],
             ))
             .await?;

@@ -197,9 +197,13 @@ pub(super) async fn publish_due(state: &AppState, rows: &[task::Model]) -> Vec<U
             }
         }
     }
-    if !confirmed.is_empty()
-        && let Err(e) = state.store.mark_queued_many(&confirmed).await
-    {
+    let marked = match confirmed.as_slice() {
+        [] => Ok(()),
+        // A single submission: shares its statement with its neighbours.
+        [one] => state.submissions.queued.call(*one).await,
+        many => state.store.mark_queued_many(many).await.map(drop),
+    };
+    if let Err(e) = marked {
         tracing::warn!(error = %e, "published, but could not mark QUEUED; the relay will republish");
     }
     confirmed
@@ -282,7 +286,7 @@ pub(crate) async fn submit(
     let mut new = new_task(&state, &caller, entry, &task_type, input, &schedule, now);
     new.traceparent = Some(trace_context(&headers).to_string());
     let (row, replayed) = match key {
-        None => (state.store.insert(&new).await?, false),
+        None => (state.submissions.inserts.call(new).await?, false),
         Some(key) => {
             let fp = fingerprint(&task_type, &new.input, &schedule);
             new.idempotency_key = Some(key.clone());

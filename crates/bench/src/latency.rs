@@ -1,0 +1,249 @@
+//! Latency: tasks arrive at a fixed rate, open loop (each request leaves on
+//! its tick whether or not earlier ones were answered, so queueing shows
+//! instead of slowing the arrivals down), at half of the highest rate the
+//! same system sustained a moment before. One worker runs them. For every
+//! task: submit → start (the worker's claim, `started_at`) and submit →
+//! result visible (the committed outcome, `finished_at`), measured from
+//! the instant the client sent the request.
+
+use crate::{
+    report::{Figure, table},
+    submit,
+    system::{Setup, System},
+};
+use anyhow::{Context, bail, ensure};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use std::{collections::HashMap, time::Duration};
+use uuid::Uuid;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct Args {
+    /// Arrival rate, tasks per second; by default half of the rate the
+    /// system sustained for single POSTs just before, with its worker on.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// How long tasks arrive.
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u64,
+    /// Tasks in the closed-loop burst that measures the highest rate.
+    #[arg(long, default_value_t = 10_000)]
+    pub probe: usize,
+    /// Concurrency of the worker.
+    #[arg(long, default_value_t = 1000)]
+    pub concurrency: usize,
+    /// Runs; the table shows their median and range.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+}
+
+/// Percentiles of one latency, milliseconds.
+#[derive(Debug, Serialize)]
+pub struct Percentiles {
+    pub p50: Figure,
+    pub p90: Figure,
+    pub p99: Figure,
+    pub max: Figure,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Figures {
+    /// The closed-loop maximum the rate was derived from (tasks/s).
+    pub max_rate: Figure,
+    pub rate: Figure,
+    pub tasks: Figure,
+    pub submit_to_start_ms: Percentiles,
+    pub submit_to_result_ms: Percentiles,
+}
+
+struct Measured {
+    max_rate: f64,
+    rate: f64,
+    tasks: usize,
+    /// p50, p90, p99, max.
+    start: [f64; 4],
+    result: [f64; 4],
+}
+
+pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Figures> {
+    ensure!(
+        args.runs > 0 && args.seconds > 0 && args.probe > 0,
+        "counts must be positive"
+    );
+    if let Some(rate) = args.rate {
+        ensure!(rate > 0.0, "--rate must be positive");
+    }
+    let mut runs = Vec::new();
+    for run in 1..=args.runs {
+        let mut system = System::up(setup).await?;
+        let measured = measure(&mut system, args).await;
+        system.down().await?;
+        let m = measured?;
+        eprintln!(
+            "  latency, run {run}: {} tasks at {:.0}/s (max {:.0}/s): submit→start p50 {:.1} p99 {:.1} max {:.1} ms; submit→result p50 {:.1} p99 {:.1} ms",
+            m.tasks,
+            m.rate,
+            m.max_rate,
+            m.start[0],
+            m.start[2],
+            m.start[3],
+            m.result[0],
+            m.result[2]
+        );
+        runs.push(m);
+    }
+    let fig = |f: &dyn Fn(&Measured) -> f64| Figure::of(&runs.iter().map(f).collect::<Vec<_>>());
+    let pct = |pick: fn(&Measured) -> &[f64; 4]| -> anyhow::Result<Percentiles> {
+        Ok(Percentiles {
+            p50: fig(&|m| pick(m)[0]).context("no runs")?,
+            p90: fig(&|m| pick(m)[1]).context("no runs")?,
+            p99: fig(&|m| pick(m)[2]).context("no runs")?,
+            max: fig(&|m| pick(m)[3]).context("no runs")?,
+        })
+    };
+    Ok(Figures {
+        max_rate: fig(&|m| m.max_rate).context("no runs")?,
+        rate: fig(&|m| m.rate).context("no runs")?,
+        tasks: fig(&|m| m.tasks as f64).context("no runs")?,
+        submit_to_start_ms: pct(|m| &m.start)?,
+        submit_to_result_ms: pct(|m| &m.result)?,
+    })
+}
+
+async fn measure(system: &mut System, args: &Args) -> anyhow::Result<Measured> {
+    system.add_worker(&[("WARREN_WORKER__CONCURRENCY", args.concurrency.to_string())])?;
+    system.wait_for_consumers(1).await?;
+    let max_rate = submit::single_posts(system, args.probe, 64).await?;
+    let n = i64::try_from(args.probe)?;
+    system
+        .wait_for_state_count("SUCCESS", n, Duration::from_secs(300))
+        .await?;
+    let rate = args.rate.unwrap_or(max_rate / 2.0);
+
+    let sent = open_loop(system, rate, Duration::from_secs(args.seconds)).await?;
+    let ids: Vec<Uuid> = sent.keys().copied().collect();
+    let rows = system
+        .wait_for_terminal(&ids, Duration::from_secs(300))
+        .await?;
+    let (mut start, mut result) = (Vec::new(), Vec::new());
+    for row in &rows {
+        let (Some(started), Some(finished), Some(at)) =
+            (row.started_at, row.finished_at, sent.get(&row.id))
+        else {
+            bail!(
+                "task {} ended {} without start or finish",
+                row.id,
+                row.state
+            );
+        };
+        start.push(millis(started - *at));
+        result.push(millis(finished - *at));
+    }
+    Ok(Measured {
+        max_rate,
+        rate,
+        tasks: rows.len(),
+        start: percentiles(&mut start).context("no tasks")?,
+        result: percentiles(&mut result).context("no tasks")?,
+    })
+}
+
+fn millis(d: chrono::TimeDelta) -> f64 {
+    d.num_microseconds().unwrap_or(i64::MAX) as f64 / 1000.0
+}
+
+/// One request per tick, each on its own task: a slow answer never delays
+/// the next arrival. Returns when every request was answered, with the
+/// instant each task was sent.
+async fn open_loop(
+    system: &System,
+    rate: f64,
+    duration: Duration,
+) -> anyhow::Result<HashMap<Uuid, DateTime<Utc>>> {
+    let url = system.api_url_for("/tasks/noop");
+    let http = reqwest::Client::new();
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    // Behind schedule (a busy client), catch up: the arrivals stay at the rate.
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let total = (rate * duration.as_secs_f64()).round() as usize;
+    let mut requests = tokio::task::JoinSet::new();
+    for _ in 0..total {
+        ticks.tick().await;
+        let request = http
+            .post(&url)
+            .bearer_auth(system.key())
+            .header("content-type", "application/json")
+            .body("{}");
+        requests.spawn(async move {
+            let at = Utc::now();
+            let response = request.send().await?;
+            let status = response.status();
+            let body: serde_json::Value = response.json().await?;
+            if status != reqwest::StatusCode::ACCEPTED {
+                bail!("POST /tasks/noop answered {status}: {body}");
+            }
+            let id: Uuid = body["id"]
+                .as_str()
+                .context("no id in the answer")?
+                .parse()?;
+            anyhow::Ok((id, at))
+        });
+    }
+    let mut sent = HashMap::with_capacity(total);
+    while let Some(done) = requests.join_next().await {
+        let (id, at) = done??;
+        sent.insert(id, at);
+    }
+    Ok(sent)
+}
+
+/// p50, p90, p99 and max (nearest rank), or `None` for no values.
+fn percentiles(values: &mut [f64]) -> Option<[f64; 4]> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = |p: f64| {
+        let i = ((p * values.len() as f64).ceil() as usize).clamp(1, values.len());
+        values[i - 1]
+    };
+    Some([rank(0.50), rank(0.90), rank(0.99), values[values.len() - 1]])
+}
+
+pub fn render(f: &Figures) -> String {
+    let row = |what: &str, p: &Percentiles| {
+        vec![
+            what.to_owned(),
+            p.p50.display(1),
+            p.p90.display(1),
+            p.p99.display(1),
+            p.max.display(1),
+        ]
+    };
+    format!(
+        "open loop at {} tasks/s (half of the {} tasks/s measured), {} tasks, 1 worker\n\n{}",
+        f.rate.display(0),
+        f.max_rate.display(0),
+        f.tasks.display(0),
+        table(
+            &["latency, ms", "p50", "p90", "p99", "max"],
+            &[
+                row("submit → start", &f.submit_to_start_ms),
+                row("submit → result visible", &f.submit_to_result_ms),
+            ],
+        )
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let mut v: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        assert_eq!(percentiles(&mut v), Some([50.0, 90.0, 99.0, 100.0]));
+        assert_eq!(percentiles(&mut [7.0]), Some([7.0; 4]));
+        assert_eq!(percentiles(&mut []), None);
+    }
+}

@@ -1,0 +1,198 @@
+//! Group commit: many handlers ask for a write, one statement does them
+//! all. A handler calls [`Batcher::call`] and awaits its own answer; the
+//! batcher's task takes every request waiting at that moment (up to a
+//! maximum), runs one statement for all of them, and answers each.
+//!
+//! No timer is involved: an idle worker's lone request runs at once, in a
+//! batch of one, while under load the requests that arrive during one
+//! statement form the next batch. Latency stays that of a round trip;
+//! throughput becomes rows per statement instead of statements per second.
+//!
+//! The worker batches claims and successes; the API batches single
+//! submissions' inserts and their QUEUED marks.
+
+use crate::{
+    db::DbErr,
+    store::{self, StoreError},
+};
+use futures_util::{StreamExt, stream::FuturesUnordered};
+use std::future::Future;
+use tokio::sync::{mpsc, oneshot};
+
+struct Job<Req, Resp> {
+    request: Req,
+    reply: oneshot::Sender<store::Result<Resp>>,
+}
+
+pub struct Batcher<Req, Resp> {
+    jobs: mpsc::UnboundedSender<Job<Req, Resp>>,
+}
+
+impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
+    /// A batcher and its loop, which the caller spawns (shared spawns
+    /// nothing). `run` gets up to `max` requests and must answer each, in
+    /// order; up to `parallel` statements run at once, so a commit's wait
+    /// for the disk does not hold up the next batch. The loop ends when the
+    /// last `Batcher` handle is dropped, after answering what was asked.
+    pub fn new<F, Fut>(
+        max: usize,
+        parallel: usize,
+        sizes: prometheus::Histogram,
+        mut run: F,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static)
+    where
+        F: FnMut(Vec<Req>) -> Fut + Send + 'static,
+        Fut: Future<Output = store::Result<Vec<Resp>>> + Send + 'static,
+    {
+        let (jobs, mut queue) = mpsc::unbounded_channel::<Job<Req, Resp>>();
+        let (max, parallel) = (max.max(1), parallel.max(1));
+        let batching = async move {
+            let mut running = FuturesUnordered::new();
+            let mut open = true;
+            while open || !running.is_empty() {
+                let mut batch = Vec::with_capacity(max);
+                tokio::select! {
+                    // Only with a statement slot free: meanwhile requests
+                    // wait in the queue and the next batch grows.
+                    n = queue.recv_many(&mut batch, max), if open && running.len() < parallel => {
+                        if n == 0 {
+                            open = false;
+                            continue;
+                        }
+                        sizes.observe(n as f64);
+                        let (requests, replies): (Vec<Req>, Vec<_>) =
+                            batch.into_iter().map(|j| (j.request, j.reply)).unzip();
+                        running.push(answer(run(requests), replies));
+                    }
+                    Some(()) = running.next(), if !running.is_empty() => {}
+                }
+            }
+        };
+        (Self { jobs }, batching)
+    }
+
+    /// Queues `request` for the next statement and waits for its answer.
+    pub async fn call(&self, request: Req) -> store::Result<Resp> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job { request, reply })
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+/// Runs one statement and answers each of its requests.
+async fn answer<Resp>(
+    statement: impl Future<Output = store::Result<Vec<Resp>>>,
+    replies: Vec<oneshot::Sender<store::Result<Resp>>>,
+) {
+    let expected = replies.len();
+    match statement.await {
+        Ok(answers) if answers.len() == expected => {
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                // The caller may have given up (shutdown): fine.
+                let _ = reply.send(Ok(answer));
+            }
+        }
+        Ok(answers) => {
+            let e = StoreError::Other(DbErr::Custom(format!(
+                "a batch of {expected} got {} answers",
+                answers.len()
+            )));
+            for reply in replies {
+                let _ = reply.send(Err(e.same_kind()));
+            }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.same_kind()));
+            }
+        }
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::Other(DbErr::Custom("the write batcher has stopped".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    fn histogram() -> prometheus::Histogram {
+        prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("t", "t")).unwrap()
+    }
+
+    impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
+        fn spawn<F, Fut>(max: usize, sizes: prometheus::Histogram, run: F) -> Self
+        where
+            F: FnMut(Vec<Req>) -> Fut + Send + 'static,
+            Fut: Future<Output = store::Result<Vec<Resp>>> + Send + 'static,
+        {
+            let (batcher, batching) = Self::new(max, 1, sizes, run);
+            tokio::spawn(batching);
+            batcher
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_waiting_together_share_one_call_and_each_gets_its_answer() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&calls);
+        let batcher = Batcher::spawn(100, histogram(), move |xs: Vec<u32>| {
+            seen.lock().unwrap().push(xs.len());
+            async move { Ok(xs.into_iter().map(|x| x * 10).collect()) }
+        });
+        // Queued before the batcher's task first runs: one batch.
+        let answers = futures_util::future::join_all((0..50).map(|x| batcher.call(x))).await;
+        let answers: Vec<u32> = answers.into_iter().map(Result::unwrap).collect();
+        assert_eq!(answers, (0..50).map(|x| x * 10).collect::<Vec<_>>());
+        assert_eq!(*calls.lock().unwrap(), [50]);
+    }
+
+    #[tokio::test]
+    async fn statements_run_side_by_side_up_to_the_limit() {
+        // Each statement waits for a second one to be running: with two
+        // allowed at once both finish; one at a time would never return.
+        let both = Arc::new(tokio::sync::Barrier::new(2));
+        let (batcher, batching) = Batcher::new(1, 2, histogram(), move |xs: Vec<u32>| {
+            let both = Arc::clone(&both);
+            async move {
+                both.wait().await;
+                Ok(xs)
+            }
+        });
+        tokio::spawn(batching);
+        let (a, b) = tokio::join!(batcher.call(1), batcher.call(2));
+        assert_eq!((a.unwrap(), b.unwrap()), (1, 2));
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_cut_at_the_maximum() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&calls);
+        let batcher = Batcher::spawn(8, histogram(), move |xs: Vec<u32>| {
+            seen.lock().unwrap().push(xs.len());
+            async move { Ok(xs) }
+        });
+        let answers = futures_util::future::join_all((0..20).map(|x| batcher.call(x))).await;
+        assert!(answers.iter().all(Result::is_ok));
+        assert_eq!(*calls.lock().unwrap(), [8, 8, 4]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_statement_fails_every_request_with_its_kind() {
+        let batcher = Batcher::spawn(10, histogram(), |_: Vec<u32>| async {
+            Err::<Vec<u32>, _>(StoreError::Unavailable(DbErr::Custom(
+                "pool timed out".into(),
+            )))
+        });
+        let answers = futures_util::future::join_all((0..3).map(|x| batcher.call(x))).await;
+        assert!(
+            answers
+                .iter()
+                .all(|a| a.as_ref().unwrap_err().is_unavailable())
+        );
+    }
+}
