@@ -3,6 +3,8 @@
 # PostgreSQL run, and runs warren-bench, which brings up its own Warren per
 # measurement (fresh database, unique queue prefix) and takes it down after.
 #
+#   scripts/bench.sh all                       every scenario, 3 runs each, and a summary (~30 min)
+#   scripts/bench.sh drain --tasks 100000      one scenario: ceiling, drain, submit, latency, memory, scaling
 #   scripts/bench.sh scaling                   2,000 × 50 ms sleep tasks, 1/2/4 replicas, 3 runs
 #   scripts/bench.sh scaling --replicas 1,2,4,8 --runs 1
 #   scripts/bench.sh --help

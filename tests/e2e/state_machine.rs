@@ -304,7 +304,9 @@ async fn a_batch_of_claims_answers_each_like_a_single_claim() {
 /// Another connection's transaction, holding row locks until dropped.
 async fn lock_rows(env: &TestEnv, ids: &[Uuid]) -> sea_orm::DatabaseTransaction {
     use sea_orm::{ConnectionTrait, TransactionTrait};
-    let db = sea_orm::Database::connect(env.database_url()).await.unwrap();
+    let db = sea_orm::Database::connect(env.database_url())
+        .await
+        .unwrap();
     let txn = db.begin().await.unwrap();
     let list: Vec<String> = ids.iter().map(|id| format!("'{id}'")).collect();
     txn.execute_unprepared(&format!(
@@ -368,5 +370,8 @@ async fn a_deadlock_is_a_conflict_worth_retrying_not_a_broken_task() {
     };
     assert!(matches!(victim, StoreError::Conflict(_)), "{victim:?}");
     assert!(victim.is_retryable());
-    assert!(!victim.is_unavailable(), "not a reason to report 'database down'");
+    assert!(
+        !victim.is_unavailable(),
+        "not a reason to report 'database down'"
+    );
 }

@@ -62,10 +62,7 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Figures> {
     let (mut published, mut consumed) = (Vec::new(), Vec::new());
     let mut shape = (0, String::new());
     for run in 1..=args.runs {
-        let system = System::up(setup).await?;
-        let measured = measure(&system, args).await;
-        system.down().await?;
-        let m = measured?;
+        let m = System::measure(setup, async |s| measure(s, args).await).await?;
         eprintln!(
             "  ceiling, run {run}: publish {:.0}/s, consume {:.0}/s ({} B messages, {} queue)",
             m.publish, m.consume, m.bytes, m.queue_type

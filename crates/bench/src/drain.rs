@@ -86,10 +86,7 @@ pub(crate) struct Measured {
 
 /// One drain on a fresh system, taken down afterwards.
 pub(crate) async fn once(setup: &Setup, args: &Args, replicas: usize) -> anyhow::Result<Measured> {
-    let mut system = System::up(setup).await?;
-    let measured = measure(&mut system, args, replicas).await;
-    system.down().await?;
-    measured
+    System::measure(setup, async |s| measure(s, args, replicas).await).await
 }
 
 async fn measure(system: &mut System, args: &Args, replicas: usize) -> anyhow::Result<Measured> {

@@ -75,10 +75,7 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Figures> {
     }
     let mut runs = Vec::new();
     for run in 1..=args.runs {
-        let mut system = System::up(setup).await?;
-        let measured = measure(&mut system, args).await;
-        system.down().await?;
-        let m = measured?;
+        let m = System::measure(setup, async |s| measure(s, args).await).await?;
         eprintln!(
             "  latency, run {run}: {} tasks at {:.0}/s (max {:.0}/s): submit→start p50 {:.1} p99 {:.1} max {:.1} ms; submit→result p50 {:.1} p99 {:.1} ms",
             m.tasks,

@@ -68,10 +68,7 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Figures> {
     );
     let mut runs = Vec::new();
     for run in 1..=args.runs {
-        let mut system = System::up(setup).await?;
-        let measured = measure(&mut system, args).await;
-        system.down().await?;
-        let m = measured?;
+        let m = System::measure(setup, async |s| measure(s, args).await).await?;
         eprintln!(
             "  memory, run {run}: worker {:.1} MiB after {} tasks, {:.1} MiB after {} ({:+.1} %), peaks worker {:.1} / API {:.1} MiB, {:.0} tasks/s",
             m.at_checkpoint,

@@ -70,11 +70,7 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Vec<Row>> {
             "scaling: {replicas} replica(s) × concurrency {}",
             args.concurrency
         );
-        let mut system = System::up(setup).await?;
-        let measured = measure(&mut system, replicas, args).await;
-        // Taken down whether or not the measurement worked.
-        system.down().await?;
-        rows.push(measured?);
+        rows.push(System::measure(setup, async |s| measure(s, replicas, args).await).await?);
     }
     Ok(rows)
 }

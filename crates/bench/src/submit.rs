@@ -68,10 +68,7 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Figures> {
     ensure!(args.batch_size > 0, "--batch-size must be positive");
     let (mut pg, mut single, mut batched) = (Vec::new(), Vec::new(), Vec::new());
     for run in 1..=args.runs {
-        let system = System::up(setup).await?;
-        let measured = measure(&system, args).await;
-        system.down().await?;
-        let (p, s, b) = measured?;
+        let (p, s, b) = System::measure(setup, async |sys| measure(sys, args).await).await?;
         eprintln!(
             "  submit, run {run}: PostgreSQL {p:.0} inserts/s, single {s:.0}/s, batched {b:.0}/s"
         );

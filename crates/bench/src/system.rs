@@ -138,6 +138,18 @@ impl System {
         Ok(system)
     }
 
+    /// One measurement on a system of its own: up, `measure`, down (also
+    /// when the measurement failed), then the measurement's result.
+    pub async fn measure<T>(
+        setup: &Setup,
+        measure: impl AsyncFnOnce(&mut System) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let mut system = System::up(setup).await?;
+        let measured = measure(&mut system).await;
+        system.down().await?;
+        measured
+    }
+
     fn spawn(&self, binary: &str, log: &str, extra: &[(&str, String)]) -> anyhow::Result<Child> {
         let path = self.setup.bin_dir.join(binary);
         if !path.is_file() {
