@@ -123,6 +123,24 @@ async fn measure(system: &mut System, args: &Args) -> anyhow::Result<Measured> {
         .wait_for_terminal(&ids, Duration::from_secs(300))
         .await?;
     let (mut start, mut result) = (Vec::new(), Vec::new());
+    // Where the time went: the client's send → the API's INSERT (its
+    // statement's `now`) → the worker's claim.
+    let (mut to_insert, mut insert_to_start) = (Vec::new(), Vec::new());
+    for row in &rows {
+        if let (Some(at), Some(started)) = (sent.get(&row.id), row.started_at) {
+            to_insert.push(millis(row.created_at - *at));
+            insert_to_start.push(millis(started - row.created_at));
+        }
+    }
+    if let (Some(a), Some(b)) = (
+        percentiles(&mut to_insert),
+        percentiles(&mut insert_to_start),
+    ) {
+        eprintln!(
+            "    send → INSERT p50 {:.1} p99 {:.1} ms; INSERT → start p50 {:.1} p99 {:.1} ms",
+            a[0], a[2], b[0], b[2]
+        );
+    }
     for row in &rows {
         let (Some(started), Some(finished), Some(at)) =
             (row.started_at, row.finished_at, sent.get(&row.id))
