@@ -1,6 +1,6 @@
-//! The worker's throughput machinery (group commit, acknowledgements with
-//! `multiple`) changes how many statements and frames carry the work,
-//! never what happens to a task.
+//! The throughput machinery (group commit in the API and the worker,
+//! acknowledgements with `multiple`) changes how many statements and frames
+//! carry the work, never what happens to a task.
 
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -116,5 +116,47 @@ async fn a_burst_shares_statements_and_runs_each_task_once() {
         );
     }
     worker.stop().await;
+    api.stop().await;
+}
+
+/// Single submissions in flight together share the INSERT (and the QUEUED
+/// update), yet each 202 names its own task, recorded with its own input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_single_submissions_share_statements_and_each_is_recorded() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let n = 200;
+    let inputs: Vec<Value> = (0..n).map(|i| json!({"x": i, "y": 1})).collect();
+    let ids: Vec<Uuid> =
+        futures_util::future::join_all(inputs.iter().map(|input| api.submit_ok("multiply", input)))
+            .await;
+    let distinct: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), n, "every 202 names a task of its own");
+
+    let rows = env.tasks(&ids).await;
+    assert_eq!(rows.len(), n, "every 202 has its row");
+    for (i, id) in ids.iter().enumerate() {
+        let row = rows.iter().find(|r| r.id == *id).unwrap();
+        assert_eq!(row.input, inputs[i], "{id}: its own input");
+        assert_eq!(row.state, TaskState::Queued, "{id}: confirmed and marked");
+    }
+
+    let text = api.get("/metrics").await.text().await.unwrap();
+    let stage =
+        |stage: &str, series: &str| metric(&text, series, &[("stage", stage)]).unwrap_or(0.0);
+    for s in ["insert", "queued"] {
+        let (statements, rows) = (
+            stage(s, "warren_api_batch_size_count"),
+            stage(s, "warren_api_batch_size_sum"),
+        );
+        assert_eq!(
+            rows, n as f64,
+            "{s}: every submission in exactly one statement"
+        );
+        assert!(
+            statements > 0.0 && statements < n as f64,
+            "{s}: {statements} statements for {n} submissions"
+        );
+    }
     api.stop().await;
 }
