@@ -136,9 +136,23 @@ async fn measure(system: &mut System, args: &Args) -> anyhow::Result<Measured> {
         percentiles(&mut to_insert),
         percentiles(&mut insert_to_start),
     ) {
+        // The API marks a task QUEUED after the broker's confirm, unless
+        // the worker's claim came first: which one wins says where the wait is.
+        let mut to_mark: Vec<f64> = rows
+            .iter()
+            .filter_map(|r| Some((r.queued_at?, r.started_at?, r.created_at)))
+            .filter(|(queued, started, _)| queued < started)
+            .map(|(queued, _, created)| millis(queued - created))
+            .collect();
+        let marked_first = to_mark.len();
         eprintln!(
-            "    send → INSERT p50 {:.1} p99 {:.1} ms; INSERT → start p50 {:.1} p99 {:.1} ms",
-            a[0], a[2], b[0], b[2]
+            "    send → INSERT p50 {:.1} p99 {:.1} ms; INSERT → start p50 {:.1} p99 {:.1} ms; QUEUED before the claim: {marked_first} of {}, INSERT → QUEUED p50 {}",
+            a[0],
+            a[2],
+            b[0],
+            b[2],
+            rows.len(),
+            percentiles(&mut to_mark).map_or("-".into(), |m| format!("{:.1} ms", m[0]))
         );
     }
     for row in &rows {
