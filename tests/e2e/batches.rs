@@ -3,18 +3,8 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
-use uuid::Uuid;
 use warren_shared::state::TaskState;
-use warren_tests::TestEnv;
-
-fn ids(body: &Value) -> Vec<Uuid> {
-    body["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["id"].as_str().unwrap().parse().unwrap())
-        .collect()
-}
+use warren_tests::{TestEnv, ids_in};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_is_recorded_published_and_run() {
@@ -31,7 +21,7 @@ async fn a_batch_is_recorded_published_and_run() {
         (body["count"].as_u64(), body["queued"].as_u64()),
         (Some(100), Some(100))
     );
-    let ids = ids(&body);
+    let ids = ids_in(&body, "tasks");
     let rows = env.wait_for_terminal(&ids, Duration::from_secs(30)).await;
     for row in rows {
         assert_eq!(row.state, TaskState::Success);
@@ -55,7 +45,7 @@ async fn six_thousand_in_one_request() {
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["count"], 6000);
-    assert_eq!(ids(&body).len(), 6000);
+    assert_eq!(ids_in(&body, "tasks").len(), 6000);
     let amqp = env.amqp().await;
     let (messages, _) = amqp.queue_depth(&env.queue("default")).await;
     assert_eq!(messages, 6000, "all published (took {took:?})");

@@ -4,7 +4,7 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
-use warren_tests::{ApiClient, TestEnv};
+use warren_tests::{ApiClient, TestEnv, ids_in};
 
 async fn page(client: &ApiClient, query: &str) -> Value {
     let response = client.get(&format!("/tasks/multiply?{query}")).await;
@@ -12,15 +12,6 @@ async fn page(client: &ApiClient, query: &str) -> Value {
     let body: Value = response.json().await.unwrap();
     assert_eq!(status, StatusCode::OK, "{query}: {body}");
     body
-}
-
-fn ids(page: &Value) -> Vec<Uuid> {
-    page["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["id"].as_str().unwrap().parse().unwrap())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,7 +32,7 @@ async fn newest_first_with_cursors_stable_under_concurrent_inserts() {
             None => "limit=10".to_owned(),
         };
         let p = page(&api, &query).await;
-        seen.extend(ids(&p));
+        seen.extend(ids_in(&p, "items"));
         // New tasks arrive while the client pages through.
         api.submit_ok("multiply", &json!({"x": 100, "y": 1})).await;
         match p["next_cursor"].as_str() {
@@ -75,9 +66,9 @@ async fn filters_by_state_and_creation_time() {
     assert_eq!(cancelled.status(), StatusCode::OK);
 
     let p = page(&api, "state=CANCELLED").await;
-    assert_eq!(ids(&p), [middle]);
+    assert_eq!(ids_in(&p, "items"), [middle]);
     let p = page(&api, "state=QUEUED,CANCELLED").await;
-    assert_eq!(ids(&p), [late, middle, early]);
+    assert_eq!(ids_in(&p, "items"), [late, middle, early]);
 
     let early_at = env.store().get(early).await.unwrap().unwrap().created_at;
     let late_at = env.store().get(late).await.unwrap().unwrap().created_at;
@@ -92,7 +83,7 @@ async fn filters_by_state_and_creation_time() {
         ),
     )
     .await;
-    assert_eq!(ids(&p), [middle]);
+    assert_eq!(ids_in(&p, "items"), [middle]);
     api.stop().await;
 }
 

@@ -6,16 +6,7 @@ use serde_json::{Value, json};
 use std::time::Duration;
 use uuid::Uuid;
 use warren_shared::state::TaskState;
-use warren_tests::{TestEnv, metric, wait_until};
-
-fn ids(body: &Value) -> Vec<Uuid> {
-    body["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["id"].as_str().unwrap().parse().unwrap())
-        .collect()
-}
+use warren_tests::{TestEnv, ids_in, metric, wait_until};
 
 /// Acknowledgements wait behind a running delivery only up to a quarter of
 /// the prefetch window; if they waited for it to finish, the window would
@@ -44,7 +35,7 @@ async fn a_long_task_does_not_stall_the_short_ones_behind_it() {
         .json()
         .await
         .unwrap();
-    let short = ids(&body);
+    let short = ids_in(&body, "tasks");
     let rows = env.wait_for_terminal(&short, Duration::from_secs(20)).await;
     assert!(
         rows.iter()
@@ -87,7 +78,7 @@ async fn a_burst_shares_statements_and_runs_each_task_once() {
         .json()
         .await
         .unwrap();
-    let ids = ids(&body);
+    let ids = ids_in(&body, "tasks");
     // Queued before the worker starts: it finds a backlog.
     let worker = env.spawn_worker("w").await;
     let rows = env.wait_for_terminal(&ids, Duration::from_secs(60)).await;

@@ -35,6 +35,17 @@ use std::{future::Future, time::Duration};
 
 /// The value of the series `name` whose labels include all of `labels`,
 /// read from Prometheus exposition text; `None` if there is none.
+/// The `id`s of the objects in `body[field]`: a batch answer's `tasks`, a
+/// listing page's `items`.
+pub fn ids_in(body: &serde_json::Value, field: &str) -> Vec<uuid::Uuid> {
+    body[field]
+        .as_array()
+        .unwrap_or_else(|| panic!("no `{field}` array in {body}"))
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().parse().unwrap())
+        .collect()
+}
+
 pub fn metric(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     exposition
         .lines()
