@@ -97,11 +97,7 @@ async fn measure(system: &mut System, args: &Args, replicas: usize) -> anyhow::R
         .wait_for_state_count("QUEUED", n, Duration::from_secs(600))
         .await?;
 
-    let mut env = vec![("WARREN_WORKER__CONCURRENCY", args.concurrency.to_string())];
-    env.extend(args.worker_env.iter().map(|(k, v)| (k.as_str(), v.clone())));
-    for _ in 0..replicas {
-        system.add_worker(&env)?;
-    }
+    system.add_workers(replicas, args.concurrency, &args.worker_env)?;
     // Generous: a hundred tasks a second would still finish.
     let timeout = Duration::from_secs(120 + args.tasks as u64 / 100);
     system.wait_for_state_count("SUCCESS", n, timeout).await?;

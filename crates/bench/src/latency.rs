@@ -108,7 +108,7 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Figures> {
 }
 
 async fn measure(system: &mut System, args: &Args) -> anyhow::Result<Measured> {
-    system.add_worker(&[("WARREN_WORKER__CONCURRENCY", args.concurrency.to_string())])?;
+    system.add_workers(1, args.concurrency, &[])?;
     system.wait_for_consumers(1).await?;
     let max_rate = submit::single_posts(system, args.probe, 64).await?;
     let n = i64::try_from(args.probe)?;

@@ -76,11 +76,7 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Vec<Row>> {
 }
 
 async fn measure(system: &mut System, replicas: usize, args: &Args) -> anyhow::Result<Row> {
-    let mut env = vec![("WARREN_WORKER__CONCURRENCY", args.concurrency.to_string())];
-    env.extend(args.worker_env.iter().map(|(k, v)| (k.as_str(), v.clone())));
-    for _ in 0..replicas {
-        system.add_worker(&env)?;
-    }
+    system.add_workers(replicas, args.concurrency, &args.worker_env)?;
     system.wait_for_consumers(u32::try_from(replicas)?).await?;
     let identities = system.worker_identities();
     let sleep = args.sleep_ms as f64 / 1000.0;

@@ -212,6 +212,22 @@ impl System {
         Ok(())
     }
 
+    /// Starts `replicas` workers of `concurrency` slots (and prefetch) each,
+    /// with `extra` settings on top (`--worker-env`).
+    pub fn add_workers(
+        &mut self,
+        replicas: usize,
+        concurrency: usize,
+        extra: &[(String, String)],
+    ) -> anyhow::Result<()> {
+        let mut env = vec![("WARREN_WORKER__CONCURRENCY", concurrency.to_string())];
+        env.extend(extra.iter().map(|(k, v)| (k.as_str(), v.clone())));
+        for _ in 0..replicas {
+            self.add_worker(&env)?;
+        }
+        Ok(())
+    }
+
     /// Identities the replicas record on the tasks they run.
     pub fn worker_identities(&self) -> Vec<String> {
         self.workers
