@@ -151,3 +151,80 @@ async fn concurrent_single_submissions_share_statements_and_each_is_recorded() {
     }
     api.stop().await;
 }
+
+/// The worker records successes a batch per statement. On a table without
+/// statistics (a fresh deployment, a bulk load autovacuum has not analyzed
+/// yet) PostgreSQL once planned that statement as a sequential scan of every
+/// task per batch: at a thousand tasks a second, half the machine's CPU.
+/// It must find its rows by primary key, in a custom plan and in the
+/// generic plan a prepared statement settles on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recording_successes_reads_rows_by_key_on_a_table_without_statistics() {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
+    use warren_shared::store::FINISH_SUCCESSES;
+    let env = TestEnv::new().await;
+    let db = env.store().connection();
+    db.execute_unprepared(
+        "INSERT INTO tasks (id, task_type, queue, state, input, attempts, created_at, updated_at, origin)
+         SELECT gen_random_uuid(), 'noop', 'noop', 'STARTED', '{}', 1, now(), now(), 'test'
+         FROM generate_series(1, 30000)",
+    )
+    .await
+    .unwrap();
+    let ids: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+    let rows = Value::Array(
+        ids.iter()
+            .map(|id| json!({"id": id, "attempt": 1, "result": null}))
+            .collect(),
+    );
+    let plan =
+        async |txn: &sea_orm::DatabaseTransaction, sql: &str, values: Vec<sea_orm::Value>| {
+            let row = txn
+                .query_one_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    format!("EXPLAIN (FORMAT JSON) {sql}"),
+                    values,
+                ))
+                .await
+                .unwrap()
+                .expect("a plan");
+            row.try_get::<Value>("", "QUERY PLAN").unwrap().to_string()
+        };
+
+    let txn = db.begin().await.unwrap();
+    let custom = plan(
+        &txn,
+        FINISH_SUCCESSES,
+        vec![rows.clone().into(), ids.clone().into()],
+    )
+    .await;
+    txn.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
+        .await
+        .unwrap();
+    txn.execute_unprepared(&format!(
+        "PREPARE finish_successes(jsonb, uuid[]) AS {FINISH_SUCCESSES}"
+    ))
+    .await
+    .unwrap();
+    // EXECUTE takes no protocol parameters: the values go in as literals.
+    let generic = plan(
+        &txn,
+        &format!(
+            "EXECUTE finish_successes('{rows}', '{{{}}}')",
+            ids.iter()
+                .map(Uuid::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+        vec![],
+    )
+    .await;
+    txn.rollback().await.unwrap();
+
+    for (kind, plan) in [("custom", custom), ("generic", generic)] {
+        assert!(
+            plan.contains("tasks_pkey") && !plan.contains("Seq Scan"),
+            "the {kind} plan scans the table instead of its primary key: {plan}"
+        );
+    }
+}
