@@ -22,6 +22,7 @@ pub struct ApiMetrics {
     pub confirm_seconds: Histogram,
     outbox: IntGauge,
     batch_sizes: HistogramVec,
+    write_seconds: HistogramVec,
 }
 
 impl ApiMetrics {
@@ -73,8 +74,25 @@ impl ApiMetrics {
                     &["stage"],
                 )?,
             )?,
+            write_seconds: metrics::register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "warren_api_write_seconds",
+                        "How long a single submission waited for its INSERT or its QUEUED update, \
+                         queueing for the shared statement included.",
+                    )
+                    .buckets(metrics::WRITE_SECONDS_BUCKETS.to_vec()),
+                    &["stage"],
+                )?,
+            )?,
             registry: r,
         })
+    }
+
+    /// The wait histogram of one write stage (`insert`, `queued`).
+    pub fn write_seconds(&self, stage: &str) -> Histogram {
+        self.write_seconds.with_label_values(&[stage])
     }
 
     /// The batch-size histogram of one write stage.

@@ -13,6 +13,7 @@ use crate::{
 };
 use anyhow::{Context, bail, ensure};
 use chrono::{DateTime, Utc};
+use sea_orm::ConnectionTrait;
 use serde::Serialize;
 use std::{collections::HashMap, time::Duration};
 use uuid::Uuid;
@@ -54,6 +55,9 @@ pub struct Figures {
     pub tasks: Figure,
     pub submit_to_start_ms: Percentiles,
     pub submit_to_result_ms: Percentiles,
+    /// The broker alone at the same rate (see [`broker_floor`]).
+    pub broker_publish_to_confirm_ms: Percentiles,
+    pub broker_publish_to_deliver_ms: Percentiles,
 }
 
 struct Measured {
@@ -63,6 +67,9 @@ struct Measured {
     /// p50, p90, p99, max.
     start: [f64; 4],
     result: [f64; 4],
+    /// The broker alone: publish → confirm, publish → deliver.
+    confirm: [f64; 4],
+    deliver: [f64; 4],
 }
 
 pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Figures> {
@@ -75,9 +82,13 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Figures> {
     }
     let mut runs = Vec::new();
     for run in 1..=args.runs {
-        let m = System::measure(setup, async |s| measure(s, args).await).await?;
+        let mut m = System::measure(setup, async |s| measure(s, args).await).await?;
+        // On a system of its own, so the floor's messages never meet a worker.
+        let seconds = Duration::from_secs(args.seconds);
+        [m.confirm, m.deliver] =
+            System::measure(setup, async |s| broker_floor(s, m.rate, seconds).await).await?;
         eprintln!(
-            "  latency, run {run}: {} tasks at {:.0}/s (max {:.0}/s): submit→start p50 {:.1} p99 {:.1} max {:.1} ms; submit→result p50 {:.1} p99 {:.1} ms",
+            "  latency, run {run}: {} tasks at {:.0}/s (max {:.0}/s): submit→start p50 {:.1} p99 {:.1} max {:.1} ms; submit→result p50 {:.1} p99 {:.1} ms; bare broker publish→deliver p50 {:.1} p99 {:.1} ms",
             m.tasks,
             m.rate,
             m.max_rate,
@@ -85,7 +96,9 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Figures> {
             m.start[2],
             m.start[3],
             m.result[0],
-            m.result[2]
+            m.result[2],
+            m.deliver[0],
+            m.deliver[2]
         );
         runs.push(m);
     }
@@ -104,6 +117,8 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Figures> {
         tasks: fig(&|m| m.tasks as f64).context("no runs")?,
         submit_to_start_ms: pct(|m| &m.start)?,
         submit_to_result_ms: pct(|m| &m.result)?,
+        broker_publish_to_confirm_ms: pct(|m| &m.confirm)?,
+        broker_publish_to_deliver_ms: pct(|m| &m.deliver)?,
     })
 }
 
@@ -115,9 +130,20 @@ async fn measure(system: &mut System, args: &Args) -> anyhow::Result<Measured> {
     system
         .wait_for_state_count("SUCCESS", n, Duration::from_secs(300))
         .await?;
+    // What autovacuum does within its first minute (autovacuum_naptime) on
+    // any real deployment: statistics for the tables, and with them fresh
+    // plans for statements prepared while the tables were nearly empty
+    // (a sequential scan is cheapest then, and a cached generic plan would
+    // keep it). Measured: a steady system, not a database's first seconds.
+    system.db().execute_unprepared("ANALYZE").await?;
     let rate = args.rate.unwrap_or(max_rate / 2.0);
 
+    let before = submit::Stages::read(system).await?;
     let sent = open_loop(system, rate, Duration::from_secs(args.seconds)).await?;
+    eprintln!(
+        "    API during the open loop: {}",
+        submit::Stages::read(system).await?.since(&before)
+    );
     let ids: Vec<Uuid> = sent.keys().copied().collect();
     let rows = system
         .wait_for_terminal(&ids, Duration::from_secs(300))
@@ -174,7 +200,140 @@ async fn measure(system: &mut System, args: &Args) -> anyhow::Result<Measured> {
         tasks: rows.len(),
         start: percentiles(&mut start).context("no tasks")?,
         result: percentiles(&mut result).context("no tasks")?,
+        confirm: [f64::NAN; 4],
+        deliver: [f64::NAN; 4],
     })
+}
+
+/// The floor under submit → start: a bare lapin client publishes Warren's
+/// no-op message into the same queue at the same open-loop rate, each
+/// publish awaiting its own confirm as the API does, and a bare consumer
+/// (the worker's prefetch, acks `multiple`) receives them. No PostgreSQL,
+/// no HTTP: what the broker and lapin cost on this machine at this load.
+/// Returns publish → confirm and publish → deliver percentiles.
+async fn broker_floor(
+    system: &System,
+    rate: f64,
+    duration: Duration,
+) -> anyhow::Result<[[f64; 4]; 2]> {
+    use futures_util::StreamExt;
+    use lapin::{
+        Confirmation,
+        options::{
+            BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+            ConfirmSelectOptions,
+        },
+        types::FieldTable,
+    };
+    use std::{
+        sync::{Arc, Mutex},
+        time::Instant,
+    };
+    use warren_shared::{broker, envelope::TaskMessage, wire::short_string};
+
+    const TIMEOUT: Duration = Duration::from_secs(30);
+    let topology = system.topology();
+    let amqp = &system.settings().amqp;
+    let total = (rate * duration.as_secs_f64()).round() as usize;
+    let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+
+    let consuming = broker::connect(&amqp.url, "warren-bench/floor-consume", TIMEOUT).await?;
+    let channel = consuming.create_channel().await?;
+    channel.basic_qos(1000, BasicQosOptions::default()).await?;
+    let mut deliveries = channel
+        .basic_consume(
+            short_string(&topology.queue(topology.route("noop"))),
+            short_string("warren-bench/floor"),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let receiving = {
+        let sent_at = Arc::clone(&sent_at);
+        tokio::spawn(async move {
+            let mut waited = Vec::with_capacity(total);
+            while waited.len() < total {
+                let delivery = tokio::time::timeout(TIMEOUT, deliveries.next())
+                    .await
+                    .with_context(|| format!("no delivery for {TIMEOUT:?} after {}", waited.len()))?
+                    .context("the consumer was cancelled")??;
+                let at = Instant::now();
+                let id = delivery
+                    .properties
+                    .correlation_id()
+                    .as_ref()
+                    .map(|c| c.to_string())
+                    .context("a delivery without correlation id")?;
+                let sent = sent_at
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?
+                    .remove(&id)
+                    .with_context(|| format!("delivered {id}, never sent"))?;
+                waited.push(at.duration_since(sent).as_secs_f64() * 1000.0);
+                if waited.len() % 100 == 0 || waited.len() == total {
+                    delivery.ack(BasicAckOptions { multiple: true }).await?;
+                }
+            }
+            anyhow::Ok(waited)
+        })
+    };
+
+    let publishing = broker::connect(&amqp.url, "warren-bench/floor-publish", TIMEOUT).await?;
+    let channel = publishing.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let exchange = short_string(&topology.exchange());
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut confirms = tokio::task::JoinSet::new();
+    for _ in 0..total {
+        ticks.tick().await;
+        let (channel, exchange, sent_at) =
+            (channel.clone(), exchange.clone(), Arc::clone(&sent_at));
+        confirms.spawn(async move {
+            let message = TaskMessage::new(Uuid::now_v7(), "noop", serde_json::Map::new()).encode();
+            let id = message
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.to_string())
+                .context("Warren's message has no correlation id")?;
+            let at = Instant::now();
+            sent_at
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?
+                .insert(id, at);
+            let confirm = channel
+                .basic_publish(
+                    exchange,
+                    short_string("noop"),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &message.body,
+                    message.properties,
+                )
+                .await?
+                .await?;
+            if !matches!(confirm, Confirmation::Ack(None)) {
+                bail!("the broker did not confirm a publish: {confirm:?}");
+            }
+            anyhow::Ok(at.elapsed().as_secs_f64() * 1000.0)
+        });
+    }
+    let mut confirmed = Vec::with_capacity(total);
+    while let Some(done) = confirms.join_next().await {
+        confirmed.push(done??);
+    }
+    let mut delivered = receiving.await??;
+    publishing.close(200, "done".into()).await.ok();
+    consuming.close(200, "done".into()).await.ok();
+    Ok([
+        percentiles(&mut confirmed).context("nothing published")?,
+        percentiles(&mut delivered).context("nothing delivered")?,
+    ])
 }
 
 fn millis(d: chrono::TimeDelta) -> f64 {
@@ -259,6 +418,14 @@ pub fn render(f: &Figures) -> String {
             &[
                 row("submit → start", &f.submit_to_start_ms),
                 row("submit → result visible", &f.submit_to_result_ms),
+                row(
+                    "floor: bare broker publish → confirm",
+                    &f.broker_publish_to_confirm_ms,
+                ),
+                row(
+                    "floor: bare broker publish → deliver",
+                    &f.broker_publish_to_deliver_ms,
+                ),
             ],
         )
     )

@@ -6,7 +6,7 @@
 
 use crate::{
     report::{Figure, table},
-    system::{Setup, System},
+    system::{Setup, System, series_sum},
 };
 use anyhow::{Context, bail, ensure};
 use futures_util::StreamExt;
@@ -90,32 +90,9 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Figures> {
 
 async fn measure(system: &System, args: &Args) -> anyhow::Result<(f64, f64, f64)> {
     let pg = bare_inserts(system, args.pg_rows, 8).await?;
+    let before = Stages::read(system).await?;
     let single = single_posts(system, args.single, args.clients).await?;
-    // Where a single submission's time went, from the API's own metrics.
-    let ms = |v: Option<f64>| v.map_or("-".into(), |s| format!("{:.1} ms", s * 1000.0));
-    let rows = |v: Option<f64>| v.map_or("-".into(), |n| format!("{n:.1}"));
-    eprintln!(
-        "    single: request {} (mean), broker confirm {}; rows per INSERT {}, per QUEUED update {}",
-        ms(system
-            .api_mean(
-                "warren_http_request_duration_seconds",
-                "route=\"/tasks/{task_type}\""
-            )
-            .await?),
-        ms(system
-            .api_mean("warren_publish_confirm_seconds", "")
-            .await?),
-        rows(
-            system
-                .api_mean("warren_api_batch_size", "stage=\"insert\"")
-                .await?
-        ),
-        rows(
-            system
-                .api_mean("warren_api_batch_size", "stage=\"queued\"")
-                .await?
-        ),
-    );
+    eprintln!("    single: {}", Stages::read(system).await?.since(&before));
     let batched = batch_posts(system, args.batched, args.batch_size, args.batch_clients).await?;
     // Durable means recorded: every 202 has its row.
     let total = system.states().await?.values().sum::<i64>();
@@ -124,6 +101,63 @@ async fn measure(system: &System, args: &Args) -> anyhow::Result<(f64, f64, f64)
         bail!("{expected} tasks accepted, {total} rows recorded");
     }
     Ok((pg, single, batched))
+}
+
+/// Where single submissions' time went, from the API's own histograms:
+/// sums and counts at one moment, so that two readings give the means
+/// between them.
+pub struct Stages {
+    /// (sum, count) of each series in [`STAGES`].
+    read: Vec<(f64, f64)>,
+}
+
+/// The whole request; waiting for the shared INSERT, the broker's confirm,
+/// the shared QUEUED update; rows per INSERT and per QUEUED update.
+const STAGES: [(&str, &str); 6] = [
+    (
+        "warren_http_request_duration_seconds",
+        "route=\"/tasks/{task_type}\"",
+    ),
+    ("warren_api_write_seconds", "stage=\"insert\""),
+    ("warren_publish_confirm_seconds", ""),
+    ("warren_api_write_seconds", "stage=\"queued\""),
+    ("warren_api_batch_size", "stage=\"insert\""),
+    ("warren_api_batch_size", "stage=\"queued\""),
+];
+
+impl Stages {
+    pub async fn read(system: &System) -> anyhow::Result<Self> {
+        let text = system.scrape(&system.api_url_for("/metrics")).await?;
+        let read = STAGES
+            .iter()
+            .map(|(name, labels)| {
+                (
+                    series_sum(&text, &format!("{name}_sum"), labels),
+                    series_sum(&text, &format!("{name}_count"), labels),
+                )
+            })
+            .collect();
+        Ok(Self { read })
+    }
+
+    /// The means between `earlier` and this reading.
+    pub fn since(&self, earlier: &Self) -> String {
+        let mean = |i: usize| {
+            let ((s1, c1), (s0, c0)) = (self.read[i], earlier.read[i]);
+            (c1 > c0).then(|| (s1 - s0) / (c1 - c0))
+        };
+        let ms = |i| mean(i).map_or("-".into(), |s| format!("{:.1} ms", s * 1000.0));
+        let rows = |i| mean(i).map_or("-".into(), |n| format!("{n:.1}"));
+        format!(
+            "request {} (mean): INSERT {}, broker confirm {}, QUEUED update {}; rows per INSERT {}, per QUEUED update {}",
+            ms(0),
+            ms(1),
+            ms(2),
+            ms(3),
+            rows(4),
+            rows(5)
+        )
+    }
 }
 
 /// Single-row INSERT, each its own transaction, from `clients` connections:

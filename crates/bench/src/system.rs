@@ -408,15 +408,6 @@ impl System {
         self.api.as_ref().and_then(|(c, _)| c.id()).and_then(memory)
     }
 
-    /// The mean of an API histogram (e.g. `warren_api_batch_size` with
-    /// `stage="insert"`), from its `_sum` and `_count`: where the time of a
-    /// scenario went.
-    pub async fn api_mean(&self, name: &str, labels: &str) -> anyhow::Result<Option<f64>> {
-        let text = self.scrape(&self.api_url_for("/metrics")).await?;
-        let count = series_sum(&text, &format!("{name}_count"), labels);
-        Ok((count > 0.0).then(|| series_sum(&text, &format!("{name}_sum"), labels) / count))
-    }
-
     /// A Prometheus endpoint's text.
     pub async fn scrape(&self, url: &str) -> anyhow::Result<String> {
         Ok(self

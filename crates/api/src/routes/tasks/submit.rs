@@ -200,7 +200,10 @@ pub(super) async fn publish_due(state: &AppState, rows: &[task::Model]) -> Vec<U
     let marked = match confirmed.as_slice() {
         [] => Ok(()),
         // A single submission: shares its statement with its neighbours.
-        [one] => state.submissions.queued.call(*one).await,
+        [one] => {
+            let _waiting = state.metrics.write_seconds("queued").start_timer();
+            state.submissions.queued.call(*one).await
+        }
         many => state.store.mark_queued_many(many).await.map(drop),
     };
     if let Err(e) = marked {
@@ -286,7 +289,10 @@ pub(crate) async fn submit(
     let mut new = new_task(&state, &caller, entry, &task_type, input, &schedule, now);
     new.traceparent = Some(trace_context(&headers).to_string());
     let (row, replayed) = match key {
-        None => (state.submissions.inserts.call(new).await?, false),
+        None => {
+            let _waiting = state.metrics.write_seconds("insert").start_timer();
+            (state.submissions.inserts.call(new).await?, false)
+        }
         Some(key) => {
             let fp = fingerprint(&task_type, &new.input, &schedule);
             new.idempotency_key = Some(key.clone());
