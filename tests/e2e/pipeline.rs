@@ -228,3 +228,36 @@ async fn recording_successes_reads_rows_by_key_on_a_table_without_statistics() {
         );
     }
 }
+
+/// A generic plan cached while `tasks` was nearly empty is a sequential
+/// scan, kept for the connection's life however large the table grows:
+/// every connection Warren opens plans each execution afresh. Several
+/// connections at once, so a setting applied to the first one only (as a
+/// pool-wide "after connect" hook would) fails here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_pooled_connection_plans_each_statement_afresh() {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
+    let env = TestEnv::new().await;
+    let db = env.store().connection();
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        // Held open, so the next one is another connection.
+        open.push(db.begin().await.unwrap());
+    }
+    let mut pids = std::collections::HashSet::new();
+    for txn in &open {
+        let row = txn
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT current_setting('plan_cache_mode') AS mode, pg_backend_pid() AS pid",
+            ))
+            .await
+            .unwrap()
+            .expect("a row");
+        let mode: String = row.try_get("", "mode").unwrap();
+        let pid: i32 = row.try_get("", "pid").unwrap();
+        assert_eq!(mode, "force_custom_plan", "connection {pid}");
+        pids.insert(pid);
+    }
+    assert_eq!(pids.len(), 3, "three connections, each checked");
+}

@@ -13,7 +13,6 @@ use crate::{
 };
 use anyhow::{Context, bail, ensure};
 use chrono::{DateTime, Utc};
-use sea_orm::ConnectionTrait;
 use serde::Serialize;
 use std::{collections::HashMap, time::Duration};
 use uuid::Uuid;
@@ -130,12 +129,6 @@ async fn measure(system: &mut System, args: &Args) -> anyhow::Result<Measured> {
     system
         .wait_for_state_count("SUCCESS", n, Duration::from_secs(300))
         .await?;
-    // What autovacuum does within its first minute (autovacuum_naptime) on
-    // any real deployment: statistics for the tables, and with them fresh
-    // plans for statements prepared while the tables were nearly empty
-    // (a sequential scan is cheapest then, and a cached generic plan would
-    // keep it). Measured: a steady system, not a database's first seconds.
-    system.db().execute_unprepared("ANALYZE").await?;
     let rate = args.rate.unwrap_or(max_rate / 2.0);
 
     let before = submit::Stages::read(system).await?;
