@@ -130,11 +130,18 @@ impl Store {
                 // relay; waiting for it would risk a deadlock with a
                 // worker's batch for nothing. A row left PENDING is
                 // republished by the relay after its lease, never lost.
+                //
+                // For the same reason the commit need not wait for the
+                // disk (synchronous_commit off, for this transaction only):
+                // losing the mark in a crash costs a duplicate message,
+                // which the claim drops. Not waiting releases the row locks
+                // sooner; a worker's claim of the same rows waits for them.
                 "UPDATE tasks SET state = 'QUEUED', queued_at = now(), publish_at = NULL, updated_at = now()
                  WHERE id IN (SELECT id FROM tasks
                               WHERE id = ANY($1) AND state = 'PENDING' AND attempts = 0
                               FOR UPDATE SKIP LOCKED)
-                   AND state = 'PENDING'",
+                   AND state = 'PENDING'
+                   AND set_config('synchronous_commit', 'off', true) = 'off'",
                 vec![ids.to_vec().into()],
             ))
             .await?;
