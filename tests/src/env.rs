@@ -17,6 +17,10 @@ use warren_shared::{
 };
 use warren_tasks::Registry;
 
+/// The application name of the test's own connections, which look at rows
+/// while the system under test is being hurt.
+const OBSERVER: &str = "warren-tests";
+
 const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 pub struct TestEnv {
@@ -73,7 +77,7 @@ impl TestEnv {
             .expect("create test database");
         admin.close().await.ok();
 
-        let connection = db::connect(&settings.database, "warren-tests")
+        let connection = db::connect(&settings.database, OBSERVER)
             .await
             .expect("connect to test database");
         db::migrate(&connection)
@@ -177,7 +181,8 @@ impl TestEnv {
     }
 
     /// Makes this test's database refuse every connection (and drops the
-    /// open ones), as an outage would; `false` puts it back.
+    /// open ones but the test's own, which observes), as an outage would;
+    /// `false` puts it back.
     pub async fn refuse_connections(&self, refuse: bool) {
         let admin = sea_orm_connect(&self.admin_url).await;
         admin
@@ -192,8 +197,9 @@ impl TestEnv {
             admin
                 .execute_raw(Statement::from_sql_and_values(
                     DbBackend::Postgres,
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
-                    vec![self.database.clone().into()],
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE datname = $1 AND application_name <> $2",
+                    vec![self.database.clone().into(), OBSERVER.into()],
                 ))
                 .await
                 .expect("terminate sessions");

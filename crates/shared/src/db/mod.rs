@@ -12,6 +12,7 @@ pub use sea_orm::{
 };
 use sea_orm_migration::MigratorTrait;
 use secrecy::ExposeSecret;
+use std::time::Duration;
 
 pub use migration::Migrator;
 
@@ -28,9 +29,14 @@ pub async fn connect(
         .min_connections(0)
         .connect_timeout(settings.connect_timeout())
         .acquire_timeout(settings.connect_timeout())
-        // A connection killed by pg_terminate_backend or a restart is
-        // noticed before use instead of failing a statement.
-        .test_before_acquire(true)
+        // A connection killed by pg_terminate_backend or a restart while
+        // it sat idle in the pool is noticed before use instead of failing
+        // a statement. Only one idle that long is pinged: a ping on every
+        // acquire is one round trip more per statement, and measured under
+        // load it took submit -> start p99 from ~20 to ~31 ms. A connection
+        // used a moment before its server went away fails one statement: a
+        // worker retries it, the API answers 503 with Retry-After.
+        .test_before_acquire_if_idle_for(PING_IF_IDLE_FOR)
         .set_application_name(application_name)
         .sqlx_logging(false)
         .map_sqlx_postgres_pool_opts(|pool| {
@@ -44,6 +50,9 @@ pub async fn connect(
         });
     Database::connect(options).await
 }
+
+/// See [`connect`].
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// Plan every execution of a prepared statement for its parameters and the
 /// tables as they are now. PostgreSQL otherwise settles, after five runs, on
