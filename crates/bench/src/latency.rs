@@ -285,13 +285,11 @@ async fn broker_floor(
         let (channel, exchange, sent_at) =
             (channel.clone(), exchange.clone(), Arc::clone(&sent_at));
         confirms.spawn(async move {
-            let message = TaskMessage::new(Uuid::now_v7(), "noop", serde_json::Map::new()).encode();
-            let id = message
-                .properties
-                .correlation_id()
-                .as_ref()
-                .map(|c| c.to_string())
-                .context("Warren's message has no correlation id")?;
+            let id = Uuid::now_v7();
+            let message = TaskMessage::new(id, "noop", serde_json::Map::new()).encode();
+            // The consumer finds the send instant by the message's
+            // correlation id, which Warren sets to the task id.
+            let id = id.to_string();
             let at = Instant::now();
             sent_at
                 .lock()
