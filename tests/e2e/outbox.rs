@@ -1,5 +1,7 @@
 //! 202 means durable: a task recorded but never published (the API died in
-//! between, or the broker was unreachable) still runs, via the relay.
+//! between, or the broker was unreachable) still runs, via the relay. And
+//! a task published but never recorded (the API died before its commit)
+//! runs from its message.
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -7,8 +9,10 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 use warren_api::fail::FailPoint;
 use warren_shared::state::TaskState;
-use warren_tests::TestEnv;
+use warren_tests::{DEFAULT_OWNER, TestEnv, wait_until};
 
+/// A submission with an idempotency key commits before it publishes, so
+/// that the client's retry after a crash finds the task its key made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_dying_between_commit_and_publish_loses_nothing() {
     let env = TestEnv::new().await;
@@ -16,7 +20,11 @@ async fn api_dying_between_commit_and_publish_loses_nothing() {
     api.state
         .fail_points
         .arm(FailPoint::AfterCommitBeforePublish);
-    let response = api.submit("multiply", &json!({"x": 6, "y": 7})).await;
+    let key = [("idempotency-key", "order-6x7")];
+    let body = json!({"x": 6, "y": 7}).to_string();
+    let response = api
+        .post_with("/tasks/multiply", "application/json", &key, body.clone())
+        .await;
     assert_eq!(
         response.status(),
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -48,6 +56,71 @@ async fn api_dying_between_commit_and_publish_loses_nothing() {
     assert_eq!(row.state, TaskState::Success);
     assert_eq!(row.result, Some(json!(42)));
     assert_eq!(row.attempts, 1);
+
+    // The client retries with its key: the same task, not a second one.
+    let api = env.spawn_api().await;
+    let response = api
+        .post_with("/tasks/multiply", "application/json", &key, body)
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    assert_eq!(response.headers()["idempotent-replayed"], "true");
+    let replayed: Value = response.json().await.unwrap();
+    assert_eq!(replayed["id"], id.to_string());
+    assert_eq!(env.task_ids().await, [id], "still one task");
+    api.stop().await;
+    worker.stop().await;
+}
+
+/// Without a key, a submission is recorded and published in one
+/// transaction that commits after the broker's confirm. Dying in between
+/// leaves no row but a message: the task runs from it (at least once; the
+/// client, who got no 202, would need a key to retry safely).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_dying_between_publish_and_commit_leaves_a_message_that_runs() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    api.state
+        .fail_points
+        .arm(FailPoint::AfterPublishBeforeCommit);
+    let response = api.submit("multiply", &json!({"x": 6, "y": 7})).await;
+    assert_eq!(
+        response.status(),
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the client never got its 202"
+    );
+    api.stop().await;
+
+    let amqp = env.amqp().await;
+    assert_eq!(
+        amqp.queue_depth(&env.queue("default")).await.0,
+        1,
+        "published and confirmed"
+    );
+    amqp.close().await;
+    assert!(
+        env.task_ids().await.is_empty(),
+        "the transaction rolled back: no row"
+    );
+
+    let worker = env.spawn_worker("w1").await;
+    let id = wait_until(
+        "the worker to record the task",
+        Duration::from_secs(15),
+        || async { env.task_ids().await.pop() },
+    )
+    .await;
+    let row = env
+        .wait_for_terminal(&[id], Duration::from_secs(15))
+        .await
+        .remove(0);
+    assert_eq!(row.state, TaskState::Success);
+    assert_eq!(row.result, Some(json!(42)));
+    assert_eq!(row.attempts, 1);
+    assert_eq!(
+        row.owner.as_deref(),
+        Some(DEFAULT_OWNER),
+        "its owner, from the message: the client can read it"
+    );
     worker.stop().await;
 }
 

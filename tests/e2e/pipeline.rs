@@ -2,10 +2,12 @@
 //! acknowledgements with `multiple`) changes how many statements and frames
 //! carry the work, never what happens to a task.
 
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde_json::{Value, json};
 use std::time::Duration;
 use uuid::Uuid;
-use warren_shared::state::TaskState;
+use warren_api::state::Publishing;
+use warren_shared::{state::TaskState, store::NewTask};
 use warren_tests::{TestEnv, ids_in, metric, wait_until};
 
 /// Acknowledgements wait behind a running delivery only up to a quarter of
@@ -110,8 +112,9 @@ async fn a_burst_shares_statements_and_runs_each_task_once() {
     api.stop().await;
 }
 
-/// Single submissions in flight together share the INSERT (and the QUEUED
-/// update), yet each 202 names its own task, recorded with its own input.
+/// Single submissions in flight together share a transaction (one
+/// INSERT, one COMMIT), yet each 202 names its own task, recorded with its
+/// own input and QUEUED with no second write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_single_submissions_share_statements_and_each_is_recorded() {
     let env = TestEnv::new().await;
@@ -129,27 +132,95 @@ async fn concurrent_single_submissions_share_statements_and_each_is_recorded() {
     for (i, id) in ids.iter().enumerate() {
         let row = rows.iter().find(|r| r.id == *id).unwrap();
         assert_eq!(row.input, inputs[i], "{id}: its own input");
-        assert_eq!(row.state, TaskState::Queued, "{id}: confirmed and marked");
+        assert_eq!(row.state, TaskState::Queued, "{id}: confirmed");
+        assert_eq!(row.publish_at, None, "{id}: out of the outbox");
     }
 
     let text = api.get("/metrics").await.text().await.unwrap();
-    let stage =
-        |stage: &str, series: &str| metric(&text, series, &[("stage", stage)]).unwrap_or(0.0);
-    for s in ["insert", "queued"] {
-        let (statements, rows) = (
-            stage(s, "warren_api_batch_size_count"),
-            stage(s, "warren_api_batch_size_sum"),
-        );
-        assert_eq!(
-            rows, n as f64,
-            "{s}: every submission in exactly one statement"
-        );
-        assert!(
-            statements > 0.0 && statements < n as f64,
-            "{s}: {statements} statements for {n} submissions"
-        );
-    }
+    let (transactions, rows) = (
+        metric(&text, "warren_api_batch_size_count", &[]).unwrap_or(0.0),
+        metric(&text, "warren_api_batch_size_sum", &[]).unwrap_or(0.0),
+    );
+    assert_eq!(
+        rows, n as f64,
+        "every submission in exactly one transaction"
+    );
+    assert!(
+        transactions > 0.0 && transactions < n as f64,
+        "{transactions} transactions for {n} submissions"
+    );
     api.stop().await;
+}
+
+/// The API publishes inside the transaction that records a task, so a
+/// worker may hold the message before the row is committed. Its claim must
+/// wait for that commit, then run the task once, on the API's row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_delivered_before_its_row_commits_runs_once_on_that_row() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker("w1").await;
+    let publishing = Publishing::of(&api.state);
+    let id = Uuid::now_v7();
+    let new = NewTask {
+        id,
+        task_type: "multiply".into(),
+        queue: "default".into(),
+        owner: Some("acme".into()),
+        input: json!({"x": 6, "y": 7}),
+        eta: None,
+        expires_at: None,
+        idempotency_key: None,
+        idempotency_fingerprint: None,
+        origin: "the-api".into(),
+        traceparent: None,
+        publish_at: chrono::Utc::now(),
+    };
+    let rows = api
+        .state
+        .store
+        .insert_and_publish(std::slice::from_ref(&new), async |due| {
+            let published = publishing.publish(&due).await;
+            // Held open until the worker's claim of this row waits on it.
+            wait_until(
+                "the worker's claim to wait for this transaction",
+                Duration::from_secs(15),
+                || async { (lock_waits(&env).await > 0).then_some(()) },
+            )
+            .await;
+            Ok(published)
+        })
+        .await
+        .expect("recorded and published");
+    assert_eq!(rows[0].state, TaskState::Queued);
+
+    let row = env
+        .wait_for_terminal(&[id], Duration::from_secs(15))
+        .await
+        .remove(0);
+    assert_eq!(row.state, TaskState::Success);
+    assert_eq!(row.result, Some(json!(42)));
+    assert_eq!(row.attempts, 1, "run once");
+    assert_eq!(row.origin.as_deref(), Some("the-api"), "the API's row");
+    assert_eq!(row.created_at, rows[0].created_at, "the API's row");
+    worker.stop().await;
+    api.stop().await;
+}
+
+/// Sessions of this test's database waiting for a lock.
+async fn lock_waits(env: &TestEnv) -> i64 {
+    env.store()
+        .connection()
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT count(*) AS n FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        ))
+        .await
+        .expect("read pg_stat_activity")
+        .expect("one row")
+        .try_get("", "n")
+        .expect("count")
 }
 
 /// The worker records successes a batch per statement. On a table without
@@ -160,7 +231,7 @@ async fn concurrent_single_submissions_share_statements_and_each_is_recorded() {
 /// generic plan a prepared statement settles on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recording_successes_reads_rows_by_key_on_a_table_without_statistics() {
-    use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
+    use sea_orm::TransactionTrait;
     use warren_shared::store::FINISH_SUCCESSES;
     let env = TestEnv::new().await;
     let db = env.store().connection();
@@ -236,7 +307,7 @@ async fn recording_successes_reads_rows_by_key_on_a_table_without_statistics() {
 /// pool-wide "after connect" hook would) fails here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_pooled_connection_plans_each_statement_afresh() {
-    use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
+    use sea_orm::TransactionTrait;
     let env = TestEnv::new().await;
     let db = env.store().connection();
     let mut open = Vec::new();

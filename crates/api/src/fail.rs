@@ -11,9 +11,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum FailPoint {
-    /// The task is committed to PostgreSQL; the publish never happens and
+    /// A submission with an idempotency key (committed first, published
+    /// after) is committed to PostgreSQL; the publish never happens and
     /// the request fails (a real crash would drop the connection).
     AfterCommitBeforePublish = 1 << 0,
+    /// Tasks are published and confirmed; their transaction never commits
+    /// and the request fails.
+    AfterPublishBeforeCommit = 1 << 1,
 }
 
 #[derive(Debug, Default)]

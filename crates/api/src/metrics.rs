@@ -21,8 +21,10 @@ pub struct ApiMetrics {
     pub submitted: IntCounterVec,
     pub confirm_seconds: Histogram,
     outbox: IntGauge,
-    batch_sizes: HistogramVec,
-    write_seconds: HistogramVec,
+    /// Single submissions per shared transaction.
+    pub batch_size: Histogram,
+    /// A single submission's wait for its shared transaction.
+    pub write_seconds: Histogram,
 }
 
 impl ApiMetrics {
@@ -63,41 +65,29 @@ impl ApiMetrics {
                 "warren_outbox_tasks",
                 "Tasks recorded but not on the broker: unpublished, delayed, or waiting to retry.",
             )?,
-            batch_sizes: metrics::register(
+            batch_size: metrics::register(
                 &r,
-                HistogramVec::new(
+                Histogram::with_opts(
                     HistogramOpts::new(
                         "warren_api_batch_size",
-                        "Single submissions per INSERT or QUEUED statement: how much concurrent requests share one round trip.",
+                        "Single submissions per shared transaction: how many concurrent requests share one INSERT and one COMMIT.",
                     )
                     .buckets(metrics::BATCH_BUCKETS.to_vec()),
-                    &["stage"],
                 )?,
             )?,
             write_seconds: metrics::register(
                 &r,
-                HistogramVec::new(
+                Histogram::with_opts(
                     HistogramOpts::new(
                         "warren_api_write_seconds",
-                        "How long a single submission waited for its INSERT or its QUEUED update, \
-                         queueing for the shared statement included.",
+                        "How long a single submission waited for its shared transaction (INSERT, publish, \
+                         the broker's confirms, COMMIT), queueing for it included.",
                     )
                     .buckets(metrics::WRITE_SECONDS_BUCKETS.to_vec()),
-                    &["stage"],
                 )?,
             )?,
             registry: r,
         })
-    }
-
-    /// The wait histogram of one write stage (`insert`, `queued`).
-    pub fn write_seconds(&self, stage: &str) -> Histogram {
-        self.write_seconds.with_label_values(&[stage])
-    }
-
-    /// The batch-size histogram of one write stage.
-    pub fn batch_size(&self, stage: &str) -> Histogram {
-        self.batch_sizes.with_label_values(&[stage])
     }
 }
 

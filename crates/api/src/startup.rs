@@ -3,9 +3,10 @@
 use crate::{
     ApiError, AppState,
     auth::Authenticator,
+    fail::FailPoints,
     metrics::{self, ApiMetrics},
     openapi, routes,
-    state::{Management, Submissions},
+    state::{Management, Publishing, Submissions},
     waiters,
 };
 use axum::{
@@ -128,9 +129,16 @@ impl Application {
                 .map_err(StartupError::Metrics)?,
         );
         let store = Store::new(connection.clone());
-        let (submissions, inserting, marking) = Submissions::new(&store, &metrics);
+        let catalog = Arc::new(catalog);
+        let fail_points = Arc::<FailPoints>::default();
+        let publishing = Publishing {
+            publisher: Arc::clone(&publisher),
+            catalog: Arc::clone(&catalog),
+            metrics: Arc::clone(&metrics),
+            fail_points: Arc::clone(&fail_points),
+        };
+        let (submissions, inserting) = Submissions::new(&store, &publishing);
         tokio::spawn(inserting);
-        tokio::spawn(marking);
         let state = AppState {
             metrics,
             submissions: Arc::new(submissions),
@@ -139,11 +147,11 @@ impl Application {
             waiters: Arc::default(),
             auth,
             settings: Arc::new(settings),
-            catalog: Arc::new(catalog),
+            catalog,
             store,
             publisher,
             identity: identity.into(),
-            fail_points: Arc::default(),
+            fail_points,
         };
         Ok(Self {
             listener,

@@ -1,17 +1,23 @@
 //! What every handler can reach. Cheap to clone: all `Arc`s and pools.
 
-use crate::{auth::Authenticator, fail::FailPoints, metrics::ApiMetrics, waiters::Waiters};
+use crate::{
+    auth::Authenticator,
+    fail::{FailPoint, FailPoints},
+    metrics::ApiMetrics,
+    waiters::Waiters,
+};
 use secrecy::SecretString;
 use std::sync::Arc;
 use uuid::Uuid;
 use warren_shared::{
     artifacts::ArtifactStore,
     batch::Batcher,
-    broker::Publisher,
+    broker::{Outgoing, Publisher},
     catalog::Catalog,
-    db::task,
+    db::{DbErr, task},
+    envelope::TaskMessage,
     settings::Settings,
-    store::{NewTask, Store},
+    store::{self, NewTask, Store, StoreError},
 };
 
 #[derive(Clone)]
@@ -33,68 +39,113 @@ pub struct AppState {
     pub submissions: Arc<Submissions>,
 }
 
-/// Single submissions' writes, grouped: the requests in flight together
-/// share one INSERT (each still answered only after it commits) and one
-/// QUEUED update. A lone request is a batch of one, with no timer.
+/// Single submissions, grouped: the requests in flight together share one
+/// transaction (one INSERT, one batch of publishes and confirms, one
+/// COMMIT), each still answered only after it commits. A lone request is
+/// a batch of one, with no timer.
 pub struct Submissions {
     pub inserts: Batcher<NewTask, task::Model>,
-    pub queued: Batcher<Uuid, ()>,
 }
 
 /// Rows per grouped INSERT: about 30 parameters each, well within
 /// PostgreSQL's 65,535.
 const SUBMISSIONS_PER_STATEMENT: usize = 256;
 
-/// Statements of one kind in flight at once: a commit mostly waits for the
-/// disk, and PostgreSQL flushes concurrent commits together.
-const STATEMENTS_AT_ONCE: usize = 1;
+/// Transactions in flight at once: while one waits for the broker's
+/// confirms and then for the disk, the next batch is already recording.
+const TRANSACTIONS_AT_ONCE: usize = 2;
 
 impl Submissions {
-    /// The batchers and their loops, which the caller spawns; the loops
-    /// end when the last `AppState` is dropped.
+    /// The batcher and its loop, which the caller spawns; the loop ends
+    /// when the last `AppState` is dropped.
     pub fn new(
         store: &Store,
-        metrics: &ApiMetrics,
-    ) -> (
-        Self,
-        impl std::future::Future<Output = ()> + Send + 'static,
-        impl std::future::Future<Output = ()> + Send + 'static,
-    ) {
-        let (inserts, inserting) = {
-            let store = store.clone();
-            Batcher::new(
-                SUBMISSIONS_PER_STATEMENT,
-                STATEMENTS_AT_ONCE,
-                metrics.batch_size("insert"),
-                move |tasks: Vec<NewTask>| {
-                    let store = store.clone();
-                    async move {
-                        let rows = store.insert_many(&tasks).await?;
-                        // Answer each request with its own row, whatever
-                        // order RETURNING chose.
-                        let mut by_id: std::collections::HashMap<Uuid, task::Model> =
-                            rows.into_iter().map(|r| (r.id, r)).collect();
-                        Ok(tasks.iter().filter_map(|t| by_id.remove(&t.id)).collect())
-                    }
-                },
-            )
-        };
-        let (queued, marking) = {
-            let store = store.clone();
-            Batcher::new(
-                SUBMISSIONS_PER_STATEMENT,
-                STATEMENTS_AT_ONCE,
-                metrics.batch_size("queued"),
-                move |ids: Vec<Uuid>| {
-                    let store = store.clone();
-                    async move {
-                        store.mark_queued_many(&ids).await?;
-                        Ok(vec![(); ids.len()])
-                    }
-                },
-            )
-        };
-        (Self { inserts, queued }, inserting, marking)
+        publishing: &Publishing,
+    ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
+        let (store, publishing) = (store.clone(), publishing.clone());
+        let (inserts, inserting) = Batcher::new(
+            SUBMISSIONS_PER_STATEMENT,
+            TRANSACTIONS_AT_ONCE,
+            publishing.metrics.batch_size.clone(),
+            move |tasks: Vec<NewTask>| {
+                let (store, publishing) = (store.clone(), publishing.clone());
+                // The rows come back in the order of `tasks`.
+                async move { publishing.record(&store, &tasks).await }
+            },
+        );
+        (Self { inserts }, inserting)
+    }
+}
+
+/// What putting recorded tasks on the broker needs: a part of [`AppState`],
+/// which the submissions' batcher is built before.
+#[derive(Clone)]
+pub struct Publishing {
+    pub publisher: Arc<Publisher>,
+    pub catalog: Arc<Catalog>,
+    pub metrics: Arc<ApiMetrics>,
+    pub fail_points: Arc<FailPoints>,
+}
+
+impl Publishing {
+    pub fn of(state: &AppState) -> Self {
+        Self {
+            publisher: Arc::clone(&state.publisher),
+            catalog: Arc::clone(&state.catalog),
+            metrics: Arc::clone(&state.metrics),
+            fail_points: Arc::clone(&state.fail_points),
+        }
+    }
+
+    /// Records tasks and publishes the due ones in one transaction
+    /// ([`Store::insert_and_publish`]): each row as committed, QUEUED if
+    /// the broker confirmed it, PENDING in the outbox if not.
+    pub async fn record(
+        &self,
+        store: &Store,
+        tasks: &[NewTask],
+    ) -> store::Result<Vec<task::Model>> {
+        store
+            .insert_and_publish(tasks, async |due| {
+                let published = self.publish(&due).await;
+                if self.fail_points.hit(FailPoint::AfterPublishBeforeCommit) {
+                    tracing::error!(
+                        count = due.len(),
+                        "fail point: dying between publish and commit"
+                    );
+                    return Err(StoreError::Other(DbErr::Custom(
+                        "fail point AfterPublishBeforeCommit".into(),
+                    )));
+                }
+                Ok(published)
+            })
+            .await
+    }
+
+    /// Puts tasks on the broker and waits for the confirms; says which
+    /// were confirmed. A failure is logged and left to the relay: the
+    /// tasks are recorded, so it is never an error for the client.
+    pub async fn publish(&self, messages: &[TaskMessage]) -> Vec<(Uuid, bool)> {
+        let topology = self.catalog.topology();
+        let batch: Vec<Outgoing> = messages
+            .iter()
+            .map(|m| Outgoing::task(topology, m))
+            .collect();
+        let publishing = std::time::Instant::now();
+        let results = self.publisher.publish_all(&batch).await;
+        self.metrics
+            .confirm_seconds
+            .observe(publishing.elapsed().as_secs_f64());
+        messages
+            .iter()
+            .zip(results)
+            .map(|(m, result)| {
+                if let Err(e) = &result {
+                    tracing::warn!(task_id = %m.id, error = %e, "recorded, not yet published; the relay will publish it");
+                }
+                (m.id, result.is_ok())
+            })
+            .collect()
     }
 }
 

@@ -142,36 +142,23 @@ async fn measure(system: &mut System, args: &Args) -> anyhow::Result<Measured> {
         .wait_for_terminal(&ids, Duration::from_secs(300))
         .await?;
     let (mut start, mut result) = (Vec::new(), Vec::new());
-    // Where the time went: the client's send → the API's INSERT (its
-    // statement's `now`) → the worker's claim.
-    let (mut to_insert, mut insert_to_start) = (Vec::new(), Vec::new());
+    // Where the time went: the client's send → the API's transaction
+    // recording it (`created_at`, taken as it begins) → the worker's
+    // claim, which waits for that transaction's commit after the confirm.
+    let (mut to_record, mut record_to_start) = (Vec::new(), Vec::new());
     for row in &rows {
         if let (Some(at), Some(started)) = (sent.get(&row.id), row.started_at) {
-            to_insert.push(millis(row.created_at - *at));
-            insert_to_start.push(millis(started - row.created_at));
+            to_record.push(millis(row.created_at - *at));
+            record_to_start.push(millis(started - row.created_at));
         }
     }
     if let (Some(a), Some(b)) = (
-        percentiles(&mut to_insert),
-        percentiles(&mut insert_to_start),
+        percentiles(&mut to_record),
+        percentiles(&mut record_to_start),
     ) {
-        // The API marks a task QUEUED after the broker's confirm, unless
-        // the worker's claim came first: which one wins says where the wait is.
-        let mut to_mark: Vec<f64> = rows
-            .iter()
-            .filter_map(|r| Some((r.queued_at?, r.started_at?, r.created_at)))
-            .filter(|(queued, started, _)| queued < started)
-            .map(|(queued, _, created)| millis(queued - created))
-            .collect();
-        let marked_first = to_mark.len();
         eprintln!(
-            "    send → INSERT p50 {:.1} p99 {:.1} ms; INSERT → start p50 {:.1} p99 {:.1} ms; QUEUED before the claim: {marked_first} of {}, INSERT → QUEUED p50 {}",
-            a[0],
-            a[2],
-            b[0],
-            b[2],
-            rows.len(),
-            percentiles(&mut to_mark).map_or("-".into(), |m| format!("{:.1} ms", m[0]))
+            "    send → recording p50 {:.1} p99 {:.1} ms; recording → start (INSERT, publish, confirm, COMMIT, claim) p50 {:.1} p99 {:.1} ms",
+            a[0], a[2], b[0], b[2],
         );
     }
     for row in &rows {

@@ -111,18 +111,17 @@ pub struct Stages {
     read: Vec<(f64, f64)>,
 }
 
-/// The whole request; waiting for the shared INSERT, the broker's confirm,
-/// the shared QUEUED update; rows per INSERT and per QUEUED update.
-const STAGES: [(&str, &str); 6] = [
+/// The whole request; waiting for the shared transaction (INSERT,
+/// publish, confirms, COMMIT), of which the broker's confirms; rows per
+/// transaction.
+const STAGES: [(&str, &str); 4] = [
     (
         "warren_http_request_duration_seconds",
         "route=\"/tasks/{task_type}\"",
     ),
-    ("warren_api_write_seconds", "stage=\"insert\""),
+    ("warren_api_write_seconds", ""),
     ("warren_publish_confirm_seconds", ""),
-    ("warren_api_write_seconds", "stage=\"queued\""),
-    ("warren_api_batch_size", "stage=\"insert\""),
-    ("warren_api_batch_size", "stage=\"queued\""),
+    ("warren_api_batch_size", ""),
 ];
 
 impl Stages {
@@ -149,13 +148,11 @@ impl Stages {
         let ms = |i| mean(i).map_or("-".into(), |s| format!("{:.1} ms", s * 1000.0));
         let rows = |i| mean(i).map_or("-".into(), |n| format!("{n:.1}"));
         format!(
-            "request {} (mean): INSERT {}, broker confirm {}, QUEUED update {}; rows per INSERT {}, per QUEUED update {}",
+            "request {} (mean): shared transaction {}, of which broker confirm {}; rows per transaction {}",
             ms(0),
             ms(1),
             ms(2),
-            ms(3),
-            rows(4),
-            rows(5)
+            rows(3)
         )
     }
 }

@@ -9,7 +9,7 @@
 //! throughput becomes rows per statement instead of statements per second.
 //!
 //! The worker batches claims and successes; the API batches single
-//! submissions' inserts and their QUEUED marks.
+//! submissions' transactions (INSERT, publish, COMMIT).
 
 use crate::{
     db::DbErr,

@@ -142,6 +142,8 @@ pub struct NewTask {
     pub traceparent: Option<String>,
     /// When the relay may publish it if the API's own publish does not
     /// succeed first (now + lease), or the ETA of a delayed task.
+    /// [`Store::insert_and_publish`] uses only the ETA: it records a task
+    /// due now out of the outbox.
     pub publish_at: DateTime<Utc>,
 }
 
@@ -402,8 +404,8 @@ impl Store {
     ///
     /// `started_at` is `clock_timestamp()`, not `now()`: `now()` is when
     /// the statement began, and this statement may have waited for the
-    /// API's QUEUED update of the same row, which began later. Started
-    /// would then precede queued.
+    /// API's transaction inserting the row (or its QUEUED update), which
+    /// began later. Started would then precede queued.
     pub async fn claim(
         &self,
         m: &TaskMessage,

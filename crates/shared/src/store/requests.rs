@@ -1,17 +1,19 @@
 //! What clients ask of tasks beyond submitting one: submit idempotently,
 //! submit many at once, cancel, retry.
 
-use super::{Result, Store, StoreError, new_row, stmt, stored};
+use super::{Result, Store, StoreError, message_from_row, new_row, stmt, stored};
 use crate::{
     codes::{ErrorCode, StoredError},
     db::task,
+    envelope::TaskMessage,
     state::TaskState,
 };
 use chrono::{SubsecRound, Utc};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter,
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, Set,
     TransactionTrait, TryIntoModel, sqlx,
 };
+use std::collections::HashSet;
 use uuid::Uuid;
 
 use super::NewTask;
@@ -92,32 +94,87 @@ impl Store {
         }
     }
 
-    /// Records many submissions in one transaction: all or none.
-    pub async fn insert_many(&self, tasks: &[NewTask]) -> Result<Vec<task::Model>> {
+    /// Records submissions and puts the due ones on the broker in one
+    /// transaction, so that a submitted task costs one write, not two: its
+    /// row is inserted already QUEUED and out of the outbox, `publish`
+    /// sends the messages and waits for the broker's confirms, the ones it
+    /// could not publish go back into the outbox (PENDING, due now, for the
+    /// relay), and only then does the transaction commit. All or none.
+    ///
+    /// A worker handed one of these messages before the commit claims the
+    /// row after it: its `INSERT … ON CONFLICT` waits for this transaction.
+    /// Should the commit fail after the publish (the process dies, the
+    /// connection drops), the message remains and the worker's claim
+    /// creates the row from it: the client got no 202, yet its task runs,
+    /// as it does when a commit's acknowledgement is lost. Submissions
+    /// carrying an idempotency key avoid that window
+    /// ([`Store::insert_idempotent`] commits first and publishes after).
+    ///
+    /// Delayed tasks (an ETA ahead) are recorded PENDING in the outbox and
+    /// not given to `publish`. An error from `publish` rolls everything
+    /// back and is returned.
+    pub async fn insert_and_publish<F, Fut>(
+        &self,
+        tasks: &[NewTask],
+        publish: F,
+    ) -> Result<Vec<task::Model>>
+    where
+        F: FnOnce(Vec<TaskMessage>) -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<(Uuid, bool)>>>,
+    {
         // The rows are exactly what we send (no column is left to a
         // default), so nothing is read back: RETURNING would double the
         // bytes on the wire for a batch of large inputs. PostgreSQL keeps
         // microseconds; so does `now`, so the rows match what a read shows.
         let now = Utc::now().trunc_subsecs(6);
-        let rows: Vec<task::ActiveModel> = tasks.iter().map(|t| new_row(t, now)).collect();
-        if tasks.len() <= TASKS_PER_STATEMENT {
-            // One statement is atomic by itself: no BEGIN and COMMIT round
-            // trips (the API's group commit sends many small batches).
-            task::Entity::insert_many(rows.clone())
-                .exec_without_returning(&self.db)
+        let rows: Vec<task::ActiveModel> = tasks
+            .iter()
+            .map(|t| {
+                let mut row = new_row(t, now);
+                if t.eta.is_none_or(|eta| eta <= now) {
+                    row.state = Set(TaskState::Queued);
+                    row.queued_at = Set(Some(now));
+                    row.publish_at = Set(None);
+                }
+                row
+            })
+            .collect();
+        let txn = self.db.begin().await?;
+        for chunk in rows.chunks(TASKS_PER_STATEMENT) {
+            task::Entity::insert_many(chunk.to_vec())
+                .exec_without_returning(&txn)
                 .await?;
-        } else {
-            let txn = self.db.begin().await?;
-            for chunk in rows.chunks(TASKS_PER_STATEMENT) {
-                task::Entity::insert_many(chunk.to_vec())
-                    .exec_without_returning(&txn)
-                    .await?;
-            }
-            txn.commit().await?;
         }
-        rows.into_iter()
+        let mut models = rows
+            .into_iter()
             .map(|row| TryIntoModel::<task::Model>::try_into_model(row).map_err(StoreError::from))
-            .collect()
+            .collect::<Result<Vec<task::Model>>>()?;
+        let due: Vec<TaskMessage> = models
+            .iter()
+            .filter(|m| m.state == TaskState::Queued)
+            .map(message_from_row)
+            .collect();
+        if !due.is_empty() {
+            let failed: HashSet<Uuid> = publish(due)
+                .await?
+                .into_iter()
+                .filter_map(|(id, ok)| (!ok).then_some(id))
+                .collect();
+            if !failed.is_empty() {
+                txn.execute_raw(stmt(
+                    "UPDATE tasks SET state = 'PENDING', queued_at = NULL, publish_at = $2 WHERE id = ANY($1)",
+                    vec![failed.iter().copied().collect::<Vec<_>>().into(), now.into()],
+                ))
+                .await?;
+                for m in models.iter_mut().filter(|m| failed.contains(&m.id)) {
+                    m.state = TaskState::Pending;
+                    m.queued_at = None;
+                    m.publish_at = Some(now);
+                }
+            }
+        }
+        txn.commit().await?;
+        Ok(models)
     }
 
     /// [`Store::mark_queued`] for many tasks at once.

@@ -31,7 +31,6 @@ use utoipa::{IntoParams, IntoResponses, ToSchema};
 use uuid::Uuid;
 use warren_shared::{
     artifacts::ArtifactMeta,
-    broker::Outgoing,
     catalog::Entry,
     db::task,
     state::TaskState,

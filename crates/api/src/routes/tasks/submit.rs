@@ -2,7 +2,8 @@
 //! optional scheduling.
 
 use super::*;
-use warren_shared::trace::TraceParent;
+use crate::state::Publishing;
+use warren_shared::{envelope::TaskMessage, trace::TraceParent};
 
 // ------------------------------------------------------------- scheduling
 
@@ -128,10 +129,35 @@ fn new_task(
     }
 }
 
-/// Publishes tasks that are due now (not delayed), waits for the broker's
-/// confirms, and marks the confirmed ones QUEUED. Whatever fails stays in
-/// the outbox for the relay; it is never an error for the client, whose
-/// tasks are recorded already. Returns the confirmed ids.
+/// Publishes tasks recorded already (committed) that are due now, waits
+/// for the broker's confirms, and marks the confirmed ones QUEUED.
+/// Whatever fails stays in the outbox for the relay; it is never an error
+/// for the client. Returns the confirmed ids. For what was committed
+/// before it was published: a retried task, an idempotent submission.
+pub(super) async fn publish_due(state: &AppState, rows: &[task::Model]) -> Vec<Uuid> {
+    let now = Utc::now();
+    let due: Vec<TaskMessage> = rows
+        .iter()
+        .filter(|r| r.eta.is_none_or(|eta| eta <= now))
+        .map(message_from_row)
+        .collect();
+    if due.is_empty() {
+        return Vec::new();
+    }
+    let confirmed: Vec<Uuid> = Publishing::of(state)
+        .publish(&due)
+        .await
+        .into_iter()
+        .filter_map(|(id, ok)| ok.then_some(id))
+        .collect();
+    if !confirmed.is_empty()
+        && let Err(e) = state.store.mark_queued_many(&confirmed).await
+    {
+        tracing::warn!(error = %e, "published, but could not mark QUEUED; the relay will republish");
+    }
+    confirmed
+}
+
 /// The caller's trace continued one hop (the API's own span), or a new
 /// trace: carried with the task so the worker's logs join it.
 fn trace_context(headers: &HeaderMap) -> TraceParent {
@@ -166,50 +192,6 @@ fn trace_context(headers: &HeaderMap) -> TraceParent {
         );
     tracing::Span::current().record("trace_id", tp.trace_id_hex().as_str());
     tp
-}
-
-pub(super) async fn publish_due(state: &AppState, rows: &[task::Model]) -> Vec<Uuid> {
-    let now = Utc::now();
-    let due: Vec<&task::Model> = rows
-        .iter()
-        .filter(|r| r.eta.is_none_or(|eta| eta <= now))
-        .collect();
-    if due.is_empty() {
-        return Vec::new();
-    }
-    let topology = state.catalog.topology();
-    let batch: Vec<Outgoing> = due
-        .iter()
-        .map(|r| Outgoing::task(topology, &message_from_row(r)))
-        .collect();
-    let publishing = std::time::Instant::now();
-    let results = state.publisher.publish_all(&batch).await;
-    state
-        .metrics
-        .confirm_seconds
-        .observe(publishing.elapsed().as_secs_f64());
-    let mut confirmed = Vec::with_capacity(due.len());
-    for (row, result) in due.iter().zip(results) {
-        match result {
-            Ok(()) => confirmed.push(row.id),
-            Err(e) => {
-                tracing::warn!(task_id = %row.id, error = %e, "recorded, not yet published; the relay will publish it")
-            }
-        }
-    }
-    let marked = match confirmed.as_slice() {
-        [] => Ok(()),
-        // A single submission: shares its statement with its neighbours.
-        [one] => {
-            let _waiting = state.metrics.write_seconds("queued").start_timer();
-            state.submissions.queued.call(*one).await
-        }
-        many => state.store.mark_queued_many(many).await.map(drop),
-    };
-    if let Err(e) = marked {
-        tracing::warn!(error = %e, "published, but could not mark QUEUED; the relay will republish");
-    }
-    confirmed
 }
 
 // --------------------------------------------------------------- submit
@@ -289,16 +271,35 @@ pub(crate) async fn submit(
     let mut new = new_task(&state, &caller, entry, &task_type, input, &schedule, now);
     new.traceparent = Some(trace_context(&headers).to_string());
     let (row, replayed) = match key {
+        // Recorded and published in a transaction shared with the
+        // requests in flight beside it.
         None => {
-            let _waiting = state.metrics.write_seconds("insert").start_timer();
+            let _waiting = state.metrics.write_seconds.start_timer();
             (state.submissions.inserts.call(new).await?, false)
         }
+        // Committed on its own first, so that a crash before the publish
+        // leaves the key's task recorded (the relay publishes it) and the
+        // client's retry finds it.
         Some(key) => {
             let fp = fingerprint(&task_type, &new.input, &schedule);
             new.idempotency_key = Some(key.clone());
             new.idempotency_fingerprint = Some(fp.clone());
             match state.store.insert_idempotent(&new).await? {
-                Inserted::New(row) => (row, false),
+                Inserted::New(mut row) => {
+                    if state.fail_points.hit(FailPoint::AfterCommitBeforePublish) {
+                        tracing::error!(task_id = %row.id, "fail point: dying between commit and publish");
+                        return Err(ApiError::internal(&std::io::Error::other(
+                            "fail point AfterCommitBeforePublish",
+                        )));
+                    }
+                    if !publish_due(&state, std::slice::from_ref(&row))
+                        .await
+                        .is_empty()
+                    {
+                        row.state = TaskState::Queued;
+                    }
+                    (row, false)
+                }
                 Inserted::Existing(row)
                     if row.idempotency_fingerprint.as_deref() == Some(fp.as_str()) =>
                 {
@@ -310,12 +311,6 @@ pub(crate) async fn submit(
             }
         }
     };
-    if state.fail_points.hit(FailPoint::AfterCommitBeforePublish) {
-        tracing::error!(task_id = %row.id, "fail point: dying between commit and publish");
-        return Err(ApiError::internal(&std::io::Error::other(
-            "fail point AfterCommitBeforePublish",
-        )));
-    }
     let task_state = if replayed {
         // Its first submission published it (or the relay will).
         state
@@ -323,13 +318,8 @@ pub(crate) async fn submit(
             .get(row.id)
             .await?
             .map_or(row.state, |r| r.state)
-    } else if publish_due(&state, std::slice::from_ref(&row))
-        .await
-        .is_empty()
-    {
-        row.state
     } else {
-        TaskState::Queued
+        row.state
     };
     if !replayed {
         state
@@ -440,8 +430,8 @@ pub(crate) async fn submit_batch(
         .into_iter()
         .map(|input| new_task(&state, &caller, entry, &task_type, input, &schedule, now))
         .collect();
-    let rows = state.store.insert_many(&new).await?;
-    let queued = publish_due(&state, &rows).await.len();
+    let rows = Publishing::of(&state).record(&state.store, &new).await?;
+    let queued = rows.iter().filter(|r| r.state == TaskState::Queued).count();
     state
         .metrics
         .submitted
