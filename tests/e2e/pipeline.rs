@@ -223,6 +223,87 @@ async fn lock_waits(env: &TestEnv) -> i64 {
         .expect("count")
 }
 
+/// A task row is written three times: inserted by the API, claimed and
+/// finished by a worker. Neither update touches an indexed column; with
+/// room left on the row's page they are HOT (heap-only: no new entry in
+/// any index). On full pages (PostgreSQL's default fillfactor) nearly every
+/// claim adds an entry to every index of `tasks`. Shown on the claim, the
+/// worker's own statement for a batch of a thousand: the outcome's update
+/// finds room too once the page's dead versions are pruned, which depends
+/// on no older transaction still seeing them, so on timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_claims_task_rows_in_place_without_new_index_entries() {
+    use warren_shared::store::{Claim, ClaimRequest, message_from_row};
+    let env = TestEnv::new().await;
+    let store = env.store();
+    let n = 1000;
+    let tasks: Vec<NewTask> = (0..n)
+        .map(|i| NewTask {
+            id: Uuid::now_v7(),
+            task_type: "noop".into(),
+            queue: "noop".into(),
+            owner: Some("acme".into()),
+            input: json!({"i": i}),
+            eta: None,
+            expires_at: None,
+            idempotency_key: None,
+            idempotency_fingerprint: None,
+            origin: "test".into(),
+            traceparent: None,
+            publish_at: chrono::Utc::now(),
+        })
+        .collect();
+    // Recorded as the API records them; the broker is not needed here.
+    let rows = store
+        .insert_and_publish(&tasks, async |due| {
+            Ok(due.iter().map(|m| (m.id, true)).collect())
+        })
+        .await
+        .unwrap();
+    let claims: Vec<ClaimRequest> = rows
+        .iter()
+        .map(|r| ClaimRequest::new(&message_from_row(r), &r.input, &r.queue, false))
+        .collect();
+    let claimed = store.claim_many(&claims, "w").await.unwrap();
+    assert!(
+        claimed
+            .iter()
+            .all(|c| matches!(c, Claim::Run { attempt: 1, .. }))
+    );
+    // Each backend reports its statistics within seconds of going idle.
+    let (updated, hot) = wait_until(
+        "PostgreSQL's statistics to show the updates",
+        Duration::from_secs(30),
+        || async {
+            let (updated, hot) = task_updates(&env).await;
+            (updated >= n as i64).then_some((updated, hot))
+        },
+    )
+    .await;
+    assert!(
+        hot * 10 >= updated * 9,
+        "{hot} of {updated} claims of task rows were HOT"
+    );
+}
+
+/// Updates of `tasks` rows so far, and how many of them were HOT.
+async fn task_updates(env: &TestEnv) -> (i64, i64) {
+    let row = env
+        .store()
+        .connection()
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'tasks'",
+        ))
+        .await
+        .expect("read pg_stat_user_tables")
+        .expect("the tasks table");
+    (
+        row.try_get("", "n_tup_upd").expect("n_tup_upd"),
+        row.try_get("", "n_tup_hot_upd").expect("n_tup_hot_upd"),
+    )
+}
+
 /// The worker records successes a batch per statement. On a table without
 /// statistics (a fresh deployment, a bulk load autovacuum has not analyzed
 /// yet) PostgreSQL once planned that statement as a sequential scan of every
