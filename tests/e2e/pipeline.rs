@@ -162,20 +162,7 @@ async fn a_message_delivered_before_its_row_commits_runs_once_on_that_row() {
     let worker = env.spawn_worker("w1").await;
     let publishing = Publishing::of(&api.state);
     let id = Uuid::now_v7();
-    let new = NewTask {
-        id,
-        task_type: "multiply".into(),
-        queue: "default".into(),
-        owner: Some("acme".into()),
-        input: json!({"x": 6, "y": 7}),
-        eta: None,
-        expires_at: None,
-        idempotency_key: None,
-        idempotency_fingerprint: None,
-        origin: "the-api".into(),
-        traceparent: None,
-        publish_at: chrono::Utc::now(),
-    };
+    let new = submitted(id, "multiply", "default", json!({"x": 6, "y": 7}));
     let rows = api
         .state
         .store
@@ -201,10 +188,31 @@ async fn a_message_delivered_before_its_row_commits_runs_once_on_that_row() {
     assert_eq!(row.state, TaskState::Success);
     assert_eq!(row.result, Some(json!(42)));
     assert_eq!(row.attempts, 1, "run once");
-    assert_eq!(row.origin.as_deref(), Some("the-api"), "the API's row");
+    assert_eq!(row.origin.as_deref(), Some(ORIGIN), "the API's row");
     assert_eq!(row.created_at, rows[0].created_at, "the API's row");
     worker.stop().await;
     api.stop().await;
+}
+
+/// The `origin` of tasks these tests record themselves.
+const ORIGIN: &str = "the-api";
+
+/// A task as the API would record it for owner `acme`, due now.
+fn submitted(id: Uuid, task_type: &str, queue: &str, input: Value) -> NewTask {
+    NewTask {
+        id,
+        task_type: task_type.into(),
+        queue: queue.into(),
+        owner: Some("acme".into()),
+        input,
+        eta: None,
+        expires_at: None,
+        idempotency_key: None,
+        idempotency_fingerprint: None,
+        origin: ORIGIN.into(),
+        traceparent: None,
+        publish_at: chrono::Utc::now(),
+    }
 }
 
 /// Sessions of this test's database waiting for a lock.
@@ -238,20 +246,7 @@ async fn a_worker_claims_task_rows_in_place_without_new_index_entries() {
     let store = env.store();
     let n = 1000;
     let tasks: Vec<NewTask> = (0..n)
-        .map(|i| NewTask {
-            id: Uuid::now_v7(),
-            task_type: "noop".into(),
-            queue: "noop".into(),
-            owner: Some("acme".into()),
-            input: json!({"i": i}),
-            eta: None,
-            expires_at: None,
-            idempotency_key: None,
-            idempotency_fingerprint: None,
-            origin: "test".into(),
-            traceparent: None,
-            publish_at: chrono::Utc::now(),
-        })
+        .map(|i| submitted(Uuid::now_v7(), "noop", "noop", json!({"i": i})))
         .collect();
     // Recorded as the API records them; the broker is not needed here.
     let rows = store
