@@ -24,6 +24,7 @@ mod long_poll;
 mod observability;
 mod outbox;
 mod pipeline;
+mod publisher;
 mod real_work;
 mod retries;
 mod scaling;

@@ -298,6 +298,7 @@ impl Publisher {
             let sent = send.as_mut().take_output();
             async move {
                 match sent {
+                    // Not reached: every send completed above.
                     None => Err(PublishError::Nacked),
                     Some(Err(e)) => Err(PublishError::Failed(e)),
                     Some(Ok(confirm)) => {
