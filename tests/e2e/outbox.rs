@@ -49,13 +49,7 @@ async fn api_dying_between_commit_and_publish_loses_nothing() {
     // Any relay (here the worker's) publishes it once the API's lease runs out.
     let worker = env.spawn_worker("w1").await;
     let id = env.task_ids().await.pop().expect("the orphaned task");
-    let row = env
-        .wait_for_terminal(&[id], Duration::from_secs(15))
-        .await
-        .remove(0);
-    assert_eq!(row.state, TaskState::Success);
-    assert_eq!(row.result, Some(json!(42)));
-    assert_eq!(row.attempts, 1);
+    env.wait_for_first_attempt_success(id, json!(42)).await;
 
     // The client retries with its key: the same task, not a second one.
     let api = env.spawn_api().await;
@@ -109,13 +103,7 @@ async fn api_dying_between_publish_and_commit_leaves_a_message_that_runs() {
         || async { env.task_ids().await.pop() },
     )
     .await;
-    let row = env
-        .wait_for_terminal(&[id], Duration::from_secs(15))
-        .await
-        .remove(0);
-    assert_eq!(row.state, TaskState::Success);
-    assert_eq!(row.result, Some(json!(42)));
-    assert_eq!(row.attempts, 1);
+    let row = env.wait_for_first_attempt_success(id, json!(42)).await;
     assert_eq!(
         row.owner.as_deref(),
         Some(DEFAULT_OWNER),

@@ -181,13 +181,7 @@ async fn a_message_delivered_before_its_row_commits_runs_once_on_that_row() {
         .expect("recorded and published");
     assert_eq!(rows[0].state, TaskState::Queued);
 
-    let row = env
-        .wait_for_terminal(&[id], Duration::from_secs(15))
-        .await
-        .remove(0);
-    assert_eq!(row.state, TaskState::Success);
-    assert_eq!(row.result, Some(json!(42)));
-    assert_eq!(row.attempts, 1, "run once");
+    let row = env.wait_for_first_attempt_success(id, json!(42)).await;
     assert_eq!(row.origin.as_deref(), Some(ORIGIN), "the API's row");
     assert_eq!(row.created_at, rows[0].created_at, "the API's row");
     worker.stop().await;

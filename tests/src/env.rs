@@ -11,6 +11,7 @@ use warren_shared::{
     catalog::Catalog,
     db::{self, task},
     settings::{ENV_VAR, Settings},
+    state::TaskState,
     store::Store,
     telemetry,
     topology::Topology,
@@ -159,6 +160,23 @@ impl TestEnv {
             },
         )
         .await
+    }
+
+    /// Waits for task `id` to finish and checks that it succeeded with
+    /// `result` on its first attempt; returns its row for more checks.
+    pub async fn wait_for_first_attempt_success(
+        &self,
+        id: Uuid,
+        result: serde_json::Value,
+    ) -> task::Model {
+        let row = self
+            .wait_for_terminal(&[id], Duration::from_secs(15))
+            .await
+            .remove(0);
+        assert_eq!(row.state, TaskState::Success);
+        assert_eq!(row.result, Some(result));
+        assert_eq!(row.attempts, 1, "run once");
+        row
     }
 
     /// Kills this test database's sessions whose `application_name` starts
