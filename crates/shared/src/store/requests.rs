@@ -8,7 +8,7 @@ use crate::{
     envelope::TaskMessage,
     state::TaskState,
 };
-use chrono::{SubsecRound, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, Set,
     TransactionTrait, TryIntoModel, sqlx,
@@ -59,9 +59,77 @@ pub(super) const RESETTABLE_BY_OPERATOR: [TaskState; 5] = [
     TaskState::Failure,
 ];
 
-/// Rows per multi-row INSERT: a task row takes about 30 parameters and
-/// PostgreSQL allows 65,535.
+/// Rows per INSERT: bounds one statement's size when inputs are large.
 const TASKS_PER_STATEMENT: usize = 1000;
+
+/// Submitted tasks, as one JSON array of the columns a submission sets.
+/// The statement's text is the same for any number of rows, so each
+/// connection prepares it once; a multi-row `VALUES` list (31 parameters a
+/// row) was a new statement for every batch size, and binding and
+/// planning its hundreds of parameters cost PostgreSQL more than reading
+/// the array does. Every column is named: nothing is left to a default,
+/// so the models the caller holds are the rows as stored.
+const INSERT_SUBMITTED: &str = "
+    INSERT INTO tasks (id, task_type, queue, owner, state, input, result, error, progress_done,
+                       progress_total, progress_message, attempts, eta, expires_at, time_limit,
+                       soft_time_limit, publish_at, created_at, queued_at, started_at, finished_at,
+                       updated_at, worker, idempotency_key, origin, root_id, parent_id, group_id,
+                       traceparent, cancel_requested_at, idempotency_fingerprint)
+    SELECT r.id, r.task_type, r.queue, r.owner, r.state, r.input, NULL, NULL, NULL,
+           NULL, NULL, 0, r.eta, r.expires_at, NULL,
+           NULL, r.publish_at, $2, r.queued_at, NULL, NULL,
+           $2, NULL, r.idempotency_key, r.origin, r.id::text, NULL, NULL,
+           r.traceparent, NULL, r.idempotency_fingerprint
+    FROM jsonb_to_recordset($1::jsonb) AS r(
+           id uuid, task_type text, queue text, owner text, state text, input jsonb,
+           eta timestamptz, expires_at timestamptz, publish_at timestamptz, queued_at timestamptz,
+           idempotency_key text, origin text, traceparent text, idempotency_fingerprint text)";
+
+/// The JSON array [`INSERT_SUBMITTED`] reads. Times are cut to the
+/// microsecond, as PostgreSQL keeps them (it would round the rest).
+fn submitted_rows(rows: &[task::Model]) -> Result<String> {
+    #[derive(serde::Serialize)]
+    struct Submitted<'a> {
+        id: Uuid,
+        task_type: &'a str,
+        queue: &'a str,
+        owner: Option<&'a str>,
+        state: TaskState,
+        input: &'a serde_json::Value,
+        eta: Option<DateTime<Utc>>,
+        expires_at: Option<DateTime<Utc>>,
+        publish_at: Option<DateTime<Utc>>,
+        queued_at: Option<DateTime<Utc>>,
+        idempotency_key: Option<&'a str>,
+        origin: Option<&'a str>,
+        traceparent: Option<&'a str>,
+        idempotency_fingerprint: Option<&'a str>,
+    }
+    let rows: Vec<Submitted<'_>> = rows
+        .iter()
+        .map(|m| Submitted {
+            id: m.id,
+            task_type: &m.task_type,
+            queue: &m.queue,
+            owner: m.owner.as_deref(),
+            state: m.state,
+            input: &m.input,
+            eta: m.eta.map(micros),
+            expires_at: m.expires_at.map(micros),
+            publish_at: m.publish_at.map(micros),
+            queued_at: m.queued_at.map(micros),
+            idempotency_key: m.idempotency_key.as_deref(),
+            origin: m.origin.as_deref(),
+            traceparent: m.traceparent.as_deref(),
+            idempotency_fingerprint: m.idempotency_fingerprint.as_deref(),
+        })
+        .collect();
+    serde_json::to_string(&rows).map_err(|e| StoreError::Other(DbErr::Json(e.to_string())))
+}
+
+fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.trunc_subsecs(6)
+}
 
 fn is_idempotency_conflict(e: &StoreError) -> bool {
     let StoreError::Other(
@@ -139,16 +207,23 @@ impl Store {
                 row
             })
             .collect();
-        let txn = self.db.begin().await?;
-        for chunk in rows.chunks(TASKS_PER_STATEMENT) {
-            task::Entity::insert_many(chunk.to_vec())
-                .exec_without_returning(&txn)
-                .await?;
-        }
         let mut models = rows
             .into_iter()
             .map(|row| TryIntoModel::<task::Model>::try_into_model(row).map_err(StoreError::from))
             .collect::<Result<Vec<task::Model>>>()?;
+        let inserts = models
+            .chunks(TASKS_PER_STATEMENT)
+            .map(|chunk| {
+                Ok(stmt(
+                    INSERT_SUBMITTED,
+                    vec![submitted_rows(chunk)?.into(), now.into()],
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let txn = self.db.begin().await?;
+        for insert in inserts {
+            txn.execute_raw(insert).await?;
+        }
         let due: Vec<TaskMessage> = models
             .iter()
             .filter(|m| m.state == TaskState::Queued)
