@@ -9,6 +9,7 @@ use crate::{
     submit,
     system::Setup,
 };
+use anyhow::Context;
 use serde_json::json;
 
 #[derive(Clone, Debug, clap::Args)]
@@ -53,7 +54,7 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<(String, serde_js
     eprintln!("submit");
     let submit_args = submit::Args {
         single: 20_000,
-        clients: 64,
+        clients: vec![64, 256],
         batched: args.tasks,
         batch_size: 1000,
         batch_clients: 4,
@@ -87,6 +88,7 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<(String, serde_js
         runs: 0,
     });
     let pct = |a: f64, b: f64| format!("{:.0} %", 100.0 * a / b);
+    let best = submit.best_single().context("no single POSTs measured")?;
     let summary = table(
         &["figure", "Warren", "compared with", "ratio"],
         &[
@@ -105,16 +107,13 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<(String, serde_js
                 ),
             ],
             vec![
-                "submit, single POSTs, 202/s".into(),
-                submit.single_per_second.display(0),
+                format!("submit, single POSTs ({} clients), 202/s", best.clients),
+                best.per_second.display(0),
                 format!(
-                    "PostgreSQL single-row insert {}",
+                    "PostgreSQL single-row insert {} (8 clients)",
                     submit.pg_inserts_per_second.display(0)
                 ),
-                pct(
-                    submit.single_per_second.median,
-                    submit.pg_inserts_per_second.median,
-                ),
+                format!("{} % (per run)", best.vs_pg.scaled(100.0).display(0)),
             ],
             vec![
                 "submit, batches of 1000, tasks/s".into(),

@@ -35,6 +35,16 @@ impl Figure {
         })
     }
 
+    /// The same runs in another unit (a ratio as a percentage).
+    pub fn scaled(&self, factor: f64) -> Self {
+        Self {
+            median: self.median * factor,
+            min: self.min * factor,
+            max: self.max * factor,
+            runs: self.runs,
+        }
+    }
+
     /// `12.5 (12.1–13.0)`, or just `12.5` for a single run.
     pub fn display(&self, decimals: usize) -> String {
         if self.runs == 1 {
@@ -95,6 +105,13 @@ mod tests {
             "2.0 (1.0–4.0)"
         );
         assert_eq!(Figure::of(&[12.345]).unwrap().display(2), "12.35");
+    }
+
+    #[test]
+    fn scaling_keeps_the_order_and_the_runs() {
+        let pct = Figure::of(&[0.41, 0.45, 0.5]).unwrap().scaled(100.0);
+        assert_eq!(pct.display(0), "45 (41–50)");
+        assert_eq!(pct.runs, 3);
     }
 
     #[test]

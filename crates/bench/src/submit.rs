@@ -3,6 +3,12 @@
 //! one task per request, then batches through `/tasks/noop/batch`; the
 //! reference is what PostgreSQL itself commits as single-row inserts from
 //! 8 clients on the same machine, measured in the same run.
+//!
+//! Single POSTs run at more than one client count. The clients wait for
+//! each answer before sending again (a closed loop), so with few of them
+//! the rate measures the latency (clients ÷ mean latency) while cores sit
+//! idle; only enough of them show what the API can accept. Each count is
+//! reported with its mean latency, so neither reading hides the other.
 
 use crate::{
     report::{Figure, table},
@@ -26,9 +32,10 @@ pub struct Args {
     /// Tasks submitted one per request.
     #[arg(long, default_value_t = 20_000)]
     pub single: usize,
-    /// Concurrent HTTP clients for single submissions.
-    #[arg(long, default_value_t = 64)]
-    pub clients: usize,
+    /// Concurrent HTTP clients for single submissions; each count is a
+    /// measurement of its own (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [64, 256])]
+    pub clients: Vec<usize>,
     /// Tasks submitted through the batch endpoint.
     #[arg(long, default_value_t = 100_000)]
     pub batched: usize,
@@ -50,53 +57,104 @@ pub struct Args {
 pub struct Figures {
     /// Bare PostgreSQL: single-row INSERT + COMMIT per statement, 8 clients.
     pub pg_inserts_per_second: Figure,
-    /// `POST /tasks/noop`, one task per request: 202s per second.
-    pub single_per_second: Figure,
-    /// The same, as a share of the bare insert rate.
-    pub single_vs_pg: f64,
+    /// `POST /tasks/noop`, one task per request, at each client count.
+    pub single: Vec<Single>,
     /// Tasks per second through the batch endpoint.
     pub batched_per_second: Figure,
-    pub clients: usize,
     pub batch_size: usize,
+}
+
+/// Single POSTs from one number of clients.
+#[derive(Debug, Serialize)]
+pub struct Single {
+    pub clients: usize,
+    /// 202s per second.
+    pub per_second: Figure,
+    /// Each run's rate over the same run's PostgreSQL reference.
+    pub vs_pg: Figure,
+    /// A request's mean time as its client saw it: clients ÷ rate (a
+    /// closed loop), milliseconds.
+    pub mean_latency_ms: Figure,
+}
+
+impl Figures {
+    /// The client count with the highest median rate.
+    pub fn best_single(&self) -> Option<&Single> {
+        self.single
+            .iter()
+            .max_by(|a, b| a.per_second.median.total_cmp(&b.per_second.median))
+    }
 }
 
 pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Figures> {
     ensure!(
-        args.runs > 0 && args.clients > 0 && args.batch_clients > 0,
+        args.runs > 0 && args.batch_clients > 0,
         "counts must be positive"
     );
+    ensure!(
+        !args.clients.is_empty() && args.clients.iter().all(|&c| c > 0),
+        "--clients must list positive counts"
+    );
     ensure!(args.batch_size > 0, "--batch-size must be positive");
-    let (mut pg, mut single, mut batched) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut pg, mut batched) = (Vec::new(), Vec::new());
+    // Per client count: (rates, ratios to the run's reference).
+    let mut single = vec![(Vec::new(), Vec::new()); args.clients.len()];
     for run in 1..=args.runs {
         let (p, s, b) = System::measure(setup, async |sys| measure(sys, args).await).await?;
+        let rates: Vec<String> = args
+            .clients
+            .iter()
+            .zip(&s)
+            .map(|(c, r)| format!("{c} clients {r:.0}/s"))
+            .collect();
         eprintln!(
-            "  submit, run {run}: PostgreSQL {p:.0} inserts/s, single {s:.0}/s, batched {b:.0}/s"
+            "  submit, run {run}: PostgreSQL {p:.0} inserts/s, single {}, batched {b:.0}/s",
+            rates.join(", ")
         );
         pg.push(p);
-        single.push(s);
         batched.push(b);
+        for ((rates, ratios), rate) in single.iter_mut().zip(s) {
+            rates.push(rate);
+            ratios.push(rate / p);
+        }
     }
-    let pg = Figure::of(&pg).context("no figures")?;
-    let single = Figure::of(&single).context("no figures")?;
+    let single = args
+        .clients
+        .iter()
+        .zip(single)
+        .map(|(&clients, (rates, ratios))| {
+            let latencies: Vec<f64> = rates.iter().map(|r| 1000.0 * clients as f64 / r).collect();
+            Ok(Single {
+                clients,
+                per_second: Figure::of(&rates).context("no figures")?,
+                vs_pg: Figure::of(&ratios).context("no figures")?,
+                mean_latency_ms: Figure::of(&latencies).context("no figures")?,
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
     Ok(Figures {
-        single_vs_pg: single.median / pg.median,
-        pg_inserts_per_second: pg,
-        single_per_second: single,
+        pg_inserts_per_second: Figure::of(&pg).context("no figures")?,
+        single,
         batched_per_second: Figure::of(&batched).context("no figures")?,
-        clients: args.clients,
         batch_size: args.batch_size,
     })
 }
 
-async fn measure(system: &System, args: &Args) -> anyhow::Result<(f64, f64, f64)> {
+async fn measure(system: &System, args: &Args) -> anyhow::Result<(f64, Vec<f64>, f64)> {
     let pg = bare_inserts(system, args.pg_rows, 8).await?;
-    let before = Stages::read(system).await?;
-    let single = single_posts(system, args.single, args.clients).await?;
-    eprintln!("    single: {}", Stages::read(system).await?.since(&before));
+    let mut single = Vec::with_capacity(args.clients.len());
+    for &clients in &args.clients {
+        let before = Stages::read(system).await?;
+        single.push(single_posts(system, args.single, clients).await?);
+        eprintln!(
+            "    single, {clients} clients: {}",
+            Stages::read(system).await?.since(&before)
+        );
+    }
     let batched = batch_posts(system, args.batched, args.batch_size, args.batch_clients).await?;
     // Durable means recorded: every 202 has its row.
     let total = system.states().await?.values().sum::<i64>();
-    let expected = i64::try_from(args.single + args.batched)?;
+    let expected = i64::try_from(args.single * args.clients.len() + args.batched)?;
     if total != expected {
         bail!("{expected} tasks accepted, {total} rows recorded");
     }
@@ -248,24 +306,26 @@ async fn batch_posts(
 }
 
 pub fn render(f: &Figures) -> String {
-    table(
-        &["what", "per second", "note"],
-        &[
-            vec![
-                "PostgreSQL single-row INSERT + COMMIT, 8 clients".into(),
-                f.pg_inserts_per_second.display(0),
-                "the reference".into(),
-            ],
-            vec![
-                format!("POST /tasks/noop, {} clients", f.clients),
-                f.single_per_second.display(0),
-                format!("{:.0} % of the reference", 100.0 * f.single_vs_pg),
-            ],
-            vec![
-                format!("POST /tasks/noop/batch, {} per request", f.batch_size),
-                f.batched_per_second.display(0),
-                "tasks per second".into(),
-            ],
-        ],
-    )
+    let mut rows = vec![vec![
+        "PostgreSQL single-row INSERT + COMMIT, 8 clients".into(),
+        f.pg_inserts_per_second.display(0),
+        "the reference".into(),
+    ]];
+    rows.extend(f.single.iter().map(|s| {
+        vec![
+            format!("POST /tasks/noop, {} clients", s.clients),
+            s.per_second.display(0),
+            format!(
+                "{} % of the reference (per run); mean latency {} ms",
+                s.vs_pg.scaled(100.0).display(0),
+                s.mean_latency_ms.display(1)
+            ),
+        ]
+    }));
+    rows.push(vec![
+        format!("POST /tasks/noop/batch, {} per request", f.batch_size),
+        f.batched_per_second.display(0),
+        "tasks per second".into(),
+    ]);
+    table(&["what", "per second", "note"], &rows)
 }
