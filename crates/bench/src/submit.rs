@@ -101,7 +101,7 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Figures> {
     let mut single = vec![(Vec::new(), Vec::new()); args.clients.len()];
     for run in 1..=args.runs {
         let (p, s, b) = System::measure(setup, async |sys| measure(sys, args).await).await?;
-        let rates: Vec<String> = args
+        let shown: Vec<String> = args
             .clients
             .iter()
             .zip(&s)
@@ -109,7 +109,7 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Figures> {
             .collect();
         eprintln!(
             "  submit, run {run}: PostgreSQL {p:.0} inserts/s, single {}, batched {b:.0}/s",
-            rates.join(", ")
+            shown.join(", ")
         );
         pg.push(p);
         batched.push(b);
