@@ -155,20 +155,26 @@ async fn garbage_is_dead_lettered_with_a_reason_and_the_worker_keeps_going() {
 async fn a_known_task_whose_message_is_garbled_is_marked_failed() {
     let env = TestEnv::new().await;
     let api = env.spawn_api().await;
-    let id = api.submit_ok("multiply", &json!({"x": 6, "y": 7})).await;
-    // Take the real message off the queue and put back a garbled copy.
+    // A garbled message proves no owner, so it may speak only for the
+    // default owner's tasks (those any publisher can create anyway).
+    let celery = api.client_for("celery").await;
+    let id = celery.submit_ok("multiply", &json!({"x": 6, "y": 7})).await;
+    let other = api.submit_ok("multiply", &json!({"x": 1, "y": 7})).await;
+    // Take the real messages off the queue and put back garbled copies.
     let amqp = env.amqp().await;
-    let original = amqp
-        .get(&env.queue("default"))
-        .await
-        .expect("the task's message");
-    amqp.publish(
-        "",
-        &env.queue("default"),
-        original.delivery.properties.clone(),
-        b"[[], {\"x\":",
-    )
-    .await;
+    for _ in 0..2 {
+        let original = amqp
+            .get(&env.queue("default"))
+            .await
+            .expect("the task's message");
+        amqp.publish(
+            "",
+            &env.queue("default"),
+            original.delivery.properties.clone(),
+            b"[[], {\"x\":",
+        )
+        .await;
+    }
 
     let worker = env.spawn_worker("w1").await;
     let row = env
@@ -185,6 +191,20 @@ async fn a_known_task_whose_message_is_garbled_is_marked_failed() {
             .contains("not valid JSON"),
         "{error}"
     );
+    let dlq = env.topology().dead_letter_queue();
+    wait_until(
+        "both garbled copies dead-lettered",
+        Duration::from_secs(10),
+        || async { (amqp.queue_depth(&dlq).await.0 == 2).then_some(()) },
+    )
+    .await;
+    let untouched = env.tasks(&[other]).await.remove(0);
+    assert_eq!(
+        untouched.state,
+        TaskState::Queued,
+        "another owner's task is not failed by an unproven message"
+    );
+    assert_eq!(untouched.error, None);
     amqp.close().await;
     worker.stop().await;
     api.stop().await;

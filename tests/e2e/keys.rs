@@ -119,9 +119,10 @@ async fn a_revoked_key_stops_working() {
     let env = TestEnv::new().await;
     let api = env.spawn_api().await;
     let db = api.state.store.connection().clone();
-    let (key, record) = warren_api::auth::create(&db, "carol", "laptop")
-        .await
-        .unwrap();
+    let (key, record) =
+        warren_api::auth::create(&db, "carol", "laptop", warren_api::auth::Scope::Owner)
+            .await
+            .unwrap();
     assert!(key.starts_with("wk_") && key.len() == 67, "{key}");
     assert!(key.starts_with(&record.key_prefix));
     let carol = api.client_with_key(&key);

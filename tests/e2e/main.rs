@@ -14,6 +14,7 @@ mod crashes;
 mod dead_letters;
 mod delays;
 mod faults;
+mod hostile;
 mod http_contract;
 mod idempotency;
 mod keys;

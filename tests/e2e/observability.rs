@@ -296,10 +296,11 @@ async fn workers_lists_live_replicas_and_forgets_a_killed_one() {
     let survivor = env.spawn_worker_process("survivor", &[("WARREN_WORKER__CONCURRENCY", "5")]);
     let (doomed_id, survivor_id) = (doomed.identity(), survivor.identity());
 
+    let ops = api.admin_client().await;
     let listed = |want: usize| {
-        let api = &api;
+        let ops = &ops;
         async move {
-            let body: Value = api.get("/workers").await.json().await.unwrap();
+            let body: Value = ops.get("/workers").await.json().await.unwrap();
             let workers = body["workers"].as_array().cloned().unwrap_or_default();
             (workers.len() == want).then_some(workers)
         }
@@ -338,6 +339,13 @@ async fn workers_lists_live_replicas_and_forgets_a_killed_one() {
     assert_eq!(workers[0]["id"], survivor_id);
     let anonymous = api.anonymous().get("/workers").await;
     assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    // Operations need the admin scope: a tenant's key sees no replicas.
+    for path in ["/workers", "/queues"] {
+        let tenant = api.get(path).await;
+        assert_eq!(tenant.status(), StatusCode::FORBIDDEN, "{path}");
+        let problem: Value = tenant.json().await.unwrap();
+        assert_eq!(problem["code"], "forbidden", "{path}");
+    }
     drop(survivor);
     api.stop().await;
 }
@@ -351,13 +359,14 @@ async fn queues_match_the_management_api() {
     }
     let mgmt = Management::new(&env.settings());
     let default = env.queue("default");
+    let ops = api.admin_client().await;
     // The management API refreshes its numbers every few seconds; wait
     // until it has counted the five, then compare like for like.
     let queues = wait_until(
         "the management API to count five ready",
         Duration::from_secs(30),
         || async {
-            let body: Value = api.get("/queues").await.json().await.unwrap();
+            let body: Value = ops.get("/queues").await.json().await.unwrap();
             let queues = body["queues"].as_array().cloned().unwrap_or_default();
             let ready = queues
                 .iter()

@@ -251,7 +251,7 @@ async fn a_worker_claims_task_rows_in_place_without_new_index_entries() {
         .unwrap();
     let claims: Vec<ClaimRequest> = rows
         .iter()
-        .map(|r| ClaimRequest::new(&message_from_row(r), &r.input, &r.queue, false))
+        .map(|r| ClaimRequest::new(&message_from_row(r), &r.input, &r.queue, false, true))
         .collect();
     let claimed = store.claim_many(&claims, "w").await.unwrap();
     assert!(

@@ -195,7 +195,7 @@ async fn a_batch_of_claims_answers_each_like_a_single_claim() {
     let store = env.store();
     let input = json!({"x": 1, "y": 2});
     let request = |id: Uuid, redelivered: bool| {
-        ClaimRequest::new(&message(id), &input, "default", redelivered)
+        ClaimRequest::new(&message(id), &input, "default", redelivered, true)
     };
     let (queued, celery, finished, running, orphaned) = (
         Uuid::now_v7(),
@@ -238,7 +238,7 @@ async fn a_batch_of_claims_answers_each_like_a_single_claim() {
         .iter()
         .map(|c| match c {
             Claim::Run { attempt, .. } => Some(*attempt),
-            Claim::Skip { .. } => None,
+            Claim::Skip { .. } | Claim::Conflict { .. } => None,
         })
         .collect();
     assert_eq!(

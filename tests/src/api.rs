@@ -70,9 +70,21 @@ impl TestApi {
 
     /// A client acting as `owner`, with a freshly created API key.
     pub async fn client_for(&self, owner: &str) -> ApiClient {
-        let (key, _) = warren_api::auth::create(self.state.store.connection(), owner, "test")
+        self.client_scoped(owner, warren_api::auth::Scope::Owner)
             .await
-            .expect("create an API key");
+    }
+
+    /// A client with an admin key (operations: workers, queues, every owner).
+    pub async fn admin_client(&self) -> ApiClient {
+        self.client_scoped("ops", warren_api::auth::Scope::Admin)
+            .await
+    }
+
+    async fn client_scoped(&self, owner: &str, scope: warren_api::auth::Scope) -> ApiClient {
+        let (key, _) =
+            warren_api::auth::create(self.state.store.connection(), owner, "test", scope)
+                .await
+                .expect("create an API key");
         self.client_with_key(&key).with_owner(owner)
     }
 

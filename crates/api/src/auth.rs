@@ -29,9 +29,29 @@ use warren_shared::{
 pub const KEY_PREFIX: &str = "wk_";
 /// How much of a key is kept in clear to tell keys apart (`wk_1a2b3c4d`).
 const SHOWN_CHARS: usize = KEY_PREFIX.len() + 8;
-/// Bound on cached verdicts, good and bad, so a flood of random keys cannot
-/// grow memory without end.
+/// Bound on cached valid keys. A full cache first drops expired entries;
+/// if none are, a new key is simply not cached (it costs a query).
 const CACHE_MAX: usize = 10_000;
+/// Bound on cached unknown keys, kept apart: a flood of random keys evicts
+/// only other random keys, never a valid one.
+const UNKNOWN_MAX: usize = 1_000;
+
+/// What a key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Its owner's tasks, nothing else.
+    Owner,
+    /// Also operations: workers, queues, dead letters, every owner.
+    Admin,
+}
+
+/// Who a valid key speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub owner: String,
+    pub scope: Scope,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -57,6 +77,7 @@ pub struct KeyRecord {
     pub name: String,
     /// The first characters of the key, to recognise it.
     pub key_prefix: String,
+    pub admin: bool,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
 }
@@ -67,6 +88,7 @@ pub async fn create(
     db: &DatabaseConnection,
     owner: &str,
     name: &str,
+    scope: Scope,
 ) -> Result<(String, KeyRecord), KeyError> {
     check_owner("owner", owner)?;
     let mut random = [0u8; 32];
@@ -75,14 +97,15 @@ pub async fn create(
     let key = format!("{KEY_PREFIX}{hex}");
     let record = KeyRecord::find_by_statement(Statement::from_sql_and_values(
         DbBackend::Postgres,
-        "INSERT INTO api_keys (id, owner, name, key_prefix, key_hash) VALUES ($1, $2, $3, $4, $5)
-         RETURNING id, owner, name, key_prefix, created_at, revoked_at",
+        "INSERT INTO api_keys (id, owner, name, key_prefix, key_hash, admin) VALUES ($1, $2, $3, $4, $5, $6)
+         RETURNING id, owner, name, key_prefix, admin, created_at, revoked_at",
         vec![
             Uuid::now_v7().into(),
             owner.into(),
             name.into(),
             key[..SHOWN_CHARS].into(),
             hash(&key).to_vec().into(),
+            (scope == Scope::Admin).into(),
         ],
     ))
     .one(db)
@@ -113,7 +136,7 @@ pub async fn list(
 ) -> Result<Vec<KeyRecord>, KeyError> {
     Ok(KeyRecord::find_by_statement(Statement::from_sql_and_values(
         DbBackend::Postgres,
-        "SELECT id, owner, name, key_prefix, created_at, revoked_at FROM api_keys
+        "SELECT id, owner, name, key_prefix, admin, created_at, revoked_at FROM api_keys
          WHERE $1::text IS NULL OR owner = $1 ORDER BY created_at",
         vec![owner.map(str::to_owned).into()],
     ))
@@ -122,69 +145,114 @@ pub async fn list(
     .map_err(StoreError::from)?)
 }
 
-/// Turns a presented key into its owner.
+/// Turns a presented key into who it speaks for.
 pub struct Authenticator {
     db: DatabaseConnection,
-    static_keys: HashMap<KeyHash, String>,
+    static_keys: HashMap<KeyHash, Identity>,
     ttl: Duration,
-    cache: Mutex<HashMap<KeyHash, (Option<String>, Instant)>>,
+    known: Mutex<HashMap<KeyHash, (Identity, Instant)>>,
+    unknown: Mutex<HashMap<KeyHash, Instant>>,
 }
 
 impl Authenticator {
     pub fn new(
         db: DatabaseConnection,
         static_keys: &BTreeMap<String, SecretString>,
+        static_admin_keys: &BTreeMap<String, SecretString>,
         ttl: Duration,
     ) -> Self {
+        let identity = |scope| {
+            move |(owner, key): (&String, &SecretString)| {
+                let who = Identity {
+                    owner: owner.clone(),
+                    scope,
+                };
+                (hash(key.expose_secret()), who)
+            }
+        };
+        let static_keys = static_keys
+            .iter()
+            .map(identity(Scope::Owner))
+            .chain(static_admin_keys.iter().map(identity(Scope::Admin)))
+            .collect();
         Self {
             db,
-            static_keys: static_keys
-                .iter()
-                .map(|(owner, key)| (hash(key.expose_secret()), owner.clone()))
-                .collect(),
+            static_keys,
             ttl,
-            cache: Mutex::default(),
+            known: Mutex::default(),
+            unknown: Mutex::default(),
         }
     }
 
-    /// The owner of `key`, or `None` for an unknown or revoked key.
-    pub async fn owner_of(&self, key: &str) -> Result<Option<String>, StoreError> {
+    /// Who `key` speaks for, or `None` for an unknown or revoked key.
+    pub async fn identify(&self, key: &str) -> Result<Option<Identity>, StoreError> {
         let h = hash(key);
-        if let Some(owner) = self.static_keys.get(&h) {
-            return Ok(Some(owner.clone()));
+        if let Some(who) = self.static_keys.get(&h) {
+            return Ok(Some(who.clone()));
         }
-        if let Some((owner, at)) = self.lock().get(&h)
+        if let Some((who, at)) = lock(&self.known).get(&h)
             && at.elapsed() < self.ttl
         {
-            return Ok(owner.clone());
+            return Ok(Some(who.clone()));
+        }
+        if lock(&self.unknown)
+            .get(&h)
+            .is_some_and(|at| at.elapsed() < self.ttl)
+        {
+            return Ok(None);
         }
         let row = self
             .db
             .query_one_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                "SELECT owner FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+                "SELECT owner, admin FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
                 vec![h.to_vec().into()],
             ))
             .await?;
-        let owner: Option<String> = match row {
-            Some(r) => Some(r.try_get("", "owner").map_err(StoreError::from)?),
-            None => None,
+        let Some(row) = row else {
+            remember(
+                &self.unknown,
+                h,
+                Instant::now(),
+                UNKNOWN_MAX,
+                self.ttl,
+                |at| *at,
+            );
+            return Ok(None);
         };
-        let mut cache = self.lock();
-        if cache.len() >= CACHE_MAX {
-            cache.clear();
-        }
-        cache.insert(h, (owner.clone(), Instant::now()));
-        Ok(owner)
+        let admin: bool = row.try_get("", "admin").map_err(StoreError::from)?;
+        let who = Identity {
+            owner: row.try_get("", "owner").map_err(StoreError::from)?,
+            scope: if admin { Scope::Admin } else { Scope::Owner },
+        };
+        let entry = (who.clone(), Instant::now());
+        remember(&self.known, h, entry, CACHE_MAX, self.ttl, |(_, at)| *at);
+        Ok(Some(who))
     }
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<KeyHash, (Option<String>, Instant)>> {
-        // Only whole entries are written under this lock: a poisoned one is
-        // still consistent.
-        self.cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+/// Caches `value` under `key` unless the cache is full of live entries.
+fn remember<V>(
+    cache: &Mutex<HashMap<KeyHash, V>>,
+    key: KeyHash,
+    value: V,
+    max: usize,
+    ttl: Duration,
+    at: impl Fn(&V) -> Instant,
+) {
+    let mut cache = lock(cache);
+    if cache.len() >= max {
+        cache.retain(|_, v| at(v).elapsed() < ttl);
     }
+    if cache.len() < max {
+        cache.insert(key, value);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Only whole entries are written under these locks: a poisoned one is
+    // still consistent.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The authenticated caller of a request: add it to a handler's arguments
@@ -192,6 +260,29 @@ impl Authenticator {
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub owner: String,
+    pub scope: Scope,
+}
+
+/// A caller with the admin scope: add it to an operations handler's
+/// arguments and an ordinary key gets 403.
+#[derive(Debug, Clone)]
+pub struct Admin(pub Caller);
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        match caller.scope {
+            Scope::Admin => Ok(Admin(caller)),
+            Scope::Owner => Err(ApiError::forbidden(
+                "this needs an admin key (`warren-api keys create --admin`)",
+            )),
+        }
+    }
 }
 
 impl FromRequestParts<AppState> for Caller {
@@ -215,10 +306,10 @@ impl FromRequestParts<AppState> for Caller {
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or_else(|| ApiError::invalid_api_key("expected `Authorization: Bearer <key>`"))?;
-        match state.auth.owner_of(key).await? {
-            Some(owner) => {
+        match state.auth.identify(key).await? {
+            Some(Identity { owner, scope }) => {
                 tracing::Span::current().record("owner", owner.as_str());
-                Ok(Caller { owner })
+                Ok(Caller { owner, scope })
             }
             None => Err(ApiError::invalid_api_key("unknown or revoked key")),
         }

@@ -145,6 +145,15 @@ impl ApiError {
         )
     }
 
+    pub fn forbidden(detail: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            "Forbidden",
+            detail,
+        )
+    }
+
     pub fn invalid_api_key(detail: &str) -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,

@@ -45,6 +45,9 @@ enum Keys {
         /// A label to recognise the key by (e.g. "billing service").
         #[arg(long, default_value = "")]
         name: String,
+        /// Also operations: workers, queues, dead letters, every owner.
+        #[arg(long)]
+        admin: bool,
     },
     /// List keys (without the keys themselves), as JSON lines.
     List {
@@ -78,8 +81,13 @@ async fn main() -> anyhow::Result<()> {
             let db = db::connect(&settings.database, "warren-keys").await?;
             let mut out = std::io::stdout().lock();
             match command {
-                Keys::Create { owner, name } => {
-                    let (key, record) = auth::create(&db, &owner, &name).await?;
+                Keys::Create { owner, name, admin } => {
+                    let scope = if admin {
+                        auth::Scope::Admin
+                    } else {
+                        auth::Scope::Owner
+                    };
+                    let (key, record) = auth::create(&db, &owner, &name, scope).await?;
                     let shown = serde_json::json!({"key": key, "owner": record.owner, "name": record.name,
                                                    "prefix": record.key_prefix, "id": record.id});
                     writeln!(out, "{shown}")?;

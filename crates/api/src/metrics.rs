@@ -95,7 +95,7 @@ impl ApiMetrics {
 /// (`/tasks/{task_type}/{id}`), never the raw path, so ids cannot blow up
 /// the number of series; what matched nothing is `unmatched`.
 pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method());
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -104,12 +104,28 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
     let response = next.run(request).await;
     let m = &state.metrics;
     m.http_requests
-        .with_label_values(&[&method, &route, response.status().as_str()])
+        .with_label_values(&[method, &route, response.status().as_str()])
         .inc();
     m.http_seconds
-        .with_label_values(&[&method, &route])
+        .with_label_values(&[method, &route])
         .observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// The method as a label from a closed set: anyone can send `FOO /`, and
+/// each new label value would be a new series kept for the process's life.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 /// `GET /metrics` (no key: Prometheus scrapes it).
@@ -122,4 +138,14 @@ pub async fn serve(State(state): State<AppState>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
         metrics::encode(&state.metrics.registry),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unknown_methods_share_one_label() {
+        let odd = axum::http::Method::from_bytes(b"BREW").unwrap();
+        assert_eq!(super::method_label(&odd), "other");
+        assert_eq!(super::method_label(&axum::http::Method::POST), "POST");
+    }
 }

@@ -83,13 +83,17 @@ impl Application {
                 .map_err(StartupError::Migrate)?;
         }
         db::warn_if_short_of_connections(&connection, &settings.database).await;
-        let publisher = Arc::new(Publisher::new(
-            settings.amqp.url.clone(),
-            identity.clone(),
-            settings.amqp.connect_timeout(),
-            settings.amqp.publish_timeout(),
-            Arc::clone(catalog.topology()),
-        ));
+        let publisher = Arc::new(
+            Publisher::new(
+                settings.amqp.url.clone(),
+                identity.clone(),
+                settings.amqp.connect_timeout(),
+                settings.amqp.publish_timeout(),
+                Arc::clone(catalog.topology()),
+            )
+            // Validated with the settings; the owner of every task is signed.
+            .with_signer(settings.amqp.signer()?),
+        );
         if let Err(e) = publisher.warm_up().await {
             tracing::warn!(error = %e, "broker not reachable yet; tasks will be published once it is");
         }
@@ -103,6 +107,7 @@ impl Application {
         let auth = Arc::new(Authenticator::new(
             connection.clone(),
             &settings.api.static_keys,
+            &settings.api.static_admin_keys,
             std::time::Duration::from_secs(settings.api.key_cache_seconds),
         ));
         let (user, password, vhost) =

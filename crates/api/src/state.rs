@@ -126,11 +126,7 @@ impl Publishing {
     /// were confirmed. A failure is logged and left to the relay: the
     /// tasks are recorded, so it is never an error for the client.
     pub async fn publish(&self, messages: &[TaskMessage]) -> Vec<(Uuid, bool)> {
-        let topology = self.catalog.topology();
-        let batch: Vec<Outgoing> = messages
-            .iter()
-            .map(|m| Outgoing::task(topology, m))
-            .collect();
+        let batch: Vec<Outgoing> = messages.iter().map(|m| self.publisher.task(m)).collect();
         let publishing = std::time::Instant::now();
         let results = self.publisher.publish_all(&batch).await;
         self.metrics

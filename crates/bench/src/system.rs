@@ -102,9 +102,10 @@ impl System {
             .await
             .context("connecting to the benchmark database")?;
         db::migrate(&db).await.context("migrating")?;
-        let (key, _) = warren_api::auth::create(&db, "bench", "warren-bench")
-            .await
-            .context("creating an API key")?;
+        let (key, _) =
+            warren_api::auth::create(&db, "bench", "warren-bench", warren_api::auth::Scope::Admin)
+                .await
+                .context("creating an API key")?;
 
         let topology = Catalog::new(&Registry::builtin(), &settings)?
             .topology()

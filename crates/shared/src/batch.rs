@@ -10,14 +10,24 @@
 //!
 //! The worker batches claims and successes; the API batches single
 //! submissions' transactions (INSERT, publish, COMMIT).
+//!
+//! One caller's bad data must not fail its neighbours: a statement that
+//! PostgreSQL refuses for what it carries ([`StoreError::Other`]) is run
+//! again a request at a time, so only the request that caused it fails.
+//! The queue is bounded: under overload callers wait to enqueue (and the
+//! API's request limit answers 503) instead of memory growing.
 
 use crate::{
     db::DbErr,
     store::{self, StoreError},
 };
 use futures_util::{StreamExt, stream::FuturesUnordered};
-use std::future::Future;
+use std::{future::Future, sync::Arc};
 use tokio::sync::{mpsc, oneshot};
+
+/// Requests a batcher holds waiting, in batches of its maximum: enough to
+/// keep every statement slot busy, bounded so overload is not memory.
+const QUEUED_BATCHES: usize = 4;
 
 struct Job<Req, Resp> {
     request: Req,
@@ -25,10 +35,10 @@ struct Job<Req, Resp> {
 }
 
 pub struct Batcher<Req, Resp> {
-    jobs: mpsc::UnboundedSender<Job<Req, Resp>>,
+    jobs: mpsc::Sender<Job<Req, Resp>>,
 }
 
-impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
+impl<Req: Clone + Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
     /// A batcher and its loop, which the caller spawns (shared spawns
     /// nothing). `run` gets up to `max` requests and must answer each, in
     /// order; up to `parallel` statements run at once, so a commit's wait
@@ -38,14 +48,15 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
         max: usize,
         parallel: usize,
         sizes: prometheus::Histogram,
-        mut run: F,
+        run: F,
     ) -> (Self, impl Future<Output = ()> + Send + 'static)
     where
-        F: FnMut(Vec<Req>) -> Fut + Send + 'static,
+        F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = store::Result<Vec<Resp>>> + Send + 'static,
     {
-        let (jobs, mut queue) = mpsc::unbounded_channel::<Job<Req, Resp>>();
         let (max, parallel) = (max.max(1), parallel.max(1));
+        let (jobs, mut queue) = mpsc::channel::<Job<Req, Resp>>(max * QUEUED_BATCHES);
+        let run = Arc::new(run);
         let batching = async move {
             let mut running = FuturesUnordered::new();
             let mut open = true;
@@ -62,7 +73,7 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
                         sizes.observe(n as f64);
                         let (requests, replies): (Vec<Req>, Vec<_>) =
                             batch.into_iter().map(|j| (j.request, j.reply)).unzip();
-                        running.push(answer(run(requests), replies));
+                        running.push(answer(Arc::clone(&run), requests, replies));
                     }
                     Some(()) = running.next(), if !running.is_empty() => {}
                 }
@@ -76,39 +87,56 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send(Job { request, reply })
+            .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 }
 
-/// Runs one statement and answers each of its requests.
-async fn answer<Resp>(
-    statement: impl Future<Output = store::Result<Vec<Resp>>>,
+/// Runs one statement and answers each of its requests; if PostgreSQL
+/// refused it for its data, runs each request alone.
+async fn answer<Req, Resp, F, Fut>(
+    run: Arc<F>,
+    requests: Vec<Req>,
     replies: Vec<oneshot::Sender<store::Result<Resp>>>,
-) {
-    let expected = replies.len();
-    match statement.await {
-        Ok(answers) if answers.len() == expected => {
+) where
+    Req: Clone,
+    F: Fn(Vec<Req>) -> Fut,
+    Fut: Future<Output = store::Result<Vec<Resp>>>,
+{
+    let split = requests.len() > 1;
+    let kept = split.then(|| requests.clone());
+    match (run(requests).await, kept) {
+        (Err(StoreError::Other(e)), Some(requests)) => {
+            tracing::warn!(error = %e, batch = requests.len(), "batch refused; running its requests one by one");
+            for (request, reply) in requests.into_iter().zip(replies) {
+                let alone = run(vec![request]).await;
+                let _ = reply.send(alone.and_then(|mut one| one.pop().ok_or_else(short)));
+            }
+        }
+        (Ok(answers), _) if answers.len() == replies.len() => {
             for (reply, answer) in replies.into_iter().zip(answers) {
                 // The caller may have given up (shutdown): fine.
                 let _ = reply.send(Ok(answer));
             }
         }
-        Ok(answers) => {
-            let e = StoreError::Other(DbErr::Custom(format!(
-                "a batch of {expected} got {} answers",
-                answers.len()
-            )));
+        (Ok(_), _) => {
             for reply in replies {
-                let _ = reply.send(Err(e.same_kind()));
+                let _ = reply.send(Err(short()));
             }
         }
-        Err(e) => {
+        (Err(e), _) => {
             for reply in replies {
                 let _ = reply.send(Err(e.same_kind()));
             }
         }
     }
+}
+
+fn short() -> StoreError {
+    StoreError::Other(DbErr::Custom(
+        "a batch statement answered fewer requests than it was given".into(),
+    ))
 }
 
 fn stopped() -> StoreError {
@@ -124,10 +152,10 @@ mod tests {
         prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("t", "t")).unwrap()
     }
 
-    impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
+    impl<Req: Clone + Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
         fn spawn<F, Fut>(max: usize, sizes: prometheus::Histogram, run: F) -> Self
         where
-            F: FnMut(Vec<Req>) -> Fut + Send + 'static,
+            F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
             Fut: Future<Output = store::Result<Vec<Resp>>> + Send + 'static,
         {
             let (batcher, batching) = Self::new(max, 1, sizes, run);
@@ -193,6 +221,54 @@ mod tests {
             answers
                 .iter()
                 .all(|a| a.as_ref().unwrap_err().is_unavailable())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_refused_for_its_data_fails_only_the_bad_request() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&calls);
+        // 13 is the poison: any statement carrying it is refused.
+        let batcher = Batcher::spawn(100, histogram(), move |xs: Vec<u32>| {
+            seen.lock().unwrap().push(xs.len());
+            async move {
+                if xs.contains(&13) {
+                    Err(StoreError::Other(DbErr::Custom("invalid input".into())))
+                } else {
+                    Ok(xs)
+                }
+            }
+        });
+        let answers = futures_util::future::join_all((10..16).map(|x| batcher.call(x))).await;
+        for (x, answer) in (10..16).zip(&answers) {
+            match answer {
+                Ok(v) => assert_eq!(*v, x),
+                Err(e) => assert!(x == 13 && !e.is_retryable(), "{x}: {e}"),
+            }
+        }
+        assert_eq!(answers.iter().filter(|a| a.is_err()).count(), 1);
+        // One refused batch of six, then six alone.
+        assert_eq!(*calls.lock().unwrap(), [6, 1, 1, 1, 1, 1, 1]);
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_database_is_not_split() {
+        let calls = Arc::new(Mutex::new(0));
+        let seen = Arc::clone(&calls);
+        let batcher = Batcher::spawn(10, histogram(), move |_: Vec<u32>| {
+            *seen.lock().unwrap() += 1;
+            async { Err::<Vec<u32>, _>(StoreError::Unavailable(DbErr::Custom("down".into()))) }
+        });
+        let answers = futures_util::future::join_all((0..4).map(|x| batcher.call(x))).await;
+        assert!(
+            answers
+                .iter()
+                .all(|a| a.as_ref().unwrap_err().is_unavailable())
+        );
+        assert_eq!(
+            *calls.lock().unwrap(),
+            1,
+            "retrying alone would only multiply the load"
         );
     }
 }

@@ -9,6 +9,7 @@
 
 use crate::{
     envelope::{Encoded, TaskMessage},
+    signing::Signer,
     topology::{Topology, TopologyError},
     wire::short_string as short,
 };
@@ -112,12 +113,16 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    /// A task message to the tasks exchange, routed by its task type.
-    pub fn task(topology: &Topology, message: &TaskMessage) -> Self {
+    /// A task message to the tasks exchange, routed by its task type, its
+    /// owner signed when a signer is given (what Warren's own publishers do).
+    pub fn task(topology: &Topology, message: &TaskMessage, signer: Option<&Signer>) -> Self {
         Self {
             exchange: topology.exchange(),
             routing_key: message.task.clone(),
-            message: message.encode(),
+            message: match signer {
+                Some(signer) => message.encode_signed(signer),
+                None => message.encode(),
+            },
         }
     }
 }
@@ -131,6 +136,8 @@ pub struct Publisher {
     connect_timeout: Duration,
     confirm_timeout: Duration,
     topology: Arc<Topology>,
+    /// Signs the owners of the task messages this publisher builds.
+    signer: Option<Signer>,
     link: Mutex<Link>,
     connected: AtomicBool,
     /// Held while a batch's publishes take their delivery tags and queue
@@ -160,10 +167,22 @@ impl Publisher {
             connect_timeout,
             confirm_timeout,
             topology,
+            signer: None,
             link: Mutex::new(Link::default()),
             connected: AtomicBool::new(false),
             first_polls: std::sync::Mutex::new(()),
         }
+    }
+
+    /// Signs the owner of every task message built by [`Publisher::task`].
+    pub fn with_signer(mut self, signer: Signer) -> Self {
+        self.signer = Some(signer);
+        self
+    }
+
+    /// A task message to the tasks exchange, signed with this publisher's key.
+    pub fn task(&self, message: &TaskMessage) -> Outgoing {
+        Outgoing::task(&self.topology, message, self.signer.as_ref())
     }
 
     pub fn topology(&self) -> &Arc<Topology> {

@@ -40,6 +40,8 @@ pub enum ErrorCode {
     MissingApiKey,
     /// The key is malformed, unknown or revoked (401).
     InvalidApiKey,
+    /// The key is valid but may not do this (an ordinary key on an admin route) (403).
+    Forbidden,
     /// The resource exists but not with that method (405).
     MethodNotAllowed,
 
@@ -68,9 +70,56 @@ pub enum ErrorCode {
     UndecodableMessage,
     /// A message named a task type this worker does not know.
     UnknownTask,
+    /// A message reused the id of another owner's (or another type's) task.
+    TaskIdConflict,
+    /// PostgreSQL refused to store what a message or a task carried.
+    DatabaseRejected,
+    /// The task's output cannot be stored (e.g. a NUL character in a string).
+    InvalidResult,
 }
 
 impl ErrorCode {
+    /// Every code, for parsing and for documentation tables.
+    pub const ALL: [ErrorCode; 32] = [
+        ErrorCode::InvalidInput,
+        ErrorCode::MalformedJson,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UnknownTaskType,
+        ErrorCode::TaskNotFound,
+        ErrorCode::ResultNotReady,
+        ErrorCode::NoResult,
+        ErrorCode::AlreadyFinished,
+        ErrorCode::NotRetryable,
+        ErrorCode::IdempotencyKeyReused,
+        ErrorCode::ArtifactNotFound,
+        ErrorCode::InvalidParameter,
+        ErrorCode::NotFound,
+        ErrorCode::MissingApiKey,
+        ErrorCode::InvalidApiKey,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::Forbidden,
+        ErrorCode::DatabaseUnavailable,
+        ErrorCode::BrokerManagementUnavailable,
+        ErrorCode::Internal,
+        ErrorCode::TaskFailed,
+        ErrorCode::TaskError,
+        ErrorCode::TimeLimitExceeded,
+        ErrorCode::TaskPanicked,
+        ErrorCode::Cancelled,
+        ErrorCode::Expired,
+        ErrorCode::UndecodableMessage,
+        ErrorCode::UnknownTask,
+        ErrorCode::TaskIdConflict,
+        ErrorCode::DatabaseRejected,
+        ErrorCode::InvalidResult,
+    ];
+
+    /// The code whose [`ErrorCode::as_str`] is `text`.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == text)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidInput => "invalid_input",
@@ -90,6 +139,7 @@ impl ErrorCode {
             ErrorCode::MissingApiKey => "missing_api_key",
             ErrorCode::InvalidApiKey => "invalid_api_key",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::DatabaseUnavailable => "database_unavailable",
             ErrorCode::BrokerManagementUnavailable => "broker_management_unavailable",
             ErrorCode::Internal => "internal",
@@ -101,6 +151,9 @@ impl ErrorCode {
             ErrorCode::Expired => "expired",
             ErrorCode::UndecodableMessage => "undecodable_message",
             ErrorCode::UnknownTask => "unknown_task",
+            ErrorCode::TaskIdConflict => "task_id_conflict",
+            ErrorCode::DatabaseRejected => "database_rejected",
+            ErrorCode::InvalidResult => "invalid_result",
         }
     }
 }
@@ -132,11 +185,27 @@ pub struct StoredError {
     pub retryable: bool,
 }
 
+/// Longest error message kept (stored, logged, sent in a dead letter's
+/// header). A serde error quotes the offending value, and a client chooses
+/// that value: a 16 MiB string quoted into a header is a header frame the
+/// broker refuses, and the connection with it.
+pub const MESSAGE_MAX_CHARS: usize = 1000;
+
+/// `text`, cut to [`MESSAGE_MAX_CHARS`] characters with an ellipsis.
+pub fn bounded(text: impl Into<String>) -> String {
+    let mut text = text.into();
+    if let Some((cut, _)) = text.char_indices().nth(MESSAGE_MAX_CHARS) {
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
+}
+
 impl StoredError {
     pub fn new(code: ErrorCode, message: impl Into<String>, retryable: bool) -> Self {
         Self {
             code: code.as_str().to_owned(),
-            message: message.into(),
+            message: bounded(message),
             retryable,
         }
     }
@@ -155,5 +224,22 @@ mod tests {
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }
+    }
+
+    #[test]
+    fn long_messages_are_cut() {
+        let long = "y".repeat(5 * MESSAGE_MAX_CHARS);
+        let e = StoredError::new(ErrorCode::InvalidInput, long, false);
+        assert_eq!(e.message.chars().count(), MESSAGE_MAX_CHARS + 1);
+        assert_eq!(bounded("short"), "short");
+    }
+
+    #[test]
+    fn every_code_parses_back() {
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+        }
+        assert_eq!(ErrorCode::parse("no_such_code"), None);
     }
 }

@@ -13,8 +13,8 @@
 //! primitives (callbacks, chains, chords) in the embed are not supported
 //! and are ignored.
 
-use crate::wire;
-use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
+use crate::{signing::Signer, wire};
+use chrono::{DateTime, NaiveDateTime, SecondsFormat, TimeDelta, Utc};
 use lapin::{
     BasicProperties,
     types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString},
@@ -32,6 +32,30 @@ pub const TRACEPARENT_HEADER: &str = "traceparent";
 const REPR_MAX_CHARS: usize = 1024;
 /// Persistent: the broker writes the message to disk.
 const DELIVERY_MODE_PERSISTENT: u8 = 2;
+
+// Bounds on what a publisher may put in a message. Every message is client
+// input (Celery clients publish straight to the exchange), so each field is
+// checked before anything is claimed; a message outside them is
+// dead-lettered alone, naming the field.
+
+/// Longest task name; Celery's dotted paths are far shorter.
+const MAX_TASK_NAME: usize = 200;
+/// Longest string header (ids, origin, owner, trace context). Celery's own
+/// are a UUID or `gen123@host`.
+pub const MAX_HEADER_TEXT: usize = 1024;
+/// Longest time limit a message may ask for: a day. RabbitMQ's
+/// `consumer_timeout` (two hours in `rabbitmq/rabbitmq.conf`) takes an
+/// unacknowledged delivery back long before that anyway.
+pub const MAX_TIME_LIMIT_SECONDS: f64 = 86_400.0;
+/// Most retries a message may say already failed: `attempts + 1` must fit
+/// PostgreSQL's int4 with room to spare.
+pub const MAX_RETRIES: u32 = 1_000_000;
+/// Furthest ahead an `eta` or `expires` may be; an ETA in year 9999 is a
+/// mistake or an attack, not a schedule.
+pub const MAX_SCHEDULE_AHEAD: TimeDelta = TimeDelta::days(3660);
+/// Largest body a worker decodes unless configured otherwise
+/// (`worker.max_message_bytes`).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 17 * 1024 * 1024;
 
 /// One task invocation as carried by a message.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,6 +108,48 @@ pub enum DecodeError {
     },
     #[error("body {0}")]
     Body(String),
+    #[error("body is {size} bytes, more than the {max} a message may have")]
+    BodyTooLarge { size: usize, max: usize },
+    #[error("{field} contains a NUL character, which PostgreSQL cannot store")]
+    Nul { field: String },
+}
+
+impl DecodeError {
+    /// The part of the message that was wrong, for the dead letter's
+    /// `x-warren-error-field` header.
+    pub fn field(&self) -> String {
+        match self {
+            DecodeError::ContentType(_) => "content_type".into(),
+            DecodeError::ContentEncoding(_) => "content_encoding".into(),
+            DecodeError::MissingHeader(h) | DecodeError::BadHeader { header: h, .. } => {
+                (*h).to_owned()
+            }
+            DecodeError::Body(_) | DecodeError::BodyTooLarge { .. } => "body".into(),
+            DecodeError::Nul { field } => field.clone(),
+        }
+    }
+}
+
+/// What decoding needs besides the message: the bounds and whom to
+/// believe about owners.
+#[derive(Debug, Clone, Copy)]
+pub struct Door<'a> {
+    pub max_body_bytes: usize,
+    /// Verifies `x-warren-signature`; without it no owner header is believed.
+    pub signer: Option<&'a Signer>,
+    /// The clock the schedule bounds are read against.
+    pub now: DateTime<Utc>,
+}
+
+impl Door<'_> {
+    /// The bounds with nobody's owner believed, for tools and tests.
+    pub fn untrusting() -> Door<'static> {
+        Door {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            signer: None,
+            now: Utc::now(),
+        }
+    }
 }
 
 impl TaskMessage {
@@ -106,6 +172,21 @@ impl TaskMessage {
             owner: None,
             traceparent: None,
         }
+    }
+
+    /// [`TaskMessage::encode`], with the owner signed so a worker believes it.
+    pub fn encode_signed(&self, signer: &Signer) -> Encoded {
+        let mut e = self.encode();
+        if let Some(owner) = &self.owner {
+            let sig = signer.sign(self.id, &self.task, owner, &e.body);
+            let mut headers = e.properties.headers().clone().unwrap_or_default();
+            headers.insert(
+                ShortString::from(crate::signing::SIGNATURE_HEADER),
+                long(&sig),
+            );
+            e.properties = e.properties.with_headers(headers);
+        }
+        e
     }
 
     pub fn encode(&self) -> Encoded {
@@ -161,59 +242,131 @@ impl TaskMessage {
         Encoded { properties, body }
     }
 
+    /// Decodes with the default bounds, believing no owner header.
     pub fn decode(properties: &BasicProperties, body: &[u8]) -> Result<Self, DecodeError> {
-        match properties.content_type().as_ref().map(|s| s.as_str()) {
-            Some(CONTENT_TYPE) => {}
-            Some(other) => return Err(DecodeError::ContentType(format!("{other:?}"))),
-            None => return Err(DecodeError::ContentType("missing".into())),
-        }
-        match properties
-            .content_encoding()
-            .as_ref()
-            .map(|s| s.as_str().to_ascii_lowercase())
-        {
-            None => {}
-            Some(enc) if enc == "utf-8" || enc == "utf8" => {}
-            Some(other) => return Err(DecodeError::ContentEncoding(format!("{other:?}"))),
+        Self::decode_at(properties, body, Door::untrusting())
+    }
+
+    /// Decodes and checks every field against its bound. Never panics,
+    /// whatever the bytes: an error names what was wrong.
+    pub fn decode_at(
+        properties: &BasicProperties,
+        body: &[u8],
+        door: Door<'_>,
+    ) -> Result<Self, DecodeError> {
+        check_content(properties)?;
+        if body.len() > door.max_body_bytes {
+            return Err(DecodeError::BodyTooLarge {
+                size: body.len(),
+                max: door.max_body_bytes,
+            });
         }
         let empty = FieldTable::default();
-        let headers = properties.headers().as_ref().unwrap_or(&empty);
-        let h = Headers(headers);
+        let h = Headers(properties.headers().as_ref().unwrap_or(&empty));
 
         let task = h.required_string("task")?;
-        if task.is_empty() || task.len() > 200 {
+        if task.is_empty() || task.len() > MAX_TASK_NAME {
             return Err(bad("task", "must be a task name of 1 to 200 characters"));
         }
         let id_text = h.required_string("id")?;
         let id = Uuid::parse_str(&id_text)
-            .map_err(|_| bad("id", format!("is {id_text:?}, which is not a UUID")))?;
+            .map_err(|_| bad("id", format!("is {:?}, which is not a UUID", cut(&id_text))))?;
         let retries = match h.get("retries") {
             None => 0,
             Some(v) => as_i64(v)
                 .and_then(|n| u32::try_from(n).ok())
-                .ok_or_else(|| bad("retries", "must be a non-negative integer"))?,
+                .filter(|n| *n <= MAX_RETRIES)
+                .ok_or_else(|| {
+                    bad(
+                        "retries",
+                        format!("must be an integer from 0 to {MAX_RETRIES}"),
+                    )
+                })?,
         };
         let (time_limit, soft_time_limit) = h.time_limits()?;
-
         let (args, kwargs) = decode_body(body)?;
+        if let Some(at) = nul_in_array(&args) {
+            return Err(DecodeError::Nul {
+                field: format!("args{at}"),
+            });
+        }
+        if let Some(at) = nul_in_object(&kwargs) {
+            return Err(DecodeError::Nul {
+                field: format!("kwargs{at}"),
+            });
+        }
+        let owner = h.optional_string(OWNER_HEADER)?;
+        let owner = owner.filter(|o| h.owner_is_signed(door.signer, id, &task, o, body));
         Ok(Self {
             id,
             task,
             args,
             kwargs,
             retries,
-            eta: h.optional_datetime("eta")?,
-            expires: h.optional_datetime("expires")?,
+            eta: h.schedule("eta", door.now)?,
+            expires: h.schedule("expires", door.now)?,
             time_limit,
             soft_time_limit,
             root_id: h.optional_string("root_id")?,
             parent_id: h.optional_string("parent_id")?,
             group: h.optional_string("group")?,
             origin: h.optional_string("origin")?,
-            owner: h.optional_string(OWNER_HEADER)?,
+            owner,
             traceparent: h.optional_string(TRACEPARENT_HEADER)?,
         })
     }
+}
+
+fn check_content(properties: &BasicProperties) -> Result<(), DecodeError> {
+    match properties.content_type().as_ref().map(|s| s.as_str()) {
+        Some(CONTENT_TYPE) => {}
+        Some(other) => return Err(DecodeError::ContentType(format!("{:?}", cut(other)))),
+        None => return Err(DecodeError::ContentType("missing".into())),
+    }
+    match properties
+        .content_encoding()
+        .as_ref()
+        .map(|s| s.as_str().to_ascii_lowercase())
+    {
+        None => Ok(()),
+        Some(enc) if enc == "utf-8" || enc == "utf8" => Ok(()),
+        Some(other) => Err(DecodeError::ContentEncoding(format!("{:?}", cut(&other)))),
+    }
+}
+
+/// At most 64 characters of a client's text, for an error message.
+fn cut(text: &str) -> &str {
+    match text.char_indices().nth(64) {
+        Some((at, _)) => &text[..at],
+        None => text,
+    }
+}
+
+/// Where a NUL is (`[3].name`), if anywhere: in a string or an object key.
+/// PostgreSQL's jsonb cannot store one, so a value holding one is refused.
+pub fn find_nul(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if s.contains('\0') => Some(String::new()),
+        Value::Array(items) => nul_in_array(items),
+        Value::Object(map) => nul_in_object(map),
+        _ => None,
+    }
+}
+
+fn nul_in_array(items: &[Value]) -> Option<String> {
+    items
+        .iter()
+        .enumerate()
+        .find_map(|(i, v)| find_nul(v).map(|rest| format!("[{i}]{rest}")))
+}
+
+fn nul_in_object(map: &Map<String, Value>) -> Option<String> {
+    map.iter().find_map(|(k, v)| {
+        if k.contains('\0') {
+            return Some(format!(".{}", k.replace('\0', "\\0")));
+        }
+        find_nul(v).map(|rest| format!(".{k}{rest}"))
+    })
 }
 
 /// The task id of a message that may not decode as a whole, so the task's
@@ -316,22 +469,72 @@ impl Headers<'_> {
             .ok_or(DecodeError::MissingHeader(name))
     }
 
+    /// A string header: UTF-8, at most [`MAX_HEADER_TEXT`] bytes, no NUL.
     fn optional_string(&self, name: &'static str) -> Result<Option<String>, DecodeError> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(v) => wire::text(v)
-                .map(Some)
-                .ok_or_else(|| bad(name, "must be a UTF-8 string")),
+        let Some(v) = self.get(name) else {
+            return Ok(None);
+        };
+        let text = wire::text(v).ok_or_else(|| bad(name, "must be a UTF-8 string"))?;
+        if text.len() > MAX_HEADER_TEXT {
+            return Err(bad(
+                name,
+                format!("is {} bytes, more than {MAX_HEADER_TEXT}", text.len()),
+            ));
         }
+        if text.contains('\0') {
+            return Err(DecodeError::Nul { field: name.into() });
+        }
+        Ok(Some(text))
     }
 
-    fn optional_datetime(&self, name: &'static str) -> Result<Option<DateTime<Utc>>, DecodeError> {
+    /// An ETA or expiry: a timestamp from 1970 to [`MAX_SCHEDULE_AHEAD`]
+    /// after `now`.
+    fn schedule(
+        &self,
+        name: &'static str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, DecodeError> {
         let Some(text) = self.optional_string(name)? else {
             return Ok(None);
         };
-        parse_datetime(&text)
-            .map(Some)
-            .ok_or_else(|| bad(name, format!("is {text:?}, not an ISO-8601 timestamp")))
+        let at = parse_datetime(&text).ok_or_else(|| {
+            bad(
+                name,
+                format!("is {:?}, not an ISO-8601 timestamp", cut(&text)),
+            )
+        })?;
+        if at < DateTime::UNIX_EPOCH || at > now + MAX_SCHEDULE_AHEAD {
+            return Err(bad(
+                name,
+                format!("is {text}, outside 1970 to ten years from now"),
+            ));
+        }
+        Ok(Some(at))
+    }
+
+    /// Whether a Warren publisher holding the deployment's key named this
+    /// owner for this message. Any other owner header is ignored.
+    fn owner_is_signed(
+        &self,
+        signer: Option<&Signer>,
+        id: Uuid,
+        task: &str,
+        owner: &str,
+        body: &[u8],
+    ) -> bool {
+        let signature = self
+            .0
+            .inner()
+            .get(crate::signing::SIGNATURE_HEADER)
+            .and_then(wire::text);
+        let trusted = match (signer, signature) {
+            (Some(signer), Some(sig)) => signer.verify(id, task, owner, body, &sig),
+            _ => false,
+        };
+        if !trusted {
+            tracing::warn!(task_id = %id, "owner header without a valid signature; ignored");
+        }
+        trusted
     }
 
     /// Celery's `timelimit` is `[hard, soft]`, each void or seconds.
@@ -346,10 +549,12 @@ impl Headers<'_> {
             match items.as_slice().get(i) {
                 None | Some(AMQPValue::Void) => Ok(None),
                 Some(v) => match as_f64(v) {
-                    Some(s) if s > 0.0 && s.is_finite() => Ok(Some(s)),
+                    Some(s) if s > 0.0 && s <= MAX_TIME_LIMIT_SECONDS => Ok(Some(s)),
                     _ => Err(bad(
                         "timelimit",
-                        "limits must be positive numbers of seconds",
+                        format!(
+                            "limits must be numbers of seconds above 0 and at most {MAX_TIME_LIMIT_SECONDS}"
+                        ),
                     )),
                 },
             }
@@ -451,11 +656,26 @@ mod tests {
         insta::assert_json_snapshot!(describe(&e.properties, &e.body));
     }
 
+    fn signer() -> Signer {
+        Signer::new(&secrecy::SecretString::from("k".repeat(32))).unwrap()
+    }
+
+    fn door(signer: &Signer) -> Door<'_> {
+        Door {
+            signer: Some(signer),
+            ..Door::untrusting()
+        }
+    }
+
     #[test]
     fn encode_decode_round_trip() {
         let m = sample();
-        let e = m.encode();
-        assert_eq!(TaskMessage::decode(&e.properties, &e.body).unwrap(), m);
+        let signer = signer();
+        let e = m.encode_signed(&signer);
+        assert_eq!(
+            TaskMessage::decode_at(&e.properties, &e.body, door(&signer)).unwrap(),
+            m
+        );
 
         let minimal = TaskMessage::new(Uuid::now_v7(), "noop", Map::new());
         let e = minimal.encode();
@@ -471,6 +691,30 @@ mod tests {
         let r = repr(&long_list);
         assert_eq!(r.chars().count(), REPR_MAX_CHARS + 3);
         assert!(r.ends_with("..."));
+    }
+
+    #[test]
+    fn an_owner_is_believed_only_with_a_valid_signature() {
+        let m = sample();
+        let signer = signer();
+        // Unsigned: any publisher could have written the header.
+        let e = m.encode();
+        let decoded = TaskMessage::decode_at(&e.properties, &e.body, door(&signer)).unwrap();
+        assert_eq!(decoded.owner, None);
+        // Signed, then the body changed (other arguments under that owner).
+        let e = m.encode_signed(&signer);
+        let decoded =
+            TaskMessage::decode_at(&e.properties, b"[[], {\"x\": 1}, {}]", door(&signer)).unwrap();
+        assert_eq!(decoded.owner, None);
+        // Signed, then the owner header changed.
+        let mut headers = e.properties.headers().clone().unwrap();
+        headers.insert(OWNER_HEADER.into(), long("someone-else"));
+        let props = e.properties.clone().with_headers(headers);
+        let decoded = TaskMessage::decode_at(&props, &e.body, door(&signer)).unwrap();
+        assert_eq!(decoded.owner, None);
+        // No key to verify with: nobody's owner is believed.
+        let decoded = TaskMessage::decode_at(&e.properties, &e.body, Door::untrusting()).unwrap();
+        assert_eq!(decoded.owner, None);
     }
 
     fn with_body(body: &str) -> Result<TaskMessage, DecodeError> {
@@ -512,6 +756,252 @@ mod tests {
         let props = e.properties.clone().with_content_type("text/plain".into());
         let err = TaskMessage::decode(&props, &e.body).unwrap_err();
         assert!(matches!(err, DecodeError::ContentType(_)), "{err}");
+    }
+
+    /// One header set to a hostile value: the error names that header.
+    fn with_header(name: &str, value: AMQPValue) -> Result<TaskMessage, DecodeError> {
+        let e = sample().encode();
+        let mut headers = e.properties.headers().clone().unwrap();
+        headers.insert(name.into(), value);
+        let props = e.properties.clone().with_headers(headers);
+        TaskMessage::decode(&props, &e.body)
+    }
+
+    fn limits(hard: AMQPValue, soft: AMQPValue) -> AMQPValue {
+        AMQPValue::FieldArray(FieldArray::from(vec![hard, soft]))
+    }
+
+    #[test]
+    fn every_header_is_bounded_and_the_error_names_it() {
+        let huge = "x".repeat(1024 * 1024);
+        let cases: Vec<(&str, AMQPValue, &str)> = vec![
+            (
+                "timelimit",
+                limits(AMQPValue::Double(1e20), AMQPValue::Void),
+                "timelimit",
+            ),
+            (
+                "timelimit",
+                limits(AMQPValue::Double(-1.0), AMQPValue::Void),
+                "timelimit",
+            ),
+            (
+                "timelimit",
+                limits(AMQPValue::Double(f64::NAN), AMQPValue::Void),
+                "timelimit",
+            ),
+            (
+                "timelimit",
+                limits(AMQPValue::Double(f64::INFINITY), AMQPValue::Void),
+                "timelimit",
+            ),
+            (
+                "timelimit",
+                limits(long("NaN"), AMQPValue::Void),
+                "timelimit",
+            ),
+            (
+                "timelimit",
+                limits(AMQPValue::Void, AMQPValue::LongLongInt(i64::MAX)),
+                "timelimit",
+            ),
+            ("timelimit", long("[60, 50]"), "timelimit"),
+            ("retries", AMQPValue::LongLongInt(i64::MAX), "retries"),
+            ("retries", AMQPValue::LongLongInt(i64::MIN), "retries"),
+            (
+                "retries",
+                AMQPValue::LongLongInt(i64::from(i32::MAX)),
+                "retries",
+            ),
+            ("retries", long("3"), "retries"),
+            ("eta", long("9999-12-31T23:59:59+00:00"), "eta"),
+            ("eta", long("1969-12-31T23:59:59+00:00"), "eta"),
+            ("expires", long("not a date"), "expires"),
+            ("eta", AMQPValue::LongLongInt(5), "eta"),
+            ("task", long("mul\0tiply"), "task"),
+            ("task", long(&"t".repeat(201)), "task"),
+            ("root_id", long("a\0b"), "root_id"),
+            ("origin", long(&huge), "origin"),
+            ("parent_id", AMQPValue::Boolean(true), "parent_id"),
+            (
+                "traceparent",
+                AMQPValue::FieldTable(FieldTable::default()),
+                "traceparent",
+            ),
+            ("id", long("\0"), "id"),
+        ];
+        for (header, value, field) in cases {
+            let shown = format!("{value:?}").chars().take(80).collect::<String>();
+            let err = with_header(header, value).expect_err(&shown);
+            assert_eq!(err.field(), field, "{header} = {shown}: {err}");
+            assert!(err.to_string().len() < 300, "the reason is short: {err}");
+        }
+    }
+
+    #[test]
+    fn a_nul_anywhere_in_the_arguments_is_refused_with_its_path() {
+        for (body, field) in [
+            (r#"[[], {"x": "a\u0000b"}, {}]"#, "kwargs.x"),
+            (r#"[[], {"x": [1, {"y": "\u0000"}]}, {}]"#, "kwargs.x[1].y"),
+            (r#"[[], {"a\u0000": 1}, {}]"#, "kwargs.a\\0"),
+            (r#"[["ok", "\u0000"], {}, {}]"#, "args[1]"),
+        ] {
+            let err = with_body(body).unwrap_err();
+            assert_eq!(err.field(), field, "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_body_over_the_limit_is_refused_before_parsing() {
+        let e = sample().encode();
+        let door = Door {
+            max_body_bytes: 10,
+            ..Door::untrusting()
+        };
+        let err = TaskMessage::decode_at(&e.properties, &e.body, door).unwrap_err();
+        assert!(
+            matches!(err, DecodeError::BodyTooLarge { max: 10, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn limits_at_the_bounds_are_accepted() {
+        let m = with_header(
+            "timelimit",
+            limits(
+                AMQPValue::Double(MAX_TIME_LIMIT_SECONDS),
+                AMQPValue::LongInt(1),
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            (m.time_limit, m.soft_time_limit),
+            (Some(MAX_TIME_LIMIT_SECONDS), Some(1.0))
+        );
+        let m = with_header("retries", AMQPValue::LongLongInt(i64::from(MAX_RETRIES))).unwrap();
+        assert_eq!(m.retries, MAX_RETRIES);
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn amqp_value() -> impl Strategy<Value = AMQPValue> {
+            let leaf = prop_oneof![
+                Just(AMQPValue::Void),
+                any::<bool>().prop_map(AMQPValue::Boolean),
+                any::<i64>().prop_map(AMQPValue::LongLongInt),
+                any::<i32>().prop_map(AMQPValue::LongInt),
+                any::<f64>().prop_map(AMQPValue::Double),
+                any::<f32>().prop_map(AMQPValue::Float),
+                ".{0,40}".prop_map(|s| long(&s)),
+                proptest::collection::vec(any::<u8>(), 0..40)
+                    .prop_map(|b| AMQPValue::LongString(LongString::from(b))),
+                Just(long("9999-12-31T23:59:59+00:00")),
+                Just(long("2026-11-23T11:47:57.210484")),
+                Just(long("0193a0e0-0000-7000-8000-00000000002a")),
+            ];
+            leaf.prop_recursive(2, 8, 4, |inner| {
+                proptest::collection::vec(inner, 0..4)
+                    .prop_map(|v| AMQPValue::FieldArray(FieldArray::from(v)))
+            })
+        }
+
+        const NAMES: [&str; 14] = [
+            "task",
+            "id",
+            "retries",
+            "eta",
+            "expires",
+            "timelimit",
+            "root_id",
+            "parent_id",
+            "group",
+            "origin",
+            OWNER_HEADER,
+            TRACEPARENT_HEADER,
+            "lang",
+            crate::signing::SIGNATURE_HEADER,
+        ];
+
+        fn headers() -> impl Strategy<Value = FieldTable> {
+            proptest::collection::vec((0..NAMES.len(), amqp_value()), 0..14).prop_map(|pairs| {
+                let mut t = FieldTable::default();
+                // Usually a decodable core, so the checks past it run too.
+                t.insert("task".into(), long("multiply"));
+                t.insert("id".into(), long("0193a0e0-0000-7000-8000-00000000002a"));
+                for (i, v) in pairs {
+                    t.insert(NAMES[i].into(), v);
+                }
+                t
+            })
+        }
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                "\\PC{0,12}".prop_map(Value::String),
+                Just(Value::String("a\u{0}b".into())),
+            ];
+            leaf.prop_recursive(3, 16, 4, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    proptest::collection::btree_map("\\PC{0,6}", inner, 0..4)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn body() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..64),
+                (json_value(), json_value(), json_value()).prop_map(|(a, k, e)| Value::Array(
+                    vec![a, k, e]
+                )
+                .to_string()
+                .into_bytes()),
+                (proptest::collection::vec(json_value(), 0..3), json_value()).prop_map(|(a, k)| {
+                    let mut kwargs = Map::new();
+                    kwargs.insert("x".into(), k);
+                    json!([a, kwargs, {}]).to_string().into_bytes()
+                }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+            /// Whatever a publisher sends, decoding answers: a message whose
+            /// every field is within its bounds, or a typed error naming a field.
+            #[test]
+            fn decoding_never_panics_and_what_passes_is_in_bounds(h in headers(), body in body()) {
+                let props = BasicProperties::default()
+                    .with_content_type(CONTENT_TYPE.into())
+                    .with_headers(h);
+                let signer = super::signer();
+                match TaskMessage::decode_at(&props, &body, super::door(&signer)) {
+                    Ok(m) => {
+                        prop_assert!(m.retries <= MAX_RETRIES);
+                        for limit in [m.time_limit, m.soft_time_limit].into_iter().flatten() {
+                            prop_assert!(limit > 0.0 && limit <= MAX_TIME_LIMIT_SECONDS);
+                            prop_assert!(std::time::Duration::try_from_secs_f64(limit).is_ok());
+                        }
+                        prop_assert!(find_nul(&Value::Object(m.kwargs.clone())).is_none());
+                        prop_assert!(find_nul(&Value::Array(m.args.clone())).is_none());
+                        for text in [&m.root_id, &m.parent_id, &m.group, &m.origin, &m.traceparent].into_iter().flatten() {
+                            prop_assert!(text.len() <= MAX_HEADER_TEXT && !text.contains('\0'));
+                        }
+                        // Nothing here signed it: no owner is believed.
+                        prop_assert_eq!(m.owner, None);
+                    }
+                    Err(e) => prop_assert!(!e.field().is_empty()),
+                }
+            }
+        }
     }
 
     #[test]

@@ -37,6 +37,7 @@ pub mod probe;
 pub mod relay;
 pub mod settings;
 pub mod shutdown;
+pub mod signing;
 pub mod state;
 pub mod store;
 pub mod telemetry;

@@ -58,10 +58,9 @@ pub async fn pass(
     publisher: &Publisher,
     batch_size: u32,
 ) -> crate::store::Result<usize> {
-    let topology = Arc::clone(publisher.topology());
     store
         .relay_pass(batch_size, PUBLISH_RETRY_AFTER, |due: Vec<Due>| async move {
-            let batch: Vec<Outgoing> = due.iter().map(|d| Outgoing::task(&topology, &d.message)).collect();
+            let batch: Vec<Outgoing> = due.iter().map(|d| publisher.task(&d.message)).collect();
             let results = publisher.publish_all(&batch).await;
             due.iter()
                 .zip(results)

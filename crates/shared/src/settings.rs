@@ -107,6 +107,23 @@ pub struct AmqpSettings {
     /// Longest wait for a publisher confirm before the publish counts as
     /// failed (the task stays recorded; the relay publishes it later).
     pub publish_timeout_seconds: f64,
+    /// The secret the API and every worker share to sign the owner a Warren
+    /// publisher names in a message (`shared::signing`). Required: without
+    /// it a worker could not tell a Warren task from a spoofed one.
+    pub signing_key: Option<SecretString>,
+}
+
+impl AmqpSettings {
+    /// The signer of `amqp.signing_key` (checked by `validate`).
+    pub fn signer(&self) -> Result<crate::signing::Signer, SettingsError> {
+        let key = self.signing_key.as_ref().ok_or_else(|| {
+            invalid(
+                "amqp.signing_key",
+                "is required: a secret of at least 32 characters shared by the API and every worker (WARREN_AMQP__SIGNING_KEY)",
+            )
+        })?;
+        crate::signing::Signer::new(key).map_err(|e| invalid("amqp.signing_key", e.to_string()))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -131,6 +148,9 @@ pub struct ApiSettings {
     /// bootstrapping from a secret store; never commit a real one.
     #[serde(default)]
     pub static_keys: BTreeMap<String, SecretString>,
+    /// Like `static_keys`, with the admin scope (operations, every owner).
+    #[serde(default)]
+    pub static_admin_keys: BTreeMap<String, SecretString>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -158,6 +178,9 @@ pub struct WorkerSettings {
     pub metrics_listen: SocketAddr,
     /// How often a worker records that it is alive, for `GET /workers`.
     pub heartbeat_seconds: f64,
+    /// Largest message body a worker decodes; a larger one is dead-lettered.
+    /// At least `api.max_body_bytes`, so whatever the API accepts runs.
+    pub max_message_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -293,6 +316,11 @@ impl Settings {
         }
         positive_seconds("amqp.connect_timeout_seconds", amqp.connect_timeout_seconds)?;
         positive_seconds("amqp.publish_timeout_seconds", amqp.publish_timeout_seconds)?;
+        // Required only by what publishes or consumes tasks (`signer()`),
+        // so tools such as `definitions` run without it; checked if given.
+        if amqp.signing_key.is_some() {
+            amqp.signer()?;
+        }
         if !(amqp.management_url.starts_with("http://")
             || amqp.management_url.starts_with("https://"))
         {
@@ -315,18 +343,30 @@ impl Settings {
         if !(1..=100_000).contains(&self.api.max_batch) {
             return Err(invalid("api.max_batch", "must be between 1 and 100000"));
         }
-        for (owner, key) in &self.api.static_keys {
-            check_owner(&format!("api.static_keys.{owner}"), owner)?;
-            if key.expose_secret().len() < 16 {
-                // The key is not echoed: it is a secret even when too short.
-                return Err(invalid(
-                    format!("api.static_keys.{owner}"),
-                    "must be at least 16 characters",
-                ));
+        let statics = [
+            ("api.static_keys", &self.api.static_keys),
+            ("api.static_admin_keys", &self.api.static_admin_keys),
+        ];
+        for (table, keys) in statics {
+            for (owner, key) in keys {
+                check_owner(&format!("{table}.{owner}"), owner)?;
+                if key.expose_secret().len() < 16 {
+                    // The key is not echoed: it is a secret even when too short.
+                    return Err(invalid(
+                        format!("{table}.{owner}"),
+                        "must be at least 16 characters",
+                    ));
+                }
             }
         }
 
         let w = &self.worker;
+        if w.max_message_bytes < self.api.max_body_bytes {
+            return Err(invalid(
+                "worker.max_message_bytes",
+                "must be at least api.max_body_bytes, or a task the API accepted could not run",
+            ));
+        }
         if !(1..=MAX_CONCURRENCY).contains(&w.concurrency) {
             return Err(invalid(
                 "worker.concurrency",

@@ -24,6 +24,7 @@ use warren_shared::{
     db::{self, DbErr},
     relay,
     settings::{Settings, SettingsError},
+    signing::Signer,
     store::{Claim, ClaimRequest, Store, Success},
 };
 use warren_shared::{metrics::MetricsError, store::WorkerRecord};
@@ -70,8 +71,11 @@ impl Health {
 }
 
 /// A task this process is running, as the rest of the process sees it.
-#[derive(Default)]
 pub(crate) struct Running {
+    /// When its handler took it, for telling a stuck slot from a busy one.
+    pub(crate) since: std::time::Instant,
+    /// Its hard time limit, once it runs.
+    pub(crate) hard_limit: Option<std::time::Duration>,
     /// Cancels the task's context; set once the task is claimed.
     pub(crate) cancel: Option<CancellationToken>,
     /// A client asked to cancel it (rather than a time limit or shutdown).
@@ -79,6 +83,23 @@ pub(crate) struct Running {
     /// The delivery of a later copy of its message, adopted rather than run.
     pub(crate) adopted: Vec<Settle>,
 }
+
+impl Running {
+    pub(crate) fn new() -> Self {
+        Self {
+            since: std::time::Instant::now(),
+            hard_limit: None,
+            cancel: None,
+            cancel_requested: false,
+            adopted: Vec::new(),
+        }
+    }
+}
+
+/// A slot held this long past its task's hard time limit counts as stuck:
+/// the limit should have ended it (a task blocking its thread without an
+/// await cannot be pre-empted), so something is wrong that a restart cures.
+pub(crate) const STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Everything one worker replica needs, built once at startup.
 pub struct Worker {
@@ -91,6 +112,8 @@ pub struct Worker {
     pub(crate) catalog: Catalog,
     pub(crate) store: Store,
     pub(crate) publisher: Arc<Publisher>,
+    /// Verifies the owners Warren publishers sign (`amqp.signing_key`).
+    pub(crate) signer: Signer,
     pub(crate) identity: String,
     /// Full names of the queues this replica consumes.
     pub(crate) queues: Vec<String>,
@@ -159,13 +182,18 @@ impl Worker {
         let metrics_addr = metrics_listener
             .local_addr()
             .map_err(|cause| WorkerError::Bind { addr, cause })?;
-        let publisher = Arc::new(Publisher::new(
-            settings.amqp.url.clone(),
-            format!("{identity}/publish"),
-            settings.amqp.connect_timeout(),
-            settings.amqp.publish_timeout(),
-            topology,
-        ));
+        let publisher = Arc::new(
+            Publisher::new(
+                settings.amqp.url.clone(),
+                format!("{identity}/publish"),
+                settings.amqp.connect_timeout(),
+                settings.amqp.publish_timeout(),
+                topology,
+            )
+            // The relay in every worker republishes tasks: their owners signed too.
+            .with_signer(settings.amqp.signer()?),
+        );
+        let signer = settings.amqp.signer()?;
         let metrics = WorkerMetrics::new(&connection, settings.database.max_connections)
             .map_err(WorkerError::Metrics)?;
         let store = Store::new(connection.clone());
@@ -205,6 +233,7 @@ impl Worker {
             catalog,
             store,
             publisher,
+            signer,
             identity,
             queues,
         })
@@ -236,6 +265,19 @@ impl Worker {
     /// Tasks running (or being claimed) right now.
     pub(crate) fn in_flight(&self) -> usize {
         lock(&self.running).len()
+    }
+
+    /// Every slot is taken by a handler older than any time limit allows:
+    /// this replica cannot run anything more and should not say it is ready.
+    pub(crate) fn all_slots_stuck(&self) -> bool {
+        let running = lock(&self.running);
+        let concurrency = self.settings.worker.concurrency as usize;
+        // A task without a hard limit may legitimately run for hours.
+        running.len() >= concurrency
+            && running.values().all(|r| {
+                r.hard_limit
+                    .is_some_and(|limit| r.since.elapsed() > limit + STUCK_AFTER)
+            })
     }
 
     fn record(&self) -> WorkerRecord {

@@ -7,7 +7,7 @@
 //! delivery limit, adding its own `x-death` headers.
 
 use crate::handler::{
-    CODE_HEADER, EXCHANGE_HEADER, REASON_HEADER, ROUTING_KEY_HEADER, WORKER_HEADER,
+    CODE_HEADER, EXCHANGE_HEADER, FIELD_HEADER, REASON_HEADER, ROUTING_KEY_HEADER, WORKER_HEADER,
 };
 use lapin::{
     BasicProperties, Channel, Connection,
@@ -55,6 +55,8 @@ pub struct DeadLetter {
     /// `rejected`, `expired`).
     pub reason: Option<String>,
     pub code: Option<String>,
+    /// The part of the message that was wrong, when one was (`timelimit`).
+    pub field: Option<String>,
     /// Where it was going: exchange and routing key of the original publish.
     pub exchange: Option<String>,
     pub routing_key: Option<String>,
@@ -108,6 +110,7 @@ fn describe(msg: &BasicGetMessage) -> DeadLetter {
         task: text(header(props, "task")),
         reason: text(header(props, REASON_HEADER)).or_else(|| from_death("reason")),
         code: text(header(props, CODE_HEADER)),
+        field: text(header(props, FIELD_HEADER)),
         exchange: text(header(props, EXCHANGE_HEADER)).or_else(|| from_death("exchange")),
         routing_key: text(header(props, ROUTING_KEY_HEADER)).or(death_routing_key),
         worker: text(header(props, WORKER_HEADER)),

@@ -5,26 +5,37 @@
 //! either an unacknowledged message (redelivered, and the claim decides
 //! whether it runs again) or a committed outcome (the redelivery is
 //! acknowledged without running).
+//!
+//! The steps, each a function: `prepare` (decode and check every field,
+//! find the task type, build the input; a failure is dead-lettered alone
+//! before anything is claimed) → `park_or_expire` → `claim` (the row is the
+//! source of truth: its owner must match, and an unsigned message runs the
+//! row's input) → `run` → `decide` (pure, in `decide`) → `record` →
+//! `settle`. A panic anywhere is caught and still settles the delivery.
 
 use crate::{
     Worker,
     acks::Settle,
     app::{Running, lock},
+    decide::{Decision, Disposition, after_record, decide},
     execute::{self, Attempt},
     metrics::WorkerMetrics,
     services::WorkerServices,
 };
 use chrono::Utc;
+use futures_util::FutureExt;
 use lapin::message::Delivery;
-use std::{future::Future, sync::Arc, time::Duration};
+use serde_json::Value;
+use std::{future::Future, panic::AssertUnwindSafe, sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 use warren_shared::trace::TraceParent;
 use warren_shared::{
     broker::{Outgoing, with_extra_headers},
-    codes::{ErrorCode, StoredError},
-    envelope::{self, TaskMessage},
+    catalog::Entry as CatalogEntry,
+    codes::{ErrorCode, StoredError, bounded},
+    envelope::{self, Door, TaskMessage},
     store::{self, Claim, ClaimRequest, Outcome, Success},
 };
 use warren_tasks::TaskContext;
@@ -32,31 +43,25 @@ use warren_tasks::TaskContext;
 /// Headers a dead letter carries besides the original ones.
 pub(crate) const REASON_HEADER: &str = "x-warren-reason";
 pub(crate) const CODE_HEADER: &str = "x-warren-error-code";
+/// The part of the message that was wrong (`timelimit`, `kwargs.name`).
+pub(crate) const FIELD_HEADER: &str = "x-warren-error-field";
+/// Set (to the original size in bytes) when the body was not copied.
+pub(crate) const BODY_DROPPED_HEADER: &str = "x-warren-body-dropped";
+/// Largest body a dead letter carries.
+const DEAD_LETTER_BODY_MAX: usize = 1024 * 1024;
 pub(crate) const WORKER_HEADER: &str = "x-warren-worker";
 /// Where the message was originally published, so a requeue can send it back.
 pub(crate) const EXCHANGE_HEADER: &str = "x-warren-original-exchange";
 pub(crate) const ROUTING_KEY_HEADER: &str = "x-warren-original-routing-key";
 
-/// First pause when PostgreSQL is unreachable; doubles up to the max. The
-/// delivery stays unacknowledged meanwhile, holding its slot: a worker that
-/// cannot record outcomes should not take more work.
+/// First pause when PostgreSQL cannot take a write; doubles up to the max.
+/// The delivery stays unacknowledged meanwhile, holding its slot: a worker
+/// that cannot record outcomes should not take more work.
 const DB_RETRY_MIN: Duration = Duration::from_millis(100);
 const DB_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// How often a running task's latest progress report is written.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
-
-/// What to tell the broker once the outcome is (or cannot be) recorded.
-enum Disposition {
-    Ack,
-    /// Hand it back for another replica (shutdown, database gone).
-    Requeue,
-    /// Copy it to the dead-letter queue with a reason, then acknowledge.
-    DeadLetter {
-        code: ErrorCode,
-        reason: String,
-    },
-}
 
 pub(crate) async fn handle(
     worker: &Arc<Worker>,
@@ -64,60 +69,197 @@ pub(crate) async fn handle(
     own: Settle,
     stop: &CancellationToken,
 ) {
-    let decoded = TaskMessage::decode(&delivery.properties, &delivery.data).map(|mut m| {
-        // A Celery client names no owner; someone must be able to read it.
-        m.owner
-            .get_or_insert_with(|| worker.settings.worker.default_owner.clone());
-        m
-    });
-    let (disposition, adopted) = match decoded {
-        Err(e) => {
-            let reason = e.to_string();
-            tracing::warn!(
-                task_id = ?envelope::peek_task_id(&delivery.properties),
-                queue = %delivery.routing_key,
-                %reason,
-                "undecodable message"
-            );
-            if let Some(id) = envelope::peek_task_id(&delivery.properties) {
-                mark_undeliverable(worker, id, ErrorCode::UndecodableMessage, &reason, stop).await;
-            }
-            let code = ErrorCode::UndecodableMessage;
-            (Disposition::DeadLetter { code, reason }, Vec::new())
-        }
-        Ok(mut message) => {
-            let trace = message.traceparent.as_deref().and_then(TraceParent::parse);
-            let span = tracing::info_span!(
-                "task",
-                task_id = %message.id,
-                task = %message.task,
-                attempt = tracing::field::Empty,
-                trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
-                parent_span_id = trace.map(|t| t.parent_id_hex()).unwrap_or_default(),
-            );
-            if !adopt_or_register(worker, message.id, &own) {
-                span.in_scope(|| {
-                    tracing::info!(
-                        redelivered = delivery.redelivered,
-                        "already running here; that attempt will settle this delivery too"
-                    );
-                });
-                return;
-            }
-            let disposition = process(worker, &mut message, delivery.redelivered, stop)
-                .instrument(span)
-                .await;
-            let adopted = lock(&worker.running)
-                .remove(&message.id)
-                .map(|r| r.adopted)
-                .unwrap_or_default();
-            (disposition, adopted)
-        }
+    // Whatever happens below, the delivery is settled and the running
+    // entry removed: a panic here is one failed attempt, never a slot
+    // held forever.
+    let handled = AssertUnwindSafe(handle_delivery(worker, &delivery, &own, stop))
+        .catch_unwind()
+        .await;
+    let (disposition, adopted) = match handled {
+        Ok(Some(done)) => done,
+        // Adopted by the running attempt of the same task.
+        Ok(None) => return,
+        Err(payload) => handler_panicked(worker, &delivery, payload),
     };
     settle(worker, &delivery, own, disposition, adopted).await;
     worker
         .processed
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The steps of one delivery; `None` when a running attempt adopted it.
+async fn handle_delivery(
+    worker: &Arc<Worker>,
+    delivery: &Delivery,
+    own: &Settle,
+    stop: &CancellationToken,
+) -> Option<(Disposition, Vec<Settle>)> {
+    let prepared = match prepare(worker, delivery) {
+        Ok(p) => p,
+        Err(rejected) => return Some((reject(worker, delivery, rejected, stop).await, Vec::new())),
+    };
+    let span = task_span(&prepared.message);
+    if !adopt_or_register(worker, prepared.message.id, own) {
+        span.in_scope(|| {
+            tracing::info!(
+                redelivered = delivery.redelivered,
+                "already running here; that attempt will settle this delivery too"
+            );
+        });
+        return None;
+    }
+    let id = prepared.message.id;
+    let disposition = process(worker, prepared, delivery.redelivered, stop)
+        .instrument(span)
+        .await;
+    let adopted = lock(&worker.running)
+        .remove(&id)
+        .map(|r| r.adopted)
+        .unwrap_or_default();
+    Some((disposition, adopted))
+}
+
+/// A panic outside the task's own future (which `execute` catches): the
+/// message goes back to the broker, redelivered, so the claim can take
+/// the task over as a new attempt; the queue's delivery limit
+/// dead-letters a message that panics every time.
+fn handler_panicked(
+    worker: &Worker,
+    delivery: &Delivery,
+    payload: Box<dyn std::any::Any + Send>,
+) -> (Disposition, Vec<Settle>) {
+    let id = envelope::peek_task_id(&delivery.properties);
+    worker.metrics.handler_panics.inc();
+    tracing::error!(
+        task_id = ?id,
+        panic = %execute::panic_message(payload),
+        "handler panicked; the delivery goes back to the broker"
+    );
+    let adopted = id
+        .and_then(|id| lock(&worker.running).remove(&id))
+        .map(|r| r.adopted)
+        .unwrap_or_default();
+    (Disposition::Requeue, adopted)
+}
+
+fn task_span(message: &TaskMessage) -> tracing::Span {
+    let trace = message.traceparent.as_deref().and_then(TraceParent::parse);
+    tracing::info_span!(
+        "task",
+        task_id = %message.id,
+        task = %message.task,
+        attempt = tracing::field::Empty,
+        trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
+        parent_span_id = trace.map(|t| t.parent_id_hex()).unwrap_or_default(),
+    )
+}
+
+/// A delivery that passed every check, ready to claim.
+struct Prepared<'w> {
+    message: TaskMessage,
+    entry: &'w CatalogEntry,
+    input: Value,
+    /// A Warren publisher signed its owner (and so its body).
+    signed: bool,
+}
+
+/// Why a delivery cannot run, decided before anything is claimed.
+struct Rejected {
+    id: Option<Uuid>,
+    /// Whose task it may speak for: its verified owner or the default one.
+    owner: String,
+    code: ErrorCode,
+    field: Option<String>,
+    reason: String,
+}
+
+/// Decodes and checks every field, the task type and the input.
+fn prepare<'w>(worker: &'w Worker, delivery: &Delivery) -> Result<Prepared<'w>, Rejected> {
+    let default_owner = &worker.settings.worker.default_owner;
+    let door = Door {
+        max_body_bytes: worker.settings.worker.max_message_bytes,
+        signer: Some(&worker.signer),
+        now: Utc::now(),
+    };
+    let mut message =
+        TaskMessage::decode_at(&delivery.properties, &delivery.data, door).map_err(|e| {
+            Rejected {
+                id: envelope::peek_task_id(&delivery.properties),
+                owner: default_owner.clone(),
+                code: ErrorCode::UndecodableMessage,
+                field: Some(e.field()),
+                reason: e.to_string(),
+            }
+        })?;
+    // Only a signed owner survives decoding; anyone else's task belongs
+    // to the configured owner.
+    let signed = message.owner.is_some();
+    let owner = message
+        .owner
+        .get_or_insert_with(|| default_owner.clone())
+        .clone();
+    let rejected = |code, reason: String| Rejected {
+        id: Some(message.id),
+        owner: owner.clone(),
+        code,
+        field: None,
+        reason: bounded(reason),
+    };
+    let Some(entry) = worker.catalog.get(&message.task) else {
+        return Err(rejected(
+            ErrorCode::UnknownTask,
+            format!("unknown task type `{}`", message.task),
+        ));
+    };
+    // The arguments are needed only to build the input: moved, not copied.
+    let (args, kwargs) = (
+        std::mem::take(&mut message.args),
+        std::mem::take(&mut message.kwargs),
+    );
+    let input = entry
+        .task
+        .input_from_call(args, kwargs)
+        .map_err(|e| rejected(ErrorCode::InvalidInput, format!("invalid arguments: {e}")))?;
+    Ok(Prepared {
+        message,
+        entry,
+        input,
+        signed,
+    })
+}
+
+/// Dead-letters a rejected delivery, telling its task's row why (if the
+/// message may speak for that row).
+async fn reject(
+    worker: &Worker,
+    delivery: &Delivery,
+    rejected: Rejected,
+    stop: &CancellationToken,
+) -> Disposition {
+    tracing::warn!(
+        task_id = ?rejected.id,
+        queue = %delivery.routing_key,
+        code = %rejected.code,
+        field = ?rejected.field,
+        reason = %rejected.reason,
+        "dead-lettering a message that cannot run"
+    );
+    if let Some(id) = rejected.id {
+        mark_undeliverable(
+            worker,
+            id,
+            &rejected.owner,
+            rejected.code,
+            &rejected.reason,
+            stop,
+        )
+        .await;
+    }
+    Disposition::DeadLetter {
+        code: rejected.code,
+        reason: rejected.reason,
+        field: rejected.field,
+    }
 }
 
 /// Adopts `delivery` if this process is running its task already; true if
@@ -160,86 +302,126 @@ fn adopt_or_register(worker: &Worker, id: Uuid, own: &Settle) -> bool {
             false
         }
         None => {
-            running.insert(id, Running::default());
+            running.insert(id, Running::new());
             true
         }
     }
 }
 
+/// A prepared delivery: schedule or expire it, or claim, run, decide and
+/// record it.
 async fn process(
     worker: &Worker,
-    message: &mut TaskMessage,
+    prepared: Prepared<'_>,
     redelivered: bool,
     stop: &CancellationToken,
 ) -> Disposition {
-    let Some(entry) = worker.catalog.get(&message.task) else {
-        let reason = format!("unknown task type `{}`", message.task);
-        tracing::warn!(%reason, "dead-lettering");
-        mark_undeliverable(worker, message.id, ErrorCode::UnknownTask, &reason, stop).await;
-        return Disposition::DeadLetter {
-            code: ErrorCode::UnknownTask,
-            reason,
-        };
+    let Prepared {
+        message,
+        entry,
+        input,
+        signed,
+    } = prepared;
+    if let Some(d) = park_or_expire(worker, &message, &input, entry, stop).await {
+        return d;
+    }
+    let request = ClaimRequest::new(&message, &input, &entry.queue, redelivered, signed);
+    let (attempt, input) = match claim(worker, request, input, entry, stop).await {
+        Ok(claimed) => claimed,
+        Err(d) => return d,
     };
-    let input = match entry
-        .task
-        // The arguments are needed only to build the input: moved, not copied.
-        .input_from_call(
-            std::mem::take(&mut message.args),
-            std::mem::take(&mut message.kwargs),
-        ) {
-        Ok(input) => input,
-        Err(e) => {
-            let reason = format!("invalid arguments: {e}");
-            tracing::warn!(%reason, "dead-lettering");
-            mark_undeliverable(worker, message.id, ErrorCode::InvalidInput, &reason, stop).await;
-            return Disposition::DeadLetter {
-                code: ErrorCode::InvalidInput,
-                reason,
-            };
+    tracing::Span::current().record("attempt", attempt);
+    let started = std::time::Instant::now();
+    let ended = run(worker, &message, entry, attempt, input, stop).await;
+    let elapsed = started.elapsed();
+    let cancel_requested = lock(&worker.running)
+        .get(&message.id)
+        .is_some_and(|r| r.cancel_requested);
+    let outcome = match decide(
+        &entry.policy,
+        attempt,
+        ended,
+        cancel_requested,
+        fastrand::f64(),
+    ) {
+        Decision::HandBack => {
+            tracing::warn!("interrupted by shutdown; handing the message back");
+            return Disposition::Requeue;
         }
+        Decision::Record(outcome) => outcome,
     };
+    let label = entry.task.name();
+    worker
+        .metrics
+        .run_seconds
+        .with_label_values(&[label])
+        .observe(elapsed.as_secs_f64());
+    record(worker, message.id, attempt, label, outcome, elapsed, stop).await
+}
+
+/// A message that is past its expiry or not yet due is settled without
+/// running: EXPIRED, or parked in the outbox until its ETA.
+async fn park_or_expire(
+    worker: &Worker,
+    message: &TaskMessage,
+    input: &Value,
+    entry: &CatalogEntry,
+    stop: &CancellationToken,
+) -> Option<Disposition> {
     let store = &worker.store;
     let now = Utc::now();
-
     if message.expires.is_some_and(|at| at <= now) {
         let error = StoredError::new(
             ErrorCode::Expired,
             "not started before its expiry time",
             false,
         );
-        return match db(stop, || store.expire(message, &input, &entry.queue, &error)).await {
-            Ok(changed) => {
-                worker.metrics.event(entry.task.name(), "expired");
-                tracing::info!(changed, "task expired before it started");
-                Disposition::Ack
-            }
-            Err(d) => d,
-        };
+        return Some(
+            match db(stop, || store.expire(message, input, &entry.queue, &error)).await {
+                Ok(changed) => {
+                    worker.metrics.event(entry.task.name(), "expired");
+                    tracing::info!(changed, "task expired before it started");
+                    Disposition::Ack
+                }
+                Err(d) => d,
+            },
+        );
     }
     if message.eta.is_some_and(|at| at > now) {
         // Waits in the outbox, not in this process: no slot, no prefetch,
         // no consumer timeout, and it survives any restart.
-        return match db(stop, || store.schedule(message, &input, &entry.queue)).await {
-            Ok(changed) => {
-                worker.metrics.event(entry.task.name(), "deferred");
-                tracing::info!(eta = ?message.eta, changed, "not due yet; scheduled");
-                Disposition::Ack
-            }
-            Err(d) => d,
-        };
+        return Some(
+            match db(stop, || store.schedule(message, input, &entry.queue)).await {
+                Ok(changed) => {
+                    worker.metrics.event(entry.task.name(), "deferred");
+                    tracing::info!(eta = ?message.eta, changed, "not due yet; scheduled");
+                    Disposition::Ack
+                }
+                Err(d) => d,
+            },
+        );
     }
+    None
+}
 
+/// Takes the task: the attempt number and the input to run, which is the
+/// row's whenever the message's body is not known to be it.
+async fn claim(
+    worker: &Worker,
+    request: ClaimRequest,
+    input: Value,
+    entry: &CatalogEntry,
+    stop: &CancellationToken,
+) -> Result<(i32, Value), Disposition> {
     let label = entry.task.name();
-    let request = ClaimRequest::new(message, &input, &entry.queue, redelivered);
-    let claim = match db(stop, || worker.claims.call(request.clone())).await {
-        Ok(c) => c,
-        Err(d) => return d,
-    };
-    let attempt = match claim {
+    let claim = db(stop, || worker.claims.call(request.clone()))
+        .await
+        .map_err(|d| refused(d, ErrorCode::DatabaseRejected))?;
+    match claim {
         Claim::Run {
             attempt,
             queue_wait,
+            input: row_input,
         } => {
             worker.metrics.event(label, "started");
             worker
@@ -247,26 +429,75 @@ async fn process(
                 .queue_wait_seconds
                 .with_label_values(&[label])
                 .observe(queue_wait.as_secs_f64());
-            attempt
+            // One line per task at info is the success (or failure) line,
+            // which carries the run time; STARTED is visible in the row.
+            tracing::debug!("task started");
+            let input = match row_input {
+                Some(row) if row != input => rebuild_input(entry, row)?,
+                _ => input,
+            };
+            Ok((attempt, input))
         }
         Claim::Skip { state, reason } => {
             worker.metrics.event(label, "skipped");
-            tracing::info!(?state, reason, redelivered, "not running");
-            return Disposition::Ack;
+            tracing::info!(?state, reason, "not running");
+            Err(Disposition::Ack)
         }
-    };
-    tracing::Span::current().record("attempt", attempt);
-    // One line per task at info is the success (or failure) line, which
-    // carries the run time; a line at start too costs a busy worker a
-    // tenth of its throughput. STARTED is visible in the row and /workers.
-    tracing::debug!(redelivered, "task started");
+        Claim::Conflict { reason } => {
+            tracing::warn!(reason, "message refused: it may not touch that task");
+            Err(Disposition::dead_letter(ErrorCode::TaskIdConflict, reason))
+        }
+    }
+}
 
+/// The row's input, validated as the message's was.
+fn rebuild_input(entry: &CatalogEntry, row: Value) -> Result<Value, Disposition> {
+    let Value::Object(kwargs) = row else {
+        return Err(Disposition::dead_letter(
+            ErrorCode::InvalidInput,
+            "the task's stored input is not an object",
+        ));
+    };
+    tracing::info!("running the stored input, not the message's");
+    entry.task.input_from_call(Vec::new(), kwargs).map_err(|e| {
+        Disposition::dead_letter(ErrorCode::InvalidInput, format!("stored input: {e}"))
+    })
+}
+
+/// A store error that is not about availability: dead-lettered with `code`.
+fn refused(d: Disposition, code: ErrorCode) -> Disposition {
+    match d {
+        Disposition::DeadLetter { reason, field, .. } => Disposition::DeadLetter {
+            code,
+            reason,
+            field,
+        },
+        other => other,
+    }
+}
+
+/// Runs one attempt under its time limits, writing progress as it goes.
+async fn run(
+    worker: &Worker,
+    message: &TaskMessage,
+    entry: &CatalogEntry,
+    attempt: i32,
+    input: Value,
+    stop: &CancellationToken,
+) -> Attempt {
+    // Limits from the message (a Celery caller's per-call limits) win over
+    // the task type's policy; the envelope bounded them already, and
+    // `try_from` keeps a bad one from panicking all the same.
+    let limit = |secs: Option<f64>| secs.and_then(|s| Duration::try_from_secs_f64(s).ok());
+    let soft = limit(message.soft_time_limit).or(entry.policy.soft_time_limit);
+    let hard = limit(message.time_limit).or(entry.policy.time_limit);
     let cancel = CancellationToken::new();
-    if let Some(entry) = lock(&worker.running).get_mut(&message.id) {
-        entry.cancel = Some(cancel.clone());
+    if let Some(running) = lock(&worker.running).get_mut(&message.id) {
+        running.cancel = Some(cancel.clone());
+        running.hard_limit = hard;
     }
     let services = Arc::new(WorkerServices::new(
-        store.clone(),
+        worker.store.clone(),
         Arc::clone(&worker.artifacts),
         message.id,
         attempt,
@@ -277,75 +508,31 @@ async fn process(
         cancel.clone(),
         Arc::clone(&services) as Arc<dyn warren_tasks::Services>,
     );
-    // Limits from the message (a Celery caller's per-call limits) win over
-    // the task type's policy.
-    let soft = message
-        .soft_time_limit
-        .map(Duration::from_secs_f64)
-        .or(entry.policy.soft_time_limit);
-    let hard = message
-        .time_limit
-        .map(Duration::from_secs_f64)
-        .or(entry.policy.time_limit);
-    let started = std::time::Instant::now();
     let run = execute::run(entry.task.run(input, ctx), cancel, soft, hard, stop);
     tokio::pin!(run);
     // Progress is written while the task runs, at most every tick.
     let mut tick = tokio::time::interval(PROGRESS_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let result = loop {
+    let ended = loop {
         tokio::select! {
-            result = &mut run => break result,
+            ended = &mut run => break ended,
             _ = tick.tick() => services.flush_progress().await,
         }
     };
     services.flush_progress().await;
-    let elapsed = started.elapsed();
-    let cancel_requested = lock(&worker.running)
-        .get(&message.id)
-        .is_some_and(|r| r.cancel_requested);
+    ended
+}
 
-    let outcome = match &result {
-        Attempt::Interrupted => {
-            tracing::warn!("interrupted by shutdown; handing the message back");
-            return Disposition::Requeue;
-        }
-        Attempt::Succeeded(value) => Outcome::Success(value.clone()),
-        // The client asked, the task stopped: that is a cancellation, not
-        // a failure, and nothing to retry.
-        Attempt::Failed(warren_tasks::TaskError::Cancelled) if cancel_requested => {
-            Outcome::Cancelled
-        }
-        failed => {
-            let (code, text, retryable) =
-                failed
-                    .error()
-                    .unwrap_or((ErrorCode::Internal, "unknown failure".into(), false));
-            let retries_done = u32::try_from(attempt - 1).unwrap_or(0);
-            if retryable && retries_done < entry.policy.max_retries {
-                let delay = entry
-                    .policy
-                    .retry_delay_for(u32::try_from(attempt).unwrap_or(1), fastrand::f64());
-                Outcome::Retry {
-                    error: StoredError::new(code, text, true),
-                    delay,
-                }
-            } else {
-                let text = if retryable {
-                    format!("{text} (gave up after {attempt} attempt(s))")
-                } else {
-                    text
-                };
-                Outcome::Failure(StoredError::new(code, text, retryable))
-            }
-        }
-    };
-
-    worker
-        .metrics
-        .run_seconds
-        .with_label_values(&[label])
-        .observe(elapsed.as_secs_f64());
+/// Writes the outcome, guarded by the attempt, and says what to tell the broker.
+async fn record(
+    worker: &Worker,
+    id: Uuid,
+    attempt: i32,
+    label: &'static str,
+    outcome: Outcome,
+    elapsed: Duration,
+    stop: &CancellationToken,
+) -> Disposition {
     let outcome_label = match &outcome {
         Outcome::Success(_) => "succeeded",
         Outcome::Failure(_) => "failed",
@@ -353,66 +540,55 @@ async fn process(
         Outcome::Retry { .. } => "retried",
     };
     let writing = std::time::Instant::now();
-    let recorded = match db(stop, || async {
+    let written = db(stop, || async {
         match &outcome {
             // The common case shares a statement with other handlers.
             Outcome::Success(result) => {
                 let done = Success {
-                    id: message.id,
+                    id,
                     attempt,
                     result: result.clone(),
                 };
                 worker.successes.call(done).await
             }
-            other => store.finish(message.id, attempt, other).await,
+            other => worker.store.finish(id, attempt, other).await,
         }
     })
-    .await
-    {
+    .await;
+    let recorded = match written {
         Ok(r) => r,
-        Err(d) => return d,
+        Err(d) => return refused(d, ErrorCode::DatabaseRejected),
     };
     worker
         .metrics
         .write_seconds
         .with_label_values(&[outcome_label])
         .observe(writing.elapsed().as_secs_f64());
-    if recorded {
-        worker.metrics.event(label, outcome_label);
-    }
     if !recorded {
         tracing::warn!("a newer attempt took over while this one ran; its outcome is discarded");
         return Disposition::Ack;
     }
-    match outcome {
+    worker.metrics.event(label, outcome_label);
+    match &outcome {
         Outcome::Success(_) => {
             tracing::info!(elapsed_ms = elapsed.as_millis() as u64, "task succeeded");
-            Disposition::Ack
         }
-        Outcome::Cancelled => {
-            tracing::info!("task cancelled at the client's request");
-            Disposition::Ack
-        }
+        Outcome::Cancelled => tracing::info!("task cancelled at the client's request"),
         Outcome::Retry { error, delay } => {
             tracing::warn!(error = %error.message, retry_in = ?delay, "task failed; retry scheduled");
-            Disposition::Ack
         }
         Outcome::Failure(error) => {
             tracing::error!(code = %error.code, error = %error.message, "task failed");
-            Disposition::DeadLetter {
-                code: match result.error() {
-                    Some((code, _, _)) => code,
-                    None => ErrorCode::TaskFailed,
-                },
-                reason: error.message,
-            }
         }
     }
+    after_record(&outcome, recorded)
 }
 
-/// Runs a store call, retrying while PostgreSQL is unreachable. Gives up
-/// (with the disposition to apply) only when the worker is stopping or the
-/// error is not about connectivity.
+/// Runs a store call, retrying with backoff while the fault is transient
+/// (unreachable, read-only, out of space or memory, timeouts, conflicts);
+/// the message stays unacknowledged meanwhile. Gives up (with the
+/// disposition to apply) only when the worker is stopping or PostgreSQL
+/// refused the statement itself.
 async fn db<T, F, Fut>(stop: &CancellationToken, mut call: F) -> Result<T, Disposition>
 where
     F: FnMut() -> Fut,
@@ -432,25 +608,31 @@ where
             }
             Err(e) => {
                 tracing::error!(error = %e, "database rejected the write");
-                return Err(Disposition::DeadLetter {
-                    code: ErrorCode::Internal,
-                    reason: format!("could not record the outcome: {e}"),
-                });
+                return Err(Disposition::dead_letter(
+                    ErrorCode::Internal,
+                    format!("PostgreSQL refused the write: {e}"),
+                ));
             }
         }
     }
 }
 
+/// Tells the row of `owner`'s task `id` that its message was dead-lettered.
 async fn mark_undeliverable(
     worker: &Worker,
     id: Uuid,
+    owner: &str,
     code: ErrorCode,
     reason: &str,
     stop: &CancellationToken,
 ) {
     let error = StoredError::new(code, reason, false);
-    if let Ok(true) = db(stop, || worker.store.fail_undeliverable(id, &error)).await {
-        tracing::info!(task_id = %id, "task marked FAILURE");
+    match db(stop, || worker.store.fail_undeliverable(id, owner, &error)).await {
+        Ok(true) => tracing::info!(task_id = %id, "task marked FAILURE"),
+        Ok(false) => {}
+        // The dead letter still carries the reason; an operator's requeue
+        // resets the row either way.
+        Err(_) => tracing::error!(task_id = %id, "could not mark the task FAILURE"),
     }
 }
 
@@ -466,8 +648,12 @@ async fn settle(
     let acknowledge = match disposition {
         Disposition::Ack => true,
         Disposition::Requeue => false,
-        Disposition::DeadLetter { code, reason } => {
-            match dead_letter(worker, delivery, code, reason).await {
+        Disposition::DeadLetter {
+            code,
+            reason,
+            field,
+        } => {
+            match dead_letter(worker, delivery, code, reason, field).await {
                 Ok(()) => {
                     let task = delivery
                         .properties
@@ -510,22 +696,35 @@ async fn dead_letter(
     delivery: &Delivery,
     code: ErrorCode,
     reason: String,
+    field: Option<String>,
 ) -> Result<(), warren_shared::broker::PublishError> {
+    let mut extra = vec![
+        // Bounded here too: a header frame over the broker's frame_max
+        // kills the whole publishing connection.
+        (REASON_HEADER, bounded(reason)),
+        (CODE_HEADER, code.as_str().to_owned()),
+        (WORKER_HEADER, worker.identity.clone()),
+        (EXCHANGE_HEADER, delivery.exchange.to_string()),
+        (ROUTING_KEY_HEADER, delivery.routing_key.to_string()),
+    ];
+    if let Some(field) = field {
+        extra.push((FIELD_HEADER, field));
+    }
+    // A dead letter keeps the body for an operator's requeue, up to a
+    // point: a hostile 16 MiB message is not worth 16 MiB of the queue,
+    // so past 1 MiB only its size is kept.
+    let body = if delivery.data.len() > DEAD_LETTER_BODY_MAX {
+        extra.push((BODY_DROPPED_HEADER, delivery.data.len().to_string()));
+        Vec::new()
+    } else {
+        delivery.data.clone()
+    };
     let copy = Outgoing {
         exchange: worker.catalog.topology().dead_letter_exchange(),
         routing_key: delivery.routing_key.to_string(),
         message: envelope::Encoded {
-            properties: with_extra_headers(
-                &delivery.properties,
-                [
-                    (REASON_HEADER, reason),
-                    (CODE_HEADER, code.as_str().to_owned()),
-                    (WORKER_HEADER, worker.identity.clone()),
-                    (EXCHANGE_HEADER, delivery.exchange.to_string()),
-                    (ROUTING_KEY_HEADER, delivery.routing_key.to_string()),
-                ],
-            ),
-            body: delivery.data.clone(),
+            properties: with_extra_headers(&delivery.properties, extra),
+            body,
         },
     };
     worker.publisher.publish(&copy).await

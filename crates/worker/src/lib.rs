@@ -11,7 +11,11 @@
 //! - [`Worker`] (`app`): wiring: database, catalog, publisher, relay.
 //! - `consumer`: the connection loop: reconnect with backoff, prefetch as
 //!   slots, graceful shutdown.
-//! - `handler`: one delivery from decode to ack.
+//! - `handler`: one delivery from decode to ack, as named steps
+//!   (prepare → claim → run → decide → record → settle); a panic in any
+//!   of them still settles the delivery.
+//! - `decide`: what an ended attempt means (retry, fail, dead-letter), a
+//!   pure function of policy and outcome.
 //! - claims and successes go through `warren_shared::batch` (group
 //!   commit): concurrent handlers share one statement per round trip.
 //! - `acks`: acknowledgements per channel, the settled prefix in one
@@ -30,6 +34,7 @@ mod acks;
 mod app;
 mod consumer;
 pub mod dead_letters;
+mod decide;
 mod execute;
 mod handler;
 mod metrics;

@@ -22,6 +22,9 @@ pub(crate) struct WorkerMetrics {
     pub(crate) queue_wait_seconds: HistogramVec,
     pub(crate) write_seconds: HistogramVec,
     pub(crate) reconnects: IntCounter,
+    /// Panics outside a task's own future, each caught and its delivery
+    /// handed back; anything above zero is a bug to report.
+    pub(crate) handler_panics: IntCounter,
     batch_sizes: HistogramVec,
     /// `kind`: usable (the server's max_connections minus its superuser
     /// reserve) and in_use (by everyone), read at every heartbeat.
@@ -73,6 +76,13 @@ impl WorkerMetrics {
                 IntCounter::new(
                     "warren_worker_broker_reconnects_total",
                     "Broker sessions lost and reopened.",
+                )?,
+            )?,
+            handler_panics: metrics::register(
+                &r,
+                IntCounter::new(
+                    "warren_worker_handler_panics_total",
+                    "Panics in a delivery's handler (outside the task), caught; the delivery went back to the broker.",
                 )?,
             )?,
             postgres_connections: metrics::register(
@@ -191,11 +201,13 @@ async fn answer(
         "/readyz" => {
             let consuming = worker.health.is_consuming();
             let database = worker.store.connection().ping().await.is_ok();
-            let ready = consuming && database;
+            let stuck = worker.all_slots_stuck();
+            let ready = consuming && database && !stuck;
             let body = serde_json::json!({
                 "status": if ready { "ready" } else { "unavailable" },
                 "consuming": consuming,
                 "database": if database { "up" } else { "down" },
+                "slots": if stuck { "all stuck" } else { "ok" },
             });
             let status = if ready {
                 StatusCode::OK

@@ -1,6 +1,6 @@
 //! For operators: which workers are alive, and how deep the queues are.
 
-use crate::{ApiError, AppState, auth::Caller};
+use crate::{ApiError, AppState, auth::Admin};
 use axum::{Json, extract::State};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -58,12 +58,13 @@ impl From<WorkerRecord> for WorkerView {
     responses(
         (status = 200, description = "Live workers", body = WorkersView),
         (status = 401, description = "No API key, or an unknown or revoked one", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key is not an admin key", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 503, description = "PostgreSQL is unreachable", body = crate::openapi::Problem, content_type = "application/problem+json"),
     ),
 )]
 pub(crate) async fn workers(
     State(state): State<AppState>,
-    _: Caller,
+    _: Admin,
 ) -> Result<Json<WorkersView>, ApiError> {
     let timeout = Duration::from_secs_f64(state.settings.api.worker_timeout_seconds);
     let workers = state.store.live_workers(timeout).await?;
@@ -111,12 +112,13 @@ struct ManagementQueue {
     responses(
         (status = 200, description = "Warren's queues", body = QueuesView),
         (status = 401, description = "No API key, or an unknown or revoked one", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key is not an admin key", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 503, description = "RabbitMQ's management API is unreachable", body = crate::openapi::Problem, content_type = "application/problem+json"),
     ),
 )]
 pub(crate) async fn queues(
     State(state): State<AppState>,
-    _: Caller,
+    _: Admin,
 ) -> Result<Json<QueuesView>, ApiError> {
     let topology = state.catalog.topology();
     let mut names: Vec<(String, &'static str)> = topology

@@ -50,6 +50,13 @@ impl MigratorTrait for Migrator {
                 up: "ALTER TABLE tasks SET (fillfactor = 50)",
                 down: "ALTER TABLE tasks RESET (fillfactor)",
             }),
+            // An admin key sees operations (workers, queues, dead letters,
+            // every owner); an ordinary key only its owner's tasks.
+            Box::new(Sql {
+                name: "m20261201_000006_key_scopes",
+                up: "ALTER TABLE api_keys ADD COLUMN admin boolean NOT NULL DEFAULT false",
+                down: "ALTER TABLE api_keys DROP COLUMN admin",
+            }),
         ]
     }
 }

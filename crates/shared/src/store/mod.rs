@@ -35,8 +35,10 @@ use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// PostgreSQL could not be reached or dropped the connection: worth
-    /// retrying, and a 503 for an HTTP client.
+    /// PostgreSQL could not be reached, dropped the connection, or cannot
+    /// do it now (read-only after a failover, disk full, out of memory,
+    /// statement or lock timeout): worth retrying, and a 503 for an HTTP
+    /// client.
     #[error("database unavailable: {0}")]
     Unavailable(DbErr),
     /// A concurrent transaction got in the way (deadlock, serialization
@@ -44,6 +46,8 @@ pub enum StoreError {
     /// again normally succeeds.
     #[error("database conflict: {0}")]
     Conflict(DbErr),
+    /// Anything else: the statement itself (or its data) was refused, and
+    /// running it again would fail again.
     #[error("database error: {0}")]
     Other(DbErr),
 }
@@ -86,13 +90,37 @@ impl From<DbErr> for StoreError {
 /// 40P01 deadlock detected, 40001 serialization failure: the statement was
 /// rolled back because of another transaction, not because it was wrong.
 fn is_conflict(e: &DbErr) -> bool {
+    sqlstate(e).is_some_and(|code| matches!(code.as_str(), "40P01" | "40001"))
+}
+
+/// The SQLSTATE PostgreSQL answered with, if the error came from it.
+fn sqlstate(e: &DbErr) -> Option<String> {
     let (DbErr::Exec(sea_orm::RuntimeErr::SqlxError(inner))
     | DbErr::Query(sea_orm::RuntimeErr::SqlxError(inner))) = e
     else {
-        return false;
+        return None;
     };
-    matches!(inner.as_ref(), sqlx::Error::Database(db)
-        if matches!(db.code().as_deref(), Some("40P01" | "40001")))
+    match inner.as_ref() {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
+/// Whether an error PostgreSQL answered with says "not now" rather than
+/// "not this": the same statement succeeds once the fault is gone.
+pub fn is_transient_sqlstate(code: &str) -> bool {
+    // 08: connection exceptions. 53: insufficient resources (53100 disk
+    // full, 53200 out of memory, 53300 too many connections). 58: system
+    // errors (I/O). 57P01-03: shutting down, crashed, starting (restarts,
+    // pg_terminate_backend). 57014: statement timeout or cancelled.
+    // 55P03: lock_timeout. 25006: read-only transaction (a standby, or the
+    // old primary after a failover, until we reach the new one).
+    let class = code.get(..2).unwrap_or_default();
+    matches!(class, "08" | "53" | "58")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "57014" | "55P03" | "25006"
+        )
 }
 
 fn is_connection_problem(e: &DbErr) -> bool {
@@ -112,12 +140,7 @@ fn is_connection_problem(e: &DbErr) -> bool {
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // Class 08: connection exceptions. 57P01-03: the server is
-            // shutting down, crashed or is starting (pg_terminate_backend
-            // and restarts produce these).
-            code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03")
-        }),
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| is_transient_sqlstate(&code)),
         _ => false,
     }
 }
@@ -192,12 +215,18 @@ pub enum Claim {
     Run {
         attempt: i32,
         queue_wait: std::time::Duration,
+        /// The row's input, for a message whose body is not known to be
+        /// the row's (unsigned): that is what runs, never the message's.
+        input: Option<Value>,
     },
     /// Do not run it: another attempt owns it or it is already over.
     Skip {
         state: Option<TaskState>,
         reason: &'static str,
     },
+    /// The id is another owner's or another type's task: this message may
+    /// not touch it.
+    Conflict { reason: &'static str },
 }
 
 /// A delivered message as [`Store::claim_many`] takes it: the row it would
@@ -207,7 +236,10 @@ pub enum Claim {
 pub struct ClaimRequest {
     id: Uuid,
     task_type: String,
+    owner: Option<String>,
     redelivered: bool,
+    /// A Warren publisher signed the message, so its body is the row's.
+    signed: bool,
     row: String,
 }
 
@@ -231,7 +263,13 @@ struct ClaimRow<'a> {
 }
 
 impl ClaimRequest {
-    pub fn new(m: &TaskMessage, input: &Value, queue: &str, redelivered: bool) -> Self {
+    pub fn new(
+        m: &TaskMessage,
+        input: &Value,
+        queue: &str,
+        redelivered: bool,
+        signed: bool,
+    ) -> Self {
         let row = ClaimRow {
             id: m.id,
             task_type: &m.task,
@@ -251,7 +289,9 @@ impl ClaimRequest {
         Self {
             id: m.id,
             task_type: m.task.clone(),
+            owner: m.owner.clone(),
             redelivered,
+            signed,
             // Strings, numbers, times and an already-parsed Value: this
             // cannot fail (serde_json writes non-finite floats as null).
             row: serde_json::to_string(&row).unwrap_or_default(),
@@ -414,7 +454,7 @@ impl Store {
         worker: &str,
         redelivered: bool,
     ) -> Result<Claim> {
-        let request = ClaimRequest::new(m, input, queue, redelivered);
+        let request = ClaimRequest::new(m, input, queue, redelivered, true);
         let mut claims = self
             .claim_many(std::slice::from_ref(&request), worker)
             .await?;
@@ -453,12 +493,16 @@ impl Store {
         worker: &str,
     ) -> Result<Vec<Claim>> {
         let rows = json_array(indices.iter().map(|&i| requests[i].row.as_str()));
-        let redelivered: Vec<Uuid> = indices
-            .iter()
-            .map(|&i| &requests[i])
-            .filter(|r| r.redelivered)
-            .map(|r| r.id)
-            .collect();
+        let ids_where = |keep: fn(&ClaimRequest) -> bool| -> Vec<Uuid> {
+            indices
+                .iter()
+                .map(|&i| &requests[i])
+                .filter(|r| keep(r))
+                .map(|r| r.id)
+                .collect()
+        };
+        let redelivered = ids_where(|r| r.redelivered);
+        let unsigned = ids_where(|r| !r.signed);
         let returned = self
             .db
             .query_all_raw(stmt(
@@ -476,12 +520,15 @@ impl Store {
                         updated_at = now(), worker = EXCLUDED.worker, publish_at = NULL,
                         queued_at = COALESCE(t.queued_at, now())
                   WHERE t.task_type = EXCLUDED.task_type
-                    AND (t.state IN ('PENDING', 'QUEUED')
+                    AND t.owner IS NOT DISTINCT FROM EXCLUDED.owner
+                    AND (t.state = 'QUEUED'
+                         OR (t.state = 'PENDING' AND (t.eta IS NULL OR t.eta <= now()))
                          OR (t.state = 'RETRY' AND t.publish_at <= now())
                          OR (t.state = 'STARTED' AND EXCLUDED.id = ANY($3)))
                  RETURNING t.id, t.attempts,
-                           greatest(extract(epoch FROM t.started_at - t.queued_at), 0)::float8 AS queue_wait",
-                vec![rows.into(), worker.into(), redelivered.into()],
+                           greatest(extract(epoch FROM t.started_at - t.queued_at), 0)::float8 AS queue_wait,
+                           CASE WHEN t.id = ANY($4) THEN t.input END AS input",
+                vec![rows.into(), worker.into(), redelivered.into(), unsigned.into()],
             ))
             .await?;
         let mut run = std::collections::HashMap::with_capacity(returned.len());
@@ -491,11 +538,13 @@ impl Store {
             let wait: Option<f64> = row.try_get("", "queue_wait")?;
             let queue_wait =
                 std::time::Duration::try_from_secs_f64(wait.unwrap_or(0.0)).unwrap_or_default();
+            let input: Option<Value> = row.try_get("", "input")?;
             run.insert(
                 id,
                 Claim::Run {
                     attempt,
                     queue_wait,
+                    input,
                 },
             );
         }
@@ -512,7 +561,7 @@ impl Store {
                 .all(&self.db)
                 .await?
             {
-                current.insert(t.id, (t.state, t.task_type));
+                current.insert(t.id, (t.state, t.task_type, t.owner));
             }
         }
         Ok(indices
@@ -524,17 +573,29 @@ impl Store {
                 }
                 let (state, reason) = match current.get(&r.id) {
                     None => (None, "task vanished"),
-                    Some((state, task_type)) if *task_type != r.task_type => {
-                        (Some(*state), "id belongs to a task of another type")
+                    Some((_, task_type, _)) if *task_type != r.task_type => {
+                        return Claim::Conflict {
+                            reason: "the id belongs to a task of another type",
+                        };
                     }
-                    Some((state, _)) if state.is_terminal() => (Some(*state), "already finished"),
-                    Some((state @ TaskState::Started, _)) => {
+                    Some((_, _, owner)) if *owner != r.owner => {
+                        return Claim::Conflict {
+                            reason: "the id belongs to another owner's task",
+                        };
+                    }
+                    Some((state, _, _)) if state.is_terminal() => {
+                        (Some(*state), "already finished")
+                    }
+                    Some((state @ TaskState::Started, _, _)) => {
                         (Some(*state), "another worker is running it")
                     }
-                    Some((state @ TaskState::Retry, _)) => {
+                    Some((state @ TaskState::Retry, _, _)) => {
                         (Some(*state), "its retry is not due yet")
                     }
-                    Some((state, _)) => (Some(*state), "not claimable"),
+                    Some((state @ TaskState::Pending, _, _)) => {
+                        (Some(*state), "its countdown is not over")
+                    }
+                    Some((state, _, _)) => (Some(*state), "not claimable"),
                 };
                 Claim::Skip { state, reason }
             })
@@ -665,7 +726,8 @@ impl Store {
                  ON CONFLICT (id) DO UPDATE
                     SET state = 'EXPIRED', error = EXCLUDED.error, finished_at = now(),
                         updated_at = now(), publish_at = NULL
-                  WHERE t.task_type = EXCLUDED.task_type AND t.state IN ('PENDING', 'QUEUED', 'RETRY')",
+                  WHERE t.task_type = EXCLUDED.task_type AND t.owner IS NOT DISTINCT FROM EXCLUDED.owner
+                    AND t.state IN ('PENDING', 'QUEUED', 'RETRY')",
                 vec![
                     m.id.into(),
                     m.task.clone().into(),
@@ -697,7 +759,8 @@ impl Store {
                  VALUES ($1, $2, $3, $4, 'PENDING', $5, $6, $7, $8, $9, $10, $7, now(), now(), $11, $12, $13, $14, $15)
                  ON CONFLICT (id) DO UPDATE
                     SET state = 'PENDING', eta = EXCLUDED.eta, publish_at = EXCLUDED.publish_at, updated_at = now()
-                  WHERE t.task_type = EXCLUDED.task_type AND t.state IN ('PENDING', 'QUEUED')",
+                  WHERE t.task_type = EXCLUDED.task_type AND t.owner IS NOT DISTINCT FROM EXCLUDED.owner
+                    AND t.state IN ('PENDING', 'QUEUED')",
                 vec![
                     m.id.into(),
                     m.task.clone().into(),
@@ -721,14 +784,20 @@ impl Store {
     }
 
     /// The message of a known task could not be run at all (it was
-    /// dead-lettered): the row says why. Only unfinished tasks change.
-    pub async fn fail_undeliverable(&self, id: Uuid, error: &StoredError) -> Result<bool> {
+    /// dead-lettered): the row says why. Only unfinished tasks of the
+    /// message's owner change: a message may speak for its own tasks only.
+    pub async fn fail_undeliverable(
+        &self,
+        id: Uuid,
+        owner: &str,
+        error: &StoredError,
+    ) -> Result<bool> {
         let res = self
             .db
             .execute_raw(stmt(
                 "UPDATE tasks SET state = 'FAILURE', error = $2, finished_at = now(), updated_at = now(), publish_at = NULL
-                 WHERE id = $1 AND state IN ('PENDING', 'QUEUED', 'STARTED', 'RETRY')",
-                vec![id.into(), stored(error)],
+                 WHERE id = $1 AND owner = $3 AND state IN ('PENDING', 'QUEUED', 'STARTED', 'RETRY')",
+                vec![id.into(), stored(error), owner.into()],
             ))
             .await?;
         Ok(res.rows_affected() == 1)
@@ -883,4 +952,24 @@ pub fn message_from_row(row: &task::Model) -> TaskMessage {
     m.owner = row.owner.clone();
     m.traceparent = row.traceparent.clone();
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_transient_sqlstate;
+
+    #[test]
+    fn faults_of_the_moment_are_transient_and_data_errors_are_not() {
+        for code in [
+            "08006", "08001", "25006", "53100", "53200", "53300", "57014", "55P03", "58030",
+            "57P01", "57P02", "57P03",
+        ] {
+            assert!(is_transient_sqlstate(code), "{code} should be transient");
+        }
+        // Invalid text (a NUL in jsonb), unique violation, numeric overflow,
+        // undefined column, syntax error: the same statement fails again.
+        for code in ["22P05", "23505", "22003", "42703", "42601", "", "5"] {
+            assert!(!is_transient_sqlstate(code), "{code} should be permanent");
+        }
+    }
 }
