@@ -11,6 +11,7 @@ mod batches;
 mod celery;
 mod control;
 mod crashes;
+mod db_faults;
 mod dead_letters;
 mod delays;
 mod faults;

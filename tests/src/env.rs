@@ -198,6 +198,37 @@ impl TestEnv {
         row.try_get("", "n").expect("count")
     }
 
+    /// Sets (`SET x = y`) or resets (`RESET x`) a setting of this test's
+    /// database, then ends every session but the test's own and `keep`'s,
+    /// so the API and workers reconnect under it: how a failover to a
+    /// read-only node or an operator's `statement_timeout` reaches them.
+    pub async fn alter_database(&self, clause: &str, keep: &str) {
+        let admin = sea_orm_connect(&self.admin_url).await;
+        admin
+            .execute_unprepared(&format!("ALTER DATABASE \"{}\" {clause}", self.database))
+            .await
+            .expect("alter database");
+        admin
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = $1 AND application_name NOT IN ($2, $3) AND pid <> pg_backend_pid()",
+                vec![self.database.clone().into(), OBSERVER.into(), keep.into()],
+            ))
+            .await
+            .expect("terminate sessions");
+        admin.close().await.ok();
+    }
+
+    /// A session of its own, named `name`, on this test's database.
+    pub async fn session(&self, name: &str) -> db::Connection {
+        let mut settings = self.settings.database.clone();
+        settings.max_connections = 1;
+        db::connect(&settings, name)
+            .await
+            .expect("a session of its own")
+    }
+
     /// Makes this test's database refuse every connection (and drops the
     /// open ones but the test's own, which observes), as an outage would;
     /// `false` puts it back.
