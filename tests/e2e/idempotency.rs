@@ -9,9 +9,18 @@ async fn submit(
     key: &str,
     body: &Value,
 ) -> (StatusCode, Option<String>, Value) {
+    submit_to(client, "/tasks/multiply", key, body).await
+}
+
+async fn submit_to(
+    client: &ApiClient,
+    path: &str,
+    key: &str,
+    body: &Value,
+) -> (StatusCode, Option<String>, Value) {
     let response = client
         .post_with(
-            "/tasks/multiply",
+            path,
             "application/json",
             &[("Idempotency-Key", key)],
             body.to_string(),
@@ -46,6 +55,31 @@ async fn the_same_key_and_body_return_the_same_task() {
     let (status, replayed, bobs) = submit(&bob, "order-1234", &body).await;
     assert_eq!((status, replayed), (StatusCode::ACCEPTED, None));
     assert_ne!(bobs["id"], first["id"]);
+    api.stop().await;
+}
+
+/// A client retrying `?countdown=10` a moment later sends the same request;
+/// the ETA it resolves to differs, the request does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_countdown_is_the_same_request() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let body = json!({"x": 6, "y": 7});
+    let path = "/tasks/multiply?countdown=10";
+    let (status, _, first) = submit_to(&api, path, "later-1", &body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    // Resolved instants have microseconds: any later request differs.
+    let (status, replayed, second) = submit_to(&api, path, "later-1", &body).await;
+    assert_eq!(
+        (status, replayed.as_deref()),
+        (StatusCode::ACCEPTED, Some("true")),
+        "{second}"
+    );
+    assert_eq!(first["id"], second["id"]);
+    // Another countdown is another request.
+    let other = "/tasks/multiply?countdown=20";
+    let (status, _, problem) = submit_to(&api, other, "later-1", &body).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
     api.stop().await;
 }
 

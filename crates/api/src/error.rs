@@ -15,10 +15,18 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde_json::{Map, Value, json};
-use warren_shared::{codes::ErrorCode, store::StoreError};
-use warren_tasks::ValidationErrors;
+use warren_shared::{
+    codes::{ErrorCode, bounded},
+    store::StoreError,
+};
+use warren_tasks::{FieldError, ValidationErrors};
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
+/// Field errors one 422 lists: enough to fix a form, bounded so that a
+/// body of a million bad fields is not a response of a million errors.
+pub const MAX_FIELD_ERRORS: usize = 100;
+/// Field errors repeated in `detail`, for people reading one line.
+const DETAIL_FIELDS: usize = 3;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -68,14 +76,45 @@ impl ApiError {
         self.code
     }
 
+    /// 422 naming every bad field, up to [`MAX_FIELD_ERRORS`]; the rest are
+    /// counted in `errors_omitted`. Fields and messages come from the
+    /// client's input (keys, quoted values), so each is cut to a bound.
     pub fn invalid_input(errors: ValidationErrors) -> Self {
+        let all = errors.errors();
+        let omitted = all.len().saturating_sub(MAX_FIELD_ERRORS);
+        let kept: Vec<FieldError> = all
+            .iter()
+            .take(MAX_FIELD_ERRORS)
+            .map(|f| {
+                FieldError::new(
+                    bounded(f.field.as_str()),
+                    f.code,
+                    bounded(f.message.as_str()),
+                )
+            })
+            .collect();
+        let mut detail = kept
+            .iter()
+            .take(DETAIL_FIELDS)
+            .map(|f| match f.field.is_empty() {
+                true => f.message.clone(),
+                false => format!("{}: {}", f.field, f.message),
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        if all.len() > DETAIL_FIELDS {
+            detail.push_str(&format!(" (and {} more)", all.len() - DETAIL_FIELDS));
+        }
         let mut e = Self::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::InvalidInput,
             "Invalid task input",
-            errors.to_string(),
+            detail,
         );
-        e.errors = Some(errors);
+        if omitted > 0 {
+            e = e.with("errors_omitted", omitted);
+        }
+        e.errors = ValidationErrors::check(kept).err();
         e
     }
 

@@ -103,7 +103,12 @@ fn json_body(
 
 /// PostgreSQL's jsonb cannot hold NUL characters; say so up front rather
 /// than fail to record the task.
+/// Stops at [`MAX_REPORTED_ERRORS`]: 16 MiB of NUL strings would otherwise
+/// be millions of errors held at once.
 fn nul_problems(v: &Value, path: &str, out: &mut Vec<FieldError>) {
+    if out.len() >= MAX_REPORTED_ERRORS {
+        return;
+    }
     let here = |p: &str| {
         if path.is_empty() {
             p.to_owned()

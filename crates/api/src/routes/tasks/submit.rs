@@ -215,18 +215,47 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 }
 
 /// What makes two submissions "the same" for an idempotency key.
-fn fingerprint(task_type: &str, input: &Value, schedule: &Schedule) -> String {
+/// What makes two submissions "the same request": the type, the input and
+/// the scheduling parameters *as sent*. Not the resolved instants: a retry
+/// of `?countdown=10` a second later resolves to another ETA and was
+/// always a 409.
+fn fingerprint(task_type: &str, input: &Value, params: &SubmitParams) -> String {
     let mut h = Sha256::new();
     for part in [
         task_type.to_owned(),
         input.to_string(),
-        format!("{:?}", schedule.eta),
-        format!("{:?}", schedule.expires),
+        format!("{:?}", params.countdown),
+        format!("{:?}", params.eta),
+        format!("{:?}", params.expires),
+        format!("{:?}", params.expires_in),
     ] {
         h.update(part.as_bytes());
         h.update(b"\n");
     }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The `tasks` array of a batch body `{"tasks": [input, ...]}`, moved out.
+fn batch_tasks(body: Value) -> Result<Vec<Value>, ApiError> {
+    let shape = |field: &str, found: &str| {
+        ApiError::invalid_input(ValidationErrors::single(
+            field,
+            "invalid_type",
+            format!("the body must be {{\"tasks\": [input, ...]}}, {found}"),
+        ))
+    };
+    let Value::Object(mut fields) = body else {
+        return Err(shape("", "not another JSON value"));
+    };
+    if let Some(other) = fields.keys().find(|k| k.as_str() != "tasks") {
+        let other = warren_shared::codes::bounded(other.clone());
+        return Err(shape(&other, "with no other field"));
+    }
+    match fields.remove("tasks") {
+        Some(Value::Array(tasks)) => Ok(tasks),
+        Some(_) => Err(shape("tasks", "with `tasks` an array")),
+        None => Err(shape("tasks", "and `tasks` is missing")),
+    }
 }
 
 /// `POST /tasks/{type}`: the body is the task's input (a JSON object).
@@ -281,7 +310,7 @@ pub(crate) async fn submit(
         // leaves the key's task recorded (the relay publishes it) and the
         // client's retry finds it.
         Some(key) => {
-            let fp = fingerprint(&task_type, &new.input, &schedule);
+            let fp = fingerprint(&task_type, &new.input, &params);
             new.idempotency_key = Some(key.clone());
             new.idempotency_fingerprint = Some(fp.clone());
             match state.store.insert_idempotent(&new).await? {
@@ -342,8 +371,9 @@ pub(crate) async fn submit(
     Ok(response)
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
+/// The batch body's schema, for the OpenAPI document; `batch_tasks` reads it.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
 pub(crate) struct BatchBody {
     /// The tasks' inputs, each a JSON object (at most `api.max_batch`).
     #[schema(value_type = Vec<Object>, min_items = 1)]
@@ -394,16 +424,9 @@ pub(crate) async fn submit_batch(
     let entry = entry(&state, &task_type)?;
     let params = query(params)?;
     let body = json_body(&headers, body, state.settings.api.max_body_bytes)?;
-    let BatchBody { tasks } = serde_path_to_error::deserialize(&body).map_err(|e| {
-        ApiError::invalid_input(ValidationErrors::single(
-            e.path().to_string().trim_start_matches('.'),
-            "invalid_type",
-            format!(
-                "the body must be {{\"tasks\": [input, ...]}}: {}",
-                e.inner()
-            ),
-        ))
-    })?;
+    // Taken apart, not deserialized: `deserialize(&body)` copied every
+    // task's input before its length could be checked.
+    let tasks = batch_tasks(body)?;
     let max = state.settings.api.max_batch;
     if tasks.is_empty() || tasks.len() > max {
         return Err(ApiError::invalid_input(ValidationErrors::single(
