@@ -121,3 +121,55 @@ async fn unknown_methods_add_no_metric_series() {
     );
     api.stop().await;
 }
+
+/// Past `api.max_concurrent_requests` a replica answers 503 at once
+/// (health still answers), rather than queueing requests in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_limit_get_503_and_health_still_answers() {
+    let env = TestEnv::with(|s| s.api.max_concurrent_requests = 2).await;
+    let api = env.spawn_api().await;
+    // No worker: a task that stays QUEUED, for long-polls that hold a slot.
+    let id = api.submit_ok("noop", &serde_json::json!({})).await;
+    let path = format!("/tasks/noop/{id}?wait=30");
+    // Three long-polls, two slots: each admitted one holds its slot for the
+    // whole wait, so the first to answer is the one refused.
+    let mut polls: futures_util::stream::FuturesUnordered<_> =
+        (0..3).map(|_| api.get(&path)).collect();
+    let refused = futures_util::StreamExt::next(&mut polls).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.headers().contains_key("retry-after"));
+    let problem: Value = refused.json().await.unwrap();
+    assert_eq!(problem["code"], "overloaded");
+    let health = api.anonymous().get("/healthz").await;
+    assert_eq!(health.status(), StatusCode::OK, "health is exempt");
+    let metrics = api.anonymous().get("/metrics").await.text().await.unwrap();
+    let refused = warren_tests::metric(
+        &metrics,
+        "warren_http_requests_refused_total",
+        &[("reason", "overloaded")],
+    );
+    assert!(refused.is_some_and(|n| n >= 1.0), "{refused:?}");
+    drop(polls);
+    api.stop().await;
+}
+
+/// A request stuck behind PostgreSQL (here a lock) answers 503 after
+/// `api.request_timeout_seconds`, not whenever the database lets go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_timeout_gets_503() {
+    use sea_orm::TransactionTrait;
+    let env = TestEnv::with(|s| s.api.request_timeout_seconds = 0.5).await;
+    let api = env.spawn_api().await;
+    let locker = env.session("warren-tests-locker").await;
+    let txn = locker.begin().await.unwrap();
+    txn.execute_unprepared("LOCK TABLE tasks IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let response = api.submit("noop", &serde_json::json!({})).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().contains_key("retry-after"));
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["code"], "timed_out", "{problem}");
+    txn.rollback().await.unwrap();
+    api.stop().await;
+}

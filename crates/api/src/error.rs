@@ -184,6 +184,30 @@ impl ApiError {
         )
     }
 
+    /// Every request slot is taken (`api.max_concurrent_requests`).
+    pub fn overloaded() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Overloaded,
+            "Overloaded",
+            "too many requests in flight on this replica; retry shortly",
+        )
+        .retry_after(1)
+    }
+
+    pub fn timed_out(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::TimedOut,
+            "Timed out",
+            format!(
+                "no answer within {:.0}s; retry shortly",
+                limit.as_secs_f64()
+            ),
+        )
+        .retry_after(1)
+    }
+
     pub fn forbidden(detail: &str) -> Self {
         Self::new(
             StatusCode::FORBIDDEN,

@@ -26,6 +26,7 @@
 pub mod auth;
 pub mod error;
 pub mod fail;
+pub mod limits;
 pub mod metrics;
 pub mod openapi;
 mod routes;

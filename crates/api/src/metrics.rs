@@ -19,6 +19,8 @@ pub struct ApiMetrics {
     http_requests: IntCounterVec,
     http_seconds: HistogramVec,
     pub submitted: IntCounterVec,
+    /// Requests answered 503 by `limits` before a handler ran.
+    refused: IntCounterVec,
     pub confirm_seconds: Histogram,
     outbox: IntGauge,
     /// Single submissions per shared transaction.
@@ -49,6 +51,12 @@ impl ApiMetrics {
                 "warren_tasks_submitted_total",
                 "Tasks accepted (202) by task type.",
                 &["task_type"],
+            )?,
+            refused: metrics::counters(
+                &r,
+                "warren_http_requests_refused_total",
+                "Requests answered 503 by the replica's limits: overloaded (every request slot taken) or timed_out.",
+                &["reason"],
             )?,
             confirm_seconds: metrics::register(
                 &r,
@@ -110,6 +118,13 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
         .with_label_values(&[method, &route])
         .observe(started.elapsed().as_secs_f64());
     response
+}
+
+impl ApiMetrics {
+    /// Counts a request the limits refused (`overloaded`, `timed_out`).
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.with_label_values(&[reason]).inc();
+    }
 }
 
 /// The method as a label from a closed set: anyone can send `FOO /`, and

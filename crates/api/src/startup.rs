@@ -4,6 +4,7 @@ use crate::{
     ApiError, AppState,
     auth::Authenticator,
     fail::FailPoints,
+    limits,
     metrics::{self, ApiMetrics},
     openapi, routes,
     state::{Management, Publishing, Submissions},
@@ -147,6 +148,9 @@ impl Application {
         let state = AppState {
             metrics,
             submissions: Arc::new(submissions),
+            requests: Arc::new(tokio::sync::Semaphore::new(
+                settings.api.max_concurrent_requests,
+            )),
             management,
             artifacts: Arc::new(PgArtifacts::new(connection.clone())),
             waiters: Arc::default(),
@@ -255,6 +259,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::guard,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track,

@@ -37,6 +37,8 @@ pub struct AppState {
     /// Disarmed unless a test arms one.
     pub fail_points: Arc<FailPoints>,
     pub submissions: Arc<Submissions>,
+    /// One permit per request in flight (`api.max_concurrent_requests`).
+    pub requests: Arc<tokio::sync::Semaphore>,
 }
 
 /// Single submissions, grouped: the requests in flight together share one

@@ -50,6 +50,10 @@ pub enum ErrorCode {
     DatabaseUnavailable,
     /// RabbitMQ's management API did not answer (503).
     BrokerManagementUnavailable,
+    /// Every request slot of the replica is taken (503).
+    Overloaded,
+    /// The request took longer than `api.request_timeout_seconds` (503).
+    TimedOut,
     /// Anything else; details are in the logs, never in the response (500).
     Internal,
 
@@ -80,7 +84,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for parsing and for documentation tables.
-    pub const ALL: [ErrorCode; 32] = [
+    pub const ALL: [ErrorCode; 34] = [
         ErrorCode::InvalidInput,
         ErrorCode::MalformedJson,
         ErrorCode::UnsupportedMediaType,
@@ -101,6 +105,8 @@ impl ErrorCode {
         ErrorCode::Forbidden,
         ErrorCode::DatabaseUnavailable,
         ErrorCode::BrokerManagementUnavailable,
+        ErrorCode::Overloaded,
+        ErrorCode::TimedOut,
         ErrorCode::Internal,
         ErrorCode::TaskFailed,
         ErrorCode::TaskError,
@@ -142,6 +148,8 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::DatabaseUnavailable => "database_unavailable",
             ErrorCode::BrokerManagementUnavailable => "broker_management_unavailable",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::TimedOut => "timed_out",
             ErrorCode::Internal => "internal",
             ErrorCode::TaskFailed => "task_failed",
             ErrorCode::TaskError => "task_error",

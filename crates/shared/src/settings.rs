@@ -148,6 +148,10 @@ pub struct ApiSettings {
     /// bootstrapping from a secret store; never commit a real one.
     #[serde(default)]
     pub static_keys: BTreeMap<String, SecretString>,
+    /// Requests one replica serves at once; past it, 503 `overloaded`.
+    pub max_concurrent_requests: usize,
+    /// Longest a request may take (plus its `?wait=`); past it, 503.
+    pub request_timeout_seconds: f64,
     /// Like `static_keys`, with the admin scope (operations, every owner).
     #[serde(default)]
     pub static_admin_keys: BTreeMap<String, SecretString>,
@@ -340,6 +344,13 @@ impl Settings {
         if self.api.max_wait_seconds > 3600 {
             return Err(invalid("api.max_wait_seconds", "must be at most 3600"));
         }
+        if self.api.max_concurrent_requests == 0 {
+            return Err(invalid("api.max_concurrent_requests", "must be at least 1"));
+        }
+        positive_seconds(
+            "api.request_timeout_seconds",
+            self.api.request_timeout_seconds,
+        )?;
         if !(1..=100_000).contains(&self.api.max_batch) {
             return Err(invalid("api.max_batch", "must be between 1 and 100000"));
         }

@@ -47,6 +47,31 @@ fn product(x: &Number, y: &Number) -> Result<Number, TaskError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    fn fields(input: serde_json::Value) -> Vec<(String, &'static str)> {
+        let errors = MultiplyInput::parse(&input).unwrap_err();
+        errors
+            .errors()
+            .iter()
+            .map(|e| (e.field.clone(), e.code))
+            .collect()
+    }
+
+    #[test]
+    fn every_bad_field_is_named_not_only_the_first() {
+        let missing = |f: &str| (f.to_owned(), "missing_field");
+        assert_eq!(fields(json!({})), [missing("x"), missing("y")]);
+        assert_eq!(
+            fields(json!({"x": "six", "z": 1})),
+            [
+                ("x".to_owned(), "invalid_type"),
+                ("z".to_owned(), "unknown_field"),
+                missing("y")
+            ]
+        );
+        assert!(MultiplyInput::parse(&json!({"x": 6, "y": 7})).is_ok());
+    }
 
     fn n(v: serde_json::Value) -> Number {
         match v {

@@ -14,8 +14,8 @@ pub trait Input: DeserializeOwned + Send + 'static {
     /// Builds and validates an input from JSON: the one constructor both the
     /// API (before queuing) and the worker (before running) go through.
     fn parse(value: &serde_json::Value) -> Result<Self, ValidationErrors> {
-        let input: Self =
-            serde_path_to_error::deserialize(value).map_err(ValidationErrors::from_serde)?;
+        let input: Self = serde_path_to_error::deserialize(value)
+            .map_err(|first| crate::validation::every_field_error::<Self>(value, first))?;
         input.validate()?;
         Ok(input)
     }

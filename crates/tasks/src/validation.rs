@@ -82,6 +82,71 @@ impl ValidationErrors {
     }
 }
 
+/// Most deserialisation attempts spent looking for further bad fields.
+const MAX_PROBES: usize = 64;
+
+/// Stand-ins tried in place of a missing or mistyped top-level field, so
+/// that deserialisation gets past it and reports the next bad one.
+fn stand_ins() -> [serde_json::Value; 6] {
+    use serde_json::json;
+    [
+        json!(0),
+        json!(""),
+        json!(false),
+        json!([]),
+        json!({}),
+        json!(null),
+    ]
+}
+
+/// serde stops at the first error; a client fixing a form wants all of
+/// them (`{}` for `multiply` is "x missing" *and* "y missing"). After the
+/// first error at a top-level field, that field is replaced by a stand-in
+/// (removed, if unknown) and deserialisation tried again, until it passes
+/// or an error is not about a top-level field. Only on the error path.
+pub(crate) fn every_field_error<T: serde::de::DeserializeOwned>(
+    value: &serde_json::Value,
+    first: serde_path_to_error::Error<serde_json::Error>,
+) -> ValidationErrors {
+    let mut found = ValidationErrors::from_serde(first).0;
+    let serde_json::Value::Object(original) = value else {
+        return ValidationErrors(found);
+    };
+    let mut probe = original.clone();
+    let mut stand_in = 0;
+    for _ in 0..MAX_PROBES {
+        let Some(last) = found.last() else { break };
+        let field = last.field.clone();
+        if field.is_empty() || field.contains(['.', '[']) {
+            break; // the input as a whole, or nested: not ours to probe
+        }
+        if last.code == "unknown_field" {
+            probe.remove(&field);
+        } else {
+            let Some(value) = stand_ins().into_iter().nth(stand_in) else {
+                break;
+            };
+            probe.insert(field.clone(), value);
+        }
+        match serde_path_to_error::deserialize::<_, T>(serde_json::Value::Object(probe.clone())) {
+            Ok(_) => break,
+            Err(e) => {
+                let next = ValidationErrors::from_serde(e).0;
+                match next.first() {
+                    // The stand-in did not fit: try the next one.
+                    Some(n) if n.field == field => stand_in += 1,
+                    Some(_) => {
+                        stand_in = 0;
+                        found.extend(next);
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+    ValidationErrors(found)
+}
+
 fn join_path(parent: &str, name: &str) -> String {
     if parent.is_empty() {
         name.to_owned()
