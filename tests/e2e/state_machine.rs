@@ -86,6 +86,59 @@ async fn a_stale_attempt_never_overwrites_a_newer_one() {
     assert_eq!(row.worker.as_deref(), Some("b"));
 }
 
+/// An operator requeues a task whose attempt 1 is still running somewhere
+/// (its message was dead-lettered by the delivery limit, say). The reset
+/// once set attempts back to 0, so the new run was attempt 1 again and the
+/// old attempt's late outcome passed the guard. Attempts now only grow,
+/// and the retry budget starts afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_from_before_a_requeue_never_overwrites_the_new_run() {
+    let env = TestEnv::new().await;
+    let store = env.store();
+    let id = Uuid::now_v7();
+    store.insert(&new_task(id)).await.unwrap();
+    assert!(matches!(
+        claim(store, id, "old", false).await,
+        Claim::Run {
+            attempt: 1,
+            budget_used: 1,
+            ..
+        }
+    ));
+    assert_eq!(
+        store.reset_for_requeue(id).await.unwrap(),
+        Some(TaskState::Started)
+    );
+    let again = claim(store, id, "new", false).await;
+    assert!(
+        matches!(
+            again,
+            Claim::Run {
+                attempt: 2,
+                budget_used: 1,
+                ..
+            }
+        ),
+        "{again:?}"
+    );
+    let late = Outcome::Success(json!("from the old attempt"));
+    assert!(
+        !store.finish(id, 1, &late).await.unwrap(),
+        "attempt 1 is stale"
+    );
+    assert!(
+        store
+            .finish(id, 2, &Outcome::Success(json!("new")))
+            .await
+            .unwrap()
+    );
+    let row = store.get(id).await.unwrap().unwrap();
+    assert_eq!(
+        (row.state, row.result, row.attempts),
+        (TaskState::Success, Some(json!("new")), 2)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_are_refused_for_finished_tasks_and_for_duplicates_of_running_ones() {
     let env = TestEnv::new().await;

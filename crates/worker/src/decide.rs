@@ -47,7 +47,9 @@ impl Disposition {
     }
 }
 
-/// `attempt` is 1-based; `jitter` is uniform in [0, 1), injected so tests
+/// `attempt` counts the attempts since the task was last reset (by a
+/// client's retry or an operator's requeue), this one included: what the
+/// retry budget spends. `jitter` is uniform in [0, 1), injected so tests
 /// are exact.
 pub(crate) fn decide(
     policy: &Policy,

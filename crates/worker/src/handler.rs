@@ -326,7 +326,7 @@ async fn process(
         return d;
     }
     let request = ClaimRequest::new(&message, &input, &entry.queue, redelivered, signed);
-    let (attempt, input) = match claim(worker, request, input, entry, stop).await {
+    let (attempt, budget_used, input) = match claim(worker, request, input, entry, stop).await {
         Ok(claimed) => claimed,
         Err(d) => return d,
     };
@@ -339,7 +339,7 @@ async fn process(
         .is_some_and(|r| r.cancel_requested);
     let outcome = match decide(
         &entry.policy,
-        attempt,
+        budget_used,
         ended,
         cancel_requested,
         fastrand::f64(),
@@ -404,15 +404,16 @@ async fn park_or_expire(
     None
 }
 
-/// Takes the task: the attempt number and the input to run, which is the
-/// row's whenever the message's body is not known to be it.
+/// Takes the task: the attempt number, the attempts its retry budget has
+/// used, and the input to run (the row's whenever the message's body is
+/// not known to be it).
 async fn claim(
     worker: &Worker,
     request: ClaimRequest,
     input: Value,
     entry: &CatalogEntry,
     stop: &CancellationToken,
-) -> Result<(i32, Value), Disposition> {
+) -> Result<(i32, i32, Value), Disposition> {
     let label = entry.task.name();
     let claim = db(stop, || worker.claims.call(request.clone()))
         .await
@@ -420,6 +421,7 @@ async fn claim(
     match claim {
         Claim::Run {
             attempt,
+            budget_used,
             queue_wait,
             input: row_input,
         } => {
@@ -436,7 +438,7 @@ async fn claim(
                 Some(row) if row != input => rebuild_input(entry, row)?,
                 _ => input,
             };
-            Ok((attempt, input))
+            Ok((attempt, budget_used, input))
         }
         Claim::Skip { state, reason } => {
             worker.metrics.event(label, "skipped");

@@ -57,6 +57,14 @@ impl MigratorTrait for Migrator {
                 up: "ALTER TABLE api_keys ADD COLUMN admin boolean NOT NULL DEFAULT false",
                 down: "ALTER TABLE api_keys DROP COLUMN admin",
             }),
+            // Attempts only ever grow, so the stale-attempt guard holds
+            // across a client's retry or an operator's requeue; the retry
+            // budget counts from the attempts a reset found.
+            Box::new(Sql {
+                name: "m20261201_000007_attempt_base",
+                up: "ALTER TABLE tasks ADD COLUMN attempt_base integer NOT NULL DEFAULT 0",
+                down: "ALTER TABLE tasks DROP COLUMN attempt_base",
+            }),
         ]
     }
 }

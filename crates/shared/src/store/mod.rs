@@ -214,6 +214,9 @@ pub enum Claim {
     /// `queue_wait` between being queued (published) and started.
     Run {
         attempt: i32,
+        /// Attempts since the last client retry or operator requeue,
+        /// this one included: what the retry budget counts.
+        budget_used: i32,
         queue_wait: std::time::Duration,
         /// The row's input, for a message whose body is not known to be
         /// the row's (unsigned): that is what runs, never the message's.
@@ -525,7 +528,7 @@ impl Store {
                          OR (t.state = 'PENDING' AND (t.eta IS NULL OR t.eta <= now()))
                          OR (t.state = 'RETRY' AND t.publish_at <= now())
                          OR (t.state = 'STARTED' AND EXCLUDED.id = ANY($3)))
-                 RETURNING t.id, t.attempts,
+                 RETURNING t.id, t.attempts, t.attempts - t.attempt_base AS budget_used,
                            greatest(extract(epoch FROM t.started_at - t.queued_at), 0)::float8 AS queue_wait,
                            CASE WHEN t.id = ANY($4) THEN t.input END AS input",
                 vec![rows.into(), worker.into(), redelivered.into(), unsigned.into()],
@@ -535,6 +538,7 @@ impl Store {
         for row in returned {
             let id: Uuid = row.try_get("", "id")?;
             let attempt: i32 = row.try_get("", "attempts")?;
+            let budget_used: i32 = row.try_get("", "budget_used")?;
             let wait: Option<f64> = row.try_get("", "queue_wait")?;
             let queue_wait =
                 std::time::Duration::try_from_secs_f64(wait.unwrap_or(0.0)).unwrap_or_default();
@@ -543,6 +547,7 @@ impl Store {
                 id,
                 Claim::Run {
                     attempt,
+                    budget_used,
                     queue_wait,
                     input,
                 },

@@ -343,8 +343,11 @@ impl Store {
         })
     }
 
-    /// Back to PENDING, attempts from zero, due after `delay`; only from
-    /// `from` states, and only the caller's own task when `scope` is given.
+    /// Back to PENDING with a fresh retry budget, due after `delay`; only
+    /// from `from` states, and only the caller's own task when `scope` is
+    /// given. `attempts` keeps counting (the budget starts at
+    /// `attempt_base`), so an attempt from before the reset that is still
+    /// running can never pass for the new one.
     pub(super) async fn reset(
         &self,
         id: Uuid,
@@ -357,7 +360,7 @@ impl Store {
             (Some(o.to_owned()), Some(t.to_owned()))
         });
         Ok(task::Model::find_by_statement(stmt(
-            "UPDATE tasks SET state = 'PENDING', attempts = 0, error = NULL, result = NULL,
+            "UPDATE tasks SET state = 'PENDING', attempt_base = attempts, error = NULL, result = NULL,
                     started_at = NULL, finished_at = NULL, cancel_requested_at = NULL,
                     progress_done = NULL, progress_total = NULL, progress_message = NULL,
                     publish_at = now() + make_interval(secs => $5), updated_at = now()
