@@ -173,3 +173,32 @@ async fn a_request_past_its_timeout_gets_503() {
     txn.rollback().await.unwrap();
     api.stop().await;
 }
+
+/// With `api.metrics_token` set, only the scraper reads `/metrics`: the
+/// series name every owner's task types; a tenant's key is not enough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_behind_a_scrape_token() {
+    const TOKEN: &str = "scrape-token-for-tests-only";
+    let env = TestEnv::with(|s| s.api.metrics_token = Some(TOKEN.to_owned().into())).await;
+    let api = env.spawn_api().await;
+    assert_eq!(
+        api.anonymous().get("/metrics").await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        api.get("/metrics").await.status(),
+        StatusCode::UNAUTHORIZED,
+        "a tenant's key"
+    );
+    let scraper = api.client_with_key(TOKEN);
+    let response = scraper.get("/metrics").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("warren_http_requests_total")
+    );
+    api.stop().await;
+}

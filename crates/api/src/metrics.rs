@@ -143,8 +143,16 @@ fn method_label(method: &axum::http::Method) -> &'static str {
     }
 }
 
-/// `GET /metrics` (no key: Prometheus scrapes it).
-pub async fn serve(State(state): State<AppState>) -> impl IntoResponse {
+/// `GET /metrics`: open, or with `api.metrics_token` set, for the bearer of
+/// that token only (a tenant's API key is not enough: the series name
+/// every task type and route of every owner).
+pub async fn serve(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(token) = &state.settings.api.metrics_token
+        && !bearer_is(&headers, token)
+    {
+        return crate::ApiError::invalid_api_key("GET /metrics needs the scrape token")
+            .into_response();
+    }
     match state.store.outbox_len().await {
         Ok(n) => state.metrics.outbox.set(n),
         Err(e) => tracing::warn!(error = %e, "metrics: could not count the outbox"),
@@ -153,6 +161,20 @@ pub async fn serve(State(state): State<AppState>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
         metrics::encode(&state.metrics.registry),
     )
+        .into_response()
+}
+
+/// Whether the request carries `Authorization: Bearer <token>`, compared by
+/// digest so the time taken says nothing about the token.
+fn bearer_is(headers: &axum::http::HeaderMap, token: &secrecy::SecretString) -> bool {
+    use secrecy::ExposeSecret;
+    use sha2::{Digest, Sha256};
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    Sha256::digest(presented.as_bytes()) == Sha256::digest(token.expose_secret().as_bytes())
 }
 
 #[cfg(test)]

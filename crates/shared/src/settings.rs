@@ -148,6 +148,11 @@ pub struct ApiSettings {
     /// bootstrapping from a secret store; never commit a real one.
     #[serde(default)]
     pub static_keys: BTreeMap<String, SecretString>,
+    /// When set, `GET /metrics` needs `Authorization: Bearer <token>`
+    /// (Prometheus: `authorization: {credentials_file: ...}`); unset, it
+    /// is open, for a listener only the scraper can reach.
+    #[serde(default)]
+    pub metrics_token: Option<SecretString>,
     /// Requests one replica serves at once; past it, 503 `overloaded`.
     pub max_concurrent_requests: usize,
     /// Longest a request may take (plus its `?wait=`); past it, 503.
@@ -343,6 +348,17 @@ impl Settings {
         )?;
         if self.api.max_wait_seconds > 3600 {
             return Err(invalid("api.max_wait_seconds", "must be at most 3600"));
+        }
+        if self
+            .api
+            .metrics_token
+            .as_ref()
+            .is_some_and(|t| t.expose_secret().len() < 16)
+        {
+            return Err(invalid(
+                "api.metrics_token",
+                "must be at least 16 characters",
+            ));
         }
         if self.api.max_concurrent_requests == 0 {
             return Err(invalid("api.max_concurrent_requests", "must be at least 1"));
