@@ -126,17 +126,36 @@ async fn postgres_sessions_terminated_mid_load_lose_nothing() {
             (done >= 60 * round).then_some(())
         })
         .await;
-        killed += env.terminate_sessions("warren-worker").await;
+        // Mid-statement: a claim or an outcome write cut off, committed
+        // or not, its answer lost. Polled until one is caught in the act.
+        killed += wait_until(
+            "a worker statement to cut off",
+            Duration::from_secs(30),
+            || async {
+                let n = env.terminate_active_sessions("warren-worker").await;
+                (n > 0).then_some(n)
+            },
+        )
+        .await;
     }
-    assert!(
-        killed >= 1,
-        "the worker's database sessions were terminated"
-    );
+    assert!(killed >= 3, "the worker's statements were cut off mid-way");
 
     let rows = env.wait_for_terminal(&ids, Duration::from_secs(90)).await;
     assert!(
         rows.iter().all(|r| r.state == TaskState::Success),
         "all {TASKS} succeeded\n{}",
+        worker.log()
+    );
+    // No task ran twice: a claim whose answer was lost is taken back at
+    // the same attempt, not left to look like "another worker's".
+    let twice: Vec<_> = rows
+        .iter()
+        .filter(|r| r.attempts != 1)
+        .map(|r| (r.id, r.attempts))
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "attempts other than 1: {twice:?}\n{}",
         worker.log()
     );
     drop(worker);

@@ -139,6 +139,56 @@ async fn an_attempt_from_before_a_requeue_never_overwrites_the_new_run() {
     );
 }
 
+/// A claim commits, then the connection drops before its answer arrives;
+/// the worker sends it again. It must get the task back at the same
+/// attempt: once it found its own claim "run by another worker", acked the
+/// message, and left the task STARTED for good. A duplicate that is not a
+/// retry is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_retried_after_a_lost_answer_gets_the_task_back_at_the_same_attempt() {
+    use warren_shared::store::ClaimRequest;
+    let env = TestEnv::new().await;
+    let store = env.store();
+    let id = Uuid::now_v7();
+    store.insert(&new_task(id)).await.unwrap();
+    let request = ClaimRequest::new(
+        &message(id),
+        &json!({"x": 1, "y": 2}),
+        "default",
+        false,
+        true,
+    );
+    let first = store
+        .claim_many(std::slice::from_ref(&request), "w")
+        .await
+        .unwrap();
+    assert!(
+        matches!(first[..], [Claim::Run { attempt: 1, .. }]),
+        "{first:?}"
+    );
+    // The answer was lost; the same worker retries.
+    let again = store.claim_many(&[request.retried()], "w").await.unwrap();
+    assert!(
+        matches!(again[..], [Claim::Run { attempt: 1, .. }]),
+        "{again:?}"
+    );
+    // Not a retry, or another worker's retry: refused as before.
+    let duplicate = store
+        .claim_many(std::slice::from_ref(&request), "w")
+        .await
+        .unwrap();
+    assert!(
+        matches!(duplicate[..], [Claim::Skip { .. }]),
+        "{duplicate:?}"
+    );
+    let theirs = store
+        .claim_many(&[request.retried()], "other")
+        .await
+        .unwrap();
+    assert!(matches!(theirs[..], [Claim::Skip { .. }]), "{theirs:?}");
+    assert_eq!(store.get(id).await.unwrap().unwrap().attempts, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_are_refused_for_finished_tasks_and_for_duplicates_of_running_ones() {
     let env = TestEnv::new().await;

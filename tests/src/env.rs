@@ -229,6 +229,26 @@ impl TestEnv {
             .expect("a session of its own")
     }
 
+    /// Like [`TestEnv::terminate_sessions`], only sessions in the middle of
+    /// a statement (`state = 'active'`): the claim or outcome write in
+    /// flight is cut off, committed or not, and its answer lost.
+    pub async fn terminate_active_sessions(&self, prefix: &str) -> i64 {
+        let admin = sea_orm_connect(&self.admin_url).await;
+        let row = admin
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity
+                 WHERE datname = $1 AND application_name LIKE $2 || '%' AND state = 'active'
+                   AND query NOT LIKE '%LISTEN%'",
+                vec![self.database.clone().into(), prefix.into()],
+            ))
+            .await
+            .expect("terminate sessions")
+            .expect("one row");
+        admin.close().await.ok();
+        row.try_get("", "n").expect("count")
+    }
+
     /// Makes this test's database refuse every connection (and drops the
     /// open ones but the test's own, which observes), as an outage would;
     /// `false` puts it back.

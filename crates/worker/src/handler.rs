@@ -415,9 +415,18 @@ async fn claim(
     stop: &CancellationToken,
 ) -> Result<(i32, i32, Value), Disposition> {
     let label = entry.task.name();
-    let claim = db(stop, || worker.claims.call(request.clone()))
-        .await
-        .map_err(|d| refused(d, ErrorCode::DatabaseRejected))?;
+    let mut tries = 0;
+    let claim = db(stop, || {
+        tries += 1;
+        let request = if tries > 1 {
+            request.retried()
+        } else {
+            request.clone()
+        };
+        async move { worker.claims.call(request).await }
+    })
+    .await
+    .map_err(|d| refused(d, ErrorCode::DatabaseRejected))?;
     match claim {
         Claim::Run {
             attempt,

@@ -243,6 +243,8 @@ pub struct ClaimRequest {
     redelivered: bool,
     /// A Warren publisher signed the message, so its body is the row's.
     signed: bool,
+    /// Sent again after an error: an earlier try may have committed.
+    retried: bool,
     row: String,
 }
 
@@ -295,6 +297,7 @@ impl ClaimRequest {
             owner: m.owner.clone(),
             redelivered,
             signed,
+            retried: false,
             // Strings, numbers, times and an already-parsed Value: this
             // cannot fail (serde_json writes non-finite floats as null).
             row: serde_json::to_string(&row).unwrap_or_default(),
@@ -303,6 +306,17 @@ impl ClaimRequest {
 
     pub fn id(&self) -> Uuid {
         self.id
+    }
+
+    /// The same claim, sent again because the last try failed: if that
+    /// try committed (its answer lost with the connection), the task is
+    /// STARTED by this worker already and this claim takes it back at
+    /// the same attempt, instead of finding it "run by another worker".
+    pub fn retried(&self) -> Self {
+        Self {
+            retried: true,
+            ..self.clone()
+        }
     }
 }
 
@@ -442,8 +456,10 @@ impl Store {
     /// bumped, creating the row if a Celery client published the message
     /// (it has no row yet). Allowed from PENDING/QUEUED, from a RETRY that
     /// is due, and from STARTED only when the broker says it redelivered the
-    /// message (the previous holder died or lost its channel). Anything
-    /// else is a duplicate or a finished task.
+    /// message (the previous holder died or lost its channel) or when this
+    /// same worker retries a claim ([`ClaimRequest::retried`]) whose answer
+    /// was lost with its connection after it committed; that one keeps its
+    /// attempt number. Anything else is a duplicate or a finished task.
     ///
     /// `started_at` is `clock_timestamp()`, not `now()`: `now()` is when
     /// the statement began, and this statement may have waited for the
@@ -506,6 +522,7 @@ impl Store {
         };
         let redelivered = ids_where(|r| r.redelivered);
         let unsigned = ids_where(|r| !r.signed);
+        let retried = ids_where(|r| r.retried);
         let returned = self
             .db
             .query_all_raw(stmt(
@@ -519,7 +536,12 @@ impl Store {
                         e->>'origin', e->>'root_id', e->>'parent_id', e->>'group_id', e->>'traceparent'
                  FROM jsonb_array_elements($1::jsonb) AS e
                  ON CONFLICT (id) DO UPDATE
-                    SET state = 'STARTED', attempts = t.attempts + 1, started_at = clock_timestamp(),
+                    SET state = 'STARTED',
+                        -- Our own claim again: its answer was lost with the
+                        -- connection after it committed. Same attempt.
+                        attempts = t.attempts + (NOT (t.state = 'STARTED' AND t.worker = EXCLUDED.worker
+                                                      AND EXCLUDED.id = ANY($5)))::int,
+                        started_at = clock_timestamp(),
                         updated_at = now(), worker = EXCLUDED.worker, publish_at = NULL,
                         queued_at = COALESCE(t.queued_at, now())
                   WHERE t.task_type = EXCLUDED.task_type
@@ -527,11 +549,18 @@ impl Store {
                     AND (t.state = 'QUEUED'
                          OR (t.state = 'PENDING' AND (t.eta IS NULL OR t.eta <= now()))
                          OR (t.state = 'RETRY' AND t.publish_at <= now())
-                         OR (t.state = 'STARTED' AND EXCLUDED.id = ANY($3)))
+                         OR (t.state = 'STARTED' AND EXCLUDED.id = ANY($3))
+                         OR (t.state = 'STARTED' AND t.worker = EXCLUDED.worker AND EXCLUDED.id = ANY($5)))
                  RETURNING t.id, t.attempts, t.attempts - t.attempt_base AS budget_used,
                            greatest(extract(epoch FROM t.started_at - t.queued_at), 0)::float8 AS queue_wait,
                            CASE WHEN t.id = ANY($4) THEN t.input END AS input",
-                vec![rows.into(), worker.into(), redelivered.into(), unsigned.into()],
+                vec![
+                    rows.into(),
+                    worker.into(),
+                    redelivered.into(),
+                    unsigned.into(),
+                    retried.into(),
+                ],
             ))
             .await?;
         let mut run = std::collections::HashMap::with_capacity(returned.len());
