@@ -223,3 +223,87 @@ async fn a_task_running_when_its_connection_drops_runs_once() {
     drop(worker);
     api.stop().await;
 }
+
+/// The broker is gone for 30 s from one worker's side (its connections cut
+/// and refused by a proxy, the machine's RabbitMQ untouched): the API keeps
+/// accepting, the worker keeps retrying with backoff, and once the broker
+/// is back every task runs exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_from_the_broker_for_30_seconds_catches_up() {
+    const DOWN_FOR: Duration = Duration::from_secs(30);
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let url = env.settings().amqp.url.clone();
+    let broker: std::net::SocketAddr = {
+        let uri: lapin::uri::AMQPUri = secrecy::ExposeSecret::expose_secret(&url).parse().unwrap();
+        let host = if uri.authority.host == "localhost" {
+            "127.0.0.1".to_owned()
+        } else {
+            uri.authority.host
+        };
+        format!("{host}:{}", uri.authority.port).parse().unwrap()
+    };
+    let proxy = warren_tests::Proxy::start(broker).await;
+    let via_proxy = format!("amqp://guest:guest@{}/%2f", proxy.addr());
+    let worker = env.spawn_worker_process("w", &[("WARREN_AMQP__URL", &via_proxy)]);
+    let amqp = env.amqp().await;
+    let queue = env.queue("default");
+    let consumers = |n: u32| {
+        let (amqp, queue) = (&amqp, &queue);
+        async move { (amqp.queue_depth(queue).await.1 == n).then_some(()) }
+    };
+    wait_until("the worker to consume", Duration::from_secs(30), || {
+        consumers(1)
+    })
+    .await;
+
+    // Some running when the cut comes, more submitted while it lasts.
+    let input = json!({"seconds": 0.5});
+    let mut ids: Vec<Uuid> = stream::iter(0..8)
+        .map(|_| api.submit_ok("sleep", &input))
+        .buffered(8)
+        .collect()
+        .await;
+    wait_until("tasks to be running", Duration::from_secs(20), || async {
+        let rows = env.tasks(&ids).await;
+        rows.iter()
+            .any(|r| r.state == TaskState::Started)
+            .then_some(())
+    })
+    .await;
+    proxy.set_up(false);
+    let cut = tokio::time::Instant::now();
+    wait_until(
+        "the broker to see the worker gone",
+        Duration::from_secs(30),
+        || consumers(0),
+    )
+    .await;
+    for _ in 0..20 {
+        ids.push(api.submit_ok("noop", &json!({})).await);
+    }
+    tokio::time::sleep_until(cut + DOWN_FOR).await; // the outage itself, not a settle
+    let waiting = env.store().count_in_state(TaskState::Queued).await.unwrap();
+    assert!(
+        waiting >= 20,
+        "nothing ran while the worker had no broker: {waiting} queued"
+    );
+    proxy.set_up(true);
+
+    let rows = env.wait_for_terminal(&ids, Duration::from_secs(60)).await;
+    for row in &rows {
+        assert_eq!(
+            (row.state, row.attempts),
+            (TaskState::Success, 1),
+            "{row:?}\n{}",
+            worker.log()
+        );
+    }
+    assert!(
+        worker.log().contains("reconnecting"),
+        "it noticed and retried"
+    );
+    amqp.close().await;
+    drop(worker);
+    api.stop().await;
+}

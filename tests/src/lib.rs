@@ -23,12 +23,14 @@ mod api;
 mod broker;
 mod env;
 mod process;
+mod proxy;
 mod worker;
 
 pub use api::{ApiClient, DEFAULT_OWNER, TestApi};
 pub use broker::{Amqp, Management};
 pub use env::TestEnv;
 pub use process::WorkerProcess;
+pub use proxy::Proxy;
 pub use worker::TestWorker;
 
 use std::{future::Future, time::Duration};
