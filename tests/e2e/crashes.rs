@@ -144,7 +144,7 @@ async fn sigterm_past_the_grace_period_hands_tasks_back() {
             ("WARREN_WORKER__SHUTDOWN_GRACE_SECONDS", "0.5"),
         ],
     );
-    let ids = submit_many(&api, 4, "sleep", json!({"seconds": 30})).await;
+    let ids = submit_many(&api, 4, "sleep", json!({"seconds": 3})).await;
     wait_until("all 4 to be running", Duration::from_secs(20), || async {
         (count(&env, &ids, TaskState::Started).await == 4).then_some(())
     })
@@ -157,5 +157,20 @@ async fn sigterm_past_the_grace_period_hands_tasks_back() {
     let (messages, _) = amqp.queue_depth(&env.queue("default")).await;
     assert_eq!(messages, 4, "handed back to the broker\n{}", worker.log());
     amqp.close().await;
+
+    // Another replica runs each exactly once more: attempt 2, its own,
+    // and the abandoned attempt left nothing behind.
+    let next = env.spawn_worker_process("next", &[("WARREN_WORKER__CONCURRENCY", "4")]);
+    let rows = env.wait_for_terminal(&ids, Duration::from_secs(30)).await;
+    for row in &rows {
+        assert_eq!(row.state, TaskState::Success, "{row:?}");
+        assert_eq!(row.attempts, 2, "run once more, not twice\n{}", next.log());
+        assert_eq!(row.worker.as_deref(), Some(next.identity().as_str()));
+        assert!(
+            env.store().attempts(row.id).await.unwrap().is_empty(),
+            "an interrupted attempt records no failure"
+        );
+    }
+    drop(next);
     api.stop().await;
 }
