@@ -436,12 +436,7 @@ async fn hostile_messages_are_dead_lettered_alone_and_valid_work_runs_once() {
         .await
         .unwrap();
     assert_eq!(health.status(), StatusCode::OK);
-    let text = reqwest::get(format!("http://{}/metrics", worker.metrics_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = worker.metrics().await;
     assert_eq!(
         metric(&text, "warren_worker_tasks_in_flight", &[]),
         Some(0.0)

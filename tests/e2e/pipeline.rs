@@ -89,12 +89,7 @@ async fn a_burst_shares_statements_and_runs_each_task_once() {
             .all(|r| r.state == TaskState::Success && r.attempts == 1),
         "every task SUCCESS on its first attempt"
     );
-    let text = reqwest::get(format!("http://{}/metrics", worker.metrics_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = worker.metrics().await;
     let stage =
         |stage: &str, series: &str| metric(&text, series, &[("stage", stage)]).unwrap_or(0.0);
     for s in ["claim", "success"] {

@@ -183,12 +183,26 @@ impl TestEnv {
     /// with `prefix` (the worker names its pool after itself), as a
     /// PostgreSQL restart or failover would. Returns how many.
     pub async fn terminate_sessions(&self, prefix: &str) -> i64 {
+        self.terminate(prefix, "").await
+    }
+
+    /// Like [`TestEnv::terminate_sessions`], only sessions in the middle of
+    /// a statement (`state = 'active'`): the claim or outcome write in
+    /// flight is cut off, committed or not, and its answer lost.
+    pub async fn terminate_active_sessions(&self, prefix: &str) -> i64 {
+        self.terminate(prefix, "AND state = 'active' AND query NOT LIKE '%LISTEN%'")
+            .await
+    }
+
+    async fn terminate(&self, prefix: &str, and: &str) -> i64 {
         let admin = sea_orm_connect(&self.admin_url).await;
         let row = admin
             .query_one_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity
-                 WHERE datname = $1 AND application_name LIKE $2 || '%'",
+                format!(
+                    "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity
+                     WHERE datname = $1 AND application_name LIKE $2 || '%' {and}"
+                ),
                 vec![self.database.clone().into(), prefix.into()],
             ))
             .await
@@ -227,26 +241,6 @@ impl TestEnv {
         db::connect(&settings, name)
             .await
             .expect("a session of its own")
-    }
-
-    /// Like [`TestEnv::terminate_sessions`], only sessions in the middle of
-    /// a statement (`state = 'active'`): the claim or outcome write in
-    /// flight is cut off, committed or not, and its answer lost.
-    pub async fn terminate_active_sessions(&self, prefix: &str) -> i64 {
-        let admin = sea_orm_connect(&self.admin_url).await;
-        let row = admin
-            .query_one_raw(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity
-                 WHERE datname = $1 AND application_name LIKE $2 || '%' AND state = 'active'
-                   AND query NOT LIKE '%LISTEN%'",
-                vec![self.database.clone().into(), prefix.into()],
-            ))
-            .await
-            .expect("terminate sessions")
-            .expect("one row");
-        admin.close().await.ok();
-        row.try_get("", "n").expect("count")
     }
 
     /// Makes this test's database refuse every connection (and drops the

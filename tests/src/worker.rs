@@ -41,6 +41,16 @@ impl TestWorker {
         }
     }
 
+    /// Its `/metrics`, as Prometheus would read them.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.metrics_addr))
+            .await
+            .expect("worker /metrics")
+            .text()
+            .await
+            .expect("worker /metrics body")
+    }
+
     /// Graceful stop, as on SIGTERM; returns once it has drained.
     pub async fn stop(self) {
         self.shutdown.cancel();
