@@ -270,14 +270,8 @@ impl Worker {
     /// Every slot is taken by a handler older than any time limit allows:
     /// this replica cannot run anything more and should not say it is ready.
     pub(crate) fn all_slots_stuck(&self) -> bool {
-        let running = lock(&self.running);
         let concurrency = self.settings.worker.concurrency as usize;
-        // A task without a hard limit may legitimately run for hours.
-        running.len() >= concurrency
-            && running.values().all(|r| {
-                r.hard_limit
-                    .is_some_and(|limit| r.since.elapsed() > limit + STUCK_AFTER)
-            })
+        slots_stuck(lock(&self.running).values(), concurrency)
     }
 
     fn record(&self) -> WorkerRecord {
@@ -340,6 +334,25 @@ impl Worker {
     }
 }
 
+/// Whether `concurrency` slots are all held past their task's hard limit
+/// plus [`STUCK_AFTER`]. A task without a hard limit may legitimately run
+/// for hours, so it never counts as stuck.
+fn slots_stuck<'a>(
+    running: impl ExactSizeIterator<Item = &'a Running>,
+    concurrency: usize,
+) -> bool {
+    let held = running.len();
+    let mut stuck = 0;
+    for r in running {
+        if r.hard_limit
+            .is_some_and(|limit| r.since.elapsed() > limit + STUCK_AFTER)
+        {
+            stuck += 1;
+        }
+    }
+    held >= concurrency && stuck == held
+}
+
 /// Tells PostgreSQL this replica is alive, every `worker.heartbeat_seconds`.
 async fn heartbeat(worker: Arc<Worker>, shutdown: CancellationToken) {
     let every = std::time::Duration::from_secs_f64(worker.settings.worker.heartbeat_seconds);
@@ -398,4 +411,33 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Only whole entries are inserted or removed under these locks, so a
     // poisoned one is still consistent.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn running(age: Duration, hard_limit: Option<Duration>) -> Running {
+        Running {
+            since: Instant::now() - age,
+            hard_limit,
+            ..Running::new()
+        }
+    }
+
+    #[test]
+    fn all_slots_past_their_hard_limit_are_stuck() {
+        let ten = Duration::from_secs(10);
+        let (limit, old) = (Some(ten), ten + STUCK_AFTER + Duration::from_secs(1));
+        let stuck = [running(old, limit), running(old, limit)];
+        assert!(slots_stuck(stuck.iter(), 2));
+        // A free slot, a young task or one without a limit: not stuck.
+        assert!(!slots_stuck(stuck[..1].iter(), 2));
+        let young = [running(old, limit), running(Duration::ZERO, limit)];
+        assert!(!slots_stuck(young.iter(), 2));
+        let unlimited = [running(old, limit), running(old * 100, None)];
+        assert!(!slots_stuck(unlimited.iter(), 2));
+        assert!(!slots_stuck(std::iter::empty(), 2));
+    }
 }
