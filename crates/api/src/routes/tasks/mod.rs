@@ -47,6 +47,7 @@ const MAX_PAGE: u64 = 500;
 const MAX_REPORTED_ERRORS: usize = 1000;
 
 pub(crate) mod control;
+mod nul;
 pub(crate) mod read;
 pub(crate) mod submit;
 
@@ -97,6 +98,14 @@ fn json_body(
         if !(essence == "application/json" || essence.ends_with("+json")) {
             return Err(ApiError::unsupported_media_type(ct));
         }
+    }
+    let nuls = nul::scan(&body);
+    if !nuls.is_empty() {
+        return Err(ApiError::invalid_input(
+            ValidationErrors::check(nuls).err().unwrap_or_else(|| {
+                ValidationErrors::single("", "invalid_value", "text must not contain NUL")
+            }),
+        ));
     }
     serde_json::from_slice(&body).map_err(|e| ApiError::malformed_json(e.to_string()))
 }
