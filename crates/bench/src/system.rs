@@ -81,6 +81,11 @@ impl System {
             ("WARREN_DATABASE__URL", format!("{base}/{database}")),
             ("WARREN_AMQP__URL", setup.amqp_url.clone()),
             ("WARREN_AMQP__PREFIX", prefix.clone()),
+            // Production config has no signing key: each system gets its own.
+            (
+                "WARREN_AMQP__SIGNING_KEY",
+                format!("bench-{}", Uuid::new_v4().simple()),
+            ),
             ("WARREN_API__LISTEN", format!("127.0.0.1:{api_port}")),
             // Several replicas on one host: each picks a free port.
             ("WARREN_WORKER__METRICS_LISTEN", "127.0.0.1:0".to_owned()),
