@@ -69,7 +69,7 @@ impl Submissions {
             SUBMISSIONS_PER_STATEMENT,
             TRANSACTIONS_AT_ONCE,
             publishing.metrics.batch_size.clone(),
-            move |tasks: Vec<NewTask>| {
+            move |tasks: std::sync::Arc<[NewTask]>| {
                 let (store, publishing) = (store.clone(), publishing.clone());
                 // The rows come back in the order of `tasks`.
                 async move { publishing.record(&store, &tasks).await }

@@ -38,10 +38,10 @@ pub struct Batcher<Req, Resp> {
     jobs: mpsc::Sender<Job<Req, Resp>>,
 }
 
-impl<Req: Clone + Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
+impl<Req: Clone + Send + Sync + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
     /// A batcher and its loop, which the caller spawns (shared spawns
-    /// nothing). `run` gets up to `max` requests and must answer each, in
-    /// order; up to `parallel` statements run at once, so a commit's wait
+    /// nothing). `run` gets up to `max` requests (shared, so that a batch
+    /// kept for splitting is not a copy) and must answer each, in order; up to `parallel` statements run at once, so a commit's wait
     /// for the disk does not hold up the next batch. The loop ends when the
     /// last `Batcher` handle is dropped, after answering what was asked.
     pub fn new<F, Fut>(
@@ -51,7 +51,7 @@ impl<Req: Clone + Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
         run: F,
     ) -> (Self, impl Future<Output = ()> + Send + 'static)
     where
-        F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
+        F: Fn(Arc<[Req]>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = store::Result<Vec<Resp>>> + Send + 'static,
     {
         let (max, parallel) = (max.max(1), parallel.max(1));
@@ -73,7 +73,7 @@ impl<Req: Clone + Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
                         sizes.observe(n as f64);
                         let (requests, replies): (Vec<Req>, Vec<_>) =
                             batch.into_iter().map(|j| (j.request, j.reply)).unzip();
-                        running.push(answer(Arc::clone(&run), requests, replies));
+                        running.push(answer(Arc::clone(&run), requests.into(), replies));
                     }
                     Some(()) = running.next(), if !running.is_empty() => {}
                 }
@@ -97,20 +97,18 @@ impl<Req: Clone + Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
 /// refused it for its data, runs each request alone.
 async fn answer<Req, Resp, F, Fut>(
     run: Arc<F>,
-    requests: Vec<Req>,
+    requests: Arc<[Req]>,
     replies: Vec<oneshot::Sender<store::Result<Resp>>>,
 ) where
     Req: Clone,
-    F: Fn(Vec<Req>) -> Fut,
+    F: Fn(Arc<[Req]>) -> Fut,
     Fut: Future<Output = store::Result<Vec<Resp>>>,
 {
-    let split = requests.len() > 1;
-    let kept = split.then(|| requests.clone());
-    match (run(requests).await, kept) {
-        (Err(StoreError::Other(e)), Some(requests)) => {
+    match (run(Arc::clone(&requests)).await, requests.len() > 1) {
+        (Err(StoreError::Other(e)), true) => {
             tracing::warn!(error = %e, batch = requests.len(), "batch refused; running its requests one by one");
-            for (request, reply) in requests.into_iter().zip(replies) {
-                let alone = run(vec![request]).await;
+            for (request, reply) in requests.iter().zip(replies) {
+                let alone = run(Arc::from([request.clone()])).await;
                 let _ = reply.send(alone.and_then(|mut one| one.pop().ok_or_else(short)));
             }
         }
@@ -152,10 +150,10 @@ mod tests {
         prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("t", "t")).unwrap()
     }
 
-    impl<Req: Clone + Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
+    impl<Req: Clone + Send + Sync + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
         fn spawn<F, Fut>(max: usize, sizes: prometheus::Histogram, run: F) -> Self
         where
-            F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
+            F: Fn(Arc<[Req]>) -> Fut + Send + Sync + 'static,
             Fut: Future<Output = store::Result<Vec<Resp>>> + Send + 'static,
         {
             let (batcher, batching) = Self::new(max, 1, sizes, run);
@@ -168,9 +166,9 @@ mod tests {
     async fn requests_waiting_together_share_one_call_and_each_gets_its_answer() {
         let calls = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::clone(&calls);
-        let batcher = Batcher::spawn(100, histogram(), move |xs: Vec<u32>| {
+        let batcher = Batcher::spawn(100, histogram(), move |xs: Arc<[u32]>| {
             seen.lock().unwrap().push(xs.len());
-            async move { Ok(xs.into_iter().map(|x| x * 10).collect()) }
+            async move { Ok(xs.iter().map(|x| x * 10).collect()) }
         });
         // Queued before the batcher's task first runs: one batch.
         let answers = futures_util::future::join_all((0..50).map(|x| batcher.call(x))).await;
@@ -184,11 +182,11 @@ mod tests {
         // Each statement waits for a second one to be running: with two
         // allowed at once both finish; one at a time would never return.
         let both = Arc::new(tokio::sync::Barrier::new(2));
-        let (batcher, batching) = Batcher::new(1, 2, histogram(), move |xs: Vec<u32>| {
+        let (batcher, batching) = Batcher::new(1, 2, histogram(), move |xs: Arc<[u32]>| {
             let both = Arc::clone(&both);
             async move {
                 both.wait().await;
-                Ok(xs)
+                Ok(xs.to_vec())
             }
         });
         tokio::spawn(batching);
@@ -200,9 +198,9 @@ mod tests {
     async fn a_batch_is_cut_at_the_maximum() {
         let calls = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::clone(&calls);
-        let batcher = Batcher::spawn(8, histogram(), move |xs: Vec<u32>| {
+        let batcher = Batcher::spawn(8, histogram(), move |xs: Arc<[u32]>| {
             seen.lock().unwrap().push(xs.len());
-            async move { Ok(xs) }
+            async move { Ok(xs.to_vec()) }
         });
         let answers = futures_util::future::join_all((0..20).map(|x| batcher.call(x))).await;
         assert!(answers.iter().all(Result::is_ok));
@@ -211,7 +209,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_statement_fails_every_request_with_its_kind() {
-        let batcher = Batcher::spawn(10, histogram(), |_: Vec<u32>| async {
+        let batcher = Batcher::spawn(10, histogram(), |_: Arc<[u32]>| async {
             Err::<Vec<u32>, _>(StoreError::Unavailable(DbErr::Custom(
                 "pool timed out".into(),
             )))
@@ -229,13 +227,13 @@ mod tests {
         let calls = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::clone(&calls);
         // 13 is the poison: any statement carrying it is refused.
-        let batcher = Batcher::spawn(100, histogram(), move |xs: Vec<u32>| {
+        let batcher = Batcher::spawn(100, histogram(), move |xs: Arc<[u32]>| {
             seen.lock().unwrap().push(xs.len());
             async move {
                 if xs.contains(&13) {
                     Err(StoreError::Other(DbErr::Custom("invalid input".into())))
                 } else {
-                    Ok(xs)
+                    Ok(xs.to_vec())
                 }
             }
         });
@@ -255,7 +253,7 @@ mod tests {
     async fn an_unavailable_database_is_not_split() {
         let calls = Arc::new(Mutex::new(0));
         let seen = Arc::clone(&calls);
-        let batcher = Batcher::spawn(10, histogram(), move |_: Vec<u32>| {
+        let batcher = Batcher::spawn(10, histogram(), move |_: Arc<[u32]>| {
             *seen.lock().unwrap() += 1;
             async { Err::<Vec<u32>, _>(StoreError::Unavailable(DbErr::Custom("down".into()))) }
         });
