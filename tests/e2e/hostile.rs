@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use std::{collections::BTreeMap, time::Duration};
 use uuid::Uuid;
 use warren_shared::{codes, db::task, state::TaskState, wire};
-use warren_tests::{TestEnv, metric};
+use warren_tests::{TestEnv, metric, wait_until};
 use warren_worker::dead_letters;
 
 /// A Celery-shaped `multiply` message, with `headers` laid over the usual ones.
@@ -353,13 +353,13 @@ async fn hostile_messages_are_dead_lettered_alone_and_valid_work_runs_once() {
     // queue, alone, with its code and the field it got wrong.
     let expected: Vec<&Hostile> = hostile.iter().filter(|h| h.expect.is_some()).collect();
     let dlq = env.topology().dead_letter_queue();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    // No wait_until: if one is missing, the comparison below names it.
-    while (amqp.queue_depth(&dlq).await.0 as usize) < expected.len()
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let missing: Vec<&str> = expected.iter().map(|h| h.what).collect();
+    wait_until(
+        &format!("all of these dead-lettered: {missing:?}"),
+        Duration::from_secs(30),
+        || async { (amqp.queue_depth(&dlq).await.0 as usize >= expected.len()).then_some(()) },
+    )
+    .await;
     let letters = dead_letters::list(&env.settings(), &env.topology(), 100)
         .await
         .unwrap();
