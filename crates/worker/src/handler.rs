@@ -72,14 +72,17 @@ pub(crate) async fn handle(
     // Whatever happens below, the delivery is settled and the running
     // entry removed: a panic here is one failed attempt, never a slot
     // held forever.
-    let handled = AssertUnwindSafe(handle_delivery(worker, &delivery, &own, stop))
+    // Set once this delivery's task is registered as running here, so a
+    // panic removes that entry and never another delivery's.
+    let registered = std::sync::OnceLock::new();
+    let handled = AssertUnwindSafe(handle_delivery(worker, &delivery, &own, stop, &registered))
         .catch_unwind()
         .await;
     let (disposition, adopted) = match handled {
         Ok(Some(done)) => done,
         // Adopted by the running attempt of the same task.
         Ok(None) => return,
-        Err(payload) => handler_panicked(worker, &delivery, payload),
+        Err(payload) => handler_panicked(worker, &delivery, registered.get().copied(), payload),
     };
     settle(worker, &delivery, own, disposition, adopted).await;
     worker
@@ -93,6 +96,7 @@ async fn handle_delivery(
     delivery: &Delivery,
     own: &Settle,
     stop: &CancellationToken,
+    registered: &std::sync::OnceLock<Uuid>,
 ) -> Option<(Disposition, Vec<Settle>)> {
     let prepared = match prepare(worker, delivery) {
         Ok(p) => p,
@@ -109,6 +113,7 @@ async fn handle_delivery(
         return None;
     }
     let id = prepared.message.id;
+    let _ = registered.set(id);
     let disposition = process(worker, prepared, delivery.redelivered, stop)
         .instrument(span)
         .await;
@@ -126,16 +131,16 @@ async fn handle_delivery(
 fn handler_panicked(
     worker: &Worker,
     delivery: &Delivery,
+    registered: Option<Uuid>,
     payload: Box<dyn std::any::Any + Send>,
 ) -> (Disposition, Vec<Settle>) {
-    let id = envelope::peek_task_id(&delivery.properties);
     worker.metrics.handler_panics.inc();
     tracing::error!(
-        task_id = ?id,
+        task_id = ?envelope::peek_task_id(&delivery.properties),
         panic = %execute::panic_message(payload),
         "handler panicked; the delivery goes back to the broker"
     );
-    let adopted = id
+    let adopted = registered
         .and_then(|id| lock(&worker.running).remove(&id))
         .map(|r| r.adopted)
         .unwrap_or_default();
