@@ -122,6 +122,16 @@ ensure_python_tools() {
   fi
 }
 
+# The dashboard's browser tests drive Debian's Chromium through its
+# WebDriver (chromedriver); the tests find them at these paths.
+ensure_chromium() {
+  if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    apt_install chromium chromium-driver fonts-dejavu-core
+  fi
+  export WARREN_CHROMIUM=${WARREN_CHROMIUM:-/usr/bin/chromium}
+  export WARREN_CHROMEDRIVER=${WARREN_CHROMEDRIVER:-/usr/bin/chromedriver}
+}
+
 ensure_cargo() {
   command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs), then run this again"
 }

@@ -17,6 +17,7 @@ started=$SECONDS
 ensure_cargo
 ensure_services
 ensure_promtool
+ensure_chromium
 sweep_test_leftovers
 
 say "promtool: Prometheus configuration, alert rules and their unit tests"

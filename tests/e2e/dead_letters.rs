@@ -111,9 +111,15 @@ async fn garbage_is_dead_lettered_with_a_reason_and_the_worker_keeps_going() {
         (amqp.queue_depth(&dlq).await.0 == 6).then_some(())
     })
     .await;
-    let letters = dead_letters::list(&env.settings(), &env.topology(), 100)
-        .await
-        .unwrap();
+    let letters = dead_letters::list(
+        &env.settings(),
+        &env.topology(),
+        &Default::default(),
+        100,
+        usize::MAX,
+    )
+    .await
+    .unwrap();
     assert_eq!(letters.len(), 6);
     let by_id = reasons(&letters);
     let expect = |id: Uuid, code: &str, fragment: &str| {
@@ -258,9 +264,15 @@ async fn a_message_redelivered_past_the_delivery_limit_is_dead_lettered_by_the_b
         deliveries, 3,
         "delivered once, then redelivered up to the limit of 2"
     );
-    let letters = dead_letters::list(&env.settings(), &env.topology(), 10)
-        .await
-        .unwrap();
+    let letters = dead_letters::list(
+        &env.settings(),
+        &env.topology(),
+        &Default::default(),
+        10,
+        usize::MAX,
+    )
+    .await
+    .unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].task_id, Some(id));
     assert_eq!(
@@ -302,9 +314,15 @@ async fn requeue_gives_a_failed_task_another_chance() {
         (amqp.queue_depth(&dlq).await.0 == 1).then_some(())
     })
     .await;
-    let report = dead_letters::requeue(&fixed, &env.topology(), env.store(), Some(id), 10)
-        .await
-        .unwrap();
+    let report = dead_letters::requeue(
+        &fixed,
+        &env.topology(),
+        env.store(),
+        &dead_letters::Matching::task_id(id),
+        10,
+    )
+    .await
+    .unwrap();
     assert_eq!(report.tasks_reset, 1, "{report:?}");
     assert_eq!(
         amqp.queue_depth(&dlq).await.0,
@@ -355,9 +373,15 @@ async fn requeue_republishes_a_message_that_has_no_task() {
     .await;
     worker.stop().await;
 
-    let report = dead_letters::requeue(&env.settings(), &env.topology(), env.store(), None, 10)
-        .await
-        .unwrap();
+    let report = dead_letters::requeue(
+        &env.settings(),
+        &env.topology(),
+        env.store(),
+        &Default::default(),
+        10,
+    )
+    .await
+    .unwrap();
     assert_eq!(report.republished, 1, "{report:?}");
     let back = amqp
         .get(&queue)

@@ -360,9 +360,15 @@ async fn hostile_messages_are_dead_lettered_alone_and_valid_work_runs_once() {
         || async { (amqp.queue_depth(&dlq).await.0 as usize >= expected.len()).then_some(()) },
     )
     .await;
-    let letters = dead_letters::list(&env.settings(), &env.topology(), 100)
-        .await
-        .unwrap();
+    let letters = dead_letters::list(
+        &env.settings(),
+        &env.topology(),
+        &Default::default(),
+        100,
+        usize::MAX,
+    )
+    .await
+    .unwrap();
     let mut seen: BTreeMap<Letter, usize> = BTreeMap::new();
     for l in &letters {
         *seen

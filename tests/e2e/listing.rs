@@ -108,3 +108,56 @@ async fn bad_listing_parameters_are_400() {
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
     api.stop().await;
 }
+
+/// Every page of `client`'s listing with `query`, in order.
+async fn all_pages(client: &ApiClient, query: &str) -> Vec<Uuid> {
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let q = match &cursor {
+            Some(c) => format!("{query}&cursor={c}"),
+            None => query.to_owned(),
+        };
+        let p = page(client, &q).await;
+        seen.extend(ids_in(&p, "items"));
+        match p["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return seen,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_lists_every_owner_newest_first_and_an_owner_only_its_own() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let (bob, carol) = (api.client_for("bob").await, api.client_for("carol").await);
+    let admin = api.admin_client().await;
+    let mut all = Vec::new();
+    let mut alices = Vec::new();
+    for i in 0..4 {
+        let a = api.submit_ok("multiply", &json!({"x": i, "y": 1})).await;
+        alices.push(a);
+        all.push(a);
+        all.push(bob.submit_ok("multiply", &json!({"x": i, "y": 2})).await);
+        all.push(carol.submit_ok("multiply", &json!({"x": i, "y": 3})).await);
+    }
+    all.reverse();
+    alices.reverse();
+
+    // Pages of 5 across three owners: every task once, newest first.
+    assert_eq!(all_pages(&admin, "limit=5").await, all);
+    assert_eq!(all_pages(&api, "limit=3").await, alices);
+
+    // Search: an id, or text of the input; an owner never finds another's.
+    let bobs = all[1];
+    assert_eq!(all_pages(&admin, &format!("q={bobs}")).await, vec![bobs]);
+    assert!(all_pages(&api, &format!("q={bobs}")).await.is_empty());
+    let ys: Vec<Uuid> = all_pages(&admin, "q=%22y%22%3A%203").await;
+    assert_eq!(ys.len(), 4, "carol's four tasks have \"y\": 3");
+    let too_long = api
+        .get(&format!("/tasks/multiply?q={}", "x".repeat(201)))
+        .await;
+    assert_eq!(too_long.status(), StatusCode::BAD_REQUEST);
+    api.stop().await;
+}

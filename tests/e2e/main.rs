@@ -12,6 +12,7 @@ mod batches;
 mod celery;
 mod control;
 mod crashes;
+mod dashboard;
 mod db_faults;
 mod dead_letters;
 mod delays;

@@ -122,6 +122,11 @@ impl ApiClient {
         format!("{}{path}", self.base)
     }
 
+    /// The API key this client sends (a person types it into the dashboard).
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
     fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.key {
             Some(key) => request.bearer_auth(key),

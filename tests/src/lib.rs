@@ -21,6 +21,7 @@
 
 mod api;
 mod broker;
+pub mod browser;
 mod env;
 mod process;
 mod proxy;

@@ -22,7 +22,7 @@ use std::{
 use uuid::Uuid;
 use warren_shared::{
     settings::{SettingsError, check_owner},
-    store::StoreError,
+    store::{Owners, StoreError},
 };
 
 /// Every key starts with this, so a leaked one is easy to grep for.
@@ -63,9 +63,9 @@ pub enum KeyError {
     Owner(#[from] SettingsError),
 }
 
-type KeyHash = [u8; 32];
+pub(crate) type KeyHash = [u8; 32];
 
-fn hash(key: &str) -> KeyHash {
+pub(crate) fn hash(key: &str) -> KeyHash {
     Sha256::digest(key.as_bytes()).into()
 }
 
@@ -186,7 +186,12 @@ impl Authenticator {
 
     /// Who `key` speaks for, or `None` for an unknown or revoked key.
     pub async fn identify(&self, key: &str) -> Result<Option<Identity>, StoreError> {
-        let h = hash(key);
+        self.identify_hash(hash(key)).await
+    }
+
+    /// Like [`Authenticator::identify`], for the key whose hash is `h`: a
+    /// dashboard session keeps only that.
+    pub(crate) async fn identify_hash(&self, h: KeyHash) -> Result<Option<Identity>, StoreError> {
         if let Some(who) = self.static_keys.get(&h) {
             return Ok(Some(who.clone()));
         }
@@ -261,6 +266,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Caller {
     pub owner: String,
     pub scope: Scope,
+}
+
+impl Caller {
+    /// Whose tasks this caller may read and control: its owner's, or every
+    /// owner's for an admin key. Every read of the API and the dashboard
+    /// takes it from here.
+    pub fn owners(&self) -> Owners<'_> {
+        match self.scope {
+            Scope::Owner => Owners::One(&self.owner),
+            Scope::Admin => Owners::All,
+        }
+    }
 }
 
 /// A caller with the admin scope: add it to an operations handler's

@@ -76,6 +76,15 @@ impl ApiError {
         self.code
     }
 
+    pub fn title(&self) -> &'static str {
+        self.title
+    }
+
+    /// What a person is told; for a 5xx only that it was our side.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
     /// 422 naming every bad field, up to [`MAX_FIELD_ERRORS`]; the rest are
     /// counted in `errors_omitted`. Fields and messages come from the
     /// client's input (keys, quoted values), so each is cut to a bound.

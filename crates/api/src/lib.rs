@@ -15,12 +15,14 @@
 //! - [`auth`]: API keys and the [`auth::Caller`] extractor that scopes
 //!   every request to the key's owner.
 //! - `routes/`: one module per resource.
+//! - `ui`: the dashboard under `/ui`, HTML for people, scoped and served by
+//!   the same code as the routes.
 //! - [`waiters`]: long-polling, woken by PostgreSQL notifications.
 //! - [`openapi`]: the OpenAPI 3.1 document generated from the handlers.
 //! - [`metrics`]: what the API counts, at `/metrics`.
 //! - [`fail`]: fail points that tests arm to simulate a crash mid-request.
 //!
-//! The API never acknowledges a delivery and never runs a task; it is the
+//! The API never acknowledges a task's delivery and never runs a task; it is the
 //! only crate that knows about HTTP.
 
 pub mod auth;
@@ -32,6 +34,7 @@ pub mod openapi;
 mod routes;
 pub mod startup;
 pub mod state;
+mod ui;
 pub mod waiters;
 
 pub use error::ApiError;

@@ -17,7 +17,7 @@ use axum::{
     response::IntoResponse,
     routing::{get, post},
 };
-use std::{iter::once, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower_http::{
@@ -161,6 +161,8 @@ impl Application {
             publisher,
             identity: identity.into(),
             fail_points,
+            stopping: CancellationToken::new(),
+            queue_history: Arc::default(),
         };
         Ok(Self {
             listener,
@@ -196,16 +198,24 @@ impl Application {
             self.state.store.clone(),
             shutdown.clone(),
         ));
+        background.spawn(crate::ui::sample_queues(
+            self.state.clone(),
+            shutdown.clone(),
+        ));
         tracing::info!(
             addr = %self.local_addr,
             version = warren_shared::VERSION,
             "API listening"
         );
         let publisher = Arc::clone(&self.state.publisher);
+        let stopping = self.state.stopping.clone();
         let app = router(self.state);
         let stop = shutdown.clone();
         let served = axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .with_graceful_shutdown(async move {
+                stop.cancelled().await;
+                stopping.cancel();
+            })
             .await;
         shutdown.cancel();
         background.close();
@@ -256,6 +266,7 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/docs", get(openapi::docs))
         .route("/readyz", get(routes::health::readyz))
+        .merge(crate::ui::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
@@ -284,9 +295,10 @@ pub fn router(state: AppState) -> Router {
             )
         }))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(SetSensitiveRequestHeadersLayer::new(once(
+        .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,
-        )))
+            header::COOKIE,
+        ]))
         .with_state(state)
 }
 

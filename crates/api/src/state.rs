@@ -39,6 +39,11 @@ pub struct AppState {
     pub submissions: Arc<Submissions>,
     /// One permit per request in flight (`api.max_concurrent_requests`).
     pub requests: Arc<tokio::sync::Semaphore>,
+    /// Cancelled when the API begins to shut down: long-lived answers (the
+    /// dashboard's live streams) end so the drain is not held up.
+    pub stopping: tokio_util::sync::CancellationToken,
+    /// Recent queue depths, for the dashboard's sparklines.
+    pub(crate) queue_history: Arc<crate::ui::QueueHistory>,
 }
 
 /// Single submissions, grouped: the requests in flight together share one

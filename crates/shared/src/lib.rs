@@ -13,6 +13,7 @@
 //! - [`batch`]: group commit, many callers' writes as one statement.
 //! - [`store`]: the task state machine as guarded SQL statements; item
 //!   outcomes, progress, listings.
+//! - [`dead_letters`]: the dead-letter queue for operators: list, requeue.
 //! - [`artifacts`]: files tasks produce, behind an interface (PostgreSQL now).
 //! - [`relay`]: the outbox relay (recorded → published, delays, retries).
 //! - [`state`], [`codes`]: task states and stable error codes.
@@ -22,7 +23,8 @@
 //! - [`trace`]: W3C `traceparent`, from request to task to worker logs.
 //!
 //! It deliberately knows nothing about HTTP (only `api` depends on axum),
-//! never acknowledges a delivery (only `worker` does), and spawns nothing:
+//! never acknowledges a task's delivery (only `worker` does; [`dead_letters`]
+//! acknowledges only what an operator takes off the dead-letter queue), and spawns nothing:
 //! long-running loops such as [`relay::run`] are futures the binaries spawn.
 
 pub mod artifacts;
@@ -31,6 +33,7 @@ pub mod broker;
 pub mod catalog;
 pub mod codes;
 pub mod db;
+pub mod dead_letters;
 pub mod envelope;
 pub mod metrics;
 pub mod probe;

@@ -160,6 +160,12 @@ pub struct ApiSettings {
     /// Like `static_keys`, with the admin scope (operations, every owner).
     #[serde(default)]
     pub static_admin_keys: BTreeMap<String, SecretString>,
+    /// A dashboard sign-in lasts this long (the key is checked on every
+    /// request meanwhile: revoking it ends the session).
+    pub ui_session_hours: f64,
+    /// Mark the dashboard's cookies `Secure` on every answer, not only on
+    /// those to a request that came over TLS (`X-Forwarded-Proto: https`).
+    pub ui_secure_cookies: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -367,6 +373,12 @@ impl Settings {
             "api.request_timeout_seconds",
             self.api.request_timeout_seconds,
         )?;
+        if !(self.api.ui_session_hours > 0.0 && self.api.ui_session_hours <= 24.0 * 30.0) {
+            return Err(invalid(
+                "api.ui_session_hours",
+                "must be more than 0 and at most 720 (30 days)",
+            ));
+        }
         if !(1..=100_000).contains(&self.api.max_batch) {
             return Err(invalid("api.max_batch", "must be between 1 and 100000"));
         }

@@ -41,12 +41,25 @@ impl Task for Sleep {
     type Input = SleepInput;
     type Output = SleepOutput;
 
+    /// Reports progress once a second (seconds slept of the total), so a
+    /// long sleep shows something moving on the dashboard.
     async fn run(&self, input: SleepInput, ctx: TaskContext) -> Result<SleepOutput, TaskError> {
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs_f64(input.seconds)) => Ok(SleepOutput {
-                slept_seconds: input.seconds,
-            }),
-            () = ctx.cancelled() => Err(TaskError::Cancelled),
+        let until = tokio::time::Instant::now() + Duration::from_secs_f64(input.seconds);
+        let total = input.seconds.ceil() as u64;
+        let mut done = 0;
+        loop {
+            let next = (tokio::time::Instant::now() + Duration::from_secs(1)).min(until);
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                () = ctx.cancelled() => return Err(TaskError::Cancelled),
+            }
+            if next >= until {
+                return Ok(SleepOutput {
+                    slept_seconds: input.seconds,
+                });
+            }
+            done += 1;
+            ctx.set_progress(done, total, Some(format!("slept {done} of {total} s")));
         }
     }
 }
@@ -72,6 +85,26 @@ mod tests {
         let out = Sleep.run(SleepInput { seconds: 3.0 }, ctx).await.unwrap();
         assert_eq!(out.slept_seconds, 3.0);
         assert_eq!(started.elapsed(), Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reports_each_whole_second_slept() {
+        let recorder = Arc::new(crate::Recorder::default());
+        let ctx = TaskContext::new(
+            uuid::Uuid::nil(),
+            1,
+            CancellationToken::new(),
+            recorder.clone(),
+        );
+        Sleep.run(SleepInput { seconds: 2.5 }, ctx).await.unwrap();
+        let reports: Vec<(u64, u64)> = recorder
+            .progress
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| (p.done, p.total))
+            .collect();
+        assert_eq!(reports, [(1, 3), (2, 3)]);
     }
 
     #[tokio::test(start_paused = true)]

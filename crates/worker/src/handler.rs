@@ -40,19 +40,12 @@ use warren_shared::{
 };
 use warren_tasks::TaskContext;
 
-/// Headers a dead letter carries besides the original ones.
-pub(crate) const REASON_HEADER: &str = "x-warren-reason";
-pub(crate) const CODE_HEADER: &str = "x-warren-error-code";
-/// The part of the message that was wrong (`timelimit`, `kwargs.name`).
-pub(crate) const FIELD_HEADER: &str = "x-warren-error-field";
-/// Set (to the original size in bytes) when the body was not copied.
-pub(crate) const BODY_DROPPED_HEADER: &str = "x-warren-body-dropped";
+use warren_shared::dead_letters::{
+    BODY_DROPPED_HEADER, CODE_HEADER, EXCHANGE_HEADER, FIELD_HEADER, REASON_HEADER,
+    ROUTING_KEY_HEADER, WORKER_HEADER,
+};
 /// Largest body a dead letter carries.
 const DEAD_LETTER_BODY_MAX: usize = 1024 * 1024;
-pub(crate) const WORKER_HEADER: &str = "x-warren-worker";
-/// Where the message was originally published, so a requeue can send it back.
-pub(crate) const EXCHANGE_HEADER: &str = "x-warren-original-exchange";
-pub(crate) const ROUTING_KEY_HEADER: &str = "x-warren-original-routing-key";
 
 /// First pause when PostgreSQL cannot take a write; doubles up to the max.
 /// The delivery stays unacknowledged meanwhile, holding its slot: a worker

@@ -23,7 +23,7 @@
 //! - `execute`: running a task with soft/hard time limits, panics caught.
 //! - `services`: what a running task can ask of the worker (progress, item
 //!   outcomes, artifacts), over PostgreSQL; cancellation of running tasks.
-//! - [`dead_letters`]: listing and requeueing dead letters (operator CLI).
+//! - [`dead_letters`]: re-exported from `warren-shared`, for the operator CLI.
 //! - `metrics`: what a replica counts, served with `/healthz` and `/readyz`
 //!   on `worker.metrics_listen`; heartbeats for `GET /workers`.
 //!
@@ -33,7 +33,7 @@
 mod acks;
 mod app;
 mod consumer;
-pub mod dead_letters;
+pub use warren_shared::dead_letters;
 mod decide;
 mod execute;
 mod handler;

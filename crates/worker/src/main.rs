@@ -75,15 +75,28 @@ async fn main() -> anyhow::Result<()> {
             let mut out = std::io::stdout().lock();
             match command {
                 DeadLetters::List { limit } => {
-                    for letter in dead_letters::list(&settings, &topology, limit).await? {
+                    for letter in dead_letters::list(
+                        &settings,
+                        &topology,
+                        &Default::default(),
+                        limit,
+                        usize::MAX,
+                    )
+                    .await?
+                    {
                         writeln!(out, "{}", serde_json::to_string(&letter)?)?;
                     }
                 }
                 DeadLetters::Requeue { task_id, limit } => {
                     let store =
                         Store::new(db::connect(&settings.database, "warren-dead-letters").await?);
+                    let matching = dead_letters::Matching {
+                        task_id,
+                        ..Default::default()
+                    };
                     let report =
-                        dead_letters::requeue(&settings, &topology, &store, task_id, limit).await?;
+                        dead_letters::requeue(&settings, &topology, &store, &matching, limit)
+                            .await?;
                     writeln!(out, "{}", serde_json::to_string(&report)?)?;
                 }
             }

@@ -79,16 +79,16 @@ pub(crate) struct QueuesView {
 }
 
 /// One of Warren's queues, as RabbitMQ reports it.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub(crate) struct QueueView {
-    name: String,
+    pub(crate) name: String,
     /// `work` or `dead_letter`.
-    kind: &'static str,
+    pub(crate) kind: &'static str,
     /// Waiting to be delivered.
-    ready: u64,
+    pub(crate) ready: u64,
     /// Delivered to a worker, not yet acknowledged (running, or prefetched).
-    unacked: u64,
-    consumers: u64,
+    pub(crate) unacked: u64,
+    pub(crate) consumers: u64,
 }
 
 /// The fields of RabbitMQ's `/api/queues/{vhost}/{name}` that we show.
@@ -120,6 +120,14 @@ pub(crate) async fn queues(
     State(state): State<AppState>,
     _: Admin,
 ) -> Result<Json<QueuesView>, ApiError> {
+    Ok(Json(QueuesView {
+        queues: fetch_queues(&state).await?,
+    }))
+}
+
+/// Every work queue and the dead-letter queue, as RabbitMQ's management
+/// API reports them now (a queue not declared yet: zeros).
+pub(crate) async fn fetch_queues(state: &AppState) -> Result<Vec<QueueView>, ApiError> {
     let topology = state.catalog.topology();
     let mut names: Vec<(String, &'static str)> = topology
         .queues()
@@ -177,7 +185,7 @@ pub(crate) async fn queues(
             consumers: q.consumers,
         });
     }
-    Ok(Json(QueuesView { queues }))
+    Ok(queues)
 }
 
 /// Percent-encodes a path segment (a vhost is often `/`).

@@ -65,6 +65,11 @@ impl MigratorTrait for Migrator {
                 up: "ALTER TABLE tasks ADD COLUMN attempt_base integer NOT NULL DEFAULT 0",
                 down: "ALTER TABLE tasks DROP COLUMN attempt_base",
             }),
+            Box::new(Sql {
+                name: "m20261202_000008_dashboard",
+                up: DASHBOARD,
+                down: DASHBOARD_DOWN,
+            }),
         ]
     }
 }
@@ -251,4 +256,34 @@ CREATE TABLE workers (
     started_at     timestamptz NOT NULL,
     last_heartbeat timestamptz NOT NULL
 );
+"#;
+
+/// What the dashboard needs: its sign-in sessions, the version that ran
+/// each task, and a cheap way to the last hours of tasks.
+const DASHBOARD: &str = r#"
+-- A signed-in browser. Only hashes are kept: of the session token in the
+-- cookie, and of the API key it signed in with (so revoking the key ends
+-- the session at the next request).
+CREATE TABLE ui_sessions (
+    token_hash  bytea PRIMARY KEY,
+    key_hash    bytea NOT NULL,
+    csrf_token  text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    expires_at  timestamptz NOT NULL
+);
+CREATE INDEX ui_sessions_expiry ON ui_sessions (expires_at);
+
+ALTER TABLE tasks ADD COLUMN worker_version text;
+
+-- "Tasks of the last hour" without reading the table: rows are appended in
+-- created_at order, so a BRIN index (a few pages for millions of rows,
+-- nothing to update on a claim or an outcome, HOT updates kept) leads the
+-- overview's queries to the newest pages only.
+CREATE INDEX tasks_created_brin ON tasks USING brin (created_at);
+"#;
+
+const DASHBOARD_DOWN: &str = r#"
+DROP INDEX tasks_created_brin;
+ALTER TABLE tasks DROP COLUMN worker_version;
+DROP TABLE ui_sessions;
 "#;

@@ -54,6 +54,9 @@ pub struct Model {
     pub cancel_requested_at: Option<DateTimeUtc>,
     /// Hash of the submission an idempotency key was first used with.
     pub idempotency_fingerprint: Option<String>,
+    /// The version of the worker that ran the latest attempt: run times per
+    /// release (the dashboard's releases page) group by it.
+    pub worker_version: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -7,13 +7,15 @@
 //! backwards or overwrite a newer outcome. A statement that finds its guard
 //! false changes nothing and says so; the caller decides what that means.
 
+mod insights;
 mod items;
 mod reads;
 mod requests;
 mod workers;
 
+pub use insights::{Minute, ReleaseTimes, StateCount};
 pub use items::{ItemError, ItemRecord};
-pub use reads::{ListFilter, TaskSummary};
+pub use reads::{ListFilter, Owners, TaskSummary};
 use requests::RESETTABLE_BY_OPERATOR;
 pub use requests::{Cancellation, Inserted, Retry};
 pub use workers::WorkerRecord;
@@ -204,6 +206,7 @@ fn new_row(t: &NewTask, now: DateTime<Utc>) -> task::ActiveModel {
         traceparent: Set(t.traceparent.clone()),
         cancel_requested_at: Set(None),
         idempotency_fingerprint: Set(t.idempotency_fingerprint.clone()),
+        worker_version: Set(None),
     }
 }
 
@@ -528,12 +531,14 @@ impl Store {
             .query_all_raw(stmt(
                 "INSERT INTO tasks AS t (id, task_type, queue, owner, state, input, attempts, eta, expires_at,
                                          time_limit, soft_time_limit, created_at, queued_at, started_at,
-                                         updated_at, worker, origin, root_id, parent_id, group_id, traceparent)
+                                         updated_at, worker, origin, root_id, parent_id, group_id, traceparent,
+                                         worker_version)
                  SELECT (e->>'id')::uuid, e->>'task_type', e->>'queue', e->>'owner', 'STARTED', e->'input', 1,
                         (e->>'eta')::timestamptz, (e->>'expires_at')::timestamptz,
                         (e->>'time_limit')::float8, (e->>'soft_time_limit')::float8,
                         now(), now(), clock_timestamp(), now(), $2,
-                        e->>'origin', e->>'root_id', e->>'parent_id', e->>'group_id', e->>'traceparent'
+                        e->>'origin', e->>'root_id', e->>'parent_id', e->>'group_id', e->>'traceparent',
+                        $6
                  FROM jsonb_array_elements($1::jsonb) AS e
                  ON CONFLICT (id) DO UPDATE
                     SET state = 'STARTED',
@@ -543,6 +548,7 @@ impl Store {
                                                       AND EXCLUDED.id = ANY($5)))::int,
                         started_at = clock_timestamp(),
                         updated_at = now(), worker = EXCLUDED.worker, publish_at = NULL,
+                        worker_version = EXCLUDED.worker_version,
                         queued_at = COALESCE(t.queued_at, now())
                   WHERE t.task_type = EXCLUDED.task_type
                     AND t.owner IS NOT DISTINCT FROM EXCLUDED.owner
@@ -560,6 +566,7 @@ impl Store {
                     redelivered.into(),
                     unsigned.into(),
                     retried.into(),
+                    crate::VERSION.into(),
                 ],
             ))
             .await?;
@@ -852,8 +859,13 @@ impl Store {
             TaskState::Success | TaskState::Cancelled | TaskState::Expired
         ) {
             // No attempt can be running: its message is the dead letter.
-            self.reset(id, None, &RESETTABLE_BY_OPERATOR, chrono::Duration::zero())
-                .await?;
+            self.reset(
+                id,
+                &requests::Scope::default(),
+                &RESETTABLE_BY_OPERATOR,
+                chrono::Duration::zero(),
+            )
+            .await?;
         }
         Ok(Some(before))
     }

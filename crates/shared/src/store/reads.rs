@@ -7,16 +7,84 @@ use chrono::{DateTime, Utc};
 use sea_orm::ConnectionTrait;
 use sea_orm::{
     ColumnTrait, Condition, EntityTrait, FromQueryResult, QueryFilter, QueryOrder, QuerySelect,
+    QueryTrait,
     sea_query::{Expr, ExprTrait},
 };
 use serde_json::Value;
 use uuid::Uuid;
+
+/// Whose tasks a read may see: one owner's (an ordinary key), or every
+/// owner's (an admin key). Every read by a client goes through this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owners<'a> {
+    One(&'a str),
+    All,
+}
+
+impl Owners<'_> {
+    /// As a nullable SQL parameter: NULL matches every owner.
+    pub fn param(&self) -> Option<String> {
+        match self {
+            Owners::One(o) => Some((*o).to_owned()),
+            Owners::All => None,
+        }
+    }
+
+    fn condition(&self) -> Condition {
+        match self {
+            Owners::One(o) => Condition::all().add(task::Column::Owner.eq(*o)),
+            Owners::All => Condition::all(),
+        }
+    }
+}
+
+/// A type's tasks matching `f`, any owner, in no order yet.
+fn filtered(task_type: &str, f: &ListFilter) -> sea_orm::Select<task::Entity> {
+    let mut q = task::Entity::find()
+        .select_only()
+        .columns(SUMMARY_COLUMNS)
+        .filter(task::Column::TaskType.eq(task_type));
+    if !f.states.is_empty() {
+        let states: Vec<&str> = f.states.iter().map(|s| s.as_str()).collect();
+        q = q.filter(Expr::col(task::Column::State).is_in(states));
+    }
+    if let Some(t) = f.created_after {
+        q = q.filter(task::Column::CreatedAt.gt(t));
+    }
+    if let Some(t) = f.created_before {
+        q = q.filter(task::Column::CreatedAt.lt(t));
+    }
+    match f.search.as_deref().map(str::trim) {
+        None | Some("") => {}
+        Some(text) => match Uuid::parse_str(text) {
+            Ok(id) => q = q.filter(task::Column::Id.eq(id)),
+            // strpos, not LIKE: no wildcard in the text to escape.
+            Err(_) => {
+                q = q.filter(Expr::cust_with_values(
+                    "strpos(lower(input::text), lower($1)) > 0",
+                    [text.to_owned()],
+                ))
+            }
+        },
+    }
+    if let Some((t, id)) = f.after {
+        q = q.filter(
+            Condition::any().add(task::Column::CreatedAt.lt(t)).add(
+                Condition::all()
+                    .add(task::Column::CreatedAt.eq(t))
+                    .add(task::Column::Id.lt(id)),
+            ),
+        );
+    }
+    q
+}
 
 /// Everything about a task but its input and result.
 #[derive(Debug, Clone, PartialEq, FromQueryResult)]
 pub struct TaskSummary {
     pub id: Uuid,
     pub task_type: String,
+    pub owner: Option<String>,
     pub queue: String,
     pub state: TaskState,
     pub error: Option<Value>,
@@ -33,11 +101,16 @@ pub struct TaskSummary {
     pub finished_at: Option<DateTime<Utc>>,
     pub worker: Option<String>,
     pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// The W3C trace the submission belonged to.
+    pub traceparent: Option<String>,
+    /// The version of the worker that ran the latest attempt.
+    pub worker_version: Option<String>,
 }
 
-const SUMMARY_COLUMNS: [task::Column; 18] = [
+const SUMMARY_COLUMNS: [task::Column; 21] = [
     task::Column::Id,
     task::Column::TaskType,
+    task::Column::Owner,
     task::Column::Queue,
     task::Column::State,
     task::Column::Error,
@@ -54,6 +127,8 @@ const SUMMARY_COLUMNS: [task::Column; 18] = [
     task::Column::FinishedAt,
     task::Column::Worker,
     task::Column::CancelRequestedAt,
+    task::Column::Traceparent,
+    task::Column::WorkerVersion,
 ];
 
 /// Which tasks to list.
@@ -65,67 +140,79 @@ pub struct ListFilter {
     pub created_before: Option<DateTime<Utc>>,
     /// Continue after this (created_at, id): the last row of the previous page.
     pub after: Option<(DateTime<Utc>, Uuid)>,
+    /// A task id, or text to find (case-insensitively) in the input.
+    pub search: Option<String>,
     pub limit: u64,
 }
 
 impl Store {
-    /// An owner's task of a type, without input and result.
+    /// A visible task of a type, without input and result.
     pub async fn summary(
         &self,
-        owner: &str,
+        owners: Owners<'_>,
         task_type: &str,
         id: Uuid,
     ) -> Result<Option<TaskSummary>> {
         Ok(task::Entity::find_by_id(id)
             .select_only()
             .columns(SUMMARY_COLUMNS)
-            .filter(task::Column::Owner.eq(owner))
+            .filter(owners.condition())
             .filter(task::Column::TaskType.eq(task_type))
             .into_model::<TaskSummary>()
             .one(&self.db)
             .await?)
     }
 
-    /// An owner's tasks of a type, newest first, keyset-paginated on
+    /// Visible tasks of a type, newest first, keyset-paginated on
     /// (created_at, id): a page boundary is a fixed point, so tasks created
     /// meanwhile never shift or repeat what the following pages hold.
     /// Returns up to `limit + 1` rows; the extra one says there is more.
+    ///
+    /// One owner's page is one range of the listing index. Every owner's
+    /// (an admin) is a page per owner, merged: the owners are found by
+    /// skipping through the same index (one probe each), so the listing
+    /// needs no second index on the hot insert path, and costs
+    /// `owners × page` rows.
     pub async fn list(
         &self,
-        owner: &str,
+        owners: Owners<'_>,
         task_type: &str,
         f: &ListFilter,
     ) -> Result<Vec<TaskSummary>> {
-        let mut q = task::Entity::find()
-            .select_only()
-            .columns(SUMMARY_COLUMNS)
-            .filter(task::Column::Owner.eq(owner))
-            .filter(task::Column::TaskType.eq(task_type));
-        if !f.states.is_empty() {
-            let states: Vec<&str> = f.states.iter().map(|s| s.as_str()).collect();
-            q = q.filter(Expr::col(task::Column::State).is_in(states));
+        let newest = |q: sea_orm::Select<task::Entity>| {
+            q.order_by_desc(task::Column::CreatedAt)
+                .order_by_desc(task::Column::Id)
+                .limit(f.limit + 1)
+        };
+        let q = filtered(task_type, f);
+        match owners {
+            Owners::One(owner) => Ok(newest(q.filter(task::Column::Owner.eq(owner)))
+                .into_model::<TaskSummary>()
+                .all(&self.db)
+                .await?),
+            Owners::All => {
+                let inner = newest(q.filter(
+                    Expr::col((task::Entity, task::Column::Owner)).eq(Expr::cust("o.owner")),
+                ))
+                .build(sea_orm::DbBackend::Postgres);
+                let sql = format!(
+                    "WITH RECURSIVE o AS (
+                         (SELECT owner FROM tasks WHERE owner IS NOT NULL ORDER BY owner LIMIT 1)
+                         UNION ALL
+                         SELECT (SELECT t.owner FROM tasks t WHERE t.owner > o.owner ORDER BY t.owner LIMIT 1)
+                         FROM o WHERE o.owner IS NOT NULL)
+                     SELECT s.* FROM o CROSS JOIN LATERAL ({}) AS s
+                     WHERE o.owner IS NOT NULL
+                     ORDER BY s.created_at DESC, s.id DESC LIMIT {}",
+                    inner.sql,
+                    f.limit + 1
+                );
+                let values = inner.values.map(|v| v.0).unwrap_or_default();
+                Ok(TaskSummary::find_by_statement(stmt(&sql, values))
+                    .all(&self.db)
+                    .await?)
+            }
         }
-        if let Some(t) = f.created_after {
-            q = q.filter(task::Column::CreatedAt.gt(t));
-        }
-        if let Some(t) = f.created_before {
-            q = q.filter(task::Column::CreatedAt.lt(t));
-        }
-        if let Some((t, id)) = f.after {
-            q = q.filter(
-                Condition::any().add(task::Column::CreatedAt.lt(t)).add(
-                    Condition::all()
-                        .add(task::Column::CreatedAt.eq(t))
-                        .add(task::Column::Id.lt(id)),
-                ),
-            );
-        }
-        Ok(q.order_by_desc(task::Column::CreatedAt)
-            .order_by_desc(task::Column::Id)
-            .limit(f.limit + 1)
-            .into_model::<TaskSummary>()
-            .all(&self.db)
-            .await?)
     }
 
     /// A finished task's output (`None` unless it succeeded).

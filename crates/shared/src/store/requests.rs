@@ -1,7 +1,7 @@
 //! What clients ask of tasks beyond submitting one: submit idempotently,
 //! submit many at once, cancel, retry.
 
-use super::{Result, Store, StoreError, message_from_row, new_row, stmt, stored};
+use super::{Owners, Result, Store, StoreError, message_from_row, new_row, stmt, stored};
 use crate::{
     codes::{ErrorCode, StoredError},
     db::task,
@@ -280,11 +280,16 @@ impl Store {
         Ok(res.rows_affected())
     }
 
-    /// A client cancels its task. One statement decides by the current
+    /// A client cancels its task (an admin: anyone's). One statement decides by the current
     /// state: not started yet → CANCELLED at once (a message already on the
     /// broker finds it finished and is dropped); running → flagged, and the
     /// worker running it cancels the task's context.
-    pub async fn cancel(&self, id: Uuid, owner: &str, task_type: &str) -> Result<Cancellation> {
+    pub async fn cancel(
+        &self,
+        id: Uuid,
+        owners: Owners<'_>,
+        task_type: &str,
+    ) -> Result<Cancellation> {
         #[derive(FromQueryResult)]
         struct After {
             state: TaskState,
@@ -302,10 +307,15 @@ impl Store {
                 publish_at = CASE WHEN state = 'STARTED' THEN publish_at ELSE NULL END,
                 cancel_requested_at = COALESCE(cancel_requested_at, now()),
                 updated_at = now()
-             WHERE id = $1 AND owner = $2 AND task_type = $3
+             WHERE id = $1 AND ($2::text IS NULL OR owner = $2) AND task_type = $3
                AND state IN ('PENDING', 'QUEUED', 'RETRY', 'STARTED')
              RETURNING state",
-            vec![id.into(), owner.into(), task_type.into(), stored(&error)],
+            vec![
+                id.into(),
+                owners.param().into(),
+                task_type.into(),
+                stored(&error),
+            ],
         ))
         .one(&self.db)
         .await?;
@@ -314,7 +324,7 @@ impl Store {
                 state: TaskState::Cancelled,
             }) => Cancellation::Cancelled,
             Some(_) => Cancellation::Requested,
-            None => match self.summary(owner, task_type, id).await? {
+            None => match self.summary(owners, task_type, id).await? {
                 Some(t) => Cancellation::AlreadyFinished(t.state),
                 None => Cancellation::NotFound,
             },
@@ -327,38 +337,36 @@ impl Store {
     pub async fn retry(
         &self,
         id: Uuid,
-        owner: &str,
+        owners: Owners<'_>,
         task_type: &str,
         lease: chrono::Duration,
     ) -> Result<Retry> {
-        if let Some(row) = self
-            .reset(id, Some((owner, task_type)), &RETRYABLE_BY_CLIENT, lease)
-            .await?
-        {
+        let scope = Scope {
+            owner: owners.param(),
+            task_type: Some(task_type.to_owned()),
+        };
+        if let Some(row) = self.reset(id, &scope, &RETRYABLE_BY_CLIENT, lease).await? {
             return Ok(Retry::Requeued(Box::new(row)));
         }
-        Ok(match self.summary(owner, task_type, id).await? {
+        Ok(match self.summary(owners, task_type, id).await? {
             Some(t) => Retry::NotRetryable(t.state),
             None => Retry::NotFound,
         })
     }
 
     /// Back to PENDING with a fresh retry budget, due after `delay`; only
-    /// from `from` states, and only the caller's own task when `scope` is
-    /// given. `attempts` keeps counting (the budget starts at
+    /// from `from` states, and only a task `scope` allows. `attempts` keeps counting (the budget starts at
     /// `attempt_base`), so an attempt from before the reset that is still
     /// running can never pass for the new one.
     pub(super) async fn reset(
         &self,
         id: Uuid,
-        scope: Option<(&str, &str)>,
+        scope: &Scope,
         from: &[TaskState],
         delay: chrono::Duration,
     ) -> Result<Option<task::Model>> {
         let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
-        let (owner, task_type) = scope.map_or((None, None), |(o, t)| {
-            (Some(o.to_owned()), Some(t.to_owned()))
-        });
+        let (owner, task_type) = (scope.owner.clone(), scope.task_type.clone());
         Ok(task::Model::find_by_statement(stmt(
             "UPDATE tasks SET state = 'PENDING', attempt_base = attempts, error = NULL, result = NULL,
                     started_at = NULL, finished_at = NULL, cancel_requested_at = NULL,
@@ -381,4 +389,11 @@ impl Store {
         .one(&self.db)
         .await?)
     }
+}
+
+/// Which task a reset may touch: `None` fields match any.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Scope {
+    pub(super) owner: Option<String>,
+    pub(super) task_type: Option<String>,
 }

@@ -26,16 +26,32 @@ pub(crate) async fn cancel(
     caller: Caller,
     Path(TaskPath { task_type, id }): Path<TaskPath>,
 ) -> Result<Response, ApiError> {
-    entry(&state, &task_type)?;
-    let uuid = parse_id(&task_type, &id)?;
-    let status = match state.store.cancel(uuid, &caller.owner, &task_type).await? {
+    let (status, t) = cancel_task(&state, &caller, &task_type, &id).await?;
+    Ok((status, Json(view(&state, t).await?)).into_response())
+}
+
+/// Cancels a visible task: 200 when it had not started, 202 when its worker
+/// is told to stop; the task as it is now. Shared by the API and the dashboard.
+pub(crate) async fn cancel_task(
+    state: &AppState,
+    caller: &Caller,
+    task_type: &str,
+    id: &str,
+) -> Result<(StatusCode, TaskSummary), ApiError> {
+    entry(state, task_type)?;
+    let uuid = parse_id(task_type, id)?;
+    let status = match state.store.cancel(uuid, caller.owners(), task_type).await? {
         Cancellation::Cancelled => StatusCode::OK,
         Cancellation::Requested => StatusCode::ACCEPTED,
         Cancellation::AlreadyFinished(s) => return Err(ApiError::already_finished(s.as_str())),
-        Cancellation::NotFound => return Err(ApiError::task_not_found(&task_type, &id)),
+        Cancellation::NotFound => return Err(ApiError::task_not_found(task_type, id)),
     };
-    let t = load(&state, &caller, &task_type, &id).await?;
-    Ok((status, Json(view(&state, t).await?)).into_response())
+    if status == StatusCode::OK {
+        tracing::info!(task_id = %uuid, task = task_type, "task cancelled");
+    } else {
+        tracing::info!(task_id = %uuid, task = task_type, "cancellation requested");
+    }
+    Ok((status, load(state, caller, task_type, id).await?))
 }
 
 /// `POST /tasks/{type}/{id}/retry`: a task that ended FAILURE, CANCELLED or
@@ -57,20 +73,32 @@ pub(crate) async fn retry(
     caller: Caller,
     Path(TaskPath { task_type, id }): Path<TaskPath>,
 ) -> Result<Response, ApiError> {
-    entry(&state, &task_type)?;
-    let uuid = parse_id(&task_type, &id)?;
+    let t = retry_task(&state, &caller, &task_type, &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(view(&state, t).await?)).into_response())
+}
+
+/// Queues a visible task that ended without success again; the task as it
+/// is now. Shared by the API and the dashboard.
+pub(crate) async fn retry_task(
+    state: &AppState,
+    caller: &Caller,
+    task_type: &str,
+    id: &str,
+) -> Result<TaskSummary, ApiError> {
+    entry(state, task_type)?;
+    let uuid = parse_id(task_type, id)?;
     let lease = chrono::Duration::from_std(state.settings.relay.lease()).unwrap_or_default();
     match state
         .store
-        .retry(uuid, &caller.owner, &task_type, lease)
+        .retry(uuid, caller.owners(), task_type, lease)
         .await?
     {
         Retry::Requeued(row) => {
-            publish_due(&state, std::slice::from_ref(&row)).await;
+            publish_due(state, std::slice::from_ref(&row)).await;
         }
         Retry::NotRetryable(s) => return Err(ApiError::not_retryable(s.as_str())),
-        Retry::NotFound => return Err(ApiError::task_not_found(&task_type, &id)),
+        Retry::NotFound => return Err(ApiError::task_not_found(task_type, id)),
     }
-    let t = load(&state, &caller, &task_type, &id).await?;
-    Ok((StatusCode::ACCEPTED, Json(view(&state, t).await?)).into_response())
+    tracing::info!(task_id = %uuid, task = task_type, "task retried");
+    load(state, caller, task_type, id).await
 }

@@ -64,6 +64,11 @@ fn entry<'a>(state: &'a AppState, task_type: &str) -> Result<&'a Entry, ApiError
         .ok_or_else(|| ApiError::unknown_task_type(task_type, state.catalog.task_types()))
 }
 
+/// 404 unless this deployment runs `task_type` (the dashboard's listings).
+pub(crate) fn entry_exists(state: &AppState, task_type: &str) -> Result<(), ApiError> {
+    entry(state, task_type).map(drop)
+}
+
 fn query<T: DeserializeOwned>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     q.map(|Query(t)| t)
         .map_err(|e| ApiError::invalid_parameter("query", e.body_text()))
@@ -265,7 +270,7 @@ impl TaskView {
 
 /// The caller's task of that type, or 404 (unknown type, malformed or
 /// unknown id, another owner's task, a task of another type: all alike).
-async fn load(
+pub(crate) async fn load(
     state: &AppState,
     caller: &Caller,
     task_type: &str,
@@ -275,7 +280,7 @@ async fn load(
     let uuid = parse_id(task_type, id)?;
     state
         .store
-        .summary(&caller.owner, task_type, uuid)
+        .summary(caller.owners(), task_type, uuid)
         .await?
         .ok_or_else(|| ApiError::task_not_found(task_type, id))
 }

@@ -26,6 +26,100 @@ pub(crate) struct ListParams {
     limit: Option<u64>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// A task id, or text to find (case-insensitively) in the input.
+    #[param(max_length = 200)]
+    q: Option<String>,
+}
+
+impl ListParams {
+    pub(crate) fn new(
+        state: Option<String>,
+        created_after: Option<String>,
+        created_before: Option<String>,
+        cursor: Option<String>,
+        q: Option<String>,
+    ) -> Self {
+        Self {
+            state,
+            created_after,
+            created_before,
+            limit: None,
+            cursor,
+            q,
+        }
+    }
+
+    /// The store's filter, every parameter checked.
+    pub(crate) fn filter(&self) -> Result<ListFilter, ApiError> {
+        let limit = page_size(self.limit)?;
+        let states = match &self.state {
+            None => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(|s| {
+                    TaskState::parse(s.trim()).ok_or_else(|| {
+                        ApiError::invalid_parameter(
+                            "state",
+                            format!("unknown state `{s}`; states are {:?}", TaskState::ALL),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let after = match &self.cursor {
+            None => None,
+            Some(c) => Some(parse_cursor(c)?),
+        };
+        if self.q.as_ref().is_some_and(|q| q.chars().count() > 200) {
+            return Err(ApiError::invalid_parameter("q", "at most 200 characters"));
+        }
+        Ok(ListFilter {
+            states,
+            created_after: self
+                .created_after
+                .as_deref()
+                .map(|t| instant("created_after", t))
+                .transpose()?,
+            created_before: self
+                .created_before
+                .as_deref()
+                .map(|t| instant("created_before", t))
+                .transpose()?,
+            after,
+            search: self.q.clone(),
+            limit,
+        })
+    }
+}
+
+fn parse_cursor(c: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
+    let bad = || ApiError::invalid_parameter("cursor", "not a cursor this API returned");
+    let text = decode_cursor(c).ok_or_else(bad)?;
+    let (micros, id) = text.split_once('.').ok_or_else(bad)?;
+    let at = micros
+        .parse::<i64>()
+        .ok()
+        .and_then(DateTime::from_timestamp_micros)
+        .ok_or_else(bad)?;
+    Ok((at, Uuid::parse_str(id).map_err(|_| bad())?))
+}
+
+/// A page of a listing: at most `limit` rows, and the cursor of the next
+/// page when the store returned the extra row that says there is one.
+pub(crate) fn paginate(
+    mut rows: Vec<TaskSummary>,
+    limit: u64,
+) -> (Vec<TaskSummary>, Option<String>) {
+    let more = rows.len() as u64 > limit;
+    rows.truncate(limit as usize);
+    let next_cursor = more.then(|| rows.last()).flatten().map(|last| {
+        encode_cursor(&format!(
+            "{}.{}",
+            last.created_at.timestamp_micros(),
+            last.id
+        ))
+    });
+    (rows, next_cursor)
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -57,7 +151,8 @@ pub(super) fn decode_cursor(cursor: &str) -> Option<String> {
         .and_then(|b| String::from_utf8(b).ok())
 }
 
-/// `GET /tasks/{type}`: the caller's tasks of that type, newest first.
+/// `GET /tasks/{type}`: the caller's tasks of that type (an admin key's:
+/// every owner's), newest first.
 #[utoipa::path(
     get,
     path = "/tasks/{task_type}",
@@ -77,61 +172,12 @@ pub(crate) async fn list(
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<Page<TaskView>>, ApiError> {
     entry(&state, &task_type)?;
-    let p = query(params)?;
-    let limit = page_size(p.limit)?;
-    let states = match &p.state {
-        None => Vec::new(),
-        Some(list) => list
-            .split(',')
-            .map(|s| {
-                TaskState::parse(s.trim()).ok_or_else(|| {
-                    ApiError::invalid_parameter(
-                        "state",
-                        format!("unknown state `{s}`; states are {:?}", TaskState::ALL),
-                    )
-                })
-            })
-            .collect::<Result<_, _>>()?,
-    };
-    let after = match &p.cursor {
-        None => None,
-        Some(c) => {
-            let bad = || ApiError::invalid_parameter("cursor", "not a cursor this API returned");
-            let text = decode_cursor(c).ok_or_else(bad)?;
-            let (micros, id) = text.split_once('.').ok_or_else(bad)?;
-            let at = micros
-                .parse::<i64>()
-                .ok()
-                .and_then(DateTime::from_timestamp_micros)
-                .ok_or_else(bad)?;
-            Some((at, Uuid::parse_str(id).map_err(|_| bad())?))
-        }
-    };
-    let filter = ListFilter {
-        states,
-        created_after: p
-            .created_after
-            .as_deref()
-            .map(|t| instant("created_after", t))
-            .transpose()?,
-        created_before: p
-            .created_before
-            .as_deref()
-            .map(|t| instant("created_before", t))
-            .transpose()?,
-        after,
-        limit,
-    };
-    let mut rows = state.store.list(&caller.owner, &task_type, &filter).await?;
-    let more = rows.len() as u64 > limit;
-    rows.truncate(limit as usize);
-    let next_cursor = more.then(|| rows.last()).flatten().map(|last| {
-        encode_cursor(&format!(
-            "{}.{}",
-            last.created_at.timestamp_micros(),
-            last.id
-        ))
-    });
+    let filter = query(params)?.filter()?;
+    let rows = state
+        .store
+        .list(caller.owners(), &task_type, &filter)
+        .await?;
+    let (rows, next_cursor) = paginate(rows, filter.limit);
     Ok(Json(Page {
         items: rows.into_iter().map(|t| TaskView::new(t, None)).collect(),
         next_cursor,
@@ -332,14 +378,29 @@ pub(crate) async fn artifact(
         name,
     }): Path<ArtifactPath>,
 ) -> Result<Response, ApiError> {
-    let t = load(&state, &caller, &task_type, &id).await?;
-    let not_found = || ApiError::artifact_not_found(&name);
-    if !warren_shared::artifacts::valid_name(&name) {
+    serve_artifact(&state, &caller, &task_type, &id, &name, false).await
+}
+
+/// A visible task's artifact as a download; with `inline`, a PDF opens in
+/// the browser instead (the dashboard's link). Anything else is sandboxed:
+/// a task's file never runs as a page of this origin. (Chrome refuses to
+/// show a sandboxed PDF, and its viewer runs no script of ours.)
+pub(crate) async fn serve_artifact(
+    state: &AppState,
+    caller: &Caller,
+    task_type: &str,
+    id: &str,
+    name: &str,
+    inline: bool,
+) -> Result<Response, ApiError> {
+    let t = load(state, caller, task_type, id).await?;
+    let not_found = || ApiError::artifact_not_found(name);
+    if !warren_shared::artifacts::valid_name(name) {
         return Err(not_found());
     }
     let a = state
         .artifacts
-        .get(t.id, &name)
+        .get(t.id, name)
         .await?
         .ok_or_else(not_found)?;
     let mut response = a.data.into_response();
@@ -349,8 +410,23 @@ pub(crate) async fn artifact(
         HeaderValue::from_str(&a.meta.content_type)
             .unwrap_or(HeaderValue::from_static("application/octet-stream")),
     );
-    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{}\"", a.meta.name)) {
+    let how = if inline && a.meta.content_type == "application/pdf" {
+        "inline"
+    } else {
+        "attachment"
+    };
+    if let Ok(v) = HeaderValue::from_str(&format!("{how}; filename=\"{}\"", a.meta.name)) {
         headers.insert(header::CONTENT_DISPOSITION, v);
     }
+    if how == "attachment" {
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("sandbox"),
+        );
+    }
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     Ok(response)
 }

@@ -1,13 +1,20 @@
-//! Operator tools for the dead-letter queue: see what is there and why, and
-//! give messages another chance (`warren-worker dead-letters list|requeue`).
+//! The dead-letter queue, for operators: see what is there and why, and give
+//! messages another chance (`warren-worker dead-letters list|requeue`, and
+//! the dashboard's dead-letters page).
 //!
 //! Messages land there in two ways: the worker copies a message it cannot
 //! or will not run, adding `x-warren-*` headers (reason, code, where it was
 //! going); or the broker dead-letters a message redelivered past the queue's
 //! delivery limit, adding its own `x-death` headers.
 
-use crate::handler::{
-    CODE_HEADER, EXCHANGE_HEADER, FIELD_HEADER, REASON_HEADER, ROUTING_KEY_HEADER, WORKER_HEADER,
+use crate::{
+    broker::{self, BrokerError},
+    envelope,
+    settings::Settings,
+    state::TaskState,
+    store::{Store, StoreError},
+    topology::Topology,
+    wire::{self, short_string},
 };
 use lapin::{
     BasicProperties, Channel, Connection,
@@ -18,15 +25,18 @@ use lapin::{
 use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
-use warren_shared::{
-    broker::{self, BrokerError},
-    envelope,
-    settings::Settings,
-    state::TaskState,
-    store::{Store, StoreError},
-    topology::Topology,
-    wire::{self, short_string},
-};
+
+/// Headers a dead letter carries besides the original ones.
+pub const REASON_HEADER: &str = "x-warren-reason";
+pub const CODE_HEADER: &str = "x-warren-error-code";
+/// The part of the message that was wrong (`timelimit`, `kwargs.name`).
+pub const FIELD_HEADER: &str = "x-warren-error-field";
+/// Set (to the original size in bytes) when the body was not copied.
+pub const BODY_DROPPED_HEADER: &str = "x-warren-body-dropped";
+pub const WORKER_HEADER: &str = "x-warren-worker";
+/// Where the message was originally published, so a requeue can send it back.
+pub const EXCHANGE_HEADER: &str = "x-warren-original-exchange";
+pub const ROUTING_KEY_HEADER: &str = "x-warren-original-routing-key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeadLetterError {
@@ -64,6 +74,35 @@ pub struct DeadLetter {
     pub worker: Option<String>,
     /// Properties, headers and body as JSON.
     pub message: Value,
+}
+
+/// Which dead letters an operation applies to; every field given must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Matching {
+    pub task_id: Option<Uuid>,
+    pub task: Option<String>,
+    pub reason: Option<String>,
+    pub code: Option<String>,
+}
+
+impl Matching {
+    /// Only the dead letters of one task.
+    pub fn task_id(id: Uuid) -> Self {
+        Self {
+            task_id: Some(id),
+            ..Self::default()
+        }
+    }
+
+    pub fn matches(&self, d: &DeadLetter) -> bool {
+        fn eq<T: PartialEq>(want: &Option<T>, have: &Option<T>) -> bool {
+            want.is_none() || want == have
+        }
+        eq(&self.task_id, &d.task_id)
+            && eq(&self.task, &d.task)
+            && eq(&self.reason, &d.reason)
+            && eq(&self.code, &d.code)
+    }
 }
 
 /// What a requeue did.
@@ -138,35 +177,43 @@ async fn close(conn: Connection, channel: Channel) {
     let _ = conn.close(200, "done".into()).await;
 }
 
-/// Up to `limit` dead letters, oldest first. Nothing is removed.
+/// Up to `limit` dead letters matching `which`, oldest first, looking at
+/// no more than `scan` messages. Nothing is removed.
 pub async fn list(
     settings: &Settings,
     topology: &Topology,
+    which: &Matching,
     limit: usize,
+    scan: usize,
 ) -> Result<Vec<DeadLetter>, DeadLetterError> {
     let (conn, channel) = open(settings).await?;
     let queue = short_string(&topology.dead_letter_queue());
     let mut out = Vec::new();
-    while out.len() < limit {
+    let mut seen = 0;
+    while out.len() < limit && seen < scan {
         let Some(msg) = channel
             .basic_get(queue.clone(), BasicGetOptions::default())
             .await?
         else {
             break;
         };
-        out.push(describe(&msg));
+        seen += 1;
+        let letter = describe(&msg);
+        if which.matches(&letter) {
+            out.push(letter);
+        }
     }
     close(conn, channel).await;
     Ok(out)
 }
 
-/// Gives up to `limit` dead letters (only those of `task_id`, if given)
-/// another chance, and removes them from the dead-letter queue.
+/// Gives up to `limit` dead letters matching `which` another chance, and
+/// removes them from the dead-letter queue.
 pub async fn requeue(
     settings: &Settings,
     topology: &Topology,
     store: &Store,
-    task_id: Option<Uuid>,
+    which: &Matching,
     limit: usize,
 ) -> Result<RequeueReport, DeadLetterError> {
     let (conn, channel) = open(settings).await?;
@@ -181,7 +228,7 @@ pub async fn requeue(
             break;
         };
         let letter = describe(&msg);
-        if task_id.is_some() && letter.task_id != task_id {
+        if !which.matches(&letter) {
             // Not ours: left unacknowledged, handed back on close.
             continue;
         }
