@@ -18,7 +18,7 @@ async fn sign_in(b: &Browser, key: &str, landing: &str) {
         .await
         .expect("the sign-in form has a field named key");
     field.send_keys(key).await.expect("type the key");
-    b.click("form button[type=submit]").await;
+    b.click_to_navigate("form button[type=submit]").await;
     let landing = landing.to_owned();
     wait_until("the page after signing in", WAIT, || async {
         (b.path().await == landing).then_some(())
@@ -124,10 +124,10 @@ async fn a_person_signs_in_watches_tasks_live_and_acts_on_them() {
         "no reload"
     );
     b.screenshot("task-running").await;
-    b.click("#status a.button.danger").await;
+    b.click_to_navigate("#status a.button.danger").await;
     assert_eq!(heading(&b).await, "Cancel this task?");
     b.screenshot("confirm-cancel").await;
-    b.click("main form button[type=submit]").await;
+    b.click_to_navigate("main form button[type=submit]").await;
     b.wait_js(
         "the task to show CANCELLED",
         WAIT,
@@ -149,8 +149,9 @@ async fn a_person_signs_in_watches_tasks_live_and_acts_on_them() {
         "every failed attempt is on the timeline"
     );
     b.screenshot("task-failed").await;
-    b.click("#status a.button[href$='/retry']").await;
-    b.click("main form button[type=submit]").await;
+    b.click_to_navigate("#status a.button[href$='/retry']")
+        .await;
+    b.click_to_navigate("main form button[type=submit]").await;
     assert!(b.text(".flash").await.contains("Queued again"));
     let t = wait_state(&api, "flaky", failing, &["SUCCESS", "FAILURE"]).await;
     assert_eq!(t["state"], "SUCCESS", "{t}");
@@ -208,7 +209,7 @@ async fn a_person_signs_in_watches_tasks_live_and_acts_on_them() {
     );
 
     // Signing out ends the session.
-    b.click("header form button").await;
+    b.click_to_navigate("header form button").await;
     wait_until("the sign-in page", WAIT, || async {
         (b.path().await == "/ui/login").then_some(())
     })
@@ -291,7 +292,7 @@ async fn an_admin_sees_every_owner_the_operations_and_requeues_a_dead_letter() {
     assert!(b.text("table.dead").await.contains("unknown_task"));
     only_local(&b).await;
     b.screenshot("dead-letters").await;
-    b.click("table.dead form button").await;
+    b.click_to_navigate("table.dead form button").await;
     let report = b.text(".flash").await;
     assert!(report.starts_with("Requeued 1:"), "{report}");
     assert!(report.contains("1 messages republished"), "{report}");
@@ -424,6 +425,37 @@ async fn sessions_are_strict_cookies_forms_need_their_token_and_revoked_keys_end
     let html = page.text().await.unwrap_or_default();
     assert!(!html.contains(&key), "the key is never written into a page");
 
+    // Hostile or broken requests get a page naming what was wrong.
+    for (path, status) in [
+        ("/ui/tasks/multiply?state=BOGUS", StatusCode::BAD_REQUEST),
+        (
+            "/ui/tasks/multiply?created_after=yesterday",
+            StatusCode::BAD_REQUEST,
+        ),
+        ("/ui/tasks/multiply?tz=abc", StatusCode::BAD_REQUEST),
+        ("/ui/tasks/multiply/not-an-id", StatusCode::NOT_FOUND),
+        ("/ui/tasks/no.such.type", StatusCode::NOT_FOUND),
+        (
+            "/ui/tasks/multiply/01a2ffff-0000-7000-8000-000000000000?errors_after=x",
+            StatusCode::BAD_REQUEST,
+        ),
+        ("/ui/workers", StatusCode::FORBIDDEN),
+        ("/ui/assets/..%2F..%2Fetc%2Fpasswd", StatusCode::NOT_FOUND),
+    ] {
+        let r = http
+            .get(api.url(path))
+            .header(header::COOKIE, &session)
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(r.status(), status, "{path}");
+        let ct = r.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(ct.starts_with("text/html"), "{path}: {ct}");
+    }
+
     // A form without the session's token changes nothing.
     let id = api.submit_ok("sleep", &json!({"seconds": 30})).await;
     let r = http
@@ -434,6 +466,18 @@ async fn sessions_are_strict_cookies_forms_need_their_token_and_revoked_keys_end
         .await
         .expect("POST cancel");
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = http
+        .post(api.url(&format!("/ui/tasks/sleep/{id}/cancel")))
+        .header(header::COOKIE, &session)
+        .form(&[("other", "field")])
+        .send()
+        .await
+        .expect("POST cancel");
+    assert_eq!(
+        r.status(),
+        StatusCode::BAD_REQUEST,
+        "a form without its token"
+    );
     assert_ne!(api.task("sleep", id).await["state"], "CANCELLED");
 
     // Revoking the key ends its sessions (within the key cache's second).

@@ -13,6 +13,9 @@ use serde_json::{Value, json};
 use std::{path::PathBuf, process::Stdio, time::Duration};
 use tokio::process::{Child, Command};
 
+/// How long a page may take to show an element a test looks for.
+const FIND_WITHIN: Duration = Duration::from_secs(20);
+
 pub struct Browser {
     pub client: Client,
     /// The dashboard's origin, `http://127.0.0.1:<port>`.
@@ -110,24 +113,36 @@ impl Browser {
         }
     }
 
-    pub async fn text(&self, css: &str) -> String {
+    /// The element `css` once the page shows it (a click's navigation may
+    /// still be under way), within [`FIND_WITHIN`].
+    pub async fn find(&self, css: &str) -> fantoccini::elements::Element {
         self.client
-            .find(Locator::Css(css))
+            .wait()
+            .at_most(FIND_WITHIN)
+            .for_element(Locator::Css(css))
             .await
             .unwrap_or_else(|e| panic!("no `{css}` on {}: {e}", self.url("")))
-            .text()
-            .await
-            .expect("element text")
+    }
+
+    pub async fn text(&self, css: &str) -> String {
+        self.find(css).await.text().await.expect("element text")
     }
 
     pub async fn click(&self, css: &str) {
-        self.client
-            .find(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("no `{css}` to click: {e}"))
-            .click()
-            .await
-            .expect("click");
+        self.find(css).await.click().await.expect("click");
+    }
+
+    /// Clicks a link or a form's button and waits for the page it leads to
+    /// to have loaded (a new document, not the old one still showing).
+    pub async fn click_to_navigate(&self, css: &str) {
+        self.js("window.warrenOldPage = true; return true").await;
+        self.click(css).await;
+        self.wait_js(
+            &format!("the page after clicking `{css}`"),
+            FIND_WITHIN,
+            "return !window.warrenOldPage && document.readyState === 'complete'",
+        )
+        .await;
     }
 
     /// Runs `script` (a function body; `return` gives the value).

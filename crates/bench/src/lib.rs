@@ -14,6 +14,7 @@ pub mod ceiling;
 pub mod drain;
 pub mod latency;
 pub mod memory;
+pub mod pages;
 pub mod report;
 pub mod scaling;
 pub mod submit;

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use warren_bench::{
-    all, ceiling, drain, latency, memory, scaling, submit,
+    all, ceiling, drain, latency, memory, pages, scaling, submit,
     system::{self, Setup},
 };
 
@@ -70,6 +70,8 @@ enum Scenario {
     Latency(latency::Args),
     /// Worker RSS after 100k vs 1M tasks; worker and API peaks.
     Memory(memory::Args),
+    /// Dashboard pages' render times with a million tasks in the table.
+    Pages(pages::Args),
 }
 
 #[tokio::main]
@@ -122,6 +124,15 @@ async fn main() -> anyhow::Result<()> {
             (
                 memory::render(&figures),
                 serde_json::json!({ "scenario": "memory", "figures": figures }),
+            )
+        }
+        Scenario::Pages(args) => {
+            let rows = pages::run(&setup, args).await?;
+            (
+                pages::render(args, &rows),
+                serde_json::json!({ "scenario": "pages", "parameters": {
+                    "rows": args.rows, "requests": args.requests,
+                }, "rows": rows }),
             )
         }
         Scenario::Submit(args) => {

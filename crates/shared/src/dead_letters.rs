@@ -19,7 +19,10 @@ use crate::{
 use lapin::{
     BasicProperties, Channel, Connection,
     message::BasicGetMessage,
-    options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions},
+    options::{
+        BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+        QueueDeclareOptions,
+    },
     types::{AMQPValue, FieldTable},
 };
 use serde::Serialize;
@@ -219,8 +222,24 @@ pub async fn requeue(
     let (conn, channel) = open(settings).await?;
     let queue = short_string(&topology.dead_letter_queue());
     let mut report = RequeueReport::default();
+    // Only what is there now: a republished message that is dead-lettered
+    // again while we go on must not be taken (and republished) twice.
+    let waiting = channel
+        .queue_declare(
+            queue.clone(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?
+        .message_count();
     let mut handled = 0;
-    while handled < limit {
+    for _ in 0..waiting {
+        if handled >= limit {
+            break;
+        }
         let Some(msg) = channel
             .basic_get(queue.clone(), BasicGetOptions::default())
             .await?

@@ -655,6 +655,17 @@ mod tests {
         let cases: &[(&str, &str, &str)] = &[
             ("WARREN_WORKER__CONCURRENCY", "abc", "worker.concurrency"),
             ("WARREN_WORKER__CONCURRENCY", "0", "worker.concurrency"),
+            ("WARREN_API__UI_SESSION_HOURS", "0", "api.ui_session_hours"),
+            (
+                "WARREN_API__UI_SESSION_HOURS",
+                "NaN",
+                "api.ui_session_hours",
+            ),
+            (
+                "WARREN_API__UI_SESSION_HOURS",
+                "100000",
+                "api.ui_session_hours",
+            ),
             ("WARREN_API__LISTEN", "localhost", "api.listen"),
             ("WARREN_DATABASE__URL", "mysql://x", "database.url"),
             ("WARREN_AMQP__URL", "nonsense", "amqp.url"),

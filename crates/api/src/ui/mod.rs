@@ -128,6 +128,39 @@ async fn asset(Path(name): Path<String>) -> Response {
         .into_response()
 }
 
+/// A query string, refused as a page naming what was wrong.
+pub(crate) struct UiQuery<T>(pub(crate) T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S>
+    for UiQuery<T>
+{
+    type Rejection = UiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(q)| UiQuery(q))
+            .map_err(|e| UiError::Api(ApiError::invalid_parameter("query", e.body_text())))
+    }
+}
+
+/// A form body, refused as a page naming what was wrong.
+pub(crate) struct UiForm<T>(pub(crate) T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for UiForm<T> {
+    type Rejection = UiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        axum::Form::<T>::from_request(request, state)
+            .await
+            .map(|axum::Form(f)| UiForm(f))
+            .map_err(|e| UiError::Api(ApiError::invalid_parameter("form", e.body_text())))
+    }
+}
+
 /// Why a dashboard request did not get its page.
 #[derive(Debug)]
 pub(crate) enum UiError {

@@ -2,7 +2,7 @@
 //! (admin keys only, like their REST routes), and run times per release.
 
 use super::{
-    UiError,
+    UiError, UiForm, UiQuery,
     chart::{self, Series},
     layout::{self, Nav, time},
     live,
@@ -13,8 +13,7 @@ use crate::{
     routes::ops::{QueueView, fetch_queues},
 };
 use axum::{
-    Form,
-    extract::{Query, State},
+    extract::State,
     response::{IntoResponse, Redirect, Response},
 };
 use chrono::Utc;
@@ -410,7 +409,7 @@ fn dead_letter_error(e: dead_letters::DeadLetterError) -> UiError {
 pub(crate) async fn dead_letters(
     State(state): State<AppState>,
     session: Session,
-    Query(q): Query<DeadQuery>,
+    UiQuery(q): UiQuery<DeadQuery>,
 ) -> Result<Response, UiError> {
     admin_only(&session)?;
     let matching = q.matching()?;
@@ -510,7 +509,7 @@ pub(crate) struct RequeueForm {
 pub(crate) async fn requeue(
     State(state): State<AppState>,
     session: Session,
-    Form(form): Form<RequeueForm>,
+    UiForm(form): UiForm<RequeueForm>,
 ) -> Result<Response, UiError> {
     admin_only(&session)?;
     session.check(&form.csrf)?;
@@ -543,7 +542,7 @@ pub(crate) async fn releases(
     State(state): State<AppState>,
     session: Session,
 ) -> Result<Response, UiError> {
-    let rows = state
+    let (rows, percent) = state
         .store
         .release_times(session.caller.owners(), RELEASE_DAYS)
         .await?;
@@ -557,6 +556,9 @@ pub(crate) async fn releases(
     let body = html! {
         h1 { "Releases" }
         p.muted { "Run time of successful tasks of the last " (RELEASE_DAYS) " days, per task type and the version of the worker that ran them; newest version first. A release 20 % slower than the one before is flagged." }
+        @if percent < 100.0 {
+            p.muted { "Estimated from a sample of " (format!("{percent:.2}")) " % of the table's pages; runs counts the sampled ones." }
+        }
         @if by_type.is_empty() { (layout::empty("No successful task yet in this window.")) }
         @for (task_type, versions) in &by_type {
             @let max = versions.iter().map(|v| v.p95_seconds).fold(0.0, f64::max);

@@ -10,14 +10,13 @@
 //! sign-in form, before any session exists, a token also set as a cookie
 //! (double submit).
 
-use super::{UiError, layout};
+use super::{UiError, UiForm, UiQuery, layout};
 use crate::{
     AppState,
     auth::{Caller, Identity, KeyHash, hash},
 };
 use axum::{
-    Form,
-    extract::{FromRequestParts, Query, State},
+    extract::{FromRequestParts, State},
     http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts},
     response::{IntoResponse, Redirect, Response},
 };
@@ -106,7 +105,8 @@ fn set_cookie(name: &str, value: &str, max_age: u64, secure: bool) -> Option<Hea
     .ok()
 }
 
-/// Where to go after signing in: only a dashboard path, never elsewhere.
+/// Where to go after signing in: only a dashboard path, never elsewhere,
+/// and only visible ASCII (it becomes a `Location` header).
 fn safe_next(next: Option<&str>) -> String {
     match next {
         Some(n)
@@ -114,6 +114,7 @@ fn safe_next(next: Option<&str>) -> String {
                 && !n.starts_with("/ui/login")
                 && !n.contains("//")
                 && !n.contains('\\')
+                && n.bytes().all(|b| b.is_ascii_graphic())
                 && n.len() <= 2000 =>
         {
             n.to_owned()
@@ -175,7 +176,7 @@ pub(crate) struct LoginQuery {
 pub(crate) async fn login_form(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(q): Query<LoginQuery>,
+    UiQuery(q): UiQuery<LoginQuery>,
 ) -> Result<Response, UiError> {
     login_page(&state, &headers, &safe_next(q.next.as_deref()), None)
 }
@@ -215,7 +216,7 @@ pub(crate) struct LoginForm {
 pub(crate) async fn login(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Form(form): Form<LoginForm>,
+    UiForm(form): UiForm<LoginForm>,
 ) -> Result<Response, UiError> {
     let next = safe_next(form.next.as_deref());
     let expected = cookie(&headers, LOGIN_COOKIE).unwrap_or("");
@@ -279,7 +280,7 @@ pub(crate) async fn logout(
     State(state): State<AppState>,
     session: Session,
     headers: HeaderMap,
-    Form(form): Form<CsrfForm>,
+    UiForm(form): UiForm<CsrfForm>,
 ) -> Result<Response, UiError> {
     session.check(&form.csrf)?;
     if let Some(token) = cookie(&headers, SESSION_COOKIE) {

@@ -5,7 +5,7 @@
 //! filter, pagination) and the store, scoped by the session's caller.
 
 use super::{
-    UiError, layout,
+    UiError, UiForm, UiQuery, layout,
     layout::{Nav, maybe_time, state_badge, time},
     live,
     session::Session,
@@ -19,8 +19,7 @@ use crate::{
     },
 };
 use axum::{
-    Form,
-    extract::{Path, Query, State},
+    extract::{Path, State},
     http::StatusCode,
     response::{IntoResponse, Redirect, Response},
 };
@@ -198,7 +197,7 @@ pub(crate) async fn list(
     State(state): State<AppState>,
     session: Session,
     Path(TypePath { task_type }): Path<TypePath>,
-    Query(q): Query<ListQuery>,
+    UiQuery(q): UiQuery<ListQuery>,
 ) -> Result<Response, UiError> {
     let (rows, next) = rows(&state, &session, &task_type, &q).await?;
     let admin = session.is_admin();
@@ -288,7 +287,7 @@ pub(crate) async fn live_list(
     State(state): State<AppState>,
     session: Session,
     Path(TypePath { task_type }): Path<TypePath>,
-    Query(q): Query<ListQuery>,
+    UiQuery(q): UiQuery<ListQuery>,
 ) -> Result<Response, UiError> {
     let q = ListQuery { cursor: None, ..q };
     rows(&state, &session, &task_type, &q).await?;
@@ -327,7 +326,7 @@ pub(crate) async fn detail(
     State(state): State<AppState>,
     session: Session,
     Path(TaskPath { task_type, id }): Path<TaskPath>,
-    Query(q): Query<DetailQuery>,
+    UiQuery(q): UiQuery<DetailQuery>,
 ) -> Result<Response, UiError> {
     let t = load(&state, &session.caller, &task_type, &id).await?;
     let attempts = state.store.attempts(t.id).await?;
@@ -590,7 +589,7 @@ pub(crate) async fn cancel(
     State(state): State<AppState>,
     session: Session,
     Path(TaskPath { task_type, id }): Path<TaskPath>,
-    Form(form): Form<CsrfForm>,
+    UiForm(form): UiForm<CsrfForm>,
 ) -> Result<Response, UiError> {
     session.check(&form.csrf)?;
     let (status, t) = cancel_task(&state, &session.caller, &task_type, &id).await?;
@@ -599,7 +598,12 @@ pub(crate) async fn cancel(
     } else {
         "cancel_requested"
     };
-    Ok(Redirect::to(&format!("/ui/tasks/{task_type}/{}?done={done}", t.id)).into_response())
+    let to = format!(
+        "/ui/tasks/{}/{}?done={done}",
+        layout::encode(&t.task_type),
+        t.id
+    );
+    Ok(Redirect::to(&to).into_response())
 }
 
 /// `POST /ui/tasks/{type}/{id}/retry`: the API's retry, then the task.
@@ -607,11 +611,16 @@ pub(crate) async fn retry(
     State(state): State<AppState>,
     session: Session,
     Path(TaskPath { task_type, id }): Path<TaskPath>,
-    Form(form): Form<CsrfForm>,
+    UiForm(form): UiForm<CsrfForm>,
 ) -> Result<Response, UiError> {
     session.check(&form.csrf)?;
     let t = retry_task(&state, &session.caller, &task_type, &id).await?;
-    Ok(Redirect::to(&format!("/ui/tasks/{task_type}/{}?done=retried", t.id)).into_response())
+    let to = format!(
+        "/ui/tasks/{}/{}?done=retried",
+        layout::encode(&t.task_type),
+        t.id
+    );
+    Ok(Redirect::to(&to).into_response())
 }
 
 /// `GET /ui/tasks/{type}/{id}/artifacts/{name}`: a PDF opens in the browser.

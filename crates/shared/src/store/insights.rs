@@ -37,6 +37,17 @@ pub struct ReleaseTimes {
     pub last_seen: DateTime<Utc>,
 }
 
+/// Rows a release page reads at most, about.
+const RELEASE_SAMPLE_ROWS: f64 = 50_000.0;
+
+fn sample_percent(table_rows: f64, wanted: f64) -> f64 {
+    if table_rows.is_nan() || table_rows <= wanted {
+        100.0
+    } else {
+        (100.0 * wanted / table_rows).clamp(0.01, 100.0)
+    }
+}
+
 impl Store {
     /// The last `minutes` minutes, oldest first, one entry per minute (zeros
     /// included). Tasks finishing now but created more than twice that long
@@ -87,22 +98,54 @@ impl Store {
 
     /// p50 and p95 run time (start of the last attempt to its end) of the
     /// successes of the last `days`, per task type and worker version, the
-    /// newest version first.
-    pub async fn release_times(&self, owners: Owners<'_>, days: u32) -> Result<Vec<ReleaseTimes>> {
-        Ok(ReleaseTimes::find_by_statement(stmt(
+    /// newest version first; and the percentage of the table they were
+    /// read from. Percentiles of a month of a busy table would read all of
+    /// it, so a large table is read as a block sample of about
+    /// `RELEASE_SAMPLE_ROWS` rows (`TABLESAMPLE SYSTEM`): the figures are
+    /// estimates then, and `runs` counts the sampled runs.
+    pub async fn release_times(
+        &self,
+        owners: Owners<'_>,
+        days: u32,
+    ) -> Result<(Vec<ReleaseTimes>, f64)> {
+        let percent = self.sample_percent(RELEASE_SAMPLE_ROWS).await?;
+        let rows = ReleaseTimes::find_by_statement(stmt(
             "SELECT task_type, COALESCE(worker_version, 'unknown') AS version, count(*) AS runs,
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at))::float8 AS p50_seconds,
                     percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at))::float8 AS p95_seconds,
                     max(finished_at) AS last_seen
-             FROM tasks
+             FROM tasks TABLESAMPLE SYSTEM ($3)
              WHERE created_at > now() - make_interval(days => $2)
                AND state = 'SUCCESS' AND started_at IS NOT NULL AND finished_at IS NOT NULL
                AND ($1::text IS NULL OR owner = $1)
              GROUP BY 1, 2 ORDER BY 1, max(finished_at) DESC",
-            vec![owners.param().into(), i32::try_from(days).unwrap_or(30).into()],
+            vec![
+                owners.param().into(),
+                i32::try_from(days).unwrap_or(30).into(),
+                percent.into(),
+            ],
         ))
         .all(&self.db)
-        .await?)
+        .await?;
+        Ok((rows, percent))
+    }
+
+    /// The percentage of `tasks` that holds about `rows` rows, by the
+    /// planner's estimate (100 for a small or never analysed table).
+    async fn sample_percent(&self, rows: f64) -> Result<f64> {
+        use sea_orm::ConnectionTrait;
+        let row = self
+            .db
+            .query_one_raw(stmt(
+                "SELECT reltuples::float8 AS n FROM pg_class WHERE oid = 'tasks'::regclass",
+                vec![],
+            ))
+            .await?;
+        let n: f64 = match row {
+            Some(r) => r.try_get("", "n")?,
+            None => -1.0,
+        };
+        Ok(sample_percent(n, rows))
     }
 
     /// A visible task's input (the dashboard's detail page shows it).
@@ -119,5 +162,19 @@ impl Store {
             Some(r) => Some(r.try_get("", "input")?),
             None => None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample_percent;
+
+    #[test]
+    fn small_or_unanalysed_tables_are_read_whole() {
+        assert_eq!(sample_percent(-1.0, 50_000.0), 100.0);
+        assert_eq!(sample_percent(40_000.0, 50_000.0), 100.0);
+        assert_eq!(sample_percent(f64::NAN, 50_000.0), 100.0);
+        assert_eq!(sample_percent(1_000_000.0, 50_000.0), 5.0);
+        assert_eq!(sample_percent(1e12, 50_000.0), 0.01);
     }
 }
