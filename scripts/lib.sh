@@ -128,8 +128,8 @@ ensure_chromium() {
   if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
     apt_install chromium chromium-driver fonts-dejavu-core
   fi
-  export WARREN_CHROMIUM=${WARREN_CHROMIUM:-/usr/bin/chromium}
-  export WARREN_CHROMEDRIVER=${WARREN_CHROMEDRIVER:-/usr/bin/chromedriver}
+  export TEST_CHROMIUM=${TEST_CHROMIUM:-/usr/bin/chromium}
+  export TEST_CHROMEDRIVER=${TEST_CHROMEDRIVER:-/usr/bin/chromedriver}
 }
 
 ensure_cargo() {

@@ -12,6 +12,6 @@ ensure_chromium
 cargo build --workspace --bins --locked
 out="$WARREN_ROOT/docs/screenshots"
 mkdir -p "$out"
-WARREN_SCREENSHOTS="$out" TEST_BIN_DIR="$CARGO_TARGET_DIR/debug" \
+TEST_SCREENSHOTS="$out" TEST_BIN_DIR="$CARGO_TARGET_DIR/debug" \
   cargo test -p warren-tests --test e2e --locked -- dashboard::a_ dashboard::an_
 say "screenshots in docs/screenshots: $(ls "$out" | tr '\n' ' ')"

@@ -5,7 +5,7 @@
 //! (`ensure_chromium`); a test run without them fails, naming what is
 //! missing, rather than skipping.
 //!
-//! `WARREN_SCREENSHOTS=<dir>` makes [`Browser::screenshot`] write PNGs
+//! `TEST_SCREENSHOTS=<dir>` makes [`Browser::screenshot`] write PNGs
 //! there (`scripts/screenshots.sh` uses it for the README's pictures).
 
 use fantoccini::{Client, ClientBuilder, Locator};
@@ -42,8 +42,8 @@ fn free_port() -> u16 {
 impl Browser {
     /// A headless Chromium at `width`×`height`, for the API at `base`.
     pub async fn start(base: &str, width: u32, height: u32) -> Self {
-        let chromium = program("WARREN_CHROMIUM", "/usr/bin/chromium");
-        let chromedriver = program("WARREN_CHROMEDRIVER", "/usr/bin/chromedriver");
+        let chromium = program("TEST_CHROMIUM", "/usr/bin/chromium");
+        let chromedriver = program("TEST_CHROMEDRIVER", "/usr/bin/chromedriver");
         let port = free_port();
         let profile =
             std::env::temp_dir().join(format!("warren-chromium-{}", uuid::Uuid::now_v7()));
@@ -184,9 +184,9 @@ impl Browser {
             .collect()
     }
 
-    /// Writes a PNG of the page as `<WARREN_SCREENSHOTS>/<name>.png`, if set.
+    /// Writes a PNG of the page as `<TEST_SCREENSHOTS>/<name>.png`, if set.
     pub async fn screenshot(&self, name: &str) {
-        let Ok(dir) = std::env::var("WARREN_SCREENSHOTS") else {
+        let Ok(dir) = std::env::var("TEST_SCREENSHOTS") else {
             return;
         };
         let png = self.client.screenshot().await.expect("screenshot");

@@ -456,7 +456,7 @@ pub(crate) async fn dead_letters(
                     th scope="col" { "Task" } th scope="col" { "Type" } th scope="col" { "Reason" } th scope="col" { "Code" }
                     th scope="col" { "Field" } th scope="col" { "Routing key" } th scope="col" { "Worker" } th scope="col" { "" }
                 } }
-                tbody { @for d in &letters { (dead_row(&session, d)) } }
+                tbody { @for d in &letters { (dead_row(&state, &session, d)) } }
             } }
         }
     };
@@ -468,12 +468,14 @@ pub(crate) async fn dead_letters(
     ))
 }
 
-fn dead_row(session: &Session, d: &DeadLetter) -> Markup {
+fn dead_row(state: &AppState, session: &Session, d: &DeadLetter) -> Markup {
     let dash = || "—".to_owned();
+    // A link only where a task page can exist: a type this deployment runs.
+    let task = d.task.as_deref().filter(|t| state.catalog.get(t).is_some());
     html! {
         tr {
             td.mono {
-                @match (d.task_id, &d.task) {
+                @match (d.task_id, task) {
                     (Some(id), Some(task)) => { a href=(format!("/ui/tasks/{}/{id}", layout::encode(task))) { (id) } }
                     (Some(id), None) => { (id) }
                     _ => { "—" }
@@ -592,6 +594,26 @@ pub(crate) async fn releases(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_silent_worker_is_stalled_then_vanished() {
+        let seen = |ago: i64| WorkerRecord {
+            id: "w".into(),
+            host: "h".into(),
+            pid: 1,
+            version: "0".into(),
+            queues: vec![],
+            concurrency: 1,
+            in_flight: 0,
+            processed: 0,
+            metrics_addr: None,
+            started_at: Utc::now(),
+            last_heartbeat: Utc::now() - chrono::TimeDelta::seconds(ago),
+        };
+        assert_eq!(health(&seen(1), 15.0).0, "healthy");
+        assert_eq!(health(&seen(20), 15.0).0, "stalled");
+        assert_eq!(health(&seen(200), 15.0).0, "vanished");
+    }
 
     #[test]
     fn queue_history_keeps_the_last_hour_only() {
