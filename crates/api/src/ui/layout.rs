@@ -235,6 +235,14 @@ pub(crate) fn flash(message: Option<&'static str>, ok: bool) -> Markup {
     }
 }
 
+/// A form field as given: absent, empty and blank are all "not given".
+pub(crate) fn given(v: &Option<String>) -> Option<String> {
+    v.as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
 pub(crate) fn empty(text: &str) -> Markup {
     html! { p.empty { (text) } }
 }

@@ -4,7 +4,7 @@
 use super::{
     UiError, UiForm, UiQuery,
     chart::{self, Series},
-    layout::{self, Nav, time},
+    layout::{self, Nav, given, time},
     live,
     session::Session,
 };
@@ -29,6 +29,15 @@ use warren_shared::{
     dead_letters::{self, DeadLetter, Matching},
     store::WorkerRecord,
 };
+
+/// A page that is one live fragment: `#<id>`, fed by `/ui/live/<id>`.
+fn live_page(session: &Session, title: &str, nav: Nav, id: &str, fragment: Markup) -> Response {
+    let body = html! {
+        h1 { (title) }
+        div id=(id) data-live=(format!("/ui/live/{id}")) { (fragment) }
+    };
+    layout::page(title, session, nav, body)
+}
 
 /// The overview's window.
 const MINUTES: u32 = 60;
@@ -58,11 +67,14 @@ pub(crate) async fn overview(
     State(state): State<AppState>,
     session: Session,
 ) -> Result<Response, UiError> {
-    let body = html! {
-        h1 { "Overview" }
-        div #overview data-live="/ui/live/overview" { (overview_fragment(&state, &session).await?) }
-    };
-    Ok(layout::page("Overview", &session, Nav::Overview, body))
+    let fragment = overview_fragment(&state, &session).await?;
+    Ok(live_page(
+        &session,
+        "Overview",
+        Nav::Overview,
+        "overview",
+        fragment,
+    ))
 }
 
 pub(crate) async fn live_overview(
@@ -173,11 +185,14 @@ pub(crate) async fn workers(
     session: Session,
 ) -> Result<Response, UiError> {
     admin_only(&session)?;
-    let body = html! {
-        h1 { "Workers" }
-        div #workers data-live="/ui/live/workers" { (workers_fragment(&state).await?) }
-    };
-    Ok(layout::page("Workers", &session, Nav::Workers, body))
+    let fragment = workers_fragment(&state).await?;
+    Ok(live_page(
+        &session,
+        "Workers",
+        Nav::Workers,
+        "workers",
+        fragment,
+    ))
 }
 
 pub(crate) async fn live_workers(
@@ -322,11 +337,14 @@ pub(crate) async fn queues(
     session: Session,
 ) -> Result<Response, UiError> {
     admin_only(&session)?;
-    let body = html! {
-        h1 { "Queues" }
-        div #queues data-live="/ui/live/queues" { (queues_fragment(&state).await?) }
-    };
-    Ok(layout::page("Queues", &session, Nav::Queues, body))
+    let fragment = queues_fragment(&state).await?;
+    Ok(live_page(
+        &session,
+        "Queues",
+        Nav::Queues,
+        "queues",
+        fragment,
+    ))
 }
 
 async fn queues_fragment(state: &AppState) -> Result<Markup, UiError> {
@@ -358,13 +376,6 @@ pub(crate) struct DeadQuery {
     reset: Option<usize>,
     republished: Option<usize>,
     dropped: Option<usize>,
-}
-
-fn given(v: &Option<String>) -> Option<String> {
-    v.as_deref()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
 }
 
 impl DeadQuery {

@@ -6,7 +6,7 @@
 
 use super::{
     UiError, UiForm, UiQuery, layout,
-    layout::{Nav, maybe_time, state_badge, time},
+    layout::{Nav, given, maybe_time, state_badge, time},
     live,
     session::Session,
 };
@@ -112,13 +112,6 @@ pub(crate) struct ListQuery {
     tz: Option<String>,
     q: Option<String>,
     cursor: Option<String>,
-}
-
-fn given(v: &Option<String>) -> Option<String> {
-    v.as_deref()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
 }
 
 impl ListQuery {
@@ -598,12 +591,17 @@ pub(crate) async fn cancel(
     } else {
         "cancel_requested"
     };
+    Ok(back_to(&t, done))
+}
+
+/// To the task's page, saying what was done (a name from a fixed list).
+fn back_to(t: &TaskSummary, done: &str) -> Response {
     let to = format!(
         "/ui/tasks/{}/{}?done={done}",
         layout::encode(&t.task_type),
         t.id
     );
-    Ok(Redirect::to(&to).into_response())
+    Redirect::to(&to).into_response()
 }
 
 /// `POST /ui/tasks/{type}/{id}/retry`: the API's retry, then the task.
@@ -615,12 +613,7 @@ pub(crate) async fn retry(
 ) -> Result<Response, UiError> {
     session.check(&form.csrf)?;
     let t = retry_task(&state, &session.caller, &task_type, &id).await?;
-    let to = format!(
-        "/ui/tasks/{}/{}?done=retried",
-        layout::encode(&t.task_type),
-        t.id
-    );
-    Ok(Redirect::to(&to).into_response())
+    Ok(back_to(&t, "retried"))
 }
 
 /// `GET /ui/tasks/{type}/{id}/artifacts/{name}`: a PDF opens in the browser.
