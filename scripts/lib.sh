@@ -122,6 +122,23 @@ ensure_python_tools() {
   fi
 }
 
+# Celery from PyPI, pinned, for the interoperability tests: a Python
+# producer and its result.get() against a running Warren.
+CELERY_VENV=$HOME/.cache/warren/celery-venv
+ensure_celery() {
+  local want="celery==5.7.0"
+  if [ "$(cat "$CELERY_VENV/.warren-pins" 2>/dev/null)" != "$want" ]; then
+    say "installing $want into $CELERY_VENV"
+    command -v python3 >/dev/null && python3 -c 'import ensurepip' 2>/dev/null \
+      || apt_install python3 python3-venv
+    python3 -m venv "$CELERY_VENV" || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
+    # shellcheck disable=SC2086 # one argument per pinned package
+    "$CELERY_VENV/bin/pip" install -q $want || die "pip install failed"
+    echo "$want" >"$CELERY_VENV/.warren-pins"
+  fi
+  export TEST_CELERY_PYTHON=$CELERY_VENV/bin/python
+}
+
 # The dashboard's browser tests drive Debian's Chromium through its
 # WebDriver (chromedriver); the tests find them at these paths.
 ensure_chromium() {
@@ -151,7 +168,7 @@ sweep_test_leftovers() {
   live=$(psql "$admin" -qtAc "select substr(datname, 13, 12) from pg_database where datname like 'warren\_test\_%'
                               union all select substr(datname, 11, 12) from pg_database where datname like 'warren\_st\_%'
                               union all select substr(datname, 14, 12) from pg_database where datname like 'warren\_bench\_%'")
-  for kind in queues exchanges; do
+  for kind in queues exchanges policies; do
     for name in $(curl -fsS -u guest:guest "http://127.0.0.1:$MGMT_PORT/api/$kind/%2F?columns=name" 2>/dev/null \
         | grep -o '"name":"\(t\|st\|bench\)-[0-9a-f]\{12\}\.warren\.[^"]*"' | cut -d'"' -f4); do
       prefix=${name#*-}

@@ -540,11 +540,47 @@ async fn the_shipped_definitions_import_and_match_the_code() {
         .json()
         .await
         .unwrap();
+    // The broker applies a policy to matching queues a moment after import.
+    let policies: Value = wait_until(
+        "the work queue policy to apply",
+        Duration::from_secs(15),
+        || async {
+            let q: Value = mgmt
+                .request(
+                    reqwest::Method::GET,
+                    &format!("queues/{vhost}/warren.default"),
+                    None,
+                )
+                .await
+                .json()
+                .await
+                .ok()?;
+            let dead: Value = mgmt
+                .request(
+                    reqwest::Method::GET,
+                    &format!("queues/{vhost}/warren.dead"),
+                    None,
+                )
+                .await
+                .json()
+                .await
+                .ok()?;
+            (q["policy"] == "warren.work-queues")
+                .then(|| json!({"default": q["policy"], "dead": dead["policy"]}))
+        },
+    )
+    .await;
     // Put RabbitMQ back as it was before asserting anything.
     mgmt.request(reqwest::Method::DELETE, &format!("vhosts/{vhost}"), None)
         .await;
     assert!(status.is_success(), "import answered {status}");
 
+    // Work queues get the policy (dead-letter exchange, delivery limit);
+    // the dead-letter queue must not dead-letter to itself.
+    assert_eq!(
+        policies,
+        json!({"default": "warren.work-queues", "dead": null})
+    );
     let mut defaults = env.settings();
     defaults.amqp.prefix = String::new();
     let catalog =

@@ -52,6 +52,10 @@ impl Amqp {
         &self.channel
     }
 
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
     /// (ready messages, consumers) of an existing queue.
     pub async fn queue_depth(&self, queue: &str) -> (u32, u32) {
         let q = self

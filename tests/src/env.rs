@@ -95,9 +95,14 @@ impl TestEnv {
         // startup to get its messages routed.
         let amqp = env.amqp().await;
         env.topology()
-            .declare(amqp.channel())
+            .declare(amqp.connection())
             .await
             .expect("declare topology");
+        warren_shared::management::Management::new(&env.settings.amqp)
+            .expect("management client")
+            .apply_policy(&env.topology().policy())
+            .await
+            .expect("apply the work queues' policy");
         amqp.close().await;
         env
     }
@@ -344,6 +349,11 @@ impl Drop for TestEnv {
                         eprintln!("cleanup: deleting {} topology: {e}", settings.amqp.prefix);
                     }
                     amqp.close().await;
+                }
+                if let Ok(m) = warren_shared::management::Management::new(&settings.amqp)
+                    && let Err(e) = m.delete_policy(&topology.policy().name).await
+                {
+                    eprintln!("cleanup: deleting {} policy: {e}", settings.amqp.prefix);
                 }
                 let admin = sea_orm_connect(&admin_url).await;
                 if let Err(e) = admin

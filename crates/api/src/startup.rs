@@ -27,7 +27,7 @@ use tower_http::{
 };
 use warren_shared::{
     artifacts::PgArtifacts,
-    broker::{self, Publisher, process_identity},
+    broker::{Publisher, process_identity},
     catalog::Catalog,
     db::{self, DbErr},
     relay,
@@ -46,8 +46,6 @@ pub enum StartupError {
     Migrate(DbErr),
     #[error("setting up metrics: {0}")]
     Metrics(warren_shared::metrics::MetricsError),
-    #[error("building the HTTP client for RabbitMQ's management API: {0}")]
-    Http(reqwest::Error),
     #[error("binding {addr}: {cause}")]
     Bind {
         addr: SocketAddr,
@@ -111,25 +109,8 @@ impl Application {
             &settings.api.static_admin_keys,
             std::time::Duration::from_secs(settings.api.key_cache_seconds),
         ));
-        let (user, password, vhost) =
-            broker::credentials(&settings.amqp.url).ok_or_else(|| SettingsError::Invalid {
-                key: "amqp.url".into(),
-                message: "is not a valid amqp://user:password@host:port/vhost URL".into(),
-            })?;
-        let management = Arc::new(Management {
-            base: settings
-                .amqp
-                .management_url
-                .trim_end_matches('/')
-                .to_owned(),
-            user,
-            password,
-            vhost,
-            client: reqwest::Client::builder()
-                .timeout(std::time::Duration::from_secs(5))
-                .build()
-                .map_err(StartupError::Http)?,
-        });
+        let management = Arc::new(Management::new(&settings.amqp)?);
+        warren_shared::management::ensure_policy(&management, &catalog.topology().policy()).await;
         let metrics = Arc::new(
             ApiMetrics::new(&connection, settings.database.max_connections)
                 .map_err(StartupError::Metrics)?,

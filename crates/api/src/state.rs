@@ -6,7 +6,6 @@ use crate::{
     metrics::ApiMetrics,
     waiters::Waiters,
 };
-use secrecy::SecretString;
 use std::sync::Arc;
 use uuid::Uuid;
 use warren_shared::{
@@ -152,11 +151,4 @@ impl Publishing {
     }
 }
 
-/// RabbitMQ's management API, with the credentials of `amqp.url`.
-pub struct Management {
-    pub base: String,
-    pub user: String,
-    pub password: SecretString,
-    pub vhost: String,
-    pub client: reqwest::Client,
-}
+pub use warren_shared::management::Management;

@@ -118,8 +118,8 @@ impl System {
             .clone();
         let amqp =
             broker::connect(&settings.amqp.url, "warren-bench", Duration::from_secs(5)).await?;
+        topology.declare(&amqp).await?;
         let channel = amqp.create_channel().await?;
-        topology.declare(&channel).await?;
 
         let logs = std::env::temp_dir().join(format!("warren-bench-{}", &id[..12]));
         std::fs::create_dir_all(&logs)?;

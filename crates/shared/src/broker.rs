@@ -241,8 +241,8 @@ impl Publisher {
 
     async fn open(&self) -> Result<(Connection, Channel), BrokerError> {
         let conn = connect(&self.url, &self.connection_name, self.connect_timeout).await?;
+        self.topology.declare(&conn).await?;
         let channel = conn.create_channel().await.map_err(BrokerError::Channel)?;
-        self.topology.declare(&channel).await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await

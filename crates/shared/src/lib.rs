@@ -9,6 +9,7 @@
 //! - [`envelope`]: the task message, Celery protocol v2 on the wire.
 //! - [`topology`]: exchange and queue names, idempotent declaration.
 //! - [`broker`]: named connections and a confirming, self-healing publisher.
+//! - [`management`]: RabbitMQ's management API: queue depths, the work queues' policy.
 //! - [`db`]: sea-orm connection, entities, migrations.
 //! - [`batch`]: group commit, many callers' writes as one statement.
 //! - [`store`]: the task state machine as guarded SQL statements; item
@@ -35,6 +36,7 @@ pub mod codes;
 pub mod db;
 pub mod dead_letters;
 pub mod envelope;
+pub mod management;
 pub mod metrics;
 pub mod probe;
 pub mod relay;

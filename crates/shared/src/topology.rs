@@ -19,7 +19,7 @@ use crate::{
     wire::{self, short_string as short},
 };
 use lapin::{
-    Channel, ExchangeKind,
+    Channel, Connection, ExchangeKind,
     options::{
         ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
         QueueDeleteOptions,
@@ -36,6 +36,50 @@ pub struct Topology {
     default_queue: String,
     /// Task type → short queue name.
     routes: BTreeMap<String, String>,
+}
+
+/// A RabbitMQ policy for Warren's work queues (see [`Topology::policy`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct QueuePolicy {
+    pub name: String,
+    /// Exactly the work queues' names, nothing else (the dead-letter queue
+    /// must not dead-letter to itself).
+    pub pattern: String,
+    pub definition: serde_json::Value,
+}
+
+impl QueuePolicy {
+    /// Above the default 0, so it wins over a catch-all operator policy.
+    pub const PRIORITY: i64 = 10;
+
+    /// The body of the management API's `PUT /api/policies/{vhost}/{name}`.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({"pattern": self.pattern, "definition": self.definition,
+                           "apply-to": "queues", "priority": Self::PRIORITY})
+    }
+
+    /// The same for a broker without the management plugin.
+    pub fn rabbitmqctl(&self, vhost: &str) -> String {
+        format!(
+            "rabbitmqctl set_policy -p '{vhost}' --apply-to queues --priority {} '{}' '{}' '{}'",
+            Self::PRIORITY,
+            self.name,
+            self.pattern,
+            self.definition
+        )
+    }
+}
+
+/// Escapes a queue name for a policy pattern (RabbitMQ's are PCRE).
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$#-".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,28 +149,47 @@ impl Topology {
         all
     }
 
+    /// A work queue's declaration carries only its type, exactly what a
+    /// Celery client declares (`task_default_queue_type = "quorum"`, or
+    /// classic), so any AMQP client may redeclare it. The rest of what
+    /// Warren needs is the [`Topology::policy`].
     fn work_queue_arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            long_string(&self.dead_letter_exchange()),
-        );
         if self.queue_type == QueueType::Quorum {
             args.insert("x-queue-type".into(), long_string("quorum"));
-            args.insert(
-                "x-delivery-limit".into(),
-                AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
-            );
-            // Dead-letter with publisher confirms inside the broker, so a
-            // poison message dropped by the delivery limit is not lost on
-            // the way to the dead-letter queue. Requires reject-publish.
-            args.insert(
-                "x-dead-letter-strategy".into(),
-                long_string("at-least-once"),
-            );
-            args.insert("x-overflow".into(), long_string("reject-publish"));
         }
         args
+    }
+
+    /// What Warren needs on its work queues besides their type, as a
+    /// RabbitMQ policy (so declarations stay equal to a Celery client's):
+    /// dead letters to `{p}warren.dlx`; on quorum queues a delivery limit
+    /// and at-least-once dead-lettering (confirmed inside the broker, which
+    /// requires `overflow = reject-publish`). Applied by api and worker at
+    /// startup through the management API; `warren-api definitions` ships
+    /// it, and prints the `rabbitmqctl set_policy` line for a broker
+    /// without the management plugin.
+    pub fn policy(&self) -> QueuePolicy {
+        let names: Vec<String> = self
+            .queues()
+            .into_iter()
+            .map(|q| regex_escape(&self.queue(q)))
+            .collect();
+        let mut definition = serde_json::Map::new();
+        definition.insert(
+            "dead-letter-exchange".into(),
+            self.dead_letter_exchange().into(),
+        );
+        if self.queue_type == QueueType::Quorum {
+            definition.insert("delivery-limit".into(), self.delivery_limit.into());
+            definition.insert("dead-letter-strategy".into(), "at-least-once".into());
+            definition.insert("overflow".into(), "reject-publish".into());
+        }
+        QueuePolicy {
+            name: format!("{}warren.work-queues", self.prefix),
+            pattern: format!("^(?:{})$", names.join("|")),
+            definition: serde_json::Value::Object(definition),
+        }
     }
 
     fn dead_letter_queue_arguments(&self) -> FieldTable {
@@ -137,69 +200,37 @@ impl Topology {
         args
     }
 
-    /// Declares everything; safe to repeat.
-    pub async fn declare(&self, channel: &Channel) -> Result<(), TopologyError> {
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        };
-        let exchange = |name: String, kind: ExchangeKind, args: FieldTable| async move {
-            channel
-                .exchange_declare(short(&name), kind, durable, args)
-                .await
-                .map_err(|cause| TopologyError::Declare {
-                    what: "exchange",
-                    name,
-                    cause,
-                })
-        };
-        let queue = |name: String, args: FieldTable| async move {
-            let options = QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            };
-            channel
-                .queue_declare(short(&name), options, args)
-                .await
-                .map(drop)
-                .map_err(|cause| TopologyError::Declare {
-                    what: "queue",
-                    name,
-                    cause,
-                })
-        };
-        let bind = |queue: String, exchange: String, key: String| async move {
-            channel
-                .queue_bind(
-                    short(&queue),
-                    short(&exchange),
-                    short(&key),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|cause| TopologyError::Declare {
-                    what: "binding",
-                    name: format!("{exchange} -[{key}]-> {queue}"),
-                    cause,
-                })
-        };
-
+    /// Declares everything on a channel of its own; safe to repeat. A work
+    /// queue an older Warren declared with its dead-letter arguments
+    /// (`x-dead-letter-exchange`, ...) is refused by RabbitMQ as
+    /// inequivalent; it keeps working as it is (its arguments do what the
+    /// policy would) and is only checked to exist, with a warning naming
+    /// `warren-worker migrate-queues`.
+    pub async fn declare(&self, conn: &Connection) -> Result<(), TopologyError> {
+        let mut channel = open_channel(conn).await?;
         exchange(
+            &channel,
             self.dead_letter_exchange(),
             ExchangeKind::Fanout,
             FieldTable::default(),
         )
         .await?;
-        queue(self.dead_letter_queue(), self.dead_letter_queue_arguments()).await?;
+        queue(
+            &channel,
+            self.dead_letter_queue(),
+            self.dead_letter_queue_arguments(),
+            false,
+        )
+        .await?;
         bind(
+            &channel,
             self.dead_letter_queue(),
             self.dead_letter_exchange(),
             String::new(),
         )
         .await?;
-
         exchange(
+            &channel,
             self.unrouted_exchange(),
             ExchangeKind::Fanout,
             FieldTable::default(),
@@ -210,20 +241,34 @@ impl Topology {
             "alternate-exchange".into(),
             long_string(&self.unrouted_exchange()),
         );
-        exchange(self.exchange(), ExchangeKind::Direct, tasks_args).await?;
-
+        exchange(&channel, self.exchange(), ExchangeKind::Direct, tasks_args).await?;
         for q in self.queues() {
-            queue(self.queue(q), self.work_queue_arguments()).await?;
+            let name = self.queue(q);
+            match queue(&channel, name.clone(), self.work_queue_arguments(), false).await {
+                Err(TopologyError::Declare { cause, .. }) if is_inequivalent(&cause) => {
+                    // The broker closed the channel: check on a new one.
+                    channel = open_channel(conn).await?;
+                    queue(&channel, name.clone(), FieldTable::default(), true).await?;
+                    tracing::warn!(
+                        queue = %name,
+                        "queue declared by an older Warren with dead-letter arguments; it keeps working, \
+                         but Celery clients cannot declare it: run `warren-worker migrate-queues`"
+                    );
+                }
+                other => other?,
+            }
         }
         bind(
+            &channel,
             self.queue(&self.default_queue),
             self.unrouted_exchange(),
             String::new(),
         )
         .await?;
         for (task_type, q) in &self.routes {
-            bind(self.queue(q), self.exchange(), task_type.clone()).await?;
+            bind(&channel, self.queue(q), self.exchange(), task_type.clone()).await?;
         }
+        let _ = channel.close(200, "declared".into()).await;
         Ok(())
     }
 
@@ -270,8 +315,13 @@ impl Topology {
                 .iter()
                 .map(|(task_type, q)| binding(self.exchange(), self.queue(q), task_type)),
         );
+        let policy = self.policy();
+        let mut policy_json = policy.body();
+        policy_json["name"] = policy.name.into();
+        policy_json["vhost"] = "/".into();
         json!({
             "vhosts": [{"name": "/"}],
+            "policies": [policy_json],
             "exchanges": [
                 exchange(self.dead_letter_exchange(), "fanout", FieldTable::default()),
                 exchange(self.unrouted_exchange(), "fanout", FieldTable::default()),
@@ -307,6 +357,85 @@ impl Topology {
         }
         Ok(())
     }
+}
+
+async fn open_channel(conn: &Connection) -> Result<Channel, TopologyError> {
+    conn.create_channel()
+        .await
+        .map_err(|cause| TopologyError::Declare {
+            what: "channel",
+            name: "topology".into(),
+            cause,
+        })
+}
+
+/// `406 PRECONDITION_FAILED`: the queue exists with other arguments.
+fn is_inequivalent(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.kind().get_id() == 406)
+}
+
+async fn exchange(
+    channel: &Channel,
+    name: String,
+    kind: ExchangeKind,
+    args: FieldTable,
+) -> Result<(), TopologyError> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(short(&name), kind, durable, args)
+        .await
+        .map_err(|cause| TopologyError::Declare {
+            what: "exchange",
+            name,
+            cause,
+        })
+}
+
+async fn queue(
+    channel: &Channel,
+    name: String,
+    args: FieldTable,
+    passive: bool,
+) -> Result<(), TopologyError> {
+    let options = QueueDeclareOptions {
+        durable: true,
+        passive,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(short(&name), options, args)
+        .await
+        .map(drop)
+        .map_err(|cause| TopologyError::Declare {
+            what: "queue",
+            name,
+            cause,
+        })
+}
+
+async fn bind(
+    channel: &Channel,
+    queue: String,
+    exchange: String,
+    key: String,
+) -> Result<(), TopologyError> {
+    channel
+        .queue_bind(
+            short(&queue),
+            short(&exchange),
+            short(&key),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|cause| TopologyError::Declare {
+            what: "binding",
+            name: format!("{exchange} -[{key}]-> {queue}"),
+            cause,
+        })
 }
 
 fn long_string(s: &str) -> AMQPValue {

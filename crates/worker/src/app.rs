@@ -146,6 +146,8 @@ impl Worker {
     pub async fn build_named(settings: Settings, identity: String) -> Result<Self, WorkerError> {
         let catalog = Catalog::new(&Registry::builtin(), &settings)?;
         let topology = Arc::clone(catalog.topology());
+        let management = warren_shared::management::Management::new(&settings.amqp)?;
+        warren_shared::management::ensure_policy(&management, &topology.policy()).await;
         let known = topology.queues();
         let short_names: Vec<String> = if settings.worker.queues.is_empty() {
             known.iter().map(|q| (*q).to_owned()).collect()

@@ -93,16 +93,16 @@ async fn open(worker: &Worker) -> Result<(Connection, Channel, SelectAll<Consume
     )
     .await
     .map_err(|e| e.to_string())?;
+    worker
+        .catalog
+        .topology()
+        .declare(&conn)
+        .await
+        .map_err(|e| e.to_string())?;
     let channel = conn
         .create_channel()
         .await
         .map_err(|e| format!("opening a channel: {e}"))?;
-    worker
-        .catalog
-        .topology()
-        .declare(&channel)
-        .await
-        .map_err(|e| e.to_string())?;
     // Prefetch is the number of deliveries the broker may push before we
     // acknowledge; with prefetch = concurrency every delivery has a slot,
     // so none waits here while another replica sits idle.

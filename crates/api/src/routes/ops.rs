@@ -138,20 +138,10 @@ pub(crate) async fn fetch_queues(state: &AppState) -> Result<Vec<QueueView>, Api
     let m = &state.management;
     let mut queues = Vec::with_capacity(names.len());
     for (name, kind) in names {
-        let url = format!(
-            "{}/api/queues/{}/{}",
-            m.base,
-            encode(&m.vhost),
-            encode(&name)
-        );
+        let url = m.url("queues", &name);
         let unavailable = |detail: String| ApiError::broker_management_unavailable(&detail);
         let response = m
-            .client
             .get(&url)
-            .basic_auth(
-                &m.user,
-                Some(secrecy::ExposeSecret::expose_secret(&m.password)),
-            )
             .send()
             .await
             .map_err(|e| unavailable(e.to_string()))?;
@@ -186,17 +176,4 @@ pub(crate) async fn fetch_queues(state: &AppState) -> Result<Vec<QueueView>, Api
         });
     }
     Ok(queues)
-}
-
-/// Percent-encodes a path segment (a vhost is often `/`).
-fn encode(segment: &str) -> String {
-    segment
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
