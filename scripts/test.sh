@@ -18,6 +18,7 @@ ensure_cargo
 ensure_services
 ensure_promtool
 ensure_chromium
+ensure_celery
 sweep_test_leftovers
 
 say "promtool: Prometheus configuration, alert rules and their unit tests"

@@ -158,3 +158,141 @@ async fn a_celery_countdown_waits_in_postgres_and_runs_on_time() {
     assert_eq!(row.input, json!({"seconds": 1}));
     worker.stop().await;
 }
+
+/// What a Celery 5.7 client declares for `queue=` must equal Warren's
+/// declaration, or RabbitMQ refuses one of them (`inequivalent arg`): with
+/// quorum queues (`task_default_queue_type = "quorum"`) and classic ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_celery_client_that_declares_the_queue_itself_reaches_warren() {
+    use warren_shared::settings::QueueType;
+    for queue_type in [QueueType::Quorum, QueueType::Classic] {
+        let env = TestEnv::with(|s| s.amqp.queue_type = queue_type).await;
+        let worker = env.spawn_worker("w1").await;
+        let url = secrecy::ExposeSecret::expose_secret(&env.settings().amqp.url).to_owned();
+        let queue = env.queue("default");
+        let kind = match queue_type {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        };
+        let id =
+            warren_tests::python::run("send_task.py", &[&url, &queue, kind, "multiply", "[6, 7]"])
+                .await;
+        let id: Uuid = id.parse().expect("the script prints the task id");
+        let row = wait_until(
+            "the task Celery sent to finish",
+            Duration::from_secs(15),
+            || async {
+                env.store()
+                    .get(id)
+                    .await
+                    .unwrap()
+                    .filter(|r| r.state.is_terminal())
+            },
+        )
+        .await;
+        assert_eq!(
+            (row.state, row.result),
+            (TaskState::Success, Some(json!(42))),
+            "{kind}"
+        );
+        // Celery also declared an exchange named like the queue: ours to remove.
+        let amqp = env.amqp().await;
+        amqp.channel()
+            .exchange_delete(wire::short_string(&queue), Default::default())
+            .await
+            .expect("delete Celery's exchange");
+        amqp.close().await;
+        worker.stop().await;
+    }
+}
+
+/// A queue declared by an older Warren, with the dead-letter arguments on
+/// the queue itself: the API and workers still start and run tasks on it,
+/// and `warren-worker migrate-queues` leaves it with only its type, every
+/// message kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_with_the_old_arguments_keeps_working_and_is_migrated_without_loss() {
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    let env = TestEnv::new().await;
+    let queue = env.queue("default");
+    let amqp = env.amqp().await;
+    amqp.channel()
+        .queue_delete(wire::short_string(&queue), Default::default())
+        .await
+        .expect("delete the queue");
+    let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes()));
+    let mut old = FieldTable::default();
+    old.insert("x-queue-type".into(), text("quorum"));
+    old.insert(
+        "x-dead-letter-exchange".into(),
+        text(&env.topology().dead_letter_exchange()),
+    );
+    old.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(20));
+    old.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+    old.insert("x-overflow".into(), text("reject-publish"));
+    let durable = lapin::options::QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    amqp.channel()
+        .queue_declare(wire::short_string(&queue), durable, old)
+        .await
+        .expect("declare as an older Warren did");
+    env.topology()
+        .declare(amqp.connection())
+        .await
+        .expect("bindings");
+
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker("old").await;
+    let first = api.submit_ok("multiply", &json!({"x": 6, "y": 7})).await;
+    env.wait_for_terminal(&[first], Duration::from_secs(15))
+        .await;
+    worker.stop().await;
+    let mut waiting = Vec::new();
+    for i in 0..5 {
+        waiting.push(api.submit_ok("multiply", &json!({"x": i, "y": 2})).await);
+    }
+    api.stop().await;
+    assert_eq!(
+        amqp.queue_depth(&queue).await.0,
+        5,
+        "five messages wait on the old queue"
+    );
+
+    let out = env
+        .command("warren-worker")
+        .arg("migrate-queues")
+        .output()
+        .expect("run warren-worker migrate-queues");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    assert_eq!(report, json!([{"queue": queue, "messages": 5}]));
+    let live = warren_tests::Management::new(&env.settings())
+        .queue(&queue)
+        .await;
+    assert_eq!(live["arguments"], json!({"x-queue-type": "quorum"}));
+    assert_eq!(amqp.queue_depth(&queue).await.0, 5, "every message kept");
+
+    let worker = env.spawn_worker("new").await;
+    let rows = env
+        .wait_for_terminal(&waiting, Duration::from_secs(15))
+        .await;
+    assert!(
+        rows.iter()
+            .all(|r| r.state == TaskState::Success && r.attempts == 1)
+    );
+    // Run again, it has nothing to do.
+    let again = env
+        .command("warren-worker")
+        .arg("migrate-queues")
+        .output()
+        .expect("run again");
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), "[]");
+    amqp.close().await;
+    worker.stop().await;
+}

@@ -25,6 +25,7 @@ pub mod browser;
 mod env;
 mod process;
 mod proxy;
+pub mod python;
 mod worker;
 
 pub use api::{ApiClient, DEFAULT_OWNER, TestApi};

@@ -95,6 +95,22 @@ pub enum TopologyError {
         name: String,
         cause: lapin::Error,
     },
+    #[error("migrating queue `{queue}`: {cause}")]
+    Migrate { queue: String, cause: lapin::Error },
+    #[error(
+        "queue `{queue}` has {consumers} consumer(s): stop every worker (and the API) before migrating it"
+    )]
+    InUse { queue: String, consumers: u32 },
+    #[error("migrating queue `{queue}`: the broker did not confirm a moved message")]
+    NotConfirmed { queue: String },
+}
+
+/// What [`Topology::migrate_queues`] did to one queue.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Migrated {
+    pub queue: String,
+    /// Messages moved out and back, none lost.
+    pub messages: u64,
 }
 
 impl Topology {
@@ -272,6 +288,86 @@ impl Topology {
         Ok(())
     }
 
+    /// Redeclares every work queue an older Warren declared with its
+    /// dead-letter arguments, so that it carries only its type: its
+    /// messages move to `<queue>.migrating`, the queue is deleted and
+    /// declared again, the messages move back (each move confirmed before
+    /// the original is acknowledged), then bindings and the rest are
+    /// declared as usual. Refuses a queue that has consumers; the API must
+    /// be stopped too, or a task published meanwhile could be dropped.
+    pub async fn migrate_queues(&self, conn: &Connection) -> Result<Vec<Migrated>, TopologyError> {
+        let mut done = Vec::new();
+        for q in self.queues() {
+            let name = self.queue(q);
+            let probe = open_channel(conn).await?;
+            match queue(&probe, name.clone(), self.work_queue_arguments(), false).await {
+                Ok(()) => {
+                    let _ = probe.close(200, "current".into()).await;
+                    continue;
+                }
+                Err(TopologyError::Declare { cause, .. }) if is_inequivalent(&cause) => {}
+                Err(e) => return Err(e),
+            }
+            let messages = self.migrate_one(conn, &name).await?;
+            tracing::info!(queue = %name, messages, "queue migrated to the policy");
+            done.push(Migrated {
+                queue: name,
+                messages,
+            });
+        }
+        self.declare(conn).await?;
+        Ok(done)
+    }
+
+    async fn migrate_one(&self, conn: &Connection, name: &str) -> Result<u64, TopologyError> {
+        let failed = |cause| TopologyError::Migrate {
+            queue: name.to_owned(),
+            cause,
+        };
+        let channel = open_channel(conn).await?;
+        channel
+            .confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .map_err(failed)?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let state = channel
+            .queue_declare(short(name), passive, FieldTable::default())
+            .await
+            .map_err(failed)?;
+        if state.consumer_count() > 0 {
+            return Err(TopologyError::InUse {
+                queue: name.to_owned(),
+                consumers: state.consumer_count(),
+            });
+        }
+        let temp = format!("{name}.migrating");
+        queue(&channel, temp.clone(), self.work_queue_arguments(), false).await?;
+        let moved = drain_into(&channel, name, &temp).await?;
+        // Quorum queues cannot be deleted "if empty": the drain made sure.
+        channel
+            .queue_delete(short(name), QueueDeleteOptions::default())
+            .await
+            .map_err(failed)?;
+        queue(
+            &channel,
+            name.to_owned(),
+            self.work_queue_arguments(),
+            false,
+        )
+        .await?;
+        let back = drain_into(&channel, &temp, name).await?;
+        channel
+            .queue_delete(short(&temp), QueueDeleteOptions::default())
+            .await
+            .map_err(failed)?;
+        let _ = channel.close(200, "migrated".into()).await;
+        debug_assert_eq!(moved, back);
+        Ok(back)
+    }
+
     /// The same topology as RabbitMQ definitions (the format the management
     /// UI imports and `load_definitions` reads), for the default vhost.
     pub fn definitions(&self) -> serde_json::Value {
@@ -357,6 +453,68 @@ impl Topology {
         }
         Ok(())
     }
+}
+
+/// Moves messages from `from` to `to` until `from` is seen empty.
+async fn drain_into(channel: &Channel, from: &str, to: &str) -> Result<u64, TopologyError> {
+    let mut moved = 0;
+    loop {
+        moved += move_all(channel, from, to).await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let left = channel
+            .queue_declare(short(from), passive, FieldTable::default())
+            .await
+            .map_err(|cause| TopologyError::Migrate {
+                queue: from.to_owned(),
+                cause,
+            })?
+            .message_count();
+        if left == 0 {
+            return Ok(moved);
+        }
+    }
+}
+
+/// Moves every message of `from` to `to`: each publish confirmed before
+/// the original is acknowledged, so a crash leaves a duplicate, never a loss.
+async fn move_all(channel: &Channel, from: &str, to: &str) -> Result<u64, TopologyError> {
+    let failed = |cause| TopologyError::Migrate {
+        queue: from.to_owned(),
+        cause,
+    };
+    let mut moved = 0;
+    while let Some(msg) = channel
+        .basic_get(short(from), lapin::options::BasicGetOptions::default())
+        .await
+        .map_err(failed)?
+    {
+        let confirm = channel
+            .basic_publish(
+                short(""),
+                short(to),
+                lapin::options::BasicPublishOptions::default(),
+                &msg.delivery.data,
+                msg.delivery.properties.clone(),
+            )
+            .await
+            .map_err(failed)?
+            .await
+            .map_err(failed)?;
+        if !confirm.is_ack() {
+            return Err(TopologyError::NotConfirmed {
+                queue: from.to_owned(),
+            });
+        }
+        msg.delivery
+            .ack(lapin::options::BasicAckOptions::default())
+            .await
+            .map_err(failed)?;
+        moved += 1;
+    }
+    Ok(moved)
 }
 
 async fn open_channel(conn: &Connection) -> Result<Channel, TopologyError> {

@@ -35,6 +35,10 @@ enum Command {
     /// Inspect or requeue the dead-letter queue.
     #[command(subcommand)]
     DeadLetters(DeadLetters),
+    /// Redeclare work queues an older Warren declared with dead-letter
+    /// arguments, keeping their messages, so Celery clients can declare
+    /// them too; prints what moved as JSON. Stop every worker and the API first.
+    MigrateQueues,
 }
 
 #[derive(Subcommand)]
@@ -100,6 +104,27 @@ async fn main() -> anyhow::Result<()> {
                     writeln!(out, "{}", serde_json::to_string(&report)?)?;
                 }
             }
+            Ok(())
+        }
+        Command::MigrateQueues => {
+            let topology = Catalog::new(&Registry::builtin(), &settings)?
+                .topology()
+                .clone();
+            let conn = warren_shared::broker::connect(
+                &settings.amqp.url,
+                &warren_shared::broker::process_identity("warren-migrate-queues"),
+                settings.amqp.connect_timeout(),
+            )
+            .await?;
+            let migrated = topology.migrate_queues(&conn).await?;
+            let management = warren_shared::management::Management::new(&settings.amqp)?;
+            warren_shared::management::ensure_policy(&management, &topology.policy()).await;
+            writeln!(
+                std::io::stdout().lock(),
+                "{}",
+                serde_json::to_string(&migrated)?
+            )?;
+            let _ = conn.close(200, "done".into()).await;
             Ok(())
         }
         Command::Run => {
