@@ -296,3 +296,25 @@ async fn a_queue_with_the_old_arguments_keeps_working_and_is_migrated_without_lo
     amqp.close().await;
     worker.stop().await;
 }
+
+/// `celery.queues`: Warren workers consume Celery's default queue, so a
+/// producer with Celery's default configuration, naming no queue, reaches
+/// them; the queue is declared exactly as Celery declares it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_celery_producer_reaches_warren_on_celerys_default_queue() {
+    let env = TestEnv::with(|s| s.celery.queues = vec![format!("{}celery", s.amqp.prefix)]).await;
+    let queue = format!("{}celery", env.settings().amqp.prefix);
+    let worker = env.spawn_worker("w1").await;
+    let url = secrecy::ExposeSecret::expose_secret(&env.settings().amqp.url).to_owned();
+    let id = warren_tests::python::run("send_default.py", &[&url, &queue, "multiply", "[6, 7]"]).await;
+    let id: Uuid = id.parse().expect("the script prints the task id");
+    let row = wait_until("the task to finish", Duration::from_secs(15), || async {
+        env.store().get(id).await.unwrap().filter(|r| r.state.is_terminal())
+    })
+    .await;
+    assert_eq!((row.state, row.result), (TaskState::Success, Some(json!(42))));
+    assert_eq!(row.owner.as_deref(), Some("celery"));
+    let live = warren_tests::Management::new(&env.settings()).queue(&queue).await;
+    assert_eq!(live["arguments"], json!({}), "a classic queue, as Celery declares it");
+    worker.stop().await;
+}

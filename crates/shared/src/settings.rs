@@ -60,6 +60,9 @@ pub struct Settings {
     /// Per task type: its queue and policy overrides (`[tasks.sleep]`).
     #[serde(default)]
     pub tasks: BTreeMap<String, TaskSettings>,
+    /// Meeting Celery clients where they publish (`[celery]`).
+    #[serde(default)]
+    pub celery: CelerySettings,
     /// The environment these settings were loaded for (`WARREN_ENV`).
     #[serde(skip)]
     pub environment: String,
@@ -123,6 +126,34 @@ impl AmqpSettings {
             )
         })?;
         crate::signing::Signer::new(key).map_err(|e| invalid("amqp.signing_key", e.to_string()))
+    }
+}
+
+/// Queues Celery clients publish to by default, consumed by Warren workers
+/// besides their own: `queues = ["celery"]` (`WARREN_CELERY__QUEUES=celery`)
+/// lets an unchanged `send_task(name, args)` reach Warren. Each is declared
+/// exactly as Celery declares it: a direct exchange and a durable queue of
+/// that name, bound with that name, of `queue_type` (Celery's
+/// `task_default_queue_type`: classic unless the producers say quorum).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CelerySettings {
+    #[serde(default)]
+    pub queues: Vec<String>,
+    #[serde(default = "classic")]
+    pub queue_type: QueueType,
+}
+
+fn classic() -> QueueType {
+    QueueType::Classic
+}
+
+impl Default for CelerySettings {
+    fn default() -> Self {
+        Self {
+            queues: Vec::new(),
+            queue_type: classic(),
+        }
     }
 }
 
@@ -294,6 +325,7 @@ impl Settings {
                     .try_parsing(true)
                     .list_separator(",")
                     .with_list_parse_key("worker.queues")
+                    .with_list_parse_key("celery.queues")
                     .source(Some(overrides.into_iter().collect())),
             )
             .build()?
@@ -417,6 +449,9 @@ impl Settings {
         }
         for (i, q) in w.queues.iter().enumerate() {
             check_name(&format!("worker.queues[{i}]"), q, false)?;
+        }
+        for (i, q) in self.celery.queues.iter().enumerate() {
+            check_name(&format!("celery.queues[{i}]"), q, false)?;
         }
         non_negative_seconds("worker.shutdown_grace_seconds", w.shutdown_grace_seconds)?;
         check_owner("worker.default_owner", &w.default_owner)?;

@@ -15,7 +15,7 @@
 //! ships the same topology (for the empty prefix) for the management UI.
 
 use crate::{
-    settings::{AmqpSettings, QueueType},
+    settings::{AmqpSettings, CelerySettings, QueueType},
     wire::{self, short_string as short},
 };
 use lapin::{
@@ -36,6 +36,10 @@ pub struct Topology {
     default_queue: String,
     /// Task type → short queue name.
     routes: BTreeMap<String, String>,
+    /// Queues Celery clients publish to (full names, no prefix), and
+    /// the type their producers declare them with.
+    celery_queues: Vec<String>,
+    celery_queue_type: QueueType,
 }
 
 /// A RabbitMQ policy for Warren's work queues (see [`Topology::policy`]).
@@ -121,7 +125,31 @@ impl Topology {
             delivery_limit: amqp.delivery_limit,
             default_queue: amqp.default_queue.clone(),
             routes,
+            celery_queues: Vec::new(),
+            celery_queue_type: QueueType::Classic,
         }
+    }
+
+    /// Adds Celery's queues (`celery.queues`), declared as Celery does.
+    pub fn with_celery_queues(mut self, celery: &CelerySettings) -> Self {
+        self.celery_queues = celery.queues.clone();
+        self.celery_queue_type = celery.queue_type;
+        self
+    }
+
+    /// Celery's queues Warren consumes too (full names).
+    pub fn celery_queues(&self) -> &[String] {
+        &self.celery_queues
+    }
+
+    /// Every queue a worker may consume, by full name: the work queues
+    /// (short names given) and Celery's.
+    pub fn consumed(&self, short_names: &[String]) -> Vec<String> {
+        short_names
+            .iter()
+            .map(|q| self.queue(q))
+            .chain(self.celery_queues.iter().cloned())
+            .collect()
     }
 
     pub fn prefix(&self) -> &str {
@@ -170,11 +198,7 @@ impl Topology {
     /// classic), so any AMQP client may redeclare it. The rest of what
     /// Warren needs is the [`Topology::policy`].
     fn work_queue_arguments(&self) -> FieldTable {
-        let mut args = FieldTable::default();
-        if self.queue_type == QueueType::Quorum {
-            args.insert("x-queue-type".into(), long_string("quorum"));
-        }
-        args
+        type_only(self.queue_type)
     }
 
     /// What Warren needs on its work queues besides their type, as a
@@ -189,7 +213,9 @@ impl Topology {
         let names: Vec<String> = self
             .queues()
             .into_iter()
-            .map(|q| regex_escape(&self.queue(q)))
+            .map(|q| self.queue(q))
+            .chain(self.celery_queues.iter().cloned())
+            .map(|q| regex_escape(&q))
             .collect();
         let mut definition = serde_json::Map::new();
         definition.insert(
@@ -283,6 +309,24 @@ impl Topology {
         .await?;
         for (task_type, q) in &self.routes {
             bind(&channel, self.queue(q), self.exchange(), task_type.clone()).await?;
+        }
+        for name in &self.celery_queues {
+            // As Celery declares its default queue: a direct exchange of the
+            // same name, the queue bound with its own name.
+            exchange(&channel, name.clone(), ExchangeKind::Direct, FieldTable::default()).await?;
+            match queue(&channel, name.clone(), type_only(self.celery_queue_type), false).await {
+                Err(TopologyError::Declare { cause, .. }) if is_inequivalent(&cause) => {
+                    channel = open_channel(conn).await?;
+                    queue(&channel, name.clone(), FieldTable::default(), true).await?;
+                    tracing::warn!(
+                        queue = %name,
+                        "Celery's queue exists with other arguments (another type?); consuming it as it is: \
+                         set celery.queue_type to what the producers declare"
+                    );
+                }
+                other => other?,
+            }
+            bind(&channel, name.clone(), name.clone(), name.clone()).await?;
         }
         let _ = channel.close(200, "declared".into()).await;
         Ok(())
@@ -442,6 +486,14 @@ impl Topology {
                 QueueDeleteOptions::default(),
             )
             .await?;
+        for name in &self.celery_queues {
+            channel
+                .queue_delete(short(name), QueueDeleteOptions::default())
+                .await?;
+            channel
+                .exchange_delete(short(name), ExchangeDeleteOptions::default())
+                .await?;
+        }
         for ex in [
             self.exchange(),
             self.unrouted_exchange(),
@@ -594,6 +646,15 @@ async fn bind(
             name: format!("{exchange} -[{key}]-> {queue}"),
             cause,
         })
+}
+
+/// Arguments that carry only a queue's type, as Celery declares it.
+fn type_only(queue_type: QueueType) -> FieldTable {
+    let mut args = FieldTable::default();
+    if queue_type == QueueType::Quorum {
+        args.insert("x-queue-type".into(), long_string("quorum"));
+    }
+    args
 }
 
 fn long_string(s: &str) -> AMQPValue {

@@ -166,7 +166,7 @@ impl Worker {
             }
             settings.worker.queues.clone()
         };
-        let queues = short_names.iter().map(|q| topology.queue(q)).collect();
+        let queues = topology.consumed(&short_names);
 
         let connection = db::connect(&settings.database, &identity)
             .await

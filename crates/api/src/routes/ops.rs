@@ -82,7 +82,7 @@ pub(crate) struct QueuesView {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub(crate) struct QueueView {
     pub(crate) name: String,
-    /// `work` or `dead_letter`.
+    /// `work`, `celery` (a Celery client's default queue) or `dead_letter`.
     pub(crate) kind: &'static str,
     /// Waiting to be delivered.
     pub(crate) ready: u64,
@@ -134,6 +134,7 @@ pub(crate) async fn fetch_queues(state: &AppState) -> Result<Vec<QueueView>, Api
         .into_iter()
         .map(|q| (topology.queue(q), "work"))
         .collect();
+    names.extend(topology.celery_queues().iter().map(|q| (q.clone(), "celery")));
     names.push((topology.dead_letter_queue(), "dead_letter"));
     let m = &state.management;
     let mut queues = Vec::with_capacity(names.len());
