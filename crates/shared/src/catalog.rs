@@ -70,9 +70,8 @@ impl Catalog {
             .iter()
             .map(|(name, e)| ((*name).to_owned(), e.queue.clone()))
             .collect();
-        let topology = Arc::new(
-            Topology::new(&settings.amqp, routes).with_celery_queues(&settings.celery),
-        );
+        let topology =
+            Arc::new(Topology::new(&settings.amqp, routes).with_celery_queues(&settings.celery));
         Ok(Self { entries, topology })
     }
 

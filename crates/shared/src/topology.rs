@@ -313,8 +313,21 @@ impl Topology {
         for name in &self.celery_queues {
             // As Celery declares its default queue: a direct exchange of the
             // same name, the queue bound with its own name.
-            exchange(&channel, name.clone(), ExchangeKind::Direct, FieldTable::default()).await?;
-            match queue(&channel, name.clone(), type_only(self.celery_queue_type), false).await {
+            exchange(
+                &channel,
+                name.clone(),
+                ExchangeKind::Direct,
+                FieldTable::default(),
+            )
+            .await?;
+            match queue(
+                &channel,
+                name.clone(),
+                type_only(self.celery_queue_type),
+                false,
+            )
+            .await
+            {
                 Err(TopologyError::Declare { cause, .. }) if is_inequivalent(&cause) => {
                     channel = open_channel(conn).await?;
                     queue(&channel, name.clone(), FieldTable::default(), true).await?;

@@ -13,6 +13,7 @@
 //! row's input) → `run` → `decide` (pure, in `decide`) → `record` →
 //! `settle`. A panic anywhere is caught and still settles the delivery.
 
+use crate::replies::{self, ReplyTo};
 use crate::{
     Worker,
     acks::Settle,
@@ -159,6 +160,8 @@ struct Prepared<'w> {
     input: Value,
     /// A Warren publisher signed its owner (and so its body).
     signed: bool,
+    /// A Celery client waiting for results (`rpc://`).
+    reply_to: Option<ReplyTo>,
 }
 
 /// Why a delivery cannot run, decided before anything is claimed.
@@ -218,11 +221,13 @@ fn prepare<'w>(worker: &'w Worker, delivery: &Delivery) -> Result<Prepared<'w>, 
         .task
         .input_from_call(args, kwargs)
         .map_err(|e| rejected(ErrorCode::InvalidInput, format!("invalid arguments: {e}")))?;
+    let reply_to = ReplyTo::of(delivery, message.id);
     Ok(Prepared {
         message,
         entry,
         input,
         signed,
+        reply_to,
     })
 }
 
@@ -319,6 +324,7 @@ async fn process(
         entry,
         input,
         signed,
+        reply_to,
     } = prepared;
     if let Some(d) = park_or_expire(worker, &message, &input, entry, stop).await {
         return d;
@@ -329,6 +335,9 @@ async fn process(
         Err(d) => return d,
     };
     tracing::Span::current().record("attempt", attempt);
+    if let Some(to) = &reply_to {
+        replies::send(worker, to, message.id, replies::started(worker)).await;
+    }
     let started = std::time::Instant::now();
     let ended = run(worker, &message, entry, attempt, input, stop).await;
     let elapsed = started.elapsed();
@@ -354,7 +363,23 @@ async fn process(
         .run_seconds
         .with_label_values(&[label])
         .observe(elapsed.as_secs_f64());
-    record(worker, message.id, attempt, label, outcome, elapsed, stop).await
+    let ran = Ran {
+        id: message.id,
+        attempt,
+        label,
+        elapsed,
+        reply_to,
+    };
+    record(worker, &ran, outcome, stop).await
+}
+
+/// An attempt that ran, about to be recorded.
+struct Ran {
+    id: Uuid,
+    attempt: i32,
+    label: &'static str,
+    elapsed: Duration,
+    reply_to: Option<ReplyTo>,
 }
 
 /// A message that is past its expiry or not yet due is settled without
@@ -535,13 +560,17 @@ async fn run(
 /// Writes the outcome, guarded by the attempt, and says what to tell the broker.
 async fn record(
     worker: &Worker,
-    id: Uuid,
-    attempt: i32,
-    label: &'static str,
+    ran: &Ran,
     outcome: Outcome,
-    elapsed: Duration,
     stop: &CancellationToken,
 ) -> Disposition {
+    let Ran {
+        id,
+        attempt,
+        label,
+        elapsed,
+        ..
+    } = *ran;
     let outcome_label = match &outcome {
         Outcome::Success(_) => "succeeded",
         Outcome::Failure(_) => "failed",
@@ -578,6 +607,10 @@ async fn record(
         return Disposition::Ack;
     }
     worker.metrics.event(label, outcome_label);
+    // Only an outcome that was committed is reported to a Celery client.
+    if let Some(to) = &ran.reply_to {
+        replies::send(worker, to, id, replies::for_outcome(&outcome)).await;
+    }
     match &outcome {
         Outcome::Success(_) => {
             tracing::info!(elapsed_ms = elapsed.as_millis() as u64, "task succeeded");

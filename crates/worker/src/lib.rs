@@ -38,6 +38,7 @@ mod decide;
 mod execute;
 mod handler;
 mod metrics;
+mod replies;
 mod services;
 
 pub use app::{Health, Worker, WorkerError};

@@ -134,7 +134,12 @@ pub(crate) async fn fetch_queues(state: &AppState) -> Result<Vec<QueueView>, Api
         .into_iter()
         .map(|q| (topology.queue(q), "work"))
         .collect();
-    names.extend(topology.celery_queues().iter().map(|q| (q.clone(), "celery")));
+    names.extend(
+        topology
+            .celery_queues()
+            .iter()
+            .map(|q| (q.clone(), "celery")),
+    );
     names.push((topology.dead_letter_queue(), "dead_letter"));
     let m = &state.management;
     let mut queues = Vec::with_capacity(names.len());
