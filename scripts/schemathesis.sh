@@ -29,7 +29,7 @@ cleanup() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   psql "$admin" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 || true
-  for kind in queues exchanges; do
+  for kind in queues exchanges policies; do
     for name in $(curl -fsS -u guest:guest "http://127.0.0.1:$MGMT_PORT/api/$kind/%2F?columns=name" 2>/dev/null \
         | grep -o "\"name\":\"${prefix//./\\.}[^\"]*\"" | cut -d'"' -f4); do
       curl -fsS -u guest:guest -X DELETE "http://127.0.0.1:$MGMT_PORT/api/$kind/%2F/$name" >/dev/null 2>&1 || true
