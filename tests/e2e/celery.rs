@@ -334,11 +334,11 @@ async fn an_unchanged_celery_producer_reaches_warren_on_celerys_default_queue() 
 }
 
 /// Celery's rpc:// backend: `get()` returns the value a Warren worker
-/// committed, and the state reads SUCCESS. (A retried task's later
-/// attempts are republished from its row, which does not keep `reply_to`
-/// yet: failures after retries are not reported; issue 17 stays open.)
+/// committed; a failure raises with the task's error type and message;
+/// the client is told every state in order, retries included (a retry is
+/// republished from the row, which keeps the client's reply queue).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rpc_replies_let_celerys_result_get_return_the_value() {
+async fn rpc_replies_let_celerys_result_get_return_the_value_and_raise_the_error() {
     let env = TestEnv::with(|s| s.celery.queues = vec![format!("{}celery", s.amqp.prefix)]).await;
     let queue = format!("{}celery", env.settings().amqp.prefix);
     let worker = env.spawn_worker("w1").await;
@@ -346,6 +346,16 @@ async fn rpc_replies_let_celerys_result_get_return_the_value() {
     let out = warren_tests::python::run("rpc_get.py", &[&url, &queue]).await;
     let out: Value = serde_json::from_str(&out).expect("JSON from the script");
     assert_eq!(out["value"], 42, "{out}");
+    assert_eq!(out["states"], json!(["STARTED", "SUCCESS"]), "{out}");
     assert_eq!(out["state"], "SUCCESS", "{out}");
+    assert_eq!(out["failure"]["type"], "TaskFailed", "{out}");
+    let message = out["failure"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("not a finite number"), "{out}");
+    assert_eq!(out["failure_state"], "FAILURE", "{out}");
+    let retry = ["STARTED", "RETRY"];
+    let mut expected: Vec<&str> = retry.repeat(3);
+    expected.extend(["STARTED", "FAILURE"]);
+    assert_eq!(out["flaky_states"], json!(expected), "{out}");
+    assert_eq!(out["flaky_state"], "FAILURE", "{out}");
     worker.stop().await;
 }

@@ -82,6 +82,10 @@ pub struct TaskMessage {
     pub origin: Option<String>,
     pub owner: Option<String>,
     pub traceparent: Option<String>,
+    /// A Celery `rpc://` client's reply queue. Decoding keeps only a name
+    /// of Celery's own shape (a UUID), so a message cannot point replies
+    /// at Warren's queues or anyone else's.
+    pub reply_to: Option<String>,
 }
 
 /// A message ready for `basic_publish`.
@@ -171,6 +175,7 @@ impl TaskMessage {
             origin: None,
             owner: None,
             traceparent: None,
+            reply_to: None,
         }
     }
 
@@ -232,13 +237,16 @@ impl TaskMessage {
         let body = Value::Array(vec![args, kwargs, embed])
             .to_string()
             .into_bytes();
-        let properties = BasicProperties::default()
+        let mut properties = BasicProperties::default()
             .with_content_type(CONTENT_TYPE.into())
             .with_content_encoding(CONTENT_ENCODING.into())
             .with_correlation_id(self.id.to_string().into())
             .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
             .with_priority(0)
             .with_headers(h);
+        if let Some(queue) = &self.reply_to {
+            properties = properties.with_reply_to(queue.as_str().into());
+        }
         Encoded { properties, body }
     }
 
@@ -313,8 +321,22 @@ impl TaskMessage {
             origin: h.optional_string("origin")?,
             owner,
             traceparent: h.optional_string(TRACEPARENT_HEADER)?,
+            reply_to: celery_reply_queue(properties),
         })
     }
+}
+
+/// The `reply_to` property, if it names a queue Celery's rpc backend makes.
+fn celery_reply_queue(properties: &BasicProperties) -> Option<String> {
+    let queue = properties.reply_to().as_ref()?.as_str();
+    if Uuid::parse_str(queue).is_err() {
+        tracing::warn!(
+            reply_to = cut(queue),
+            "reply_to is not a Celery reply queue; no replies will be sent"
+        );
+        return None;
+    }
+    Some(queue.to_owned())
 }
 
 fn check_content(properties: &BasicProperties) -> Result<(), DecodeError> {
@@ -683,6 +705,21 @@ mod tests {
             TaskMessage::decode(&e.properties, &e.body).unwrap(),
             minimal
         );
+    }
+
+    #[test]
+    fn only_a_celery_shaped_reply_queue_is_kept() {
+        let mut m = sample();
+        m.reply_to = Some(Uuid::now_v7().to_string());
+        let e = m.encode();
+        let decoded = TaskMessage::decode(&e.properties, &e.body).unwrap();
+        assert_eq!(decoded.reply_to, m.reply_to);
+        for hostile in ["warren.default", "amq.rabbitmq.reply-to", ""] {
+            m.reply_to = Some(hostile.into());
+            let e = m.encode();
+            let decoded = TaskMessage::decode(&e.properties, &e.body).unwrap();
+            assert_eq!(decoded.reply_to, None, "{hostile:?} was kept");
+        }
     }
 
     #[test]

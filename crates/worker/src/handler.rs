@@ -221,7 +221,7 @@ fn prepare<'w>(worker: &'w Worker, delivery: &Delivery) -> Result<Prepared<'w>, 
         .task
         .input_from_call(args, kwargs)
         .map_err(|e| rejected(ErrorCode::InvalidInput, format!("invalid arguments: {e}")))?;
-    let reply_to = ReplyTo::of(delivery, message.id);
+    let reply_to = ReplyTo::of(delivery, &message);
     Ok(Prepared {
         message,
         entry,

@@ -15,7 +15,7 @@ use lapin::{BasicProperties, message::Delivery};
 use serde_json::{Value, json};
 use uuid::Uuid;
 use warren_shared::{
-    broker::Outgoing, codes::StoredError, envelope::Encoded, store::Outcome, wire::short_string,
+    broker::Outgoing, codes::StoredError, envelope::{Encoded, TaskMessage}, store::Outcome, wire::short_string,
 };
 
 /// Where a task's replies go: the client's queue and the id it matches on.
@@ -26,25 +26,18 @@ pub(crate) struct ReplyTo {
 }
 
 impl ReplyTo {
-    /// The delivery's `reply_to`, if it is one Celery would have made.
-    pub(crate) fn of(delivery: &Delivery, task_id: Uuid) -> Option<Self> {
-        let props = &delivery.properties;
-        let queue = props.reply_to().as_ref()?.as_str();
-        if Uuid::parse_str(queue).is_err() {
-            tracing::warn!(
-                reply_to = queue,
-                "reply_to is not a Celery reply queue; no replies sent"
-            );
-            return None;
-        }
-        let correlation_id = props
+    /// The message's `reply_to` (decoding kept only a Celery-shaped one),
+    /// matched by the delivery's correlation id as Celery does.
+    pub(crate) fn of(delivery: &Delivery, message: &TaskMessage) -> Option<Self> {
+        let queue = message.reply_to.clone()?;
+        let correlation_id = delivery
+            .properties
             .correlation_id()
             .as_ref()
             .map(|c| c.as_str().to_owned())
-            .filter(|c| c.len() <= 255)
-            .unwrap_or_else(|| task_id.to_string());
+            .unwrap_or_else(|| message.id.to_string());
         Some(Self {
-            queue: queue.to_owned(),
+            queue,
             correlation_id,
         })
     }

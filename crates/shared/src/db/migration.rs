@@ -70,6 +70,14 @@ impl MigratorTrait for Migrator {
                 up: DASHBOARD,
                 down: DASHBOARD_DOWN,
             }),
+            // A Celery client's rpc:// reply queue outlives the message
+            // that named it: retries and countdowns are republished from
+            // the row.
+            Box::new(Sql {
+                name: "m20261202_000009_reply_to",
+                up: "ALTER TABLE tasks ADD COLUMN reply_to text",
+                down: "ALTER TABLE tasks DROP COLUMN reply_to",
+            }),
         ]
     }
 }

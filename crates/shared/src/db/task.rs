@@ -57,6 +57,9 @@ pub struct Model {
     /// The version of the worker that ran the latest attempt: run times per
     /// release (the dashboard's releases page) group by it.
     pub worker_version: Option<String>,
+    /// Celery `rpc://` reply queue of the client that sent the task, kept
+    /// so a retry republished from this row still reaches the client.
+    pub reply_to: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -207,6 +207,7 @@ fn new_row(t: &NewTask, now: DateTime<Utc>) -> task::ActiveModel {
         cancel_requested_at: Set(None),
         idempotency_fingerprint: Set(t.idempotency_fingerprint.clone()),
         worker_version: Set(None),
+        reply_to: Set(None),
     }
 }
 
@@ -268,6 +269,7 @@ struct ClaimRow<'a> {
     parent_id: Option<&'a str>,
     group_id: Option<&'a str>,
     traceparent: Option<&'a str>,
+    reply_to: Option<&'a str>,
 }
 
 impl ClaimRequest {
@@ -293,6 +295,7 @@ impl ClaimRequest {
             parent_id: m.parent_id.as_deref(),
             group_id: m.group.as_deref(),
             traceparent: m.traceparent.as_deref(),
+            reply_to: m.reply_to.as_deref(),
         };
         Self {
             id: m.id,
@@ -532,13 +535,13 @@ impl Store {
                 "INSERT INTO tasks AS t (id, task_type, queue, owner, state, input, attempts, eta, expires_at,
                                          time_limit, soft_time_limit, created_at, queued_at, started_at,
                                          updated_at, worker, origin, root_id, parent_id, group_id, traceparent,
-                                         worker_version)
+                                         worker_version, reply_to)
                  SELECT (e->>'id')::uuid, e->>'task_type', e->>'queue', e->>'owner', 'STARTED', e->'input', 1,
                         (e->>'eta')::timestamptz, (e->>'expires_at')::timestamptz,
                         (e->>'time_limit')::float8, (e->>'soft_time_limit')::float8,
                         now(), now(), clock_timestamp(), now(), $2,
                         e->>'origin', e->>'root_id', e->>'parent_id', e->>'group_id', e->>'traceparent',
-                        $6
+                        $6, e->>'reply_to'
                  FROM jsonb_array_elements($1::jsonb) AS e
                  ON CONFLICT (id) DO UPDATE
                     SET state = 'STARTED',
@@ -796,8 +799,8 @@ impl Store {
             .execute_raw(stmt(
                 "INSERT INTO tasks AS t (id, task_type, queue, owner, state, input, attempts, eta, expires_at,
                                          time_limit, soft_time_limit, publish_at, created_at, updated_at,
-                                         origin, root_id, parent_id, group_id, traceparent)
-                 VALUES ($1, $2, $3, $4, 'PENDING', $5, $6, $7, $8, $9, $10, $7, now(), now(), $11, $12, $13, $14, $15)
+                                         origin, root_id, parent_id, group_id, traceparent, reply_to)
+                 VALUES ($1, $2, $3, $4, 'PENDING', $5, $6, $7, $8, $9, $10, $7, now(), now(), $11, $12, $13, $14, $15, $16)
                  ON CONFLICT (id) DO UPDATE
                     SET state = 'PENDING', eta = EXCLUDED.eta, publish_at = EXCLUDED.publish_at, updated_at = now()
                   WHERE t.task_type = EXCLUDED.task_type AND t.owner IS NOT DISTINCT FROM EXCLUDED.owner
@@ -818,6 +821,7 @@ impl Store {
                     m.parent_id.clone().into(),
                     m.group.clone().into(),
                     m.traceparent.clone().into(),
+                    m.reply_to.clone().into(),
                 ],
             ))
             .await?;
@@ -997,6 +1001,7 @@ pub fn message_from_row(row: &task::Model) -> TaskMessage {
     m.origin = row.origin.clone();
     m.owner = row.owner.clone();
     m.traceparent = row.traceparent.clone();
+    m.reply_to = row.reply_to.clone();
     m
 }
 
