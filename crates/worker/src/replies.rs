@@ -15,7 +15,11 @@ use lapin::{BasicProperties, message::Delivery};
 use serde_json::{Value, json};
 use uuid::Uuid;
 use warren_shared::{
-    broker::Outgoing, codes::StoredError, envelope::{Encoded, TaskMessage}, store::Outcome, wire::short_string,
+    broker::Outgoing,
+    codes::StoredError,
+    envelope::{Encoded, TaskMessage},
+    store::Outcome,
+    wire::short_string,
 };
 
 /// Where a task's replies go: the client's queue and the id it matches on.
