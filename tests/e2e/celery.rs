@@ -359,3 +359,183 @@ async fn rpc_replies_let_celerys_result_get_return_the_value_and_raise_the_error
     assert_eq!(out["flaky_state"], "FAILURE", "{out}");
     worker.stop().await;
 }
+
+/// Flower's view of a Warren worker, read with Celery's own event
+/// receiver, event state and remote control: the worker is alive with its
+/// heartbeat's figures, each task moves through Celery's events to its
+/// state with Celery's field names, `inspect ping` and `inspect active`
+/// are answered, and a command Warren does not serve gets an error reply
+/// rather than silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flower_and_celery_inspect_see_warren_workers_through_celery_events() {
+    let env = TestEnv::with(|s| {
+        let p = s.amqp.prefix.clone();
+        s.celery.queues = vec![format!("{p}celery")];
+        s.celery.events = true;
+        s.celery.event_exchange = format!("{p}celeryev");
+        s.celery.control_exchange = format!("{p}celery");
+        // Celery's state calls a worker alive for two heartbeat periods.
+        s.worker.heartbeat_seconds = 1.0;
+    })
+    .await;
+    let p = env.settings().amqp.prefix.clone();
+    let worker = env.spawn_worker("w1").await;
+    let url = secrecy::ExposeSecret::expose_secret(&env.settings().amqp.url).to_owned();
+    let (queue, events, control) = (
+        format!("{p}celery"),
+        format!("{p}celeryev"),
+        format!("{p}celery"),
+    );
+    let args = [url.as_str(), &queue, &events, &control, &worker.identity];
+    let out = warren_tests::python::run("events_inspect.py", &args).await;
+    let out: Value = serde_json::from_str(&out).expect("JSON from the script");
+    let host = worker.identity.as_str();
+    assert_eq!(out["ping"], json!({ host: {"ok": "pong"} }), "{out}");
+    assert_eq!(out["active_ids"], json!([out["slow_id"]]), "{out}");
+    let stats_error = out["unsupported"][host]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(stats_error.contains("stats"), "{out}");
+    assert_eq!(out["worker"]["alive"], true, "{out}");
+    assert_eq!(out["worker"]["sw_ident"], "warren", "{out}");
+    assert_eq!(out["worker"]["freq"], 1.0, "{out}");
+    let lifecycle = |end: &str| json!(["task-received", "task-started", end]);
+    assert_eq!(out["events"]["ok"], lifecycle("task-succeeded"), "{out}");
+    assert_eq!(out["events"]["bad"], lifecycle("task-failed"), "{out}");
+    assert_eq!(out["events"]["slow"], lifecycle("task-succeeded"), "{out}");
+    assert_eq!(out["ok"]["state"], "SUCCESS", "{out}");
+    assert_eq!(out["ok"]["name"], "multiply", "{out}");
+    // Positional arguments are named by the task's schema when decoded.
+    assert_eq!(out["ok"]["args"], "[]", "{out}");
+    assert_eq!(out["ok"]["kwargs"], "{'x': 6, 'y': 7}", "{out}");
+    assert_eq!(out["ok"]["result"], "42", "{out}");
+    assert!(
+        out["ok"]["runtime"].as_f64().is_some_and(|r| r >= 0.0),
+        "{out}"
+    );
+    assert_eq!(out["bad"]["state"], "FAILURE", "{out}");
+    let exception = out["bad"]["exception"].as_str().unwrap_or_default();
+    assert!(exception.starts_with("TaskFailed('"), "{out}");
+    worker.stop().await;
+}
+
+/// Celery's events on the wire, as `celery events` reads them: one event
+/// per message with Celery's routing key, JSON, transient, the sender in a
+/// `hostname` header and Celery's common fields, a Lamport clock that only
+/// moves forward, `worker-online` first and `worker-offline` last, after
+/// the task's outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celery_events_carry_celerys_routing_keys_and_fields_from_online_to_offline() {
+    let env = TestEnv::with(|s| {
+        let p = s.amqp.prefix.clone();
+        s.celery.events = true;
+        s.celery.event_exchange = format!("{p}celeryev");
+        s.celery.control_exchange = format!("{p}celery");
+    })
+    .await;
+    let exchange = env.settings().celery.event_exchange.clone();
+    let probe = format!("{}probe", env.settings().amqp.prefix);
+    let amqp = env.amqp().await;
+    let ch = amqp.channel();
+    let durable = lapin::options::ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        wire::short_string(&exchange),
+        lapin::ExchangeKind::Topic,
+        durable,
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let exclusive = lapin::options::QueueDeclareOptions {
+        exclusive: true,
+        ..Default::default()
+    };
+    ch.queue_declare(wire::short_string(&probe), exclusive, Default::default())
+        .await
+        .unwrap();
+    ch.queue_bind(
+        wire::short_string(&probe),
+        wire::short_string(&exchange),
+        wire::short_string("#"),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+
+    let worker = env.spawn_worker("w1").await;
+    let message = fixture("send_task_kwargs");
+    let id = message["headers"]["id"].as_str().unwrap().to_owned();
+    publish_like_celery(&env, &message).await;
+    wait_until("the task to finish", Duration::from_secs(10), || async {
+        let row = env.store().get(id.parse().unwrap()).await.unwrap();
+        row.filter(|r| r.state.is_terminal())
+    })
+    .await;
+    let host = worker.identity.clone();
+    worker.stop().await;
+
+    let events: Vec<(String, Value)> = amqp
+        .drain(&probe)
+        .await
+        .into_iter()
+        .map(|m| {
+            let p = &m.delivery.properties;
+            assert_eq!(
+                p.content_type().as_ref().unwrap().as_str(),
+                "application/json"
+            );
+            assert_eq!(*p.delivery_mode(), Some(1), "events are transient");
+            let headers = wire::table_to_json(p.headers().as_ref().unwrap());
+            assert_eq!(headers["hostname"], host.as_str());
+            let body: Value = serde_json::from_slice(&m.delivery.data).unwrap();
+            (m.delivery.routing_key.to_string(), body)
+        })
+        .collect();
+    for (key, body) in &events {
+        assert_eq!(key, &body["type"].as_str().unwrap().replace('-', "."));
+        assert_eq!(body["hostname"], host.as_str());
+        for field in ["pid", "clock", "timestamp", "utcoffset"] {
+            assert!(body[field].is_number(), "{field} in {body}");
+        }
+    }
+    let clocks: Vec<u64> = events
+        .iter()
+        .map(|(_, b)| b["clock"].as_u64().unwrap())
+        .collect();
+    assert!(clocks.windows(2).all(|w| w[0] < w[1]), "{clocks:?}");
+    let types: Vec<&str> = events
+        .iter()
+        .map(|(_, b)| b["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types.first(), Some(&"worker-online"), "{types:?}");
+    assert_eq!(types.last(), Some(&"worker-offline"), "{types:?}");
+    let of_task: Vec<&Value> = events
+        .iter()
+        .map(|(_, b)| b)
+        .filter(|b| b["uuid"] == id.as_str())
+        .collect();
+    let task_types: Vec<&str> = of_task
+        .iter()
+        .map(|b| b["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        task_types,
+        ["task-received", "task-started", "task-succeeded"]
+    );
+    assert_eq!(of_task[0]["name"], "multiply");
+    assert_eq!(of_task[2]["result"], "42");
+    let beat = events
+        .iter()
+        .map(|(_, b)| b)
+        .find(|b| b["type"] == "worker-heartbeat")
+        .expect("a heartbeat");
+    for field in ["freq", "active", "processed"] {
+        assert!(beat[field].is_number(), "{field} in {beat}");
+    }
+    assert_eq!(beat["loadavg"].as_array().map(Vec::len), Some(3), "{beat}");
+    amqp.close().await;
+}

@@ -348,6 +348,7 @@ impl Drop for TestEnv {
                     if let Err(e) = topology.delete(amqp.channel()).await {
                         eprintln!("cleanup: deleting {} topology: {e}", settings.amqp.prefix);
                     }
+                    delete_celery_exchanges(&settings, amqp.channel()).await;
                     amqp.close().await;
                 }
                 if let Ok(m) = warren_shared::management::Management::new(&settings.amqp)
@@ -368,5 +369,25 @@ impl Drop for TestEnv {
             });
         });
         let _ = cleanup.join();
+    }
+}
+
+/// Celery's event and control exchanges a test named under its prefix
+/// (Celery's own names are shared by every run, so tests never use them).
+async fn delete_celery_exchanges(settings: &Settings, channel: &lapin::Channel) {
+    let c = &settings.celery;
+    if !c.events || !c.event_exchange.starts_with(&settings.amqp.prefix) {
+        return;
+    }
+    let control = &c.control_exchange;
+    for name in [
+        c.event_exchange.clone(),
+        format!("{control}.pidbox"),
+        format!("reply.{control}.pidbox"),
+    ] {
+        let name = warren_shared::wire::short_string(&name);
+        if let Err(e) = channel.exchange_delete(name, Default::default()).await {
+            eprintln!("cleanup: deleting a celery exchange: {e}");
+        }
     }
 }

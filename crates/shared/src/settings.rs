@@ -142,6 +142,27 @@ pub struct CelerySettings {
     pub queues: Vec<String>,
     #[serde(default = "classic")]
     pub queue_type: QueueType,
+    /// Celery's monitoring protocol (`WARREN_CELERY__EVENTS=true`): workers
+    /// send `worker-*` and `task-*` events and answer `celery inspect
+    /// ping`/`active`, so Flower and `celery events` see them. Off, no
+    /// event is built and no connection is opened.
+    #[serde(default)]
+    pub events: bool,
+    /// Celery's `event_exchange`: the topic exchange events go to.
+    #[serde(default = "celeryev")]
+    pub event_exchange: String,
+    /// Celery's `control_exchange`: requests arrive on
+    /// `<control_exchange>.pidbox`, replies go to `reply.<…>.pidbox`.
+    #[serde(default = "celery")]
+    pub control_exchange: String,
+}
+
+fn celeryev() -> String {
+    "celeryev".into()
+}
+
+fn celery() -> String {
+    "celery".into()
 }
 
 fn classic() -> QueueType {
@@ -153,6 +174,9 @@ impl Default for CelerySettings {
         Self {
             queues: Vec::new(),
             queue_type: classic(),
+            events: false,
+            event_exchange: celeryev(),
+            control_exchange: celery(),
         }
     }
 }
@@ -453,6 +477,12 @@ impl Settings {
         for (i, q) in self.celery.queues.iter().enumerate() {
             check_name(&format!("celery.queues[{i}]"), q, false)?;
         }
+        check_name("celery.event_exchange", &self.celery.event_exchange, false)?;
+        check_name(
+            "celery.control_exchange",
+            &self.celery.control_exchange,
+            false,
+        )?;
         non_negative_seconds("worker.shutdown_grace_seconds", w.shutdown_grace_seconds)?;
         check_owner("worker.default_owner", &w.default_owner)?;
         positive_seconds("worker.heartbeat_seconds", w.heartbeat_seconds)?;

@@ -30,6 +30,8 @@ use warren_shared::{
 use warren_shared::{metrics::MetricsError, store::WorkerRecord};
 use warren_tasks::Registry;
 
+use crate::events::{self, Events};
+
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(transparent)]
@@ -82,6 +84,8 @@ pub(crate) struct Running {
     pub(crate) cancel_requested: bool,
     /// The delivery of a later copy of its message, adopted rather than run.
     pub(crate) adopted: Vec<Settle>,
+    /// What `celery inspect active` shows of it; only with `celery.events`.
+    pub(crate) celery: Option<serde_json::Value>,
 }
 
 impl Running {
@@ -92,6 +96,7 @@ impl Running {
             cancel: None,
             cancel_requested: false,
             adopted: Vec::new(),
+            celery: None,
         }
     }
 }
@@ -127,6 +132,9 @@ pub struct Worker {
     pub(crate) claims: Batcher<ClaimRequest, Claim>,
     pub(crate) successes: Batcher<Success, bool>,
     started_at: DateTime<Utc>,
+    /// Celery events (`celery.events`), sent by handlers without waiting.
+    pub(crate) events: Events,
+    events_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::events::Event>>>,
     /// Bound at build, served while running.
     metrics_listener: std::sync::Mutex<Option<TcpListener>>,
     metrics_addr: std::net::SocketAddr,
@@ -219,6 +227,7 @@ impl Worker {
             tokio::spawn(batching);
             successes
         };
+        let (events, events_rx) = Events::new(settings.celery.events);
         Ok(Self {
             slots: Arc::new(Semaphore::new(settings.worker.concurrency as usize)),
             metrics,
@@ -226,6 +235,8 @@ impl Worker {
             successes,
             processed: AtomicU64::new(0),
             started_at: Utc::now(),
+            events,
+            events_rx: std::sync::Mutex::new(events_rx),
             metrics_listener: std::sync::Mutex::new(Some(metrics_listener)),
             metrics_addr,
             health: Arc::default(),
@@ -323,7 +334,14 @@ impl Worker {
                 shutdown.clone(),
             ));
         }
+        // Events outlive the consumer so the drain's outcomes are reported
+        // before `worker-offline`.
+        let events_stop = CancellationToken::new();
+        if let Some(rx) = lock(&worker.events_rx).take() {
+            background.spawn(events::run(Arc::clone(&worker), rx, events_stop.clone()));
+        }
         consumer::run(Arc::clone(&worker), shutdown.clone()).await;
+        events_stop.cancel();
         // The consumer returns only on shutdown; the relay sees the same token.
         background.close();
         background.wait().await;

@@ -13,6 +13,7 @@
 //! row's input) → `run` → `decide` (pure, in `decide`) → `record` →
 //! `settle`. A panic anywhere is caught and still settles the delivery.
 
+use crate::events;
 use crate::replies::{self, ReplyTo};
 use crate::{
     Worker,
@@ -26,7 +27,7 @@ use crate::{
 use chrono::Utc;
 use futures_util::FutureExt;
 use lapin::message::Delivery;
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::{future::Future, panic::AssertUnwindSafe, sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -329,12 +330,26 @@ async fn process(
     if let Some(d) = park_or_expire(worker, &message, &input, entry, stop).await {
         return d;
     }
+    worker
+        .events
+        .emit("task-received", || events::received(&message, &input));
     let request = ClaimRequest::new(&message, &input, &entry.queue, redelivered, signed);
     let (attempt, budget_used, input) = match claim(worker, request, input, entry, stop).await {
         Ok(claimed) => claimed,
         Err(d) => return d,
     };
     tracing::Span::current().record("attempt", attempt);
+    if worker.events.enabled() {
+        let info = events::active(worker, &message, &input, &entry.queue, redelivered);
+        if let Some(r) = lock(&worker.running).get_mut(&message.id) {
+            r.celery = Some(info);
+        }
+        let uuid = message.id.to_string();
+        worker.events.emit(
+            "task-started",
+            || json!({"uuid": uuid, "pid": std::process::id()}),
+        );
+    }
     if let Some(to) = &reply_to {
         replies::send(worker, to, message.id, replies::started(worker)).await;
     }
@@ -403,6 +418,9 @@ async fn park_or_expire(
             match db(stop, || store.expire(message, input, &entry.queue, &error)).await {
                 Ok(changed) => {
                     worker.metrics.event(entry.task.name(), "expired");
+                    worker.events.emit("task-revoked", || {
+                        json!({"uuid": message.id.to_string(), "terminated": false, "signum": null, "expired": true})
+                    });
                     tracing::info!(changed, "task expired before it started");
                     Disposition::Ack
                 }
@@ -610,6 +628,10 @@ async fn record(
     // Only an outcome that was committed is reported to a Celery client.
     if let Some(to) = &ran.reply_to {
         replies::send(worker, to, id, replies::for_outcome(&outcome)).await;
+    }
+    if worker.events.enabled() {
+        let (kind, fields) = events::outcome(id, &outcome, ran.elapsed);
+        worker.events.emit(kind, || fields);
     }
     match &outcome {
         Outcome::Success(_) => {

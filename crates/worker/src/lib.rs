@@ -35,9 +35,11 @@ mod app;
 mod consumer;
 pub use warren_shared::dead_letters;
 mod decide;
+mod events;
 mod execute;
 mod handler;
 mod metrics;
+mod pidbox;
 mod replies;
 mod services;
 

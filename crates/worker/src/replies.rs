@@ -51,16 +51,19 @@ impl ReplyTo {
 /// No module: Celery's client makes an exception class of that name, so
 /// `except` sees `TaskError("…")` rather than a stand-in.
 fn exception(code: &str, message: &str) -> Value {
-    let exc_type: String = code
-        .split('_')
+    json!({"exc_type": exception_type(code), "exc_message": [message], "exc_module": null})
+}
+
+/// `task_failed` → `TaskFailed`: the Python class name of an error code.
+pub(crate) fn exception_type(code: &str) -> String {
+    code.split('_')
         .map(|w| {
             let mut c = w.chars();
             c.next()
                 .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
                 .unwrap_or_default()
         })
-        .collect();
-    json!({"exc_type": exc_type, "exc_message": [message], "exc_module": null})
+        .collect()
 }
 
 fn error_reply(state: &str, e: &StoredError) -> (String, Value, Option<String>) {
