@@ -161,8 +161,19 @@ async fn sigterm_past_the_grace_period_hands_tasks_back() {
     assert!(status.success(), "exit status {status:?}\n{}", worker.log());
 
     // Their messages went back to the queue, ready for another replica.
+    // The broker requeues a closed channel's unacked messages a moment
+    // after the close (more under load): wait for that, then count.
     let amqp = env.amqp().await;
-    let (messages, _) = amqp.queue_depth(&env.queue("default")).await;
+    let queue = env.queue("default");
+    let messages = wait_until(
+        "the consumer to be gone",
+        Duration::from_secs(10),
+        || async {
+            let (messages, consumers) = amqp.queue_depth(&queue).await;
+            (consumers == 0).then_some(messages)
+        },
+    )
+    .await;
     assert_eq!(messages, 4, "handed back to the broker\n{}", worker.log());
     amqp.close().await;
 
