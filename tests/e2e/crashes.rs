@@ -20,6 +20,25 @@ async fn submit_many(
         .await
 }
 
+/// The default queue's depth once the exited worker's consumer is gone:
+/// the broker drops it, and requeues its unacknowledged messages, a moment
+/// after the connection closes (more under load).
+async fn depth_once_unconsumed(env: &TestEnv) -> u32 {
+    let amqp = env.amqp().await;
+    let queue = env.queue("default");
+    let depth = wait_until(
+        "the worker's consumer to be gone",
+        Duration::from_secs(10),
+        || async {
+            let (messages, consumers) = amqp.queue_depth(&queue).await;
+            (consumers == 0).then_some(messages)
+        },
+    )
+    .await;
+    amqp.close().await;
+    depth
+}
+
 async fn count(env: &TestEnv, ids: &[Uuid], state: TaskState) -> usize {
     env.tasks(ids)
         .await
@@ -122,22 +141,12 @@ async fn sigterm_lets_running_tasks_finish_then_exits_zero() {
             "the worker exited after its tasks finished"
         );
     }
-    // The quorum queue drops the consumer of a closed connection a moment
-    // after the close (more under load): wait for it, not for the messages,
-    // which were acknowledged before the worker exited.
-    let amqp = env.amqp().await;
-    let queue = env.queue("default");
-    let depth = wait_until(
-        "the worker's consumer to be gone",
-        Duration::from_secs(10),
-        || async {
-            let (messages, consumers) = amqp.queue_depth(&queue).await;
-            (consumers == 0).then_some(messages)
-        },
-    )
-    .await;
-    assert_eq!(depth, 0, "everything acknowledged");
-    amqp.close().await;
+    // The messages were acknowledged before the worker exited.
+    assert_eq!(
+        depth_once_unconsumed(&env).await,
+        0,
+        "everything acknowledged"
+    );
     api.stop().await;
 }
 
@@ -161,21 +170,8 @@ async fn sigterm_past_the_grace_period_hands_tasks_back() {
     assert!(status.success(), "exit status {status:?}\n{}", worker.log());
 
     // Their messages went back to the queue, ready for another replica.
-    // The broker requeues a closed channel's unacked messages a moment
-    // after the close (more under load): wait for that, then count.
-    let amqp = env.amqp().await;
-    let queue = env.queue("default");
-    let messages = wait_until(
-        "the consumer to be gone",
-        Duration::from_secs(10),
-        || async {
-            let (messages, consumers) = amqp.queue_depth(&queue).await;
-            (consumers == 0).then_some(messages)
-        },
-    )
-    .await;
+    let messages = depth_once_unconsumed(&env).await;
     assert_eq!(messages, 4, "handed back to the broker\n{}", worker.log());
-    amqp.close().await;
 
     // Another replica runs each exactly once more: attempt 2, its own,
     // and the abandoned attempt left nothing behind.
