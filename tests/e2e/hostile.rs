@@ -270,6 +270,9 @@ fn victim_task(id: Uuid) -> warren_shared::store::NewTask {
         origin: "test".into(),
         traceparent: None,
         publish_at: chrono::Utc::now(),
+        reply_to: None,
+        time_limit: None,
+        soft_time_limit: None,
     }
 }
 

@@ -10,6 +10,7 @@ mod api_abuse;
 mod bad_input;
 mod batches;
 mod celery;
+mod celery_runner;
 mod control;
 mod crashes;
 mod dashboard;

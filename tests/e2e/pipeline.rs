@@ -201,6 +201,9 @@ fn submitted(id: Uuid, task_type: &str, queue: &str, input: Value) -> NewTask {
         origin: ORIGIN.into(),
         traceparent: None,
         publish_at: chrono::Utc::now(),
+        reply_to: None,
+        time_limit: None,
+        soft_time_limit: None,
     }
 }
 

@@ -28,6 +28,9 @@ fn new_task(id: Uuid) -> NewTask {
         origin: "test".into(),
         traceparent: None,
         publish_at: Utc::now() + chrono::Duration::seconds(60),
+        reply_to: None,
+        time_limit: None,
+        soft_time_limit: None,
     }
 }
 

@@ -350,6 +350,7 @@ impl Drop for TestEnv {
                     }
                     delete_celery_exchanges(&settings, amqp.channel()).await;
                     amqp.close().await;
+                    delete_celery_worker_exchanges(&settings, &topology).await;
                 }
                 if let Ok(m) = warren_shared::management::Management::new(&settings.amqp)
                     && let Err(e) = m.delete_policy(&topology.policy().name).await
@@ -388,6 +389,21 @@ async fn delete_celery_exchanges(settings: &Settings, channel: &lapin::Channel) 
         let name = warren_shared::wire::short_string(&name);
         if let Err(e) = channel.exchange_delete(name, Default::default()).await {
             eprintln!("cleanup: deleting a celery exchange: {e}");
+        }
+    }
+}
+
+/// A Celery worker consuming a Celery-run type's queue (`-Q`) declares a
+/// direct exchange of the queue's name. Each delete on a channel of its
+/// own: one that finds nothing must not stop the others.
+async fn delete_celery_worker_exchanges(settings: &Settings, topology: &Topology) {
+    for name in topology.celery_run_queues() {
+        if let Ok(amqp) = Amqp::try_connect(settings).await {
+            let _ = amqp
+                .channel()
+                .exchange_delete(warren_shared::wire::short_string(&name), Default::default())
+                .await;
+            amqp.close().await;
         }
     }
 }

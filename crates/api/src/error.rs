@@ -165,7 +165,7 @@ impl ApiError {
         .with("parameter", name)
     }
 
-    pub fn unknown_task_type(name: &str, known: impl Iterator<Item = &'static str>) -> Self {
+    pub fn unknown_task_type<'a>(name: &str, known: impl Iterator<Item = &'a str>) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
             ErrorCode::UnknownTaskType,

@@ -115,14 +115,25 @@ pub struct Outgoing {
 impl Outgoing {
     /// A task message to the tasks exchange, routed by its task type, its
     /// owner signed when a signer is given (what Warren's own publishers do).
+    /// A message for Celery workers to run (its `reply_to` is Warren's
+    /// reply queue) carries a reply token as its correlation id, which
+    /// their results echo back (`Signer::reply_token`).
     pub fn task(topology: &Topology, message: &TaskMessage, signer: Option<&Signer>) -> Self {
+        let mut encoded = match signer {
+            Some(signer) => message.encode_signed(signer),
+            None => message.encode(),
+        };
+        let to_celery = message.reply_to.is_some() && message.reply_to == topology.reply_queue();
+        if let (true, Some(signer), Some(owner)) = (to_celery, signer, &message.owner) {
+            let token = signer.reply_token(message.id, &message.task, owner);
+            encoded.properties = encoded
+                .properties
+                .with_correlation_id(crate::wire::short_string(&token));
+        }
         Self {
             exchange: topology.exchange(),
             routing_key: message.task.clone(),
-            message: match signer {
-                Some(signer) => message.encode_signed(signer),
-                None => message.encode(),
-            },
+            message: encoded,
         }
     }
 }

@@ -1,13 +1,18 @@
 //! The registry of tasks joined with this deployment's configuration: for
-//! every task type, its queue and effective policy. Built once at startup by
-//! api and worker alike, so both agree on routing.
+//! every task type, its queue, effective policy and runner, including the
+//! types configuration declares for Python Celery workers (`runner =
+//! "celery"`, with a JSON Schema). Built once at startup by api and worker
+//! alike, so both agree on routing.
 
 use crate::{
-    settings::{Settings, SettingsError},
+    settings::{Runner, Settings, SettingsError, TaskSettings},
     topology::Topology,
 };
-use std::{collections::BTreeMap, sync::Arc};
-use warren_tasks::{DynTask, Policy, Registry};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
+use warren_tasks::{DynTask, ExternalTask, Policy, Registry};
 
 /// One task type as this deployment runs it.
 #[derive(Clone)]
@@ -16,74 +21,218 @@ pub struct Entry {
     /// Short queue name (without prefix).
     pub queue: String,
     pub policy: Policy,
+    /// Who runs it: a Warren worker, or Python Celery workers.
+    pub runner: Runner,
 }
 
 #[derive(Clone)]
 pub struct Catalog {
-    entries: BTreeMap<&'static str, Entry>,
+    entries: BTreeMap<String, Entry>,
     topology: Arc<Topology>,
 }
 
 impl Catalog {
-    /// Fails when configuration names a task type that does not exist or
-    /// gives one a policy that makes no sense.
+    /// Fails when configuration names a task type that does not exist (and
+    /// does not declare it as run by Celery), gives one a policy that makes
+    /// no sense, or names a schema that cannot be read.
     pub fn new(registry: &Registry, settings: &Settings) -> Result<Self, SettingsError> {
-        if let Some(unknown) = settings
-            .tasks
-            .keys()
-            .find(|name| registry.get(name).is_none())
-        {
-            return Err(SettingsError::Invalid {
-                key: format!("tasks.{unknown}"),
-                message: format!(
-                    "no such task type (known: {})",
-                    registry.names().collect::<Vec<_>>().join(", ")
-                ),
-            });
-        }
         let mut entries = BTreeMap::new();
-        for name in registry.names() {
-            let Some(task) = registry.get(name) else {
-                continue;
+        for (name, configured) in &settings.tasks {
+            let entry = match (configured.runner, registry.get(name)) {
+                (Runner::Warren, Some(task)) => warren_entry(settings, name, task, configured)?,
+                (Runner::Warren, None) => {
+                    return Err(SettingsError::Invalid {
+                        key: format!("tasks.{name}"),
+                        message: format!(
+                            "no such task type (known: {}); a type Python Celery workers run needs runner = \"celery\"",
+                            registry.names().collect::<Vec<_>>().join(", ")
+                        ),
+                    });
+                }
+                (Runner::Celery, Some(_)) => {
+                    return Err(SettingsError::Invalid {
+                        key: format!("tasks.{name}.runner"),
+                        message: "is a Warren task: runner = \"celery\" declares a type Warren does not implement".into(),
+                    });
+                }
+                (Runner::Celery, None) => celery_entry(settings, name, configured)?,
             };
-            let configured = settings.tasks.get(name).cloned().unwrap_or_default();
-            let policy = task
-                .policy()
-                .with_overrides(&configured.policy_overrides())
-                .map_err(|e| SettingsError::Invalid {
-                    key: format!("tasks.{name}.{}", e.field),
-                    message: e.message,
-                })?;
-            let queue = configured
-                .queue
-                .unwrap_or_else(|| settings.amqp.default_queue.clone());
-            entries.insert(
-                name,
-                Entry {
-                    task: Arc::clone(task),
-                    queue,
-                    policy,
-                },
-            );
+            entries.insert(name.clone(), entry);
+        }
+        for name in registry.names() {
+            if let (false, Some(task)) = (entries.contains_key(name), registry.get(name)) {
+                let entry = warren_entry(settings, name, task, &TaskSettings::default())?;
+                entries.insert(name.to_owned(), entry);
+            }
         }
         let routes = entries
             .iter()
-            .map(|(name, e)| ((*name).to_owned(), e.queue.clone()))
+            .map(|(name, e)| (name.clone(), e.queue.clone()))
             .collect();
-        let topology =
-            Arc::new(Topology::new(&settings.amqp, routes).with_celery_queues(&settings.celery));
-        Ok(Self { entries, topology })
+        let celery_run: BTreeSet<String> = entries
+            .values()
+            .filter(|e| e.runner == Runner::Celery)
+            .map(|e| e.queue.clone())
+            .collect();
+        let topology = Topology::new(&settings.amqp, routes)
+            .with_celery_queues(&settings.celery)
+            .with_celery_runs(celery_run);
+        Ok(Self {
+            entries,
+            topology: Arc::new(topology),
+        })
     }
 
     pub fn get(&self, task_type: &str) -> Option<&Entry> {
         self.entries.get(task_type)
     }
 
-    pub fn task_types(&self) -> impl Iterator<Item = &'static str> + '_ {
-        self.entries.keys().copied()
+    pub fn task_types(&self) -> impl Iterator<Item = &str> + '_ {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// Whether a Warren worker runs this type (not Celery workers, and
+    /// not unknown).
+    pub fn runs_here(&self, task_type: &str) -> bool {
+        self.get(task_type)
+            .is_some_and(|e| e.runner == Runner::Warren)
+    }
+
+    /// Whether any type is run by Celery workers, whose replies someone
+    /// must then record.
+    pub fn has_celery_runs(&self) -> bool {
+        self.entries.values().any(|e| e.runner == Runner::Celery)
     }
 
     pub fn topology(&self) -> &Arc<Topology> {
         &self.topology
+    }
+}
+
+fn invalid(key: String, message: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+fn queue_of(settings: &Settings, configured: &TaskSettings) -> String {
+    configured
+        .queue
+        .clone()
+        .unwrap_or_else(|| settings.amqp.default_queue.clone())
+}
+
+fn policy_of(name: &str, base: Policy, configured: &TaskSettings) -> Result<Policy, SettingsError> {
+    base.with_overrides(&configured.policy_overrides())
+        .map_err(|e| invalid(format!("tasks.{name}.{}", e.field), e.message))
+}
+
+fn warren_entry(
+    settings: &Settings,
+    name: &str,
+    task: &Arc<dyn DynTask>,
+    configured: &TaskSettings,
+) -> Result<Entry, SettingsError> {
+    Ok(Entry {
+        task: Arc::clone(task),
+        queue: queue_of(settings, configured),
+        policy: policy_of(name, task.policy(), configured)?,
+        runner: Runner::Warren,
+    })
+}
+
+/// A type declared in configuration for Python Celery workers: its schema
+/// is read and compiled once, here, so a bad one stops startup.
+fn celery_entry(
+    settings: &Settings,
+    name: &str,
+    configured: &TaskSettings,
+) -> Result<Entry, SettingsError> {
+    let key = format!("tasks.{name}.input_schema");
+    let Some(path) = &configured.input_schema else {
+        return Err(invalid(key, "required for runner = \"celery\""));
+    };
+    let path = settings.config_dir.join(path);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| invalid(key.clone(), format!("cannot read {}: {e}", path.display())))?;
+    let schema: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| invalid(key.clone(), format!("{} is not JSON: {e}", path.display())))?;
+    let policy = policy_of(name, Policy::default(), configured)?;
+    let task = ExternalTask::new(name, &schema, policy)
+        .map_err(|e| invalid(key, format!("{}: {e}", path.display())))?;
+    Ok(Entry {
+        task: Arc::new(task),
+        queue: queue_of(settings, configured),
+        policy,
+        runner: Runner::Celery,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::ENV_VAR;
+    use std::{collections::HashMap, path::PathBuf};
+
+    const SCHEMA: &str = r#"{"type": "object", "required": ["text"],
+        "properties": {"text": {"type": "string"}}}"#;
+
+    /// The shipped configuration plus `extra` as a `staging` environment,
+    /// with a schema file at `schemas/wordcount.json`.
+    fn catalog(extra: &str) -> Result<Catalog, SettingsError> {
+        let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../config");
+        let dir = std::env::temp_dir().join(format!("warren-catalog-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(dir.join("schemas")).map_err(|e| invalid("dir".into(), e.to_string()))?;
+        let copy = |name: &str, text: String| std::fs::write(dir.join(name), text);
+        let default = std::fs::read_to_string(repo.join("default.toml")).unwrap_or_default();
+        let written = copy("default.toml", default)
+            .and(copy("staging.toml", format!("[amqp]\nsigning_key = \"{}\"\n{extra}", "k".repeat(32))))
+            .and(copy("schemas/wordcount.json", SCHEMA.into()));
+        written.map_err(|e| invalid("files".into(), e.to_string()))?;
+        let vars = HashMap::from([(ENV_VAR.to_owned(), "staging".to_owned())]);
+        let catalog = Settings::load_from(&dir, &vars)
+            .and_then(|settings| Catalog::new(&Registry::builtin(), &settings));
+        let _ = std::fs::remove_dir_all(&dir);
+        catalog
+    }
+
+    const WORDCOUNT: &str = "[tasks.\"reports.wordcount\"]\nrunner = \"celery\"\n";
+
+    #[test]
+    fn a_celery_run_type_is_declared_with_its_schema_and_queue() {
+        let c = catalog(&format!(
+            "{WORDCOUNT}queue = \"reports\"\ninput_schema = \"schemas/wordcount.json\"\ntime_limit_seconds = 60\n"
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let entry = c.get("reports.wordcount").unwrap_or_else(|| panic!("declared"));
+        assert_eq!((entry.runner, entry.queue.as_str()), (Runner::Celery, "reports"));
+        assert_eq!(entry.policy.time_limit, Some(std::time::Duration::from_secs(60)));
+        assert!(entry.task.validate(&serde_json::json!({"text": "a"})).is_ok());
+        assert!(entry.task.validate(&serde_json::json!({})).is_err());
+        assert!(!c.runs_here("reports.wordcount") && c.runs_here("multiply"));
+        let t = c.topology();
+        assert!(!t.warren_queues().contains("reports") && t.queues().contains("reports"));
+        assert_eq!(t.reply_queue().as_deref(), Some("warren.replies"));
+    }
+
+    #[test]
+    fn a_bad_declaration_names_its_key() {
+        let schema = "input_schema = \"schemas/wordcount.json\"\n";
+        let cases = [
+            (format!("{WORDCOUNT}queue = \"reports\"\n"), "tasks.reports.wordcount.input_schema"),
+            (format!("{WORDCOUNT}{schema}"), "tasks.reports.wordcount.queue"),
+            (format!("{WORDCOUNT}{schema}queue = \"celery\"\n[celery]\nqueues = [\"celery\"]\n"), "tasks.reports.wordcount.queue"),
+            (format!("{WORDCOUNT}{schema}queue = \"slow\"\n[tasks.sleep]\nqueue = \"slow\"\n"), "tasks.reports.wordcount.queue"),
+            (format!("{WORDCOUNT}{schema}queue = \"r\"\nmax_retries = 3\n"), "tasks.reports.wordcount.max_retries"),
+            (format!("{WORDCOUNT}queue = \"r\"\ninput_schema = \"schemas/none.json\"\n"), "tasks.reports.wordcount.input_schema"),
+            (format!("[tasks.multiply]\nrunner = \"celery\"\nqueue = \"r\"\n{schema}"), "tasks.multiply.runner"),
+            (format!("[tasks.multiply]\n{schema}"), "tasks.multiply.input_schema"),
+            ("[tasks.\"reports.other\"]\nqueue = \"r\"\n".to_owned(), "tasks.reports.other"),
+        ];
+        for (toml, key) in cases {
+            let err = catalog(&toml).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
     }
 }

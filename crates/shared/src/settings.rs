@@ -66,6 +66,10 @@ pub struct Settings {
     /// The environment these settings were loaded for (`WARREN_ENV`).
     #[serde(skip)]
     pub environment: String,
+    /// The directory the files came from: relative paths in them (a task
+    /// type's `input_schema`) are read from there.
+    #[serde(skip)]
+    pub config_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -87,6 +91,16 @@ pub enum QueueType {
     Quorum,
     /// Single-node queues, for brokers that cannot run quorum queues.
     Classic,
+}
+
+impl QueueType {
+    /// The `x-queue-type` value (and Celery's `task_default_queue_type`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -293,6 +307,25 @@ pub struct TaskSettings {
     pub retry_delay_max_seconds: Option<f64>,
     pub soft_time_limit_seconds: Option<f64>,
     pub time_limit_seconds: Option<f64>,
+    /// Who runs the type: a Rust task of Warren's registry (the default),
+    /// or Python Celery workers, for a type declared here.
+    #[serde(default)]
+    pub runner: Runner,
+    /// `runner = "celery"`: the JSON Schema file its input must satisfy,
+    /// relative to the configuration directory.
+    pub input_schema: Option<PathBuf>,
+}
+
+/// Who runs a task type's code.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runner {
+    /// A Warren worker, with the task of that name in the registry.
+    #[default]
+    Warren,
+    /// Python Celery workers (`result_backend = "rpc://"`): Warren
+    /// validates, records and publishes, and records what they report.
+    Celery,
 }
 
 impl TaskSettings {
@@ -355,6 +388,7 @@ impl Settings {
             .build()?
             .try_deserialize()?;
         settings.environment = environment;
+        settings.config_dir = dir.to_path_buf();
         settings.validate()?;
         Ok(settings)
     }
@@ -510,6 +544,64 @@ impl Settings {
             if let Some(q) = &task.queue {
                 check_name(&format!("tasks.{name}.queue"), q, false)?;
             }
+            self.check_runner(name, task)?;
+        }
+        Ok(())
+    }
+
+    /// A type Celery workers run needs its schema and a queue of its own:
+    /// Warren workers consume the default queue and Celery's, and would
+    /// take its messages there.
+    fn check_runner(&self, name: &str, task: &TaskSettings) -> Result<(), SettingsError> {
+        match (task.runner, &task.input_schema) {
+            (Runner::Warren, None) => return Ok(()),
+            (Runner::Warren, Some(_)) => {
+                return Err(invalid(
+                    format!("tasks.{name}.input_schema"),
+                    "only for runner = \"celery\": a Warren task's input is its Rust type",
+                ));
+            }
+            (Runner::Celery, None) => {
+                return Err(invalid(
+                    format!("tasks.{name}.input_schema"),
+                    "required for runner = \"celery\": the JSON Schema file its input is checked against",
+                ));
+            }
+            (Runner::Celery, Some(_)) => {}
+        }
+        let retries = [
+            ("max_retries", task.max_retries.is_some()),
+            ("retry_delay_seconds", task.retry_delay_seconds.is_some()),
+            (
+                "retry_delay_max_seconds",
+                task.retry_delay_max_seconds.is_some(),
+            ),
+        ];
+        if let Some((key, _)) = retries.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                format!("tasks.{name}.{key}"),
+                "a Celery-run type retries as its Python task says (self.retry, autoretry_for, max_retries); Warren records each RETRY",
+            ));
+        }
+        let queue = task.queue.as_deref().unwrap_or(&self.amqp.default_queue);
+        if queue == self.amqp.default_queue || self.celery.queues.iter().any(|q| q == queue) {
+            return Err(invalid(
+                format!("tasks.{name}.queue"),
+                format!(
+                    "runner = \"celery\" needs a queue of its own (not `{queue}`, which Warren workers consume)"
+                ),
+            ));
+        }
+        let shared = self.tasks.iter().find(|(other, t)| {
+            t.runner == Runner::Warren && t.queue.as_deref() == Some(queue) && *other != name
+        });
+        if let Some((other, _)) = shared {
+            return Err(invalid(
+                format!("tasks.{name}.queue"),
+                format!(
+                    "queue `{queue}` also carries `{other}`, which Warren workers run: give the Celery-run type a queue of its own"
+                ),
+            ));
         }
         Ok(())
     }

@@ -25,6 +25,9 @@ pub const SIGNATURE_HEADER: &str = "x-warren-signature";
 pub const MIN_KEY_LEN: usize = 32;
 /// Bumped if what is signed ever changes, so old and new never mix up.
 const CONTEXT: &[u8] = b"warren-owner-v1";
+/// Reply tokens are a different statement from owner signatures: one can
+/// never stand for the other.
+const REPLY_CONTEXT: &[u8] = b"warren-reply-v1";
 
 /// Signs and verifies owners with the deployment's key. Cheap to clone.
 #[derive(Clone)]
@@ -79,6 +82,38 @@ impl Signer {
         };
         self.mac(id, task, owner, body).verify_slice(&tag).is_ok()
     }
+
+    fn reply_mac(&self, id: Uuid, task: &str, owner: &str) -> Hmac<Sha256> {
+        let mut mac = self.keyed.clone();
+        for part in [
+            REPLY_CONTEXT,
+            id.as_bytes(),
+            task.as_bytes(),
+            owner.as_bytes(),
+        ] {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part);
+        }
+        mac
+    }
+
+    /// The correlation id of a message Warren hands to a Celery worker
+    /// (`runner = "celery"`). Celery's rpc backend sends it back on every
+    /// result, so a result is believed only for the task whose message it
+    /// answers: a reply naming any other task id does not verify.
+    pub fn reply_token(&self, id: Uuid, task: &str, owner: &str) -> String {
+        let tag = self.reply_mac(id, task, owner).finalize().into_bytes();
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag)
+    }
+
+    /// Whether `token` is [`Signer::reply_token`] of exactly these values,
+    /// compared in constant time.
+    pub fn verify_reply_token(&self, id: Uuid, task: &str, owner: &str, token: &str) -> bool {
+        let Ok(tag) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token) else {
+            return false;
+        };
+        self.reply_mac(id, task, owner).verify_slice(&tag).is_ok()
+    }
 }
 
 #[cfg(test)]
@@ -102,6 +137,21 @@ mod tests {
         assert!(!s.verify(id, "multiply", "billing", b"[[],{},{}]", "garbage!"));
         let other = signer("another key of thirty-two chars!!");
         assert!(!other.verify(id, "multiply", "billing", b"[[],{},{}]", &sig));
+    }
+
+    #[test]
+    fn a_reply_token_stands_for_one_task_of_one_owner() {
+        let s = signer("0123456789abcdef0123456789abcdef");
+        let id = Uuid::now_v7();
+        let token = s.reply_token(id, "reports.wordcount", "billing");
+        assert!(s.verify_reply_token(id, "reports.wordcount", "billing", &token));
+        assert!(!s.verify_reply_token(Uuid::now_v7(), "reports.wordcount", "billing", &token));
+        assert!(!s.verify_reply_token(id, "reports.wordcount", "other", &token));
+        assert!(!s.verify_reply_token(id, "multiply", "billing", &token));
+        assert!(!s.verify_reply_token(id, "reports.wordcount", "billing", &id.to_string()));
+        // An owner signature is not a reply token, and the other way round.
+        let sig = s.sign(id, "reports.wordcount", "billing", b"");
+        assert!(!s.verify_reply_token(id, "reports.wordcount", "billing", &sig));
     }
 
     #[test]

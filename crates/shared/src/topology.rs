@@ -7,7 +7,14 @@
 //!               └─▶ {p}warren.unrouted (fanout, alternate exchange) ─▶ {p}warren.<default queue>
 //!
 //! dead letters ─▶ {p}warren.dlx (fanout) ─▶ {p}warren.dead
+//!
+//! Celery workers' rpc results ─▶ (default exchange) ─▶ {p}warren.replies
 //! ```
+//!
+//! A queue whose types Python Celery workers run (`runner = "celery"`) is
+//! declared like any work queue but consumed by them, never by a Warren
+//! worker ([`Topology::warren_queues`]); their results come back on
+//! `{p}warren.replies`, which exists only when such types do.
 //!
 //! Unknown task types land in the default queue rather than vanishing, where
 //! the worker dead-letters them with a reason. Declaration is idempotent and
@@ -40,6 +47,8 @@ pub struct Topology {
     /// the type their producers declare them with.
     celery_queues: Vec<String>,
     celery_queue_type: QueueType,
+    /// Work queues (short names) whose types Celery workers run.
+    celery_runs: BTreeSet<String>,
 }
 
 /// A RabbitMQ policy for Warren's work queues (see [`Topology::policy`]).
@@ -127,7 +136,49 @@ impl Topology {
             routes,
             celery_queues: Vec::new(),
             celery_queue_type: QueueType::Classic,
+            celery_runs: BTreeSet::new(),
         }
+    }
+
+    /// Marks the work queues (short names) that Python Celery workers
+    /// consume, for the types they run.
+    pub fn with_celery_runs(mut self, queues: BTreeSet<String>) -> Self {
+        self.celery_runs = queues;
+        self
+    }
+
+    /// Work queues (short names) a Warren worker consumes: all but those
+    /// Celery workers serve.
+    pub fn warren_queues(&self) -> BTreeSet<&str> {
+        let mut all = self.queues();
+        all.retain(|q| !self.celery_runs.contains(*q));
+        all
+    }
+
+    /// Full names of the queues Celery workers serve.
+    pub fn celery_run_queues(&self) -> impl Iterator<Item = String> + '_ {
+        self.celery_runs.iter().map(|q| self.queue(q))
+    }
+
+    /// Whether `short` is a queue Celery workers serve.
+    pub fn is_celery_run(&self, short: &str) -> bool {
+        self.celery_runs.contains(short)
+    }
+
+    /// Where Celery workers send the results of the tasks Warren gave
+    /// them (their `reply_to`), when any type is run by them.
+    pub fn reply_queue(&self) -> Option<String> {
+        (!self.celery_runs.is_empty()).then(|| format!("{}warren.replies", self.prefix))
+    }
+
+    /// The reply queue's declaration: its type, and a single active
+    /// consumer, so one replica at a time records a task's reports in the
+    /// order they were sent (STARTED before SUCCESS) and another takes over
+    /// when it goes.
+    fn reply_queue_arguments(&self) -> FieldTable {
+        let mut args = type_only(self.queue_type);
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        args
     }
 
     /// Adds Celery's queues (`celery.queues`), declared as Celery does.
@@ -271,6 +322,9 @@ impl Topology {
             String::new(),
         )
         .await?;
+        if let Some(replies) = self.reply_queue() {
+            queue(&channel, replies, self.reply_queue_arguments(), false).await?;
+        }
         exchange(
             &channel,
             self.unrouted_exchange(),
@@ -455,6 +509,9 @@ impl Topology {
                 .into_iter()
                 .map(|q| queue(self.queue(q), self.work_queue_arguments())),
         );
+        if let Some(replies) = self.reply_queue() {
+            queues.push(queue(replies, self.reply_queue_arguments()));
+        }
         let mut bindings = vec![
             binding(self.dead_letter_exchange(), self.dead_letter_queue(), ""),
             binding(
@@ -499,6 +556,11 @@ impl Topology {
                 QueueDeleteOptions::default(),
             )
             .await?;
+        if let Some(replies) = self.reply_queue() {
+            channel
+                .queue_delete(short(&replies), QueueDeleteOptions::default())
+                .await?;
+        }
         for name in &self.celery_queues {
             channel
                 .queue_delete(short(name), QueueDeleteOptions::default())

@@ -15,6 +15,9 @@
 //! - [`TaskError`]: every failure answers "is another attempt worth it?".
 //! - [`Policy`]: retry and time-limit defaults a task declares; deployments
 //!   override them in configuration.
+//! - [`ExternalTask`]: a type declared in configuration whose code runs
+//!   elsewhere (Python Celery workers): a name, a JSON Schema its input
+//!   must satisfy, a policy. Validated here like any task, never run here.
 //! - one file per built-in task: [`multiply`], [`noop`], [`sleep`], [`flaky`],
 //!   [`beneficiaries`] (`beneficiaries.create`, `beneficiaries.import`),
 //!   [`labels`] (`labels.generate`, a PDF of shipping labels).
@@ -24,6 +27,7 @@
 
 mod context;
 mod error;
+mod external;
 mod policy;
 mod registry;
 mod task;
@@ -38,6 +42,7 @@ pub mod sleep;
 
 pub use context::{BoxFuture, ItemOutcome, NewArtifact, Progress, Recorder, Services, TaskContext};
 pub use error::TaskError;
+pub use external::{ExternalTask, SchemaError};
 pub use policy::{Policy, PolicyError, PolicyOverrides};
 pub use registry::{DynTask, Registry, TaskFuture};
 pub use task::{Input, Task};

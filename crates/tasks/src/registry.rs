@@ -8,9 +8,10 @@ use std::{collections::BTreeMap, future::Future, pin::Pin, sync::Arc};
 pub type TaskFuture = Pin<Box<dyn Future<Output = Result<Value, TaskError>> + Send>>;
 
 /// A [`Task`] seen through JSON, so tasks of different types can live in one
-/// registry. Implemented for every `Task`; not meant to be implemented by hand.
+/// registry. Implemented for every `Task`, and by [`crate::ExternalTask`]
+/// for types whose code runs elsewhere.
 pub trait DynTask: Send + Sync {
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &str;
     fn policy(&self) -> Policy;
     /// Checks an input without running anything (the API's 422 path).
     fn validate(&self, input: &Value) -> Result<(), ValidationErrors>;
@@ -28,7 +29,7 @@ pub trait DynTask: Send + Sync {
 struct Erased<T>(Arc<T>);
 
 impl<T: Task> DynTask for Erased<T> {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         T::NAME
     }
 

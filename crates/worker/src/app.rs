@@ -156,16 +156,23 @@ impl Worker {
         let topology = Arc::clone(catalog.topology());
         let management = warren_shared::management::Management::new(&settings.amqp)?;
         warren_shared::management::ensure_policy(&management, &topology.policy()).await;
-        let known = topology.queues();
+        // Queues of types Celery workers run are theirs: a Warren worker
+        // taking their messages would only dead-letter them.
+        let known = topology.warren_queues();
         let short_names: Vec<String> = if settings.worker.queues.is_empty() {
             known.iter().map(|q| (*q).to_owned()).collect()
         } else {
             for (i, q) in settings.worker.queues.iter().enumerate() {
                 if !known.contains(q.as_str()) {
+                    let why = if topology.is_celery_run(q) {
+                        "its task types are run by Celery workers"
+                    } else {
+                        "no task type is routed to it"
+                    };
                     return Err(SettingsError::Invalid {
                         key: format!("worker.queues[{i}]"),
                         message: format!(
-                            "no task type is routed to queue `{q}` (queues: {})",
+                            "cannot consume queue `{q}`: {why} (queues: {})",
                             known.iter().copied().collect::<Vec<_>>().join(", ")
                         ),
                     }
@@ -287,6 +294,11 @@ impl Worker {
         slots_stuck(lock(&self.running).values(), concurrency)
     }
 
+    /// Seconds since this replica was built (Celery's `stats.uptime`).
+    pub(crate) fn uptime_seconds(&self) -> i64 {
+        (Utc::now() - self.started_at).num_seconds()
+    }
+
     fn record(&self) -> WorkerRecord {
         WorkerRecord {
             id: self.identity.clone(),
@@ -333,6 +345,9 @@ impl Worker {
                 worker.settings.relay.clone(),
                 shutdown.clone(),
             ));
+        }
+        if worker.catalog.has_celery_runs() {
+            background.spawn(crate::remote::run(Arc::clone(&worker), shutdown.clone()));
         }
         // Events outlive the consumer so the drain's outcomes are reported
         // before `worker-offline`.

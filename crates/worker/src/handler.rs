@@ -213,6 +213,15 @@ fn prepare<'w>(worker: &'w Worker, delivery: &Delivery) -> Result<Prepared<'w>, 
             format!("unknown task type `{}`", message.task),
         ));
     };
+    if entry.runner != warren_shared::settings::Runner::Warren {
+        return Err(rejected(
+            ErrorCode::UnknownTask,
+            format!(
+                "`{}` runs on Celery workers, which consume queue `{}`; a Warren worker does not run it",
+                message.task, entry.queue
+            ),
+        ));
+    }
     // The arguments are needed only to build the input: moved, not copied.
     let (args, kwargs) = (
         std::mem::take(&mut message.args),
@@ -389,10 +398,10 @@ async fn process(
 }
 
 /// An attempt that ran, about to be recorded.
-struct Ran {
+struct Ran<'a> {
     id: Uuid,
     attempt: i32,
-    label: &'static str,
+    label: &'a str,
     elapsed: Duration,
     reply_to: Option<ReplyTo>,
 }
@@ -578,7 +587,7 @@ async fn run(
 /// Writes the outcome, guarded by the attempt, and says what to tell the broker.
 async fn record(
     worker: &Worker,
-    ran: &Ran,
+    ran: &Ran<'_>,
     outcome: Outcome,
     stop: &CancellationToken,
 ) -> Disposition {

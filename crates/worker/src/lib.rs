@@ -24,6 +24,9 @@
 //! - `services`: what a running task can ask of the worker (progress, item
 //!   outcomes, artifacts), over PostgreSQL; cancellation of running tasks.
 //! - [`dead_letters`]: re-exported from `warren-shared`, for the operator CLI.
+//! - `remote`: results of the types Python Celery workers run (`runner =
+//!   "celery"`), read from Warren's reply queue and recorded like a
+//!   Warren worker's outcomes.
 //! - `metrics`: what a replica counts, served with `/healthz` and `/readyz`
 //!   on `worker.metrics_listen`; heartbeats for `GET /workers`.
 //!
@@ -40,6 +43,7 @@ mod execute;
 mod handler;
 mod metrics;
 mod pidbox;
+mod remote;
 mod replies;
 mod services;
 

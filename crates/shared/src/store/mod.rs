@@ -10,12 +10,14 @@
 mod insights;
 mod items;
 mod reads;
+mod remote;
 mod requests;
 mod workers;
 
 pub use insights::{Minute, ReleaseTimes, StateCount};
 pub use items::{ItemError, ItemRecord};
 pub use reads::{ListFilter, Owners, TaskSummary};
+pub use remote::{Report, ReportTarget};
 use requests::RESETTABLE_BY_OPERATOR;
 pub use requests::{Cancellation, Inserted, Retry};
 pub use workers::WorkerRecord;
@@ -170,6 +172,13 @@ pub struct NewTask {
     /// [`Store::insert_and_publish`] uses only the ETA: it records a task
     /// due now out of the outbox.
     pub publish_at: DateTime<Utc>,
+    /// Where its runner reports (Warren's reply queue, for a type Celery
+    /// workers run); kept on the row so every republish carries it.
+    pub reply_to: Option<String>,
+    /// Time limits the message carries, for a runner that reads them from
+    /// there (Celery's `timelimit` header); Warren workers use their policy.
+    pub time_limit: Option<f64>,
+    pub soft_time_limit: Option<f64>,
 }
 
 /// The row of a freshly submitted task: PENDING, in the outbox.
@@ -189,8 +198,8 @@ fn new_row(t: &NewTask, now: DateTime<Utc>) -> task::ActiveModel {
         attempts: Set(0),
         eta: Set(t.eta),
         expires_at: Set(t.expires_at),
-        time_limit: Set(None),
-        soft_time_limit: Set(None),
+        time_limit: Set(t.time_limit),
+        soft_time_limit: Set(t.soft_time_limit),
         publish_at: Set(Some(t.publish_at)),
         created_at: Set(now),
         queued_at: Set(None),
@@ -207,7 +216,7 @@ fn new_row(t: &NewTask, now: DateTime<Utc>) -> task::ActiveModel {
         cancel_requested_at: Set(None),
         idempotency_fingerprint: Set(t.idempotency_fingerprint.clone()),
         worker_version: Set(None),
-        reply_to: Set(None),
+        reply_to: Set(t.reply_to.clone()),
     }
 }
 

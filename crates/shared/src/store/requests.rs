@@ -74,16 +74,17 @@ const INSERT_SUBMITTED: &str = "
                        progress_total, progress_message, attempts, eta, expires_at, time_limit,
                        soft_time_limit, publish_at, created_at, queued_at, started_at, finished_at,
                        updated_at, worker, idempotency_key, origin, root_id, parent_id, group_id,
-                       traceparent, cancel_requested_at, idempotency_fingerprint)
+                       traceparent, cancel_requested_at, idempotency_fingerprint, reply_to)
     SELECT r.id, r.task_type, r.queue, r.owner, r.state, r.input, NULL, NULL, NULL,
-           NULL, NULL, 0, r.eta, r.expires_at, NULL,
-           NULL, r.publish_at, $2, r.queued_at, NULL, NULL,
+           NULL, NULL, 0, r.eta, r.expires_at, r.time_limit,
+           r.soft_time_limit, r.publish_at, $2, r.queued_at, NULL, NULL,
            $2, NULL, r.idempotency_key, r.origin, r.id::text, NULL, NULL,
-           r.traceparent, NULL, r.idempotency_fingerprint
+           r.traceparent, NULL, r.idempotency_fingerprint, r.reply_to
     FROM jsonb_to_recordset($1::jsonb) AS r(
            id uuid, task_type text, queue text, owner text, state text, input jsonb,
            eta timestamptz, expires_at timestamptz, publish_at timestamptz, queued_at timestamptz,
-           idempotency_key text, origin text, traceparent text, idempotency_fingerprint text)";
+           idempotency_key text, origin text, traceparent text, idempotency_fingerprint text,
+           time_limit float8, soft_time_limit float8, reply_to text)";
 
 /// The JSON array [`INSERT_SUBMITTED`] reads. Times are cut to the
 /// microsecond, as PostgreSQL keeps them (it would round the rest).
@@ -104,6 +105,9 @@ fn submitted_rows(rows: &[task::Model]) -> Result<String> {
         origin: Option<&'a str>,
         traceparent: Option<&'a str>,
         idempotency_fingerprint: Option<&'a str>,
+        time_limit: Option<f64>,
+        soft_time_limit: Option<f64>,
+        reply_to: Option<&'a str>,
     }
     let rows: Vec<Submitted<'_>> = rows
         .iter()
@@ -122,6 +126,9 @@ fn submitted_rows(rows: &[task::Model]) -> Result<String> {
             origin: m.origin.as_deref(),
             traceparent: m.traceparent.as_deref(),
             idempotency_fingerprint: m.idempotency_fingerprint.as_deref(),
+            time_limit: m.time_limit,
+            soft_time_limit: m.soft_time_limit,
+            reply_to: m.reply_to.as_deref(),
         })
         .collect();
     serde_json::to_string(&rows).map_err(|e| StoreError::Other(DbErr::Json(e.to_string())))

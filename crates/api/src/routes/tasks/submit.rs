@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::state::Publishing;
-use warren_shared::{envelope::TaskMessage, trace::TraceParent};
+use warren_shared::{envelope::TaskMessage, settings::Runner, trace::TraceParent};
 
 // ------------------------------------------------------------- scheduling
 
@@ -108,6 +108,7 @@ fn new_task(
     now: DateTime<Utc>,
 ) -> NewTask {
     let lease = chrono::Duration::from_std(state.settings.relay.lease()).unwrap_or_default();
+    let (reply_to, time_limit, soft_time_limit) = runner_fields(state, entry);
     NewTask {
         id: Uuid::now_v7(),
         task_type: task_type.to_owned(),
@@ -126,7 +127,24 @@ fn new_task(
             Some(eta) if eta > now => eta,
             _ => now + lease,
         },
+        reply_to,
+        time_limit,
+        soft_time_limit,
     }
+}
+
+/// What a task's runner reads from its message. A Celery worker reports
+/// to Warren's reply queue and takes its time limits from the message; a
+/// Warren worker needs neither (its policy is its own).
+fn runner_fields(state: &AppState, entry: &Entry) -> (Option<String>, Option<f64>, Option<f64>) {
+    if entry.runner != Runner::Celery {
+        return (None, None, None);
+    }
+    (
+        state.catalog.topology().reply_queue(),
+        entry.policy.time_limit.map(|d| d.as_secs_f64()),
+        entry.policy.soft_time_limit.map(|d| d.as_secs_f64()),
+    )
 }
 
 /// Publishes tasks recorded already (committed) that are due now, waits

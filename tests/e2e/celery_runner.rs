@@ -1,0 +1,495 @@
+//! Python task code behind Warren's API (`runner = "celery"`): a real
+//! Celery 5.7 worker (`tests/python/reports.py`) runs `reports.wordcount`,
+//! submitted through `POST /tasks/reports.wordcount`; Warren validates the
+//! input against the type's JSON Schema, records the row, publishes the
+//! message with `reply_to` = its reply queue, and records every state the
+//! Python worker reports.
+
+use lapin::{BasicProperties, options::BasicPublishOptions};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::{path::PathBuf, time::Duration};
+use uuid::Uuid;
+use warren_shared::{
+    envelope,
+    settings::{Runner, Settings, TaskSettings},
+    state::TaskState,
+    wire::short_string,
+};
+use warren_tests::{
+    TestEnv, metric,
+    python::{CeleryWorker, runs},
+    wait_until,
+};
+
+const WORDCOUNT: &str = "reports.wordcount";
+
+fn schema() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/wordcount.schema.json")
+}
+
+/// `[tasks."reports.wordcount"]` as an operator writes it.
+fn declare_wordcount(s: &mut Settings) {
+    s.tasks.insert(
+        WORDCOUNT.into(),
+        TaskSettings {
+            queue: Some("reports".into()),
+            runner: Runner::Celery,
+            input_schema: Some(schema()),
+            time_limit_seconds: Some(60.0),
+            soft_time_limit_seconds: Some(50.0),
+            ..TaskSettings::default()
+        },
+    );
+}
+
+fn run_log() -> PathBuf {
+    std::env::temp_dir().join(format!("warren-test-runs-{}.log", Uuid::new_v4().simple()))
+}
+
+fn succeeded(metrics: &str) -> f64 {
+    metric(
+        metrics,
+        "warren_worker_tasks_total",
+        &[("task_type", WORDCOUNT), ("event", "succeeded")],
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celery_runner_python_tasks_get_validation_progress_results_and_errors() {
+    let env = TestEnv::with(declare_wordcount).await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker("w1").await;
+    let client = api.client_for("acme").await;
+    let queue = env.queue("reports");
+    let amqp = env.amqp().await;
+
+    // 422 per field, from the schema, before anything is recorded or published.
+    let response = client
+        .submit(WORDCOUNT, &json!({"text": 5, "colour": "red"}))
+        .await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let problem: Value = response.json().await.unwrap();
+    let mut fields: Vec<(String, String)> = problem["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["field"].as_str().unwrap().into(),
+                e["code"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            ("".into(), "unknown_field".into()),
+            ("text".into(), "invalid_type".into())
+        ],
+        "{problem}"
+    );
+    assert_eq!(amqp.queue_depth(&queue).await.0, 0, "nothing published");
+    let listed: Value = client
+        .get(&format!("/tasks/{WORDCOUNT}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["items"], json!([]), "nothing recorded: {listed}");
+
+    // Published with the schema's contract and waiting for a Python worker.
+    let id = client
+        .submit_ok(
+            WORDCOUNT,
+            &json!({"text": "one two three four five six", "pause": 0.3}),
+        )
+        .await;
+    let message = wait_until("the task's message", Duration::from_secs(10), || async {
+        amqp.get(&queue).await
+    })
+    .await;
+    let sent = envelope::describe(&message.delivery.properties, &message.delivery.data);
+    assert_eq!(sent["headers"]["task"], WORDCOUNT);
+    assert_eq!(sent["headers"]["timelimit"], json!([60.0, 50.0]), "{sent}");
+    assert_eq!(
+        sent["properties"]["reply_to"],
+        env.topology().reply_queue().unwrap()
+    );
+    assert_ne!(
+        sent["properties"]["correlation_id"],
+        id.to_string(),
+        "a reply token, not the guessable id"
+    );
+    // Put it back as it was, for the Python worker.
+    amqp.publish(
+        "",
+        &queue,
+        message.delivery.properties.clone(),
+        &message.delivery.data,
+    )
+    .await;
+
+    let log = run_log();
+    let python = CeleryWorker::start(&env, &queue, 4, &log).await;
+    let running = wait_until(
+        "progress reported by Python",
+        Duration::from_secs(30),
+        || async {
+            let t = client.task(WORDCOUNT, id).await;
+            let done = t["progress"]["done"].as_i64().unwrap_or(0);
+            (t["state"] == "STARTED" && (1..6).contains(&done)).then_some(t)
+        },
+    )
+    .await;
+    assert_eq!(running["progress"]["total"], 6, "{running}");
+    assert_eq!(running["worker"], python.hostname.as_str());
+    assert_eq!(running["attempts"], 1);
+
+    let done = client
+        .wait_for_state(
+            WORDCOUNT,
+            id,
+            &["SUCCESS", "FAILURE"],
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(done["state"], "SUCCESS", "{done}\n{}", python.log());
+    assert_eq!(done["progress"]["done"], 6);
+    let result: Value = client
+        .get(&format!("/tasks/{WORDCOUNT}/{id}/result"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(result, json!({"words": 6}));
+
+    // A Python exception is a FAILURE with its type and message.
+    let bad = client
+        .submit_ok(WORDCOUNT, &json!({"text": "a b", "fail": "no good"}))
+        .await;
+    let failed = client
+        .wait_for_state(
+            WORDCOUNT,
+            bad,
+            &["SUCCESS", "FAILURE"],
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(failed["state"], "FAILURE", "{failed}");
+    assert_eq!(failed["error"]["code"], "task_failed");
+    assert_eq!(failed["error"]["message"], "ValueError: no good");
+
+    // 100 tasks over concurrency 4: each succeeds, run and recorded once.
+    let inputs: Vec<Value> = (0..100)
+        .map(|i| json!({"text": format!("word {i} and more")}))
+        .collect();
+    let response = client
+        .post_json(
+            &format!("/tasks/{WORDCOUNT}/batch"),
+            &json!({"tasks": inputs}),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let ids = warren_tests::ids_in(&response.json().await.unwrap(), "tasks");
+    let rows = env.wait_for_terminal(&ids, Duration::from_secs(120)).await;
+    assert!(
+        rows.iter()
+            .all(|r| r.state == TaskState::Success && r.attempts == 1),
+        "{:?}",
+        rows.iter()
+            .map(|r| (r.id, r.state, r.attempts))
+            .collect::<Vec<_>>()
+    );
+    assert!(rows.iter().all(|r| r.result == Some(json!({"words": 4}))));
+    let started = runs(&log, "start");
+    assert!(
+        ids.iter()
+            .all(|id| started.get(&id.to_string()) == Some(&1)),
+        "{started:?}"
+    );
+    assert_eq!(
+        succeeded(&worker.metrics().await),
+        101.0,
+        "each outcome counted once"
+    );
+
+    amqp.close().await;
+    drop(python);
+    let _ = std::fs::remove_file(&log);
+    worker.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celery_runner_a_python_worker_killed_mid_way_loses_and_repeats_no_outcome() {
+    let env = TestEnv::with(declare_wordcount).await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker("w1").await;
+    let client = api.client_for("acme").await;
+    let queue = env.queue("reports");
+    let log = run_log();
+
+    // About a second each, four at a time.
+    let inputs: Vec<Value> = (0..24)
+        .map(|_| json!({"text": "a b c d", "pause": 0.25}))
+        .collect();
+    let response = client
+        .post_json(
+            &format!("/tasks/{WORDCOUNT}/batch"),
+            &json!({"tasks": inputs}),
+        )
+        .await;
+    let ids = warren_tests::ids_in(&response.json().await.unwrap(), "tasks");
+
+    let mut first = CeleryWorker::start(&env, &queue, 4, &log).await;
+    wait_until("a few tasks to finish", Duration::from_secs(60), || async {
+        let done = env
+            .store()
+            .count_in_state(TaskState::Success)
+            .await
+            .unwrap();
+        (done >= 4).then_some(())
+    })
+    .await;
+    // Mid-way: four tasks are running, their messages unacknowledged.
+    first.kill().await;
+    let amqp = env.amqp().await;
+    wait_until(
+        "the broker to drop the killed consumer",
+        Duration::from_secs(30),
+        || async { (amqp.queue_depth(&queue).await.1 == 0).then_some(()) },
+    )
+    .await;
+
+    let second = CeleryWorker::start(&env, &queue, 4, &log).await;
+    let rows = env.wait_for_terminal(&ids, Duration::from_secs(120)).await;
+    assert!(
+        rows.iter().all(|r| r.state == TaskState::Success),
+        "{:?}\n{}",
+        rows.iter().map(|r| (r.id, r.state)).collect::<Vec<_>>(),
+        second.log()
+    );
+    let started = runs(&log, "start");
+    let again: Vec<_> = started.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        !again.is_empty(),
+        "the kill interrupted no task: {started:?}"
+    );
+    // Tasks that ran twice started twice: attempts count runs, not reports.
+    for row in &rows {
+        let n = started.get(&row.id.to_string()).copied().unwrap_or(0);
+        assert_eq!(usize::try_from(row.attempts).unwrap(), n, "{}", row.id);
+    }
+    assert_eq!(
+        succeeded(&worker.metrics().await),
+        24.0,
+        "one outcome per task"
+    );
+    assert_eq!(amqp.queue_depth(&queue).await.0, 0);
+    assert_eq!(
+        amqp.queue_depth(&env.topology().dead_letter_queue())
+            .await
+            .0,
+        0
+    );
+
+    amqp.close().await;
+    drop(second);
+    let _ = std::fs::remove_file(&log);
+    worker.stop().await;
+    api.stop().await;
+}
+
+/// Publishes a Celery rpc result on Warren's reply queue, as anyone on
+/// the broker could.
+async fn report(env: &TestEnv, correlation_id: &str, body: Value) {
+    let amqp = env.amqp().await;
+    let properties = BasicProperties::default()
+        .with_content_type(short_string("application/json"))
+        .with_correlation_id(short_string(correlation_id));
+    amqp.channel()
+        .basic_publish(
+            short_string(""),
+            short_string(&env.topology().reply_queue().unwrap()),
+            BasicPublishOptions::default(),
+            body.to_string().as_bytes(),
+            properties,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    amqp.close().await;
+}
+
+async fn reply_queue_drained(env: &TestEnv) {
+    let amqp = env.amqp().await;
+    let replies = env.topology().reply_queue().unwrap();
+    wait_until(
+        "the reports to be consumed",
+        Duration::from_secs(10),
+        || async { (amqp.queue_depth(&replies).await.0 == 0).then_some(()) },
+    )
+    .await;
+    amqp.close().await;
+}
+
+/// Only the holder of a task's message can report on it: a result that
+/// names the task without its reply token, or another type's task, or a
+/// finished one, changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celery_runner_a_report_speaks_only_for_the_task_whose_message_it_answers() {
+    let env = TestEnv::with(declare_wordcount).await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker("w1").await;
+    let client = api.client_for("acme").await;
+    let id = client.submit_ok(WORDCOUNT, &json!({"text": "x"})).await;
+    let product = client.submit_ok("multiply", &json!({"x": 6, "y": 7})).await;
+    client
+        .wait_for_state("multiply", product, &["SUCCESS"], Duration::from_secs(10))
+        .await;
+
+    let forged =
+        |task: Uuid| json!({"task_id": task.to_string(), "status": "SUCCESS", "result": "forged"});
+    // Celery's own default correlation id (the task id) is not the token.
+    report(&env, &id.to_string(), forged(id)).await;
+    report(&env, &id.to_string(), forged(product)).await;
+    reply_queue_drained(&env).await;
+    assert_eq!(client.task(WORDCOUNT, id).await["state"], "QUEUED");
+    let multiply: Value = client
+        .get(&format!("/tasks/multiply/{product}/result"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(multiply, json!(42), "a finished Rust task is untouched");
+
+    // The message's token reports for its own task, and only for it.
+    let amqp = env.amqp().await;
+    let message = amqp.get(&env.queue("reports")).await.unwrap();
+    amqp.close().await;
+    let token = message
+        .delivery
+        .properties
+        .correlation_id()
+        .as_ref()
+        .unwrap()
+        .to_string();
+    report(&env, &token, forged(product)).await;
+    report(
+        &env,
+        &token,
+        json!({"task_id": id.to_string(), "status": "SUCCESS", "result": 1}),
+    )
+    .await;
+    let done = client
+        .wait_for_state(WORDCOUNT, id, &["SUCCESS"], Duration::from_secs(10))
+        .await;
+    assert_eq!(done["attempts"], 1);
+    // A second terminal report for a finished task is dropped.
+    report(
+        &env,
+        &token,
+        json!({"task_id": id.to_string(), "status": "FAILURE", "result": {}}),
+    )
+    .await;
+    reply_queue_drained(&env).await;
+    assert_eq!(client.task(WORDCOUNT, id).await["state"], "SUCCESS");
+    let result: Value = client
+        .get(&format!("/tasks/{WORDCOUNT}/{id}/result"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(result, json!(1));
+    worker.stop().await;
+    api.stop().await;
+}
+
+/// Who consumes what: Warren workers never take a Celery-run type's queue
+/// (a Python worker consumes it), and a Celery-run type's message that
+/// lands on a Warren queue is dead-lettered naming the right queue, never
+/// run or failed there. A Python worker that also has a Rust type's old
+/// Python code (a team mid-migration) sees none of that type's tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celery_runner_a_mixed_fleet_runs_each_type_on_its_own_runner() {
+    let env = TestEnv::with(declare_wordcount).await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker("w1").await;
+    let client = api.client_for("acme").await;
+    let log = run_log();
+    let python = CeleryWorker::start(&env, &env.queue("reports"), 2, &log).await;
+
+    let mut products = Vec::new();
+    let mut counts = Vec::new();
+    for i in 0..20 {
+        products.push(client.submit_ok("multiply", &json!({"x": i, "y": 2})).await);
+        counts.push(client.submit_ok(WORDCOUNT, &json!({"text": "a b"})).await);
+    }
+    let rows = env
+        .wait_for_terminal(
+            &[products.clone(), counts.clone()].concat(),
+            Duration::from_secs(60),
+        )
+        .await;
+    for row in rows {
+        assert_eq!(row.state, TaskState::Success, "{:?}", row.error);
+        let ran_on = row.worker.unwrap_or_default();
+        if row.task_type == WORDCOUNT {
+            assert_eq!(ran_on, python.hostname);
+        } else {
+            assert_eq!(ran_on, worker.identity);
+        }
+    }
+    assert!(
+        runs(&log, "multiply").is_empty(),
+        "Python ran a Rust type's task"
+    );
+
+    // A Warren worker may not be told to consume the Python queue.
+    let mut settings = env.settings();
+    settings.worker.queues = vec!["reports".into()];
+    let refused = warren_worker::Worker::build(settings)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(refused.contains("run by Celery workers"), "{refused}");
+
+    // A Celery client that sends the Python type to Warren's queue.
+    let stray = Uuid::now_v7();
+    let mut message = envelope::TaskMessage::new(
+        stray,
+        WORDCOUNT,
+        serde_json::Map::from_iter([("text".into(), json!("a"))]),
+    );
+    message.origin = Some("gen1@elsewhere".into());
+    let encoded = message.encode();
+    let amqp = env.amqp().await;
+    amqp.publish("", &env.queue("default"), encoded.properties, &encoded.body)
+        .await;
+    let dlq = env.topology().dead_letter_queue();
+    wait_until(
+        "the stray message to be dead-lettered",
+        Duration::from_secs(10),
+        || async { (amqp.queue_depth(&dlq).await.0 == 1).then_some(()) },
+    )
+    .await;
+    let dead = amqp.drain(&dlq).await;
+    let d = envelope::describe(&dead[0].delivery.properties, &dead[0].delivery.data);
+    let reason = d["headers"]["x-warren-reason"].as_str().unwrap();
+    assert!(
+        reason.contains("runs on Celery workers") && reason.contains("`reports`"),
+        "{reason}"
+    );
+    assert!(runs(&log, "start").len() == 20, "the stray ran nowhere");
+    amqp.close().await;
+
+    drop(python);
+    let _ = std::fs::remove_file(&log);
+    worker.stop().await;
+    api.stop().await;
+}
