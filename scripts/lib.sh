@@ -122,11 +122,12 @@ ensure_python_tools() {
   fi
 }
 
-# Celery from PyPI, pinned, for the interoperability tests: a Python
-# producer and its result.get() against a running Warren.
+# Celery and Flower from PyPI, pinned, for the interoperability tests: a
+# Python producer and its result.get(), a real Celery worker running
+# Python task code behind Warren's API, and Flower watching Warren workers.
 CELERY_VENV=$HOME/.cache/warren/celery-venv
 ensure_celery() {
-  local want="celery==5.7.0"
+  local want="celery==5.7.0 flower==2.2.0"
   if [ "$(cat "$CELERY_VENV/.warren-pins" 2>/dev/null)" != "$want" ]; then
     say "installing $want into $CELERY_VENV"
     command -v python3 >/dev/null && python3 -c 'import ensurepip' 2>/dev/null \

@@ -392,10 +392,12 @@ async fn flower_and_celery_inspect_see_warren_workers_through_celery_events() {
     let host = worker.identity.as_str();
     assert_eq!(out["ping"], json!({ host: {"ok": "pong"} }), "{out}");
     assert_eq!(out["active_ids"], json!([out["slow_id"]]), "{out}");
-    let stats_error = out["unsupported"][host]["error"]
+    assert_eq!(out["stats"][host]["pool"]["max-concurrency"], 4, "{out}");
+    assert_eq!(out["stats"][host]["total"]["sleep"], 1, "{out}");
+    let refused = out["refused"][0][host]["error"]
         .as_str()
         .unwrap_or_default();
-    assert!(stats_error.contains("stats"), "{out}");
+    assert!(refused.contains("shutdown"), "{out}");
     assert_eq!(out["worker"]["alive"], true, "{out}");
     assert_eq!(out["worker"]["sw_ident"], "warren", "{out}");
     assert_eq!(out["worker"]["freq"], 1.0, "{out}");
@@ -538,4 +540,109 @@ async fn celery_events_carry_celerys_routing_keys_and_fields_from_online_to_offl
     }
     assert_eq!(beat["loadavg"].as_array().map(Vec::len), Some(3), "{beat}");
     amqp.close().await;
+}
+
+/// Flower itself (2.2.0 from PyPI) against the broker: it lists both
+/// Warren workers with their pool, registered types and queues
+/// (`/api/workers`, answered over the pidbox), and every task of a
+/// workload with its final state (`/api/tasks`, from Celery events);
+/// `celery inspect ping` gets a pong from each worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flower_lists_warren_workers_and_their_tasks() {
+    let env = TestEnv::with(|s| {
+        let p = s.amqp.prefix.clone();
+        s.celery.events = true;
+        s.celery.event_exchange = format!("{p}celeryev");
+        s.celery.control_exchange = format!("{p}celery");
+        s.worker.heartbeat_seconds = 1.0;
+    })
+    .await;
+    let settings = env.settings();
+    let flower = warren_tests::python::Flower::start(&settings).await;
+    let workers = [env.spawn_worker("w1").await, env.spawn_worker("w2").await];
+    let names: Vec<&str> = workers.iter().map(|w| w.identity.as_str()).collect();
+    wait_until(
+        "Flower to see both workers alive",
+        Duration::from_secs(30),
+        || async {
+            let alive = flower.get("/api/workers?status=1").await?;
+            names.iter().all(|n| alive[*n] == json!(true)).then_some(())
+        },
+    )
+    .await;
+
+    let api = env.spawn_api().await;
+    let client = api.client_for("acme").await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(client.submit_ok("multiply", &json!({"x": i, "y": 3})).await);
+    }
+    let bad = client
+        .submit_ok("multiply", &json!({"x": 1e308, "y": 1e308}))
+        .await;
+    ids.push(bad);
+    env.wait_for_terminal(&ids, Duration::from_secs(20)).await;
+    let tasks = wait_until(
+        "Flower to list every task, finished",
+        Duration::from_secs(20),
+        || async {
+            let tasks = flower.get("/api/tasks").await?;
+            let finished = |id: &Uuid| {
+                matches!(
+                    tasks[id.to_string()]["state"].as_str(),
+                    Some("SUCCESS" | "FAILURE")
+                )
+            };
+            ids.iter().all(finished).then_some(tasks)
+        },
+    )
+    .await;
+    for id in &ids {
+        let t = &tasks[id.to_string()];
+        let want = if *id == bad { "FAILURE" } else { "SUCCESS" };
+        assert_eq!(t["state"], want, "{t}");
+        assert_eq!(t["name"], "multiply", "{t}");
+        assert!(
+            names.contains(&t["worker"].as_str().unwrap_or_default()),
+            "{t}"
+        );
+    }
+
+    // Flower files inspection replies after it answers a refresh, so a
+    // refresh shows what the previous one gathered.
+    let listed = wait_until(
+        "Flower to list both workers",
+        Duration::from_secs(20),
+        || async {
+            let listed = flower.get("/api/workers?refresh=1").await?;
+            names
+                .iter()
+                .all(|n| listed[*n]["stats"].is_object())
+                .then_some(listed)
+        },
+    )
+    .await;
+    for name in &names {
+        let w = &listed[*name];
+        assert_eq!(
+            w["stats"]["pool"]["max-concurrency"],
+            4,
+            "{listed}\n{}",
+            flower.log()
+        );
+        let registered = w["registered"].as_array().expect("registered types");
+        assert!(registered.contains(&json!("multiply")), "{w}");
+        assert_eq!(w["active_queues"][0]["name"], env.queue("default"), "{w}");
+    }
+
+    let pong = warren_tests::python::celery_cli(&settings, &["inspect", "ping", "--json"]).await;
+    let pong: Value = serde_json::from_str(&pong).expect("inspect ping --json");
+    for name in &names {
+        assert_eq!(pong[*name], json!({"ok": "pong"}), "{pong}");
+    }
+    drop(flower);
+    api.stop().await;
+    for w in workers {
+        w.stop().await;
+    }
 }

@@ -61,7 +61,11 @@ slow = app.send_task("sleep", args=(1.5,))
 wait_for(lambda: ("task-started", slow.id) in seen)
 active = inspect.active() or {}
 out["active_ids"] = [t["id"] for t in active.get(hostname, [])]
-out["unsupported"] = inspect.stats()
+out["stats"] = inspect.stats()
+# A command that would steer the worker gets an error reply, nothing else.
+out["refused"] = app.control.broadcast(
+    "shutdown", destination=[hostname], reply=True, timeout=5
+)
 slow.get(timeout=30)
 
 ok = app.send_task("multiply", args=(6, 7))

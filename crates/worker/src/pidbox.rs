@@ -1,9 +1,11 @@
 //! Celery's remote control, answered by a Warren worker: requests fanned
 //! out on `<control_exchange>.pidbox` reach this worker's
-//! `<hostname>.<control_exchange>.pidbox` queue, and `ping`, `active` and
-//! `active_queues` are answered on `reply.<control_exchange>.pidbox` as
-//! Celery's workers answer them, so `celery inspect ping` and Flower list
-//! Warren workers. Commands that would change a worker (`shutdown`,
+//! `<hostname>.<control_exchange>.pidbox` queue, and the read-only
+//! inspections (`ping`, `active`, `active_queues`, `stats`, `registered`,
+//! `scheduled`, `reserved`, `revoked`, `conf`: the eight Flower asks for)
+//! are answered on `reply.<control_exchange>.pidbox` as Celery's workers
+//! answer them, so `celery inspect` and Flower's `/api/workers` list Warren
+//! workers. Commands that would change a worker (`shutdown`,
 //! `pool_restart`, `rate_limit`) are refused with an error reply: a broker
 //! user must not be able to steer workers that way.
 //!
@@ -139,7 +141,7 @@ pub(crate) async fn answer(
         return Ok(());
     }
     tracing::debug!(method = %request.method, "pidbox: answering");
-    let body = json!({ worker.identity.as_str(): reply(worker, &request.method) });
+    let body = json!({ worker.identity.as_str(): reply(worker, clock, &request.method) });
     let mut headers = FieldTable::default();
     headers.insert(
         "ticket".into(),
@@ -177,7 +179,7 @@ fn addressed_to(request: &Request, hostname: &str) -> bool {
     }
 }
 
-fn reply(worker: &Worker, method: &str) -> Value {
+fn reply(worker: &Worker, clock: &Clock, method: &str) -> Value {
     match method {
         "ping" => json!({"ok": "pong"}),
         "active" => Value::Array(
@@ -193,8 +195,72 @@ fn reply(worker: &Worker, method: &str) -> Value {
                 .map(|q| json!({"name": q, "routing_key": q, "durable": true}))
                 .collect(),
         ),
+        "stats" => stats(worker, clock),
+        "registered" => worker
+            .catalog
+            .task_types()
+            .filter(|t| worker.catalog.runs_here(t))
+            .collect(),
+        // Delayed and retrying tasks wait in PostgreSQL, never in a worker,
+        // and cancellations are rows: a Warren worker holds none of these.
+        "scheduled" | "reserved" | "revoked" => json!([]),
+        "conf" => conf(worker),
         other => json!({"error": format!("Warren workers do not answer {other:?}")}),
     }
+}
+
+/// Celery's `stats` reply, the parts Flower shows: the pool, prefetch,
+/// and tasks started per type. Nothing about the broker connection: its
+/// URL carries credentials.
+fn stats(worker: &Worker, clock: &Clock) -> Value {
+    let concurrency = worker.settings.worker.concurrency;
+    let total: serde_json::Map<String, Value> = worker
+        .catalog
+        .task_types()
+        .filter_map(|t| {
+            let n = worker
+                .metrics
+                .tasks
+                .with_label_values(&[t, "started"])
+                .get();
+            (n > 0).then(|| (t.to_owned(), json!(n)))
+        })
+        .collect();
+    json!({
+        "pid": std::process::id(),
+        "clock": clock.forward().to_string(),
+        "uptime": worker.uptime_seconds(),
+        "prefetch_count": worker.settings.worker.effective_prefetch(),
+        "pool": {
+            "implementation": "warren:tokio",
+            "max-concurrency": concurrency,
+            "processes": [std::process::id()],
+            "max-tasks-per-child": "N/A",
+            "put-guarded-by-semaphore": false,
+            "timeouts": [0, 0],
+        },
+        "total": total,
+        "broker": {"transport": "amqp"},
+        "sw_ident": "warren",
+        "sw_ver": warren_shared::VERSION,
+    })
+}
+
+/// Celery's `conf` reply: the settings a Celery operator would look for,
+/// in Celery's names; never a URL or a key.
+fn conf(worker: &Worker) -> Value {
+    let s = &worker.settings;
+    json!({
+        "worker_concurrency": s.worker.concurrency,
+        "worker_prefetch_multiplier": 1,
+        "task_acks_late": true,
+        "task_track_started": true,
+        "task_default_queue": worker.catalog.topology().queue(&s.amqp.default_queue),
+        "task_default_queue_type": s.amqp.queue_type.as_str(),
+        "event_exchange": s.celery.event_exchange,
+        "control_exchange": s.celery.control_exchange,
+        "worker_send_task_events": s.celery.events,
+    })
 }
 
 #[cfg(test)]
