@@ -183,11 +183,15 @@ mod tests {
     fn catalog(extra: &str) -> Result<Catalog, SettingsError> {
         let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../config");
         let dir = std::env::temp_dir().join(format!("warren-catalog-{}", uuid::Uuid::now_v7()));
-        std::fs::create_dir_all(dir.join("schemas")).map_err(|e| invalid("dir".into(), e.to_string()))?;
+        std::fs::create_dir_all(dir.join("schemas"))
+            .map_err(|e| invalid("dir".into(), e.to_string()))?;
         let copy = |name: &str, text: String| std::fs::write(dir.join(name), text);
         let default = std::fs::read_to_string(repo.join("default.toml")).unwrap_or_default();
         let written = copy("default.toml", default)
-            .and(copy("staging.toml", format!("[amqp]\nsigning_key = \"{}\"\n{extra}", "k".repeat(32))))
+            .and(copy(
+                "staging.toml",
+                format!("[amqp]\nsigning_key = \"{}\"\n{extra}", "k".repeat(32)),
+            ))
             .and(copy("schemas/wordcount.json", SCHEMA.into()));
         written.map_err(|e| invalid("files".into(), e.to_string()))?;
         let vars = HashMap::from([(ENV_VAR.to_owned(), "staging".to_owned())]);
@@ -205,10 +209,23 @@ mod tests {
             "{WORDCOUNT}queue = \"reports\"\ninput_schema = \"schemas/wordcount.json\"\ntime_limit_seconds = 60\n"
         ))
         .unwrap_or_else(|e| panic!("{e}"));
-        let entry = c.get("reports.wordcount").unwrap_or_else(|| panic!("declared"));
-        assert_eq!((entry.runner, entry.queue.as_str()), (Runner::Celery, "reports"));
-        assert_eq!(entry.policy.time_limit, Some(std::time::Duration::from_secs(60)));
-        assert!(entry.task.validate(&serde_json::json!({"text": "a"})).is_ok());
+        let entry = c
+            .get("reports.wordcount")
+            .unwrap_or_else(|| panic!("declared"));
+        assert_eq!(
+            (entry.runner, entry.queue.as_str()),
+            (Runner::Celery, "reports")
+        );
+        assert_eq!(
+            entry.policy.time_limit,
+            Some(std::time::Duration::from_secs(60))
+        );
+        assert!(
+            entry
+                .task
+                .validate(&serde_json::json!({"text": "a"}))
+                .is_ok()
+        );
         assert!(entry.task.validate(&serde_json::json!({})).is_err());
         assert!(!c.runs_here("reports.wordcount") && c.runs_here("multiply"));
         let t = c.topology();
@@ -217,21 +234,67 @@ mod tests {
     }
 
     #[test]
+    fn every_schema_shipped_in_config_compiles() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../config/schemas");
+        let files = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let mut seen = 0;
+        for file in files.flatten() {
+            let text = std::fs::read_to_string(file.path()).unwrap_or_default();
+            let schema: serde_json::Value =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{:?}: {e}", file.path()));
+            ExternalTask::new("example", &schema, Policy::default())
+                .unwrap_or_else(|e| panic!("{:?}: {e}", file.path()));
+            seen += 1;
+        }
+        assert!(seen > 0, "no schema in {}", dir.display());
+    }
+
+    #[test]
     fn a_bad_declaration_names_its_key() {
         let schema = "input_schema = \"schemas/wordcount.json\"\n";
         let cases = [
-            (format!("{WORDCOUNT}queue = \"reports\"\n"), "tasks.reports.wordcount.input_schema"),
-            (format!("{WORDCOUNT}{schema}"), "tasks.reports.wordcount.queue"),
-            (format!("{WORDCOUNT}{schema}queue = \"celery\"\n[celery]\nqueues = [\"celery\"]\n"), "tasks.reports.wordcount.queue"),
-            (format!("{WORDCOUNT}{schema}queue = \"slow\"\n[tasks.sleep]\nqueue = \"slow\"\n"), "tasks.reports.wordcount.queue"),
-            (format!("{WORDCOUNT}{schema}queue = \"r\"\nmax_retries = 3\n"), "tasks.reports.wordcount.max_retries"),
-            (format!("{WORDCOUNT}queue = \"r\"\ninput_schema = \"schemas/none.json\"\n"), "tasks.reports.wordcount.input_schema"),
-            (format!("[tasks.multiply]\nrunner = \"celery\"\nqueue = \"r\"\n{schema}"), "tasks.multiply.runner"),
-            (format!("[tasks.multiply]\n{schema}"), "tasks.multiply.input_schema"),
-            ("[tasks.\"reports.other\"]\nqueue = \"r\"\n".to_owned(), "tasks.reports.other"),
+            (
+                format!("{WORDCOUNT}queue = \"reports\"\n"),
+                "tasks.reports.wordcount.input_schema",
+            ),
+            (
+                format!("{WORDCOUNT}{schema}"),
+                "tasks.reports.wordcount.queue",
+            ),
+            (
+                format!("{WORDCOUNT}{schema}queue = \"celery\"\n[celery]\nqueues = [\"celery\"]\n"),
+                "tasks.reports.wordcount.queue",
+            ),
+            (
+                format!("{WORDCOUNT}{schema}queue = \"slow\"\n[tasks.sleep]\nqueue = \"slow\"\n"),
+                "tasks.reports.wordcount.queue",
+            ),
+            (
+                format!("{WORDCOUNT}{schema}queue = \"r\"\nmax_retries = 3\n"),
+                "tasks.reports.wordcount.max_retries",
+            ),
+            (
+                format!("{WORDCOUNT}queue = \"r\"\ninput_schema = \"schemas/none.json\"\n"),
+                "tasks.reports.wordcount.input_schema",
+            ),
+            (
+                format!("[tasks.multiply]\nrunner = \"celery\"\nqueue = \"r\"\n{schema}"),
+                "tasks.multiply.runner",
+            ),
+            (
+                format!("[tasks.multiply]\n{schema}"),
+                "tasks.multiply.input_schema",
+            ),
+            (
+                "[tasks.\"reports.other\"]\nqueue = \"r\"\n".to_owned(),
+                "tasks.reports.other",
+            ),
         ];
         for (toml, key) in cases {
-            let err = catalog(&toml).err().map(|e| e.to_string()).unwrap_or_default();
+            let err = catalog(&toml)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
             assert!(err.contains(key), "{toml}: {err}");
         }
     }
