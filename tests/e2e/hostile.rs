@@ -273,6 +273,7 @@ fn victim_task(id: Uuid) -> warren_shared::store::NewTask {
         reply_to: None,
         time_limit: None,
         soft_time_limit: None,
+        callback: None,
     }
 }
 

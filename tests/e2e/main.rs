@@ -36,3 +36,4 @@ mod scaling;
 mod state_machine;
 mod submit;
 mod time_limits;
+mod webhooks;

@@ -204,6 +204,7 @@ fn submitted(id: Uuid, task_type: &str, queue: &str, input: Value) -> NewTask {
         reply_to: None,
         time_limit: None,
         soft_time_limit: None,
+        callback: None,
     }
 }
 

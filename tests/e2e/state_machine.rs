@@ -31,6 +31,7 @@ fn new_task(id: Uuid) -> NewTask {
         reply_to: None,
         time_limit: None,
         soft_time_limit: None,
+        callback: None,
     }
 }
 

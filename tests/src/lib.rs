@@ -26,6 +26,7 @@ mod env;
 mod process;
 mod proxy;
 pub mod python;
+pub mod receiver;
 mod worker;
 
 pub use api::{ApiClient, DEFAULT_OWNER, TestApi};

@@ -316,6 +316,24 @@ impl ApiError {
         )
     }
 
+    pub fn delivery_not_found(id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::DeliveryNotFound,
+            "Delivery not found",
+            format!("the task has no webhook delivery `{id}`"),
+        )
+    }
+
+    pub fn delivery_pending() -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            ErrorCode::DeliveryPending,
+            "Delivery still pending",
+            "the delivery is still being tried; redeliver it once it has failed or been delivered",
+        )
+    }
+
     pub fn broker_management_unavailable(detail: &str) -> Self {
         tracing::warn!(%detail, "RabbitMQ management API unavailable");
         Self::new(

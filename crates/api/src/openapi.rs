@@ -1,7 +1,7 @@
 //! The OpenAPI 3.1 document, generated from the handlers and their types
 //! (utoipa), served at `/openapi.json`; a browsable reference at `/docs`.
 
-use crate::routes::{health, ops, tasks};
+use crate::routes::{health, ops, tasks, webhooks};
 use axum::{
     Json,
     extract::State,
@@ -36,6 +36,10 @@ use warren_shared::catalog::Catalog;
         tasks::read::artifact,
         tasks::control::cancel,
         tasks::control::retry,
+        tasks::deliveries::list,
+        tasks::deliveries::redeliver,
+        webhooks::create,
+        webhooks::list,
         ops::workers,
         ops::queues,
         health::healthz,
@@ -45,6 +49,7 @@ use warren_shared::catalog::Catalog;
     modifiers(&BearerKeys),
     tags(
         (name = "tasks", description = "Submitting and following tasks"),
+        (name = "webhooks", description = "Signing secrets, and each task's deliveries to its callback_url"),
         (name = "operations", description = "Live workers and queue depths, for operators"),
         (name = "health", description = "For load balancers and orchestrators"),
     ),

@@ -240,6 +240,18 @@ pub fn router(state: AppState) -> Router {
             "/tasks/{task_type}/{id}/retry",
             post(routes::tasks::control::retry),
         )
+        .route(
+            "/tasks/{task_type}/{id}/deliveries",
+            get(routes::tasks::deliveries::list),
+        )
+        .route(
+            "/tasks/{task_type}/{id}/deliveries/{delivery_id}/redeliver",
+            post(routes::tasks::deliveries::redeliver),
+        )
+        .route(
+            "/webhooks/secrets",
+            post(routes::webhooks::create).get(routes::webhooks::list),
+        )
         .route("/workers", get(routes::ops::workers))
         .route("/queues", get(routes::ops::queues))
         .route("/metrics", get(metrics::serve))

@@ -32,6 +32,10 @@ pub enum ErrorCode {
     IdempotencyKeyReused,
     /// The task has no artifact of that name (404).
     ArtifactNotFound,
+    /// No such webhook delivery for this task.
+    DeliveryNotFound,
+    /// A redelivery was asked for a delivery still being tried.
+    DeliveryPending,
     /// A query parameter is malformed (400).
     InvalidParameter,
     /// No resource at that path (404).
@@ -84,7 +88,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for parsing and for documentation tables.
-    pub const ALL: [ErrorCode; 34] = [
+    pub const ALL: [ErrorCode; 36] = [
         ErrorCode::InvalidInput,
         ErrorCode::MalformedJson,
         ErrorCode::UnsupportedMediaType,
@@ -97,6 +101,8 @@ impl ErrorCode {
         ErrorCode::NotRetryable,
         ErrorCode::IdempotencyKeyReused,
         ErrorCode::ArtifactNotFound,
+        ErrorCode::DeliveryNotFound,
+        ErrorCode::DeliveryPending,
         ErrorCode::InvalidParameter,
         ErrorCode::NotFound,
         ErrorCode::MissingApiKey,
@@ -140,6 +146,8 @@ impl ErrorCode {
             ErrorCode::NotRetryable => "not_retryable",
             ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
             ErrorCode::ArtifactNotFound => "artifact_not_found",
+            ErrorCode::DeliveryNotFound => "delivery_not_found",
+            ErrorCode::DeliveryPending => "delivery_pending",
             ErrorCode::InvalidParameter => "invalid_parameter",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MissingApiKey => "missing_api_key",

@@ -17,13 +17,16 @@
 //! - [`dead_letters`]: the dead-letter queue for operators: list, requeue.
 //! - [`artifacts`]: files tasks produce, behind an interface (PostgreSQL now).
 //! - [`relay`]: the outbox relay (recorded → published, delays, retries).
+//! - [`webhooks`]: completion webhooks: callback targets checked (SSRF),
+//!   signing secrets, the sender of durable deliveries.
 //! - [`state`], [`codes`]: task states and stable error codes.
 //! - [`telemetry`], [`shutdown`]: logging setup and signal handling.
 //! - [`probe`]: the `healthcheck` subcommands' HTTP probe.
 //! - [`metrics`]: registries that label every series with the version.
 //! - [`trace`]: W3C `traceparent`, from request to task to worker logs.
 //!
-//! It deliberately knows nothing about HTTP (only `api` depends on axum),
+//! It deliberately serves no HTTP (only `api` depends on axum; it is an
+//! HTTP *client* of RabbitMQ's management API and of webhook receivers),
 //! never acknowledges a task's delivery (only `worker` does; [`dead_letters`]
 //! acknowledges only what an operator takes off the dead-letter queue), and spawns nothing:
 //! long-running loops such as [`relay::run`] are futures the binaries spawn.
@@ -48,6 +51,7 @@ pub mod store;
 pub mod telemetry;
 pub mod topology;
 pub mod trace;
+pub mod webhooks;
 pub mod wire;
 
 /// The version of this build, carried in logs, metrics and worker records.

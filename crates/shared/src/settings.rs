@@ -57,6 +57,9 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub relay: RelaySettings,
     pub telemetry: TelemetrySettings,
+    /// Completion webhooks: where submissions' `callback_url` may point,
+    /// and how deliveries are retried (`[webhooks]`).
+    pub webhooks: WebhookSettings,
     /// Per task type: its queue and policy overrides (`[tasks.sleep]`).
     #[serde(default)]
     pub tasks: BTreeMap<String, TaskSettings>,
@@ -279,6 +282,34 @@ pub struct RelaySettings {
     /// How long a freshly recorded task is left to the API's own publish
     /// before the relay takes over.
     pub lease_seconds: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// This process sends due deliveries (workers do by default; the API
+    /// never does).
+    pub enabled: bool,
+    /// Refuse `callback_url`s that are not https.
+    pub require_https: bool,
+    /// Allow targets on loopback, private, link-local and other
+    /// non-public addresses (SSRF protection when false; checked at
+    /// submission and again on every connection's resolved addresses).
+    pub allow_private_targets: bool,
+    /// How long a delivery is retried before it is marked failed.
+    pub retry_window_seconds: f64,
+    /// First retry delay; doubles (with jitter) up to the maximum.
+    pub retry_delay_seconds: f64,
+    pub retry_delay_max_seconds: f64,
+    /// One POST's limit, connect to last byte.
+    pub timeout_seconds: f64,
+    /// POSTs one process has in flight at most.
+    pub max_in_flight: u32,
+    /// Longest pause between two scans for due deliveries.
+    pub interval_ms: u64,
+    /// After a rotation, the previous secret still signs this long, so
+    /// receivers can switch without missing a delivery.
+    pub secret_overlap_seconds: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -536,6 +567,28 @@ impl Settings {
         }
         positive_seconds("relay.lease_seconds", r.lease_seconds)?;
 
+        let h = &self.webhooks;
+        positive_seconds("webhooks.retry_window_seconds", h.retry_window_seconds)?;
+        positive_seconds("webhooks.retry_delay_seconds", h.retry_delay_seconds)?;
+        positive_seconds(
+            "webhooks.retry_delay_max_seconds",
+            h.retry_delay_max_seconds,
+        )?;
+        positive_seconds("webhooks.timeout_seconds", h.timeout_seconds)?;
+        non_negative_seconds("webhooks.secret_overlap_seconds", h.secret_overlap_seconds)?;
+        if !(1..=1000).contains(&h.max_in_flight) {
+            return Err(invalid(
+                "webhooks.max_in_flight",
+                "must be between 1 and 1000",
+            ));
+        }
+        if h.interval_ms == 0 || h.interval_ms > 60_000 {
+            return Err(invalid(
+                "webhooks.interval_ms",
+                "must be between 1 and 60000",
+            ));
+        }
+
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.telemetry.filter) {
             return Err(invalid("telemetry.filter", e.to_string()));
         }
@@ -635,6 +688,16 @@ impl WorkerSettings {
 
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs_f64(self.shutdown_grace_seconds)
+    }
+}
+
+impl WebhookSettings {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.timeout_seconds)
+    }
+
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms)
     }
 }
 

@@ -26,6 +26,7 @@ use warren_shared::{
     settings::{Settings, SettingsError},
     signing::Signer,
     store::{Claim, ClaimRequest, Store, Success},
+    webhooks,
 };
 use warren_shared::{metrics::MetricsError, store::WorkerRecord};
 use warren_tasks::Registry;
@@ -345,6 +346,14 @@ impl Worker {
                 worker.settings.relay.clone(),
                 shutdown.clone(),
             ));
+        }
+        if worker.settings.webhooks.enabled {
+            match webhooks::Sender::new(worker.store.clone(), worker.settings.webhooks.clone()) {
+                Ok(sender) => {
+                    background.spawn(sender.run(shutdown.clone()));
+                }
+                Err(e) => tracing::error!(error = %e, "webhooks: no sender in this replica"),
+            }
         }
         if worker.catalog.has_celery_runs() {
             background.spawn(crate::remote::run(Arc::clone(&worker), shutdown.clone()));

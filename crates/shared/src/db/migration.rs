@@ -78,6 +78,11 @@ impl MigratorTrait for Migrator {
                 up: "ALTER TABLE tasks ADD COLUMN reply_to text",
                 down: "ALTER TABLE tasks DROP COLUMN reply_to",
             }),
+            Box::new(Sql {
+                name: "m20261203_000010_webhooks",
+                up: WEBHOOKS,
+                down: WEBHOOKS_DOWN,
+            }),
         ]
     }
 }
@@ -294,4 +299,114 @@ const DASHBOARD_DOWN: &str = r#"
 DROP INDEX tasks_created_brin;
 ALTER TABLE tasks DROP COLUMN worker_version;
 DROP TABLE ui_sessions;
+"#;
+
+/// Completion webhooks: where a task's events go, the owners' signing
+/// secrets, and the deliveries, durable rows a sender works through.
+const WEBHOOKS: &str = r#"
+-- callback_events: a comma-separated list of finished, failed, progress.
+ALTER TABLE tasks ADD COLUMN callback_url text, ADD COLUMN callback_events text;
+
+-- Signing secrets per owner. At most two sign at once: the newest, and the
+-- one it replaced until retires_at. Kept in clear: an HMAC needs the key.
+CREATE TABLE webhook_secrets (
+    id         uuid PRIMARY KEY,
+    owner      text NOT NULL,
+    secret     text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    retires_at timestamptz
+);
+CREATE INDEX webhook_secrets_owner ON webhook_secrets (owner, created_at DESC);
+
+-- One event of one task for its callback_url. `pending` until a 2xx
+-- (`delivered`) or until the retry window from window_start is over
+-- (`failed`); next_attempt_at is also the sender's lease on a claimed one.
+CREATE TABLE webhook_deliveries (
+    id              uuid PRIMARY KEY,
+    task_id         uuid NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+    owner           text,
+    event           text NOT NULL,
+    url             text NOT NULL,
+    payload         jsonb NOT NULL,
+    state           text NOT NULL DEFAULT 'pending',
+    attempts        integer NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz,
+    window_start    timestamptz NOT NULL DEFAULT now(),
+    last_status     integer,
+    last_error      text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    finished_at     timestamptz
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE state = 'pending';
+CREATE INDEX webhook_deliveries_task ON webhook_deliveries (task_id, created_at);
+-- A task reporting progress faster than its receiver answers has one
+-- progress delivery waiting, carrying the latest figures.
+CREATE UNIQUE INDEX webhook_deliveries_progress ON webhook_deliveries (task_id)
+    WHERE event = 'progress' AND state = 'pending' AND attempts = 0;
+
+CREATE TABLE webhook_attempts (
+    delivery_id uuid NOT NULL REFERENCES webhook_deliveries (id) ON DELETE CASCADE,
+    attempt     integer NOT NULL,
+    started_at  timestamptz NOT NULL,
+    duration_ms integer NOT NULL,
+    status      integer,
+    error       text,
+    PRIMARY KEY (delivery_id, attempt)
+);
+
+-- The delivery is written by the statement that records the event, in its
+-- transaction: an outcome is never committed without its webhook, whoever
+-- records it (a worker, a Celery report, a cancel, an expiry).
+CREATE FUNCTION warren_webhook_event() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    ev text;
+BEGIN
+    IF NEW.state IS DISTINCT FROM OLD.state
+       AND NEW.state IN ('SUCCESS', 'FAILURE', 'CANCELLED', 'EXPIRED') THEN
+        IF 'failed' = ANY (string_to_array(NEW.callback_events, ',')) AND NEW.state IN ('FAILURE', 'EXPIRED') THEN
+            ev := 'failed';
+        ELSIF 'finished' = ANY (string_to_array(NEW.callback_events, ',')) THEN
+            ev := 'finished';
+        END IF;
+    ELSIF NEW.progress_done IS DISTINCT FROM OLD.progress_done
+          AND NEW.state = 'STARTED' AND 'progress' = ANY (string_to_array(NEW.callback_events, ',')) THEN
+        ev := 'progress';
+    END IF;
+    IF ev IS NULL THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO webhook_deliveries (id, task_id, owner, event, url, payload, next_attempt_at)
+    VALUES (gen_random_uuid(), NEW.id, NEW.owner, ev, NEW.callback_url,
+            jsonb_build_object(
+                'type', 'task.' || ev,
+                'timestamp', now(),
+                'data', jsonb_build_object(
+                    'task_id', NEW.id, 'task_type', NEW.task_type, 'state', NEW.state,
+                    'attempts', NEW.attempts, 'result', NEW.result, 'error', NEW.error,
+                    'progress', CASE WHEN NEW.progress_done IS NULL THEN NULL ELSE
+                        jsonb_build_object('done', NEW.progress_done, 'total', NEW.progress_total,
+                                           'message', NEW.progress_message) END,
+                    'created_at', NEW.created_at, 'started_at', NEW.started_at,
+                    'finished_at', NEW.finished_at)),
+            now())
+    ON CONFLICT (task_id) WHERE event = 'progress' AND state = 'pending' AND attempts = 0
+    DO UPDATE SET payload = EXCLUDED.payload;
+    RETURN NULL;
+END
+$$;
+-- Tasks without a callback pay for the WHEN test only.
+CREATE TRIGGER tasks_webhooks
+    AFTER UPDATE ON tasks
+    FOR EACH ROW
+    WHEN (NEW.callback_url IS NOT NULL)
+    EXECUTE FUNCTION warren_webhook_event();
+"#;
+
+const WEBHOOKS_DOWN: &str = r#"
+DROP TRIGGER tasks_webhooks ON tasks;
+DROP FUNCTION warren_webhook_event();
+DROP TABLE webhook_attempts;
+DROP TABLE webhook_deliveries;
+DROP TABLE webhook_secrets;
+ALTER TABLE tasks DROP COLUMN callback_url, DROP COLUMN callback_events;
 "#;

@@ -60,6 +60,10 @@ pub struct Model {
     /// Celery `rpc://` reply queue of the client that sent the task, kept
     /// so a retry republished from this row still reaches the client.
     pub reply_to: Option<String>,
+    /// Where this task's webhook deliveries go (`?callback_url=`).
+    pub callback_url: Option<String>,
+    /// Which events are delivered: `finished`, `failed`, `progress`, comma-separated.
+    pub callback_events: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

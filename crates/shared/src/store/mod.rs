@@ -12,6 +12,7 @@ mod items;
 mod reads;
 mod remote;
 mod requests;
+mod webhooks;
 mod workers;
 
 pub use insights::{Minute, ReleaseTimes, StateCount};
@@ -20,6 +21,7 @@ pub use reads::{ListFilter, Owners, TaskSummary};
 pub use remote::{Report, ReportTarget};
 use requests::RESETTABLE_BY_OPERATOR;
 pub use requests::{Cancellation, Inserted, Retry};
+pub use webhooks::{AttemptEnd, Delivery, DeliveryAttempt, DueDelivery, SecretInfo};
 pub use workers::WorkerRecord;
 
 use crate::{
@@ -179,6 +181,9 @@ pub struct NewTask {
     /// there (Celery's `timelimit` header); Warren workers use their policy.
     pub time_limit: Option<f64>,
     pub soft_time_limit: Option<f64>,
+    /// Where the task's webhook deliveries go, and for which events
+    /// (comma-separated `finished`, `failed`, `progress`).
+    pub callback: Option<(String, String)>,
 }
 
 /// The row of a freshly submitted task: PENDING, in the outbox.
@@ -217,6 +222,8 @@ fn new_row(t: &NewTask, now: DateTime<Utc>) -> task::ActiveModel {
         idempotency_fingerprint: Set(t.idempotency_fingerprint.clone()),
         worker_version: Set(None),
         reply_to: Set(t.reply_to.clone()),
+        callback_url: Set(t.callback.as_ref().map(|(url, _)| url.clone())),
+        callback_events: Set(t.callback.as_ref().map(|(_, events)| events.clone())),
     }
 }
 

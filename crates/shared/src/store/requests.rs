@@ -74,17 +74,20 @@ const INSERT_SUBMITTED: &str = "
                        progress_total, progress_message, attempts, eta, expires_at, time_limit,
                        soft_time_limit, publish_at, created_at, queued_at, started_at, finished_at,
                        updated_at, worker, idempotency_key, origin, root_id, parent_id, group_id,
-                       traceparent, cancel_requested_at, idempotency_fingerprint, reply_to)
+                       traceparent, cancel_requested_at, idempotency_fingerprint, reply_to,
+                       callback_url, callback_events)
     SELECT r.id, r.task_type, r.queue, r.owner, r.state, r.input, NULL, NULL, NULL,
            NULL, NULL, 0, r.eta, r.expires_at, r.time_limit,
            r.soft_time_limit, r.publish_at, $2, r.queued_at, NULL, NULL,
            $2, NULL, r.idempotency_key, r.origin, r.id::text, NULL, NULL,
-           r.traceparent, NULL, r.idempotency_fingerprint, r.reply_to
+           r.traceparent, NULL, r.idempotency_fingerprint, r.reply_to,
+           r.callback_url, r.callback_events
     FROM jsonb_to_recordset($1::jsonb) AS r(
            id uuid, task_type text, queue text, owner text, state text, input jsonb,
            eta timestamptz, expires_at timestamptz, publish_at timestamptz, queued_at timestamptz,
            idempotency_key text, origin text, traceparent text, idempotency_fingerprint text,
-           time_limit float8, soft_time_limit float8, reply_to text)";
+           time_limit float8, soft_time_limit float8, reply_to text,
+           callback_url text, callback_events text)";
 
 /// The JSON array [`INSERT_SUBMITTED`] reads. Times are cut to the
 /// microsecond, as PostgreSQL keeps them (it would round the rest).
@@ -108,6 +111,8 @@ fn submitted_rows(rows: &[task::Model]) -> Result<String> {
         time_limit: Option<f64>,
         soft_time_limit: Option<f64>,
         reply_to: Option<&'a str>,
+        callback_url: Option<&'a str>,
+        callback_events: Option<&'a str>,
     }
     let rows: Vec<Submitted<'_>> = rows
         .iter()
@@ -129,6 +134,8 @@ fn submitted_rows(rows: &[task::Model]) -> Result<String> {
             time_limit: m.time_limit,
             soft_time_limit: m.soft_time_limit,
             reply_to: m.reply_to.as_deref(),
+            callback_url: m.callback_url.as_deref(),
+            callback_events: m.callback_events.as_deref(),
         })
         .collect();
     serde_json::to_string(&rows).map_err(|e| StoreError::Other(DbErr::Json(e.to_string())))

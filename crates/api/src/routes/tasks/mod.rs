@@ -7,7 +7,8 @@
 //!   loading a task, the views, the answers every route can give;
 //! - `submit`: submitting, alone or in batches, scheduling, idempotency;
 //! - `read`: listing, status (long-poll), result, item errors, artifacts;
-//! - `control`: cancel and retry.
+//! - `control`: cancel and retry;
+//! - `deliveries`: the task's webhook deliveries, and redelivery.
 
 use crate::openapi::Problem;
 use crate::{ApiError, AppState, auth::Caller, fail::FailPoint};
@@ -47,6 +48,7 @@ const MAX_PAGE: u64 = 500;
 const MAX_REPORTED_ERRORS: usize = 1000;
 
 pub(crate) mod control;
+pub(crate) mod deliveries;
 mod nul;
 pub(crate) mod read;
 pub(crate) mod submit;

@@ -3,7 +3,12 @@
 
 use super::*;
 use crate::state::Publishing;
-use warren_shared::{envelope::TaskMessage, settings::Runner, trace::TraceParent};
+use warren_shared::{
+    envelope::TaskMessage,
+    settings::{Runner, WebhookSettings},
+    trace::TraceParent,
+    webhooks,
+};
 
 // ------------------------------------------------------------- scheduling
 
@@ -25,11 +30,21 @@ pub(crate) struct SubmitParams {
     /// Do not start after this many seconds from now.
     #[param(minimum = 0, maximum = 2_592_000)]
     expires_in: Option<f64>,
+    /// POST the task's events here, signed with the owner's webhook secret
+    /// (`POST /webhooks/secrets` first). https, and public hosts only,
+    /// unless configured otherwise.
+    #[param(max_length = 2048)]
+    callback_url: Option<String>,
+    /// Which events, comma-separated: `finished` (any end, the default),
+    /// `failed` (FAILURE or EXPIRED), `progress`.
+    callback_events: Option<String>,
 }
 
 struct Schedule {
     eta: Option<DateTime<Utc>>,
     expires: Option<DateTime<Utc>>,
+    /// The webhook target and its events.
+    callback: Option<(String, String)>,
 }
 
 pub(super) fn instant(name: &str, text: &str) -> Result<DateTime<Utc>, ApiError> {
@@ -41,7 +56,11 @@ pub(super) fn instant(name: &str, text: &str) -> Result<DateTime<Utc>, ApiError>
 }
 
 impl SubmitParams {
-    fn resolve(&self, now: DateTime<Utc>) -> Result<Schedule, ApiError> {
+    fn resolve(
+        &self,
+        now: DateTime<Utc>,
+        webhook_settings: &WebhookSettings,
+    ) -> Result<Schedule, ApiError> {
         let seconds = |name: &str, s: f64| -> Result<DateTime<Utc>, ApiError> {
             if !(0.0..=MAX_DELAY.as_seconds_f64()).contains(&s) {
                 return Err(ApiError::invalid_parameter(
@@ -94,8 +113,41 @@ impl SubmitParams {
                 "expires must be after the eta",
             ));
         }
-        Ok(Schedule { eta, expires })
+        let callback = match (&self.callback_url, &self.callback_events) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(ApiError::invalid_parameter(
+                    "callback_events",
+                    "callback_events needs a callback_url",
+                ));
+            }
+            (Some(url), events) => Some(
+                webhooks::callback(url, events.as_deref(), webhook_settings)
+                    .map_err(|e| ApiError::invalid_parameter(e.parameter, e.message))?,
+            ),
+        };
+        Ok(Schedule {
+            eta,
+            expires,
+            callback,
+        })
     }
+}
+
+/// A callback is signed with its owner's secret: without one, a receiver
+/// could not tell Warren's deliveries from anyone's.
+async fn check_signing_secret(
+    state: &AppState,
+    caller: &Caller,
+    schedule: &Schedule,
+) -> Result<(), ApiError> {
+    if schedule.callback.is_some() && state.store.webhook_secrets(&caller.owner).await?.is_empty() {
+        return Err(ApiError::invalid_parameter(
+            "callback_url",
+            "this owner has no webhook signing secret yet: create one with POST /webhooks/secrets",
+        ));
+    }
+    Ok(())
 }
 
 fn new_task(
@@ -130,6 +182,7 @@ fn new_task(
         reply_to,
         time_limit,
         soft_time_limit,
+        callback: schedule.callback.clone(),
     }
 }
 
@@ -246,6 +299,8 @@ fn fingerprint(task_type: &str, input: &Value, params: &SubmitParams) -> String 
         format!("{:?}", params.eta),
         format!("{:?}", params.expires),
         format!("{:?}", params.expires_in),
+        format!("{:?}", params.callback_url),
+        format!("{:?}", params.callback_events),
     ] {
         h.update(part.as_bytes());
         h.update(b"\n");
@@ -313,7 +368,8 @@ pub(crate) async fn submit(
     let input = json_body(&headers, body, state.settings.api.max_body_bytes)?;
     validate_input(entry, &input, "").map_err(ApiError::invalid_input)?;
     let now = Utc::now();
-    let schedule = params.resolve(now)?;
+    let schedule = params.resolve(now, &state.settings.webhooks)?;
+    check_signing_secret(&state, &caller, &schedule).await?;
 
     let mut new = new_task(&state, &caller, entry, &task_type, input, &schedule, now);
     new.traceparent = Some(trace_context(&headers).to_string());
@@ -466,7 +522,8 @@ pub(crate) async fn submit_batch(
     ValidationErrors::check(problems).map_err(ApiError::invalid_input)?;
 
     let now = Utc::now();
-    let schedule = params.resolve(now)?;
+    let schedule = params.resolve(now, &state.settings.webhooks)?;
+    check_signing_secret(&state, &caller, &schedule).await?;
     let new: Vec<NewTask> = tasks
         .into_iter()
         .map(|input| new_task(&state, &caller, entry, &task_type, input, &schedule, now))
