@@ -313,3 +313,68 @@ async fn webhook_deliveries_survive_a_killed_worker() {
     assert_eq!(delivered["attempts"], 3);
     api.stop().await;
 }
+
+/// `progress` sends the task's figures as it reports them; `failed` alone
+/// stays silent for a task that succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_events_are_the_ones_asked_for() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker("w1").await;
+    let client = api.client_for("acme").await;
+    new_secret(&client).await;
+    let receiver = Receiver::start(0).await;
+
+    let query = format!(
+        "callback_url={}&callback_events=progress,finished",
+        receiver.url
+    );
+    let response = client
+        .submit_with("sleep", &query, &json!({"seconds": 2}))
+        .await;
+    let slept: Value = response.json().await.unwrap();
+    let quiet = format!("callback_url={}&callback_events=failed", receiver.url);
+    let response = client
+        .submit_with("multiply", &quiet, &json!({"x": 2, "y": 3}))
+        .await;
+    let product: Uuid = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let got = wait_until(
+        "the sleep's finished event",
+        Duration::from_secs(20),
+        || async {
+            let got = receiver.received();
+            got.iter()
+                .any(|r| r.json()["type"] == "task.finished")
+                .then_some(got)
+        },
+    )
+    .await;
+    let kinds: Vec<Value> = got.iter().map(|r| r.json()["type"].clone()).collect();
+    assert!(kinds.contains(&json!("task.progress")), "{kinds:?}");
+    let progress = got
+        .iter()
+        .map(Received::json)
+        .find(|b| b["type"] == "task.progress")
+        .unwrap();
+    assert_eq!(progress["data"]["task_id"], slept["id"]);
+    assert_eq!(progress["data"]["progress"]["total"], 2);
+    assert_eq!(progress["data"]["state"], "STARTED");
+    client
+        .wait_for_state("multiply", product, &["SUCCESS"], Duration::from_secs(10))
+        .await;
+    assert!(
+        deliveries(&client, product).await.is_empty(),
+        "a success is not `failed`"
+    );
+    assert!(
+        got.iter()
+            .all(|r| r.json()["data"]["task_id"] == slept["id"])
+    );
+    worker.stop().await;
+    api.stop().await;
+}

@@ -19,3 +19,4 @@ pub mod report;
 pub mod scaling;
 pub mod submit;
 pub mod system;
+pub mod webhooks;

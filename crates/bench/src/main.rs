@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use warren_bench::{
     all, ceiling, drain, latency, memory, pages, scaling, submit,
     system::{self, Setup},
+    webhooks,
 };
 
 #[derive(Parser)]
@@ -72,6 +73,8 @@ enum Scenario {
     Memory(memory::Args),
     /// Dashboard pages' render times with a million tasks in the table.
     Pages(pages::Args),
+    /// The drain with and without webhooks to a receiver slow to answer.
+    Webhooks(webhooks::Args),
 }
 
 #[tokio::main]
@@ -132,6 +135,16 @@ async fn main() -> anyhow::Result<()> {
                 pages::render(args, &rows),
                 serde_json::json!({ "scenario": "pages", "parameters": {
                     "rows": args.rows, "requests": args.requests,
+                }, "rows": rows }),
+            )
+        }
+        Scenario::Webhooks(args) => {
+            let rows = webhooks::run(&setup, args).await?;
+            (
+                webhooks::render(args, &rows),
+                serde_json::json!({ "scenario": "webhooks", "parameters": {
+                    "tasks": args.tasks, "receiver_ms": args.receiver_ms,
+                    "concurrency": args.concurrency, "runs": args.runs,
                 }, "rows": rows }),
             )
         }

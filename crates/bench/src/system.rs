@@ -67,6 +67,12 @@ impl System {
     /// Database created and migrated, topology declared, API started and
     /// answering, an API key made. No workers yet: [`System::add_worker`].
     pub async fn up(setup: &Setup) -> anyhow::Result<Self> {
+        Self::up_with(setup, &[]).await
+    }
+
+    /// [`System::up`] with settings on top of the production ones, for
+    /// every process of the system (`WARREN_WEBHOOKS__…`).
+    pub async fn up_with(setup: &Setup, extra: &[(&str, &str)]) -> anyhow::Result<Self> {
         let id = Uuid::new_v4().simple().to_string();
         let database = format!("warren_bench_{}", &id[..12]);
         let prefix = format!("bench-{}.", &id[..12]);
@@ -93,6 +99,11 @@ impl System {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
+        .chain(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
         .collect();
         let settings = Settings::load_from(&setup.config_dir, &vars)
             .with_context(|| format!("loading {}", setup.config_dir.display()))?;
@@ -150,7 +161,16 @@ impl System {
         setup: &Setup,
         measure: impl AsyncFnOnce(&mut System) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
-        let mut system = System::up(setup).await?;
+        Self::measure_with(setup, &[], measure).await
+    }
+
+    /// [`System::measure`] on a system brought up with [`System::up_with`].
+    pub async fn measure_with<T>(
+        setup: &Setup,
+        extra: &[(&str, &str)],
+        measure: impl AsyncFnOnce(&mut System) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let mut system = System::up_with(setup, extra).await?;
         let measured = measure(&mut system).await;
         system.down().await?;
         measured
@@ -283,8 +303,19 @@ impl System {
         input: &Value,
         count: usize,
     ) -> anyhow::Result<Vec<Uuid>> {
+        self.submit_batch_with(task_type, "", input, count).await
+    }
+
+    /// [`System::submit_batch`] with query parameters (`callback_url=…`).
+    pub async fn submit_batch_with(
+        &self,
+        task_type: &str,
+        query: &str,
+        input: &Value,
+        count: usize,
+    ) -> anyhow::Result<Vec<Uuid>> {
         let mut ids = Vec::with_capacity(count);
-        let url = format!("{}/tasks/{task_type}/batch", self.api_url());
+        let url = format!("{}/tasks/{task_type}/batch?{query}", self.api_url());
         while ids.len() < count {
             let n = (count - ids.len()).min(self.settings.api.max_batch);
             let body = json!({ "tasks": vec![input; n] });
@@ -428,6 +459,22 @@ impl System {
 
     pub fn api_url_for(&self, path: &str) -> String {
         format!("{}{path}", self.api_url())
+    }
+
+    /// A `POST` to the API with the system's key; the JSON answer.
+    pub async fn post(&self, path: &str) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.api_url()))
+            .bearer_auth(&self.key)
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        if !status.is_success() {
+            bail!("POST {path} answered {status}: {body}");
+        }
+        Ok(body)
     }
 
     pub fn key(&self) -> &str {
