@@ -378,3 +378,52 @@ async fn webhook_events_are_the_ones_asked_for() {
     worker.stop().await;
     api.stop().await;
 }
+
+/// The task page shows its deliveries and each attempt's answer, in a
+/// real browser.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_deliveries_show_on_the_task_page() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker("w1").await;
+    let client: &ApiClient = &api;
+    new_secret(&client).await;
+    let receiver = Receiver::start(1).await;
+    let id = submit_with_callback(&client, &receiver.url, 6).await;
+    wait_for_delivery(&client, id, "delivered").await;
+
+    let b = warren_tests::browser::Browser::start(&api.url(""), 1280, 900).await;
+    b.goto(&format!("/ui/tasks/multiply/{id}")).await;
+    let field = b
+        .client
+        .find(fantoccini::Locator::Css("input[name=key]"))
+        .await
+        .expect("the sign-in form");
+    field
+        .send_keys(api.key().expect("a key"))
+        .await
+        .expect("type the key");
+    b.click_to_navigate("form button[type=submit]").await;
+    let text = wait_until(
+        "the deliveries section",
+        Duration::from_secs(20),
+        || async {
+            let text = b
+            .js("const d = document.querySelector('#deliveries'); return d ? d.innerText : null;")
+            .await;
+            text.as_str().map(str::to_owned)
+        },
+    )
+    .await;
+    assert!(
+        text.contains("finished") && text.contains("delivered"),
+        "{text}"
+    );
+    assert!(text.contains("500") && text.contains("204"), "{text}");
+    assert!(b.foreign_requests().await.is_empty());
+    b.js("document.querySelector('#deliveries').scrollIntoView(); return true")
+        .await;
+    b.screenshot("task-deliveries").await;
+    worker.stop().await;
+    api.stop().await;
+}

@@ -156,11 +156,16 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || first == 0x0064 && ip.segments()[1] == 0xff9b) // NAT64: an IPv4 inside
 }
 
+/// The operating system gave no random bytes.
+#[derive(Debug, thiserror::Error)]
+#[error("no randomness from the operating system: {0}")]
+pub struct NoRandomness(String);
+
 /// A new signing secret in Standard Webhooks' form: `whsec_` and 32
 /// random bytes in base64.
-pub fn new_secret() -> Result<String, getrandom::Error> {
+pub fn new_secret() -> Result<String, NoRandomness> {
     let mut key = [0u8; 32];
-    getrandom::fill(&mut key)?;
+    getrandom::fill(&mut key).map_err(|e| NoRandomness(e.to_string()))?;
     Ok(format!(
         "whsec_{}",
         base64::engine::general_purpose::STANDARD.encode(key)

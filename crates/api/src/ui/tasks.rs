@@ -339,6 +339,7 @@ pub(crate) async fn detail(
         .item_errors(t.id, q.errors_after, ITEM_ERRORS_PAGE)
         .await?;
     let error_count = state.store.item_error_count(t.id).await?;
+    let (deliveries, delivery_attempts) = state.store.deliveries(t.id).await?;
     let (flash, ok) = done_message(q.done.as_deref());
     let live = (!t.state.is_terminal()).then(|| format!("/ui/live/tasks/{task_type}/{}", t.id));
     let trace = t.traceparent.as_deref().and_then(trace_id);
@@ -370,6 +371,7 @@ pub(crate) async fn detail(
             }
         }
         @if error_count > 0 { (item_errors(&base, error_count, &errors)) }
+        @if !deliveries.is_empty() { (webhook_deliveries(&deliveries, &delivery_attempts)) }
     };
     Ok(layout::page(
         &format!("{task_type} {}", t.id),
@@ -412,6 +414,52 @@ fn status(base: &str, t: &TaskSummary, attempts: &[AttemptRecord]) -> Markup {
         }
         h2 { "Attempts" }
         (timeline(t, attempts))
+    }
+}
+
+/// The task's webhook deliveries: each event, where it went, and every
+/// attempt's answer.
+fn webhook_deliveries(
+    deliveries: &[warren_shared::store::Delivery],
+    attempts: &[warren_shared::store::DeliveryAttempt],
+) -> Markup {
+    html! {
+        section #deliveries {
+            h2 { "Webhook deliveries" }
+            table {
+                thead { tr { th { "Event" } th { "State" } th { "Target" } th { "Attempts" } th { "Created" } th { "Finished / next" } } }
+                tbody {
+                    @for d in deliveries {
+                        tr class=(format!("delivery-{}", d.state)) {
+                            td { (d.event) }
+                            td { span class=(format!("badge {}", delivery_tone(&d.state))) { (d.state) } }
+                            td.mono { (d.url) }
+                            td {
+                                @for a in attempts.iter().filter(|a| a.delivery_id == d.id) {
+                                    span.attempt title=(a.error.as_deref().unwrap_or("")) {
+                                        (a.status.map_or_else(|| "no answer".to_owned(), |s| s.to_string()))
+                                    }
+                                    " "
+                                }
+                            }
+                            td { (time(d.created_at)) }
+                            td {
+                                @if d.state == "pending" { "next " (maybe_time(d.next_attempt_at)) }
+                                @else { (maybe_time(d.finished_at)) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn delivery_tone(state: &str) -> &'static str {
+    match state {
+        "delivered" => "ok",
+        "failed" => "bad",
+        _ => "warn",
     }
 }
 
