@@ -17,6 +17,7 @@ mod dashboard;
 mod db_faults;
 mod dead_letters;
 mod delays;
+mod error_tracking;
 mod faults;
 mod hostile;
 mod http_contract;

@@ -387,10 +387,10 @@ async fn webhook_deliveries_show_on_the_task_page() {
     let api = env.spawn_api().await;
     let worker = env.spawn_worker("w1").await;
     let client: &ApiClient = &api;
-    new_secret(&client).await;
+    new_secret(client).await;
     let receiver = Receiver::start(1).await;
-    let id = submit_with_callback(&client, &receiver.url, 6).await;
-    wait_for_delivery(&client, id, "delivered").await;
+    let id = submit_with_callback(client, &receiver.url, 6).await;
+    wait_for_delivery(client, id, "delivered").await;
 
     let b = warren_tests::browser::Browser::start(&api.url(""), 1280, 900).await;
     b.goto(&format!("/ui/tasks/multiply/{id}")).await;

@@ -365,6 +365,7 @@ impl ApiError {
             source = s.source();
         }
         tracing::error!(error = %chain, "internal error");
+        warren_shared::error_tracking::internal_error(&chain, None);
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::Internal,

@@ -4,7 +4,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::io::Write;
 use warren_api::auth;
-use warren_shared::{catalog::Catalog, db, probe, settings::Settings, shutdown, telemetry};
+use warren_shared::{
+    catalog::Catalog, db, error_tracking, probe, settings::Settings, shutdown, telemetry,
+};
 use warren_tasks::Registry;
 
 /// See `mimalloc` in the workspace Cargo.toml.
@@ -74,7 +76,13 @@ async fn main() -> anyhow::Result<()> {
         let ok = probe::healthy(addr, "/healthz", std::time::Duration::from_secs(3)).await;
         std::process::exit(if ok { 0 } else { 1 });
     }
-    telemetry::init(&settings.telemetry);
+    telemetry::init_with(&settings.telemetry, settings.sentry.dsn.is_some());
+    // Held for the process's life; reports only with a DSN configured.
+    let _errors = error_tracking::ErrorTracking::init(
+        &settings.sentry,
+        "api",
+        &warren_shared::broker::identity("warren-api", std::process::id()),
+    );
     match command {
         Command::Definitions | Command::Healthcheck => {}
         Command::Keys(command) => {

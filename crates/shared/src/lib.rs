@@ -21,6 +21,8 @@
 //!   signing secrets, the sender of durable deliveries.
 //! - [`state`], [`codes`]: task states and stable error codes.
 //! - [`telemetry`], [`shutdown`]: logging setup and signal handling.
+//! - [`error_tracking`]: Sentry events for failed tasks, panics and dead
+//!   letters (off without a DSN).
 //! - [`probe`]: the `healthcheck` subcommands' HTTP probe.
 //! - [`metrics`]: registries that label every series with the version.
 //! - [`trace`]: W3C `traceparent`, from request to task to worker logs.
@@ -29,7 +31,8 @@
 //! HTTP *client* of RabbitMQ's management API and of webhook receivers),
 //! never acknowledges a task's delivery (only `worker` does; [`dead_letters`]
 //! acknowledges only what an operator takes off the dead-letter queue), and spawns nothing:
-//! long-running loops such as [`relay::run`] are futures the binaries spawn.
+//! long-running loops such as [`relay::run`] are futures the binaries spawn
+//! (the one exception: [`error_tracking`]'s sender thread, with a DSN only).
 
 pub mod artifacts;
 pub mod batch;
@@ -39,6 +42,7 @@ pub mod codes;
 pub mod db;
 pub mod dead_letters;
 pub mod envelope;
+pub mod error_tracking;
 pub mod management;
 pub mod metrics;
 pub mod probe;

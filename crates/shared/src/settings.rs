@@ -60,6 +60,9 @@ pub struct Settings {
     /// Completion webhooks: where submissions' `callback_url` may point,
     /// and how deliveries are retried (`[webhooks]`).
     pub webhooks: WebhookSettings,
+    /// Error tracking (`[sentry]`); off without a DSN.
+    #[serde(default)]
+    pub sentry: SentrySettings,
     /// Per task type: its queue and policy overrides (`[tasks.sleep]`).
     #[serde(default)]
     pub tasks: BTreeMap<String, TaskSettings>,
@@ -282,6 +285,18 @@ pub struct RelaySettings {
     /// How long a freshly recorded task is left to the API's own publish
     /// before the relay takes over.
     pub lease_seconds: f64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SentrySettings {
+    /// `https://<key>@<host>/<project>` (`WARREN_SENTRY__DSN`); empty or
+    /// absent: nothing is reported, nothing is started.
+    pub dsn: Option<SecretString>,
+    /// Sentry's environment (`production`, `staging`, …).
+    pub environment: Option<String>,
+    /// Send a failed task's input with its event. Off: only its size.
+    pub include_input: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

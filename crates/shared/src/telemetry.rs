@@ -8,10 +8,27 @@ use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 /// wins over the configured filter. A second call is a no-op, so tests can
 /// call it freely.
 pub fn init(settings: &TelemetrySettings) {
+    init_with(settings, false);
+}
+
+/// [`init`], and with `breadcrumbs` the sentry crate's tracing layer:
+/// warnings and errors are kept as breadcrumbs of the next event
+/// `error_tracking` reports (never events of their own: those are sent
+/// where the failure is understood, with its tags, once).
+pub fn init_with(settings: &TelemetrySettings, breadcrumbs: bool) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
+    let sentry_layer = breadcrumbs.then(|| {
+        use sentry::integrations::tracing::EventFilter;
+        sentry::integrations::tracing::layer().event_filter(|metadata| match *metadata.level() {
+            tracing::Level::ERROR | tracing::Level::WARN => EventFilter::Breadcrumb,
+            _ => EventFilter::Ignore,
+        })
+    });
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(sentry_layer);
     let result = match settings.format {
         LogFormat::Json => registry
             .with(

@@ -1,5 +1,7 @@
 //! `flaky`: fails with a retryable error on its first `fail_times` attempts,
-//! then succeeds. Exercises retries, backoff and dead-lettering end to end.
+//! then succeeds. Exercises retries, backoff and dead-lettering end to end;
+//! with `"panic": true` those attempts panic instead, as buggy task code
+//! does (a panic is one failed attempt, reported to error tracking).
 
 use crate::{FieldError, Input, Task, TaskContext, TaskError, ValidationErrors};
 use serde::{Deserialize, Serialize};
@@ -13,6 +15,9 @@ const MAX_FAIL_TIMES: u32 = 1_000;
 #[serde(deny_unknown_fields)]
 pub struct FlakyInput {
     pub fail_times: u32,
+    /// Panic on the failing attempts instead of returning an error.
+    #[serde(default)]
+    pub panic: bool,
 }
 
 impl Input for FlakyInput {
@@ -45,6 +50,12 @@ impl Task for Flaky {
         // The attempt number comes from the worker's durable record, so the
         // failures are counted across workers and restarts alike.
         let attempt = ctx.attempt();
+        if attempt <= input.fail_times && input.panic {
+            panic!(
+                "panicking on purpose: attempt {attempt} of {}",
+                input.fail_times
+            );
+        }
         if attempt <= input.fail_times {
             return Err(TaskError::Retryable(format!(
                 "failing on purpose: attempt {attempt} of {} planned failures",
@@ -66,13 +77,28 @@ mod tests {
         for attempt in 1..=2 {
             let ctx = TaskContext::detached(uuid::Uuid::nil(), attempt);
             let err = Flaky
-                .run(FlakyInput { fail_times: 2 }, ctx)
+                .run(
+                    FlakyInput {
+                        fail_times: 2,
+                        panic: false,
+                    },
+                    ctx,
+                )
                 .await
                 .unwrap_err();
             assert!(err.is_retryable());
         }
         let ctx = TaskContext::detached(uuid::Uuid::nil(), 3);
-        let out = Flaky.run(FlakyInput { fail_times: 2 }, ctx).await.unwrap();
+        let out = Flaky
+            .run(
+                FlakyInput {
+                    fail_times: 2,
+                    panic: false,
+                },
+                ctx,
+            )
+            .await
+            .unwrap();
         assert_eq!(out.succeeded_on_attempt, 3);
     }
 }

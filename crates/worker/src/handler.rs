@@ -38,6 +38,7 @@ use warren_shared::{
     catalog::Entry as CatalogEntry,
     codes::{ErrorCode, StoredError, bounded},
     envelope::{self, Door, TaskMessage},
+    error_tracking,
     store::{self, Claim, ClaimRequest, Outcome, Success},
 };
 use warren_tasks::TaskContext;
@@ -362,6 +363,7 @@ async fn process(
     if let Some(to) = &reply_to {
         replies::send(worker, to, message.id, replies::started(worker)).await;
     }
+    let report = Report::of(worker, &message, &entry.queue, &input);
     let started = std::time::Instant::now();
     let ended = run(worker, &message, entry, attempt, input, stop).await;
     let elapsed = started.elapsed();
@@ -393,6 +395,7 @@ async fn process(
         label,
         elapsed,
         reply_to,
+        report,
     };
     record(worker, &ran, outcome, stop).await
 }
@@ -404,6 +407,67 @@ struct Ran<'a> {
     label: &'a str,
     elapsed: Duration,
     reply_to: Option<ReplyTo>,
+    /// What error tracking tags a failure with; built only when a DSN is
+    /// configured.
+    report: Option<Report<'a>>,
+}
+
+/// A task's particulars for an error-tracking event.
+struct Report<'a> {
+    owner: Option<&'a str>,
+    queue: &'a str,
+    traceparent: Option<&'a str>,
+    input_bytes: usize,
+    input: Option<Value>,
+}
+
+impl<'a> Report<'a> {
+    fn of(
+        worker: &Worker,
+        message: &'a TaskMessage,
+        queue: &'a str,
+        input: &Value,
+    ) -> Option<Self> {
+        if !error_tracking::ErrorTracking::enabled() {
+            return None;
+        }
+        Some(Self {
+            owner: message.owner.as_deref(),
+            queue,
+            traceparent: message.traceparent.as_deref(),
+            input_bytes: serde_json::to_vec(input).map_or(0, |v| v.len()),
+            input: worker.settings.sentry.include_input.then(|| input.clone()),
+        })
+    }
+}
+
+/// Reports a task that ended in FAILURE, or an attempt that panicked
+/// (even if a retry follows): the bug is in the task's code.
+fn report_failure(worker: &Worker, ran: &Ran<'_>, outcome: &Outcome) {
+    let Some(report) = &ran.report else { return };
+    let error = match outcome {
+        Outcome::Failure(e) => e,
+        Outcome::Retry { error, .. } if error.code == ErrorCode::TaskPanicked.as_str() => error,
+        _ => return,
+    };
+    let cx = error_tracking::TaskContext {
+        task_id: Some(ran.id),
+        task_type: Some(ran.label),
+        attempt: Some(ran.attempt),
+        owner: report.owner,
+        queue: Some(report.queue),
+        worker: Some(&worker.identity),
+        traceparent: report.traceparent,
+        input_bytes: Some(report.input_bytes),
+        input: report.input.as_ref(),
+        routing_key: None,
+    };
+    error_tracking::task_failed(
+        &cx,
+        &error.code,
+        &error.message,
+        worker.settings.sentry.include_input,
+    );
 }
 
 /// A message that is past its expiry or not yet due is settled without
@@ -634,6 +698,7 @@ async fn record(
         return Disposition::Ack;
     }
     worker.metrics.event(label, outcome_label);
+    report_failure(worker, ran, &outcome);
     // Only an outcome that was committed is reported to a Celery client.
     if let Some(to) = &ran.reply_to {
         replies::send(worker, to, id, replies::for_outcome(&outcome)).await;
@@ -726,7 +791,7 @@ async fn settle(
             reason,
             field,
         } => {
-            match dead_letter(worker, delivery, code, reason, field).await {
+            match dead_letter(worker, delivery, code, reason.clone(), field).await {
                 Ok(()) => {
                     let task = delivery
                         .properties
@@ -741,6 +806,7 @@ async fn settle(
                         .dead_letters
                         .with_label_values(&[label, code.as_str()])
                         .inc();
+                    report_dead_letter(worker, delivery, label, code, &reason);
                     true
                 }
                 Err(e) => {
@@ -760,6 +826,38 @@ async fn settle(
             settle.requeue().await;
         }
     }
+}
+
+/// Reports a dead letter with what its headers say about it, unless it
+/// is the copy of a task that ended in FAILURE: that was reported, with
+/// more to say, when the FAILURE was recorded.
+fn report_dead_letter(
+    worker: &Worker,
+    delivery: &Delivery,
+    task_type: &str,
+    code: ErrorCode,
+    reason: &str,
+) {
+    let failed_task = matches!(
+        code,
+        ErrorCode::TaskFailed
+            | ErrorCode::TaskError
+            | ErrorCode::TimeLimitExceeded
+            | ErrorCode::TaskPanicked
+    );
+    if failed_task || !error_tracking::ErrorTracking::enabled() {
+        return;
+    }
+    let routing_key = delivery.routing_key.to_string();
+    let cx = error_tracking::TaskContext {
+        task_id: envelope::peek_task_id(&delivery.properties),
+        task_type: Some(task_type),
+        routing_key: Some(&routing_key),
+        worker: Some(&worker.identity),
+        input_bytes: Some(delivery.data.len()),
+        ..error_tracking::TaskContext::default()
+    };
+    error_tracking::dead_lettered(&cx, code.as_str(), reason);
 }
 
 /// Copies a delivery to the dead-letter exchange with the reason in its

@@ -4,7 +4,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::io::Write;
 use warren_shared::{
-    catalog::Catalog, db, probe, settings::Settings, shutdown, store::Store, telemetry,
+    catalog::Catalog, db, error_tracking, probe, settings::Settings, shutdown, store::Store,
+    telemetry,
 };
 use warren_tasks::Registry;
 use warren_worker::dead_letters;
@@ -68,7 +69,14 @@ async fn main() -> anyhow::Result<()> {
         let ok = probe::healthy(addr, "/healthz", std::time::Duration::from_secs(3)).await;
         std::process::exit(if ok { 0 } else { 1 });
     }
-    telemetry::init(&settings.telemetry);
+    let tracking = settings.sentry.dsn.is_some();
+    telemetry::init_with(&settings.telemetry, tracking);
+    // Held for the process's life; reports only with a DSN configured.
+    let _errors = error_tracking::ErrorTracking::init(
+        &settings.sentry,
+        "worker",
+        &warren_shared::broker::identity("warren-worker", std::process::id()),
+    );
     match cli.command.unwrap_or(Command::Run) {
         Command::Healthcheck => Ok(()),
         Command::Migrate => Ok(warren_worker::Worker::migrate(&settings).await?),
