@@ -105,6 +105,29 @@ async fn celery_positional_args_fill_the_declared_fields() {
     worker.stop().await;
 }
 
+/// `sum([1, 2, 3])` from Celery: one positional list, the chord body's shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celery_sum_of_a_positional_list() {
+    let env = TestEnv::new().await;
+    let worker = env.spawn_worker("w1").await;
+    let mut message = fixture("send_task_args");
+    message["headers"]["task"] = json!("sum");
+    message["body"] = json!(
+        json!([[[1, 2, 3.5]], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}])
+            .to_string()
+    );
+    let id: Uuid = message["headers"]["id"].as_str().unwrap().parse().unwrap();
+    publish_like_celery(&env, &message).await;
+    let row = env
+        .wait_for_terminal(&[id], Duration::from_secs(10))
+        .await
+        .remove(0);
+    assert_eq!(row.state, TaskState::Success, "{:?}", row.error);
+    assert_eq!(row.input, json!({"values": [1, 2, 3.5]}));
+    assert_eq!(row.result, Some(json!(6.5)));
+    worker.stop().await;
+}
+
 /// Celery's countdown sets `eta`; Celery workers hold such messages
 /// unacknowledged in memory until due (and RabbitMQ's consumer timeout
 /// eventually kills them). Warren parks the task in PostgreSQL instead.

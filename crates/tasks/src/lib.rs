@@ -18,7 +18,7 @@
 //! - [`ExternalTask`]: a type declared in configuration whose code runs
 //!   elsewhere (Python Celery workers): a name, a JSON Schema its input
 //!   must satisfy, a policy. Validated here like any task, never run here.
-//! - one file per built-in task: [`multiply`], [`noop`], [`sleep`], [`flaky`],
+//! - one file per built-in task: [`multiply`], [`sum`], [`noop`], [`sleep`], [`flaky`],
 //!   [`beneficiaries`] (`beneficiaries.create`, `beneficiaries.import`),
 //!   [`labels`] (`labels.generate`, a PDF of shipping labels).
 //!
@@ -39,6 +39,7 @@ pub mod labels;
 pub mod multiply;
 pub mod noop;
 pub mod sleep;
+pub mod sum;
 
 pub use context::{BoxFuture, ItemOutcome, NewArtifact, Progress, Recorder, Services, TaskContext};
 pub use error::TaskError;

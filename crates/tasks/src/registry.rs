@@ -99,6 +99,7 @@ impl Registry {
             .with(crate::beneficiaries::ImportBeneficiaries)
             .with(crate::labels::GenerateLabels)
             .with(crate::multiply::Multiply)
+            .with(crate::sum::Sum)
             .with(crate::noop::Noop)
             .with(crate::sleep::Sleep)
             .with(crate::flaky::Flaky)
