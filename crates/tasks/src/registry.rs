@@ -149,7 +149,8 @@ mod tests {
                 "labels.generate",
                 "multiply",
                 "noop",
-                "sleep"
+                "sleep",
+                "sum"
             ]
         );
     }
