@@ -180,6 +180,14 @@ sweep_test_leftovers() {
       fi
     done
   done
+  # Vhosts of their own (tests running a Celery worker), named t-<prefix>.
+  for name in $(curl -fsS -u guest:guest "http://127.0.0.1:$MGMT_PORT/api/vhosts?columns=name" 2>/dev/null \
+      | grep -o '"name":"t-[0-9a-f]\{12\}"' | cut -d'"' -f4); do
+    if ! grep -qx "${name#t-}" <<<"$live"; then
+      curl -fsS -u guest:guest -X DELETE "http://127.0.0.1:$MGMT_PORT/api/vhosts/$name" >/dev/null 2>&1 \
+        && say "swept leftover vhost $name"
+    fi
+  done
   return 0
 }
 

@@ -44,8 +44,10 @@ fn declare_wordcount(s: &mut Settings) {
 }
 
 /// A Warren with `reports.wordcount` declared: API, one worker, a client.
+/// On a vhost of its own: the Celery worker declares its delayed-delivery
+/// queues and exchanges vhost-wide.
 async fn warren() -> (TestEnv, TestApi, TestWorker, ApiClient) {
-    let env = TestEnv::with(declare_wordcount).await;
+    let env = TestEnv::in_own_vhost(declare_wordcount).await;
     let api = env.spawn_api().await;
     let worker = env.spawn_worker("w1").await;
     let client = api.client_for("acme").await;

@@ -286,3 +286,72 @@ fn encode(segment: &str) -> String {
         })
         .collect()
 }
+
+/// A RabbitMQ virtual host of a test's own, deleted (with everything in
+/// it) when dropped. For tests that run a real Celery worker: with quorum
+/// queues it declares Celery's native delayed-delivery topology
+/// (`celery_delayed_*`, shared by the whole vhost), which must not be left
+/// on the machine's default vhost.
+pub struct Vhost {
+    pub name: String,
+    management: Management,
+}
+
+impl Vhost {
+    /// `t-<12 hex>`, matching `scripts/lib.sh`'s sweep of interrupted runs.
+    pub async fn create(settings: &Settings, prefix: &str) -> Self {
+        let name = prefix.trim_end_matches('.').to_owned();
+        let management = Management::new(settings);
+        let path = format!("vhosts/{name}");
+        let r = management.request(reqwest::Method::PUT, &path, None).await;
+        assert!(
+            r.status().is_success(),
+            "creating vhost {name}: {}",
+            r.status()
+        );
+        let all = serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"});
+        let path = format!("permissions/{name}/{}", management.user);
+        let r = management
+            .request(reqwest::Method::PUT, &path, Some(&all))
+            .await;
+        assert!(
+            r.status().is_success(),
+            "permissions on {name}: {}",
+            r.status()
+        );
+        Self { name, management }
+    }
+
+    /// `url` (an `amqp://…/vhost` URL) pointed at this vhost instead.
+    pub fn url(&self, url: &str) -> String {
+        let base = url.rsplit_once('/').map_or(url, |(base, _)| base);
+        format!("{base}/{}", self.name)
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let path = format!("vhosts/{}", self.name);
+        let base = self.management.base.clone();
+        let (user, password) = (
+            self.management.user.clone(),
+            self.management.password.clone(),
+        );
+        // Drop cannot await on the test's runtime: a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(rt) = rt {
+                rt.block_on(async {
+                    let _ = reqwest::Client::new()
+                        .delete(format!("{base}/api/{path}"))
+                        .basic_auth(user, Some(password))
+                        .send()
+                        .await;
+                });
+            }
+        })
+        .join();
+    }
+}

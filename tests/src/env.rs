@@ -29,6 +29,9 @@ pub struct TestEnv {
     admin_url: String,
     database: String,
     store: Store,
+    /// A vhost of its own (`TestEnv::in_own_vhost`), deleted after the
+    /// rest is cleaned up (fields drop after `Drop::drop`).
+    _vhost: Option<crate::Vhost>,
 }
 
 /// The repository's `config/` directory.
@@ -55,6 +58,18 @@ impl TestEnv {
 
     /// Like [`TestEnv::new`], letting the test adjust settings first.
     pub async fn with(adjust: impl FnOnce(&mut Settings)) -> Self {
+        Self::build(adjust, false).await
+    }
+
+    /// Like [`TestEnv::with`], on a RabbitMQ vhost of its own
+    /// (`t-<id>`), deleted afterwards with everything in it: for tests
+    /// whose foreign clients declare vhost-wide things (a Celery worker on
+    /// quorum queues declares `celery_delayed_*`).
+    pub async fn in_own_vhost(adjust: impl FnOnce(&mut Settings)) -> Self {
+        Self::build(adjust, true).await
+    }
+
+    async fn build(adjust: impl FnOnce(&mut Settings), own_vhost: bool) -> Self {
         static LOGS: Once = Once::new();
         LOGS.call_once(telemetry::init_for_tests);
 
@@ -66,6 +81,14 @@ impl TestEnv {
         let admin_url = admin_url();
         settings.database.url = SecretString::from(with_database(&admin_url, &database));
         settings.amqp.prefix = format!("t-{}.", &id[..12]);
+        let vhost = if own_vhost {
+            let vhost = crate::Vhost::create(&settings, &settings.amqp.prefix).await;
+            let url = vhost.url(settings.amqp.url.expose_secret());
+            settings.amqp.url = SecretString::from(url);
+            Some(vhost)
+        } else {
+            None
+        };
         adjust(&mut settings);
         settings
             .validate()
@@ -89,6 +112,7 @@ impl TestEnv {
             admin_url,
             database,
             store: Store::new(connection),
+            _vhost: vhost,
         };
         // As an operator importing definitions.json would: queues exist
         // before anything publishes, so a test never races a worker's

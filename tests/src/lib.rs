@@ -30,7 +30,7 @@ pub mod receiver;
 mod worker;
 
 pub use api::{ApiClient, DEFAULT_OWNER, TestApi};
-pub use broker::{Amqp, Management};
+pub use broker::{Amqp, Management, Vhost};
 pub use env::TestEnv;
 pub use process::WorkerProcess;
 pub use proxy::Proxy;
