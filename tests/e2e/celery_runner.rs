@@ -64,6 +64,18 @@ async fn result_of(client: &ApiClient, task_type: &str, id: Uuid) -> Value {
         .unwrap()
 }
 
+/// `POST /tasks/reports.wordcount/batch`, insisting on 202; the ids.
+async fn submit_batch(client: &ApiClient, inputs: Vec<Value>) -> Vec<Uuid> {
+    let response = client
+        .post_json(
+            &format!("/tasks/{WORDCOUNT}/batch"),
+            &json!({"tasks": inputs}),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    warren_tests::ids_in(&response.json().await.unwrap(), "tasks")
+}
+
 fn run_log() -> PathBuf {
     std::env::temp_dir().join(format!("warren-test-runs-{}.log", Uuid::new_v4().simple()))
 }
@@ -198,14 +210,7 @@ async fn celery_runner_python_tasks_get_validation_progress_results_and_errors()
     let inputs: Vec<Value> = (0..100)
         .map(|i| json!({"text": format!("word {i} and more")}))
         .collect();
-    let response = client
-        .post_json(
-            &format!("/tasks/{WORDCOUNT}/batch"),
-            &json!({"tasks": inputs}),
-        )
-        .await;
-    assert_eq!(response.status(), StatusCode::ACCEPTED);
-    let ids = warren_tests::ids_in(&response.json().await.unwrap(), "tasks");
+    let ids = submit_batch(&client, inputs).await;
     let rows = env.wait_for_terminal(&ids, Duration::from_secs(120)).await;
     assert!(
         rows.iter()
@@ -245,13 +250,7 @@ async fn celery_runner_a_python_worker_killed_mid_way_loses_and_repeats_no_outco
     let inputs: Vec<Value> = (0..24)
         .map(|_| json!({"text": "a b c d", "pause": 0.25}))
         .collect();
-    let response = client
-        .post_json(
-            &format!("/tasks/{WORDCOUNT}/batch"),
-            &json!({"tasks": inputs}),
-        )
-        .await;
-    let ids = warren_tests::ids_in(&response.json().await.unwrap(), "tasks");
+    let ids = submit_batch(&client, inputs).await;
 
     let mut first = CeleryWorker::start(&env, &queue, 4, &log).await;
     wait_until("a few tasks to finish", Duration::from_secs(60), || async {

@@ -85,34 +85,11 @@ pub(crate) async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
 }
 
 async fn open(worker: &Worker) -> Result<(Connection, Channel, SelectAll<Consumer>), String> {
-    let settings = &worker.settings;
-    let conn = broker::connect(
-        &settings.amqp.url,
-        &worker.identity,
-        settings.amqp.connect_timeout(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    worker
-        .catalog
-        .topology()
-        .declare(&conn)
-        .await
-        .map_err(|e| e.to_string())?;
-    let channel = conn
-        .create_channel()
-        .await
-        .map_err(|e| format!("opening a channel: {e}"))?;
     // Prefetch is the number of deliveries the broker may push before we
     // acknowledge; with prefetch = concurrency every delivery has a slot,
     // so none waits here while another replica sits idle.
-    channel
-        .basic_qos(
-            settings.worker.effective_prefetch(),
-            BasicQosOptions::default(),
-        )
-        .await
-        .map_err(|e| format!("setting prefetch: {e}"))?;
+    let prefetch = worker.settings.worker.effective_prefetch();
+    let (conn, channel) = connect_channel(worker, &worker.identity, prefetch).await?;
     let mut consumers = SelectAll::new();
     for queue in &worker.queues {
         let consumer = channel
@@ -128,6 +105,35 @@ async fn open(worker: &Worker) -> Result<(Connection, Channel, SelectAll<Consume
     }
     tracing::info!(queues = ?worker.queues, "consuming");
     Ok((conn, channel, consumers))
+}
+
+/// A named connection with the topology declared on it, and a channel
+/// with `prefetch`: what the task consumer and the Celery results loop
+/// (`remote`) both start from.
+pub(crate) async fn connect_channel(
+    worker: &Worker,
+    connection_name: &str,
+    prefetch: u16,
+) -> Result<(Connection, Channel), String> {
+    let amqp = &worker.settings.amqp;
+    let conn = broker::connect(&amqp.url, connection_name, amqp.connect_timeout())
+        .await
+        .map_err(|e| e.to_string())?;
+    worker
+        .catalog
+        .topology()
+        .declare(&conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|e| format!("opening a channel: {e}"))?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| format!("setting prefetch: {e}"))?;
+    Ok((conn, channel))
 }
 
 #[allow(clippy::too_many_arguments)]

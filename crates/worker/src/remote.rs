@@ -19,9 +19,8 @@
 use crate::app::Worker;
 use futures_util::StreamExt;
 use lapin::{
-    Channel, Connection,
     message::Delivery,
-    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions},
+    options::{BasicAckOptions, BasicConsumeOptions},
     types::FieldTable,
 };
 use serde_json::Value;
@@ -29,7 +28,6 @@ use std::{sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use warren_shared::{
-    broker,
     codes::{ErrorCode, StoredError, bounded},
     envelope::find_nul,
     settings::Runner,
@@ -64,7 +62,9 @@ pub(crate) async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
 }
 
 async fn session(worker: &Worker, queue: &str, shutdown: &CancellationToken) -> Result<(), String> {
-    let (conn, channel) = open(worker).await?;
+    // Declares the topology too: this loop may beat the consumer's declare.
+    let name = format!("{}/replies", worker.identity);
+    let (conn, channel) = crate::consumer::connect_channel(worker, &name, PREFETCH).await?;
     let mut consumer = channel
         .basic_consume(
             short_string(queue),
@@ -97,27 +97,6 @@ async fn session(worker: &Worker, queue: &str, shutdown: &CancellationToken) -> 
     let _ = channel.close(200, "worker stopping".into()).await;
     let _ = conn.close(200, "worker stopping".into()).await;
     end
-}
-
-async fn open(worker: &Worker) -> Result<(Connection, Channel), String> {
-    let amqp = &worker.settings.amqp;
-    let name = format!("{}/replies", worker.identity);
-    let conn = broker::connect(&amqp.url, &name, amqp.connect_timeout())
-        .await
-        .map_err(|e| e.to_string())?;
-    // The queue may not exist yet if this loop beats the consumer's declare.
-    worker
-        .catalog
-        .topology()
-        .declare(&conn)
-        .await
-        .map_err(|e| e.to_string())?;
-    let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
-    channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok((conn, channel))
 }
 
 /// Records one report, retrying while PostgreSQL is unavailable. `false`
