@@ -127,7 +127,8 @@ ensure_python_tools() {
 # Python task code behind Warren's API, and Flower watching Warren workers.
 CELERY_VENV=$HOME/.cache/warren/celery-venv
 ensure_celery() {
-  local want="celery==5.7.0 flower==2.2.0"
+  # SQLAlchemy: the database result backend a canvas test's client uses.
+  local want="celery==5.7.0 flower==2.2.0 sqlalchemy==2.0.44"
   if [ "$(cat "$CELERY_VENV/.warren-pins" 2>/dev/null)" != "$want" ]; then
     say "installing $want into $CELERY_VENV"
     command -v python3 >/dev/null && python3 -c 'import ensurepip' 2>/dev/null \

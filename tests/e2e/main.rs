@@ -38,3 +38,4 @@ mod state_machine;
 mod submit;
 mod time_limits;
 mod webhooks;
+mod workflows;

@@ -325,6 +325,15 @@ impl ApiError {
         )
     }
 
+    pub fn workflow_not_found(id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::WorkflowNotFound,
+            "Workflow not found",
+            format!("no workflow `{id}` for this API key"),
+        )
+    }
+
     pub fn delivery_pending() -> Self {
         Self::new(
             StatusCode::CONFLICT,

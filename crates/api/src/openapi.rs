@@ -1,7 +1,7 @@
 //! The OpenAPI 3.1 document, generated from the handlers and their types
 //! (utoipa), served at `/openapi.json`; a browsable reference at `/docs`.
 
-use crate::routes::{health, ops, tasks, webhooks};
+use crate::routes::{health, ops, tasks, webhooks, workflows};
 use axum::{
     Json,
     extract::State,
@@ -40,6 +40,9 @@ use warren_shared::catalog::Catalog;
         tasks::deliveries::redeliver,
         webhooks::create,
         webhooks::list,
+        workflows::submit,
+        workflows::status,
+        workflows::cancel,
         ops::workers,
         ops::queues,
         health::healthz,
@@ -50,6 +53,7 @@ use warren_shared::catalog::Catalog;
     tags(
         (name = "tasks", description = "Submitting and following tasks"),
         (name = "webhooks", description = "Signing secrets, and each task's deliveries to its callback_url"),
+        (name = "workflows", description = "Chains, groups, chords and links: tasks that start each other"),
         (name = "operations", description = "Live workers and queue depths, for operators"),
         (name = "health", description = "For load balancers and orchestrators"),
     ),

@@ -252,6 +252,9 @@ pub fn router(state: AppState) -> Router {
             "/webhooks/secrets",
             post(routes::webhooks::create).get(routes::webhooks::list),
         )
+        .route("/workflows", post(routes::workflows::submit))
+        .route("/workflows/{id}", get(routes::workflows::status))
+        .route("/workflows/{id}/cancel", post(routes::workflows::cancel))
         .route("/workers", get(routes::ops::workers))
         .route("/queues", get(routes::ops::queues))
         .route("/metrics", get(metrics::serve))

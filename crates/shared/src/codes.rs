@@ -36,6 +36,8 @@ pub enum ErrorCode {
     DeliveryNotFound,
     /// A redelivery was asked for a delivery still being tried.
     DeliveryPending,
+    /// No such workflow for this caller.
+    WorkflowNotFound,
     /// A query parameter is malformed (400).
     InvalidParameter,
     /// No resource at that path (404).
@@ -88,7 +90,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for parsing and for documentation tables.
-    pub const ALL: [ErrorCode; 36] = [
+    pub const ALL: [ErrorCode; 37] = [
         ErrorCode::InvalidInput,
         ErrorCode::MalformedJson,
         ErrorCode::UnsupportedMediaType,
@@ -103,6 +105,7 @@ impl ErrorCode {
         ErrorCode::ArtifactNotFound,
         ErrorCode::DeliveryNotFound,
         ErrorCode::DeliveryPending,
+        ErrorCode::WorkflowNotFound,
         ErrorCode::InvalidParameter,
         ErrorCode::NotFound,
         ErrorCode::MissingApiKey,
@@ -148,6 +151,7 @@ impl ErrorCode {
             ErrorCode::ArtifactNotFound => "artifact_not_found",
             ErrorCode::DeliveryNotFound => "delivery_not_found",
             ErrorCode::DeliveryPending => "delivery_pending",
+            ErrorCode::WorkflowNotFound => "workflow_not_found",
             ErrorCode::InvalidParameter => "invalid_parameter",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MissingApiKey => "missing_api_key",

@@ -9,9 +9,10 @@
 //! `[args, kwargs, {"callbacks", "errbacks", "chain", "chord"}]`.
 //!
 //! Warren's own fields travel as extra headers (`warren_owner`,
-//! `traceparent`); a Celery peer ignores headers it does not know. Canvas
-//! primitives (callbacks, chains, chords) in the embed are not supported
-//! and are ignored.
+//! `traceparent`); a Celery peer ignores headers it does not know. The
+//! embed's canvas fields (links, the rest of a chain, chord membership)
+//! are read by [`crate::canvas`] and become workflow steps in PostgreSQL;
+//! Warren's own messages never carry them (the row knows its workflow).
 
 use crate::{signing::Signer, wire};
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, TimeDelta, Utc};
@@ -86,6 +87,9 @@ pub struct TaskMessage {
     /// of Celery's own shape (a UUID), so a message cannot point replies
     /// at Warren's queues or anyone else's.
     pub reply_to: Option<String>,
+    /// What the task starts when it ends (Celery's `link`, `link_error`,
+    /// chain and chord), `None` for a message without a canvas.
+    pub canvas: Option<crate::canvas::Canvas>,
 }
 
 /// A message ready for `basic_publish`.
@@ -116,6 +120,8 @@ pub enum DecodeError {
     BodyTooLarge { size: usize, max: usize },
     #[error("{field} contains a NUL character, which PostgreSQL cannot store")]
     Nul { field: String },
+    #[error("{0}")]
+    Canvas(#[from] crate::canvas::CanvasError),
 }
 
 impl DecodeError {
@@ -130,6 +136,7 @@ impl DecodeError {
             }
             DecodeError::Body(_) | DecodeError::BodyTooLarge { .. } => "body".into(),
             DecodeError::Nul { field } => field.clone(),
+            DecodeError::Canvas(e) => e.field.clone(),
         }
     }
 }
@@ -176,6 +183,7 @@ impl TaskMessage {
             owner: None,
             traceparent: None,
             reply_to: None,
+            canvas: None,
         }
     }
 
@@ -292,7 +300,7 @@ impl TaskMessage {
                 })?,
         };
         let (time_limit, soft_time_limit) = h.time_limits()?;
-        let (args, kwargs) = decode_body(body)?;
+        let (args, kwargs, embed) = decode_body(body)?;
         if let Some(at) = nul_in_array(&args) {
             return Err(DecodeError::Nul {
                 field: format!("args{at}"),
@@ -303,8 +311,21 @@ impl TaskMessage {
                 field: format!("kwargs{at}"),
             });
         }
+        if let Some(at) = find_nul(&embed) {
+            return Err(DecodeError::Nul {
+                field: format!("embed{at}"),
+            });
+        }
         let owner = h.optional_string(OWNER_HEADER)?;
         let owner = owner.filter(|o| h.owner_is_signed(door.signer, id, &task, o, body));
+        let group = h.optional_string("group")?;
+        let canvas = crate::canvas::Canvas::parse(
+            &embed,
+            crate::canvas::Grouping {
+                group: group.as_deref(),
+                group_index: h.get("group_index").and_then(as_i64),
+            },
+        )?;
         Ok(Self {
             id,
             task,
@@ -317,11 +338,12 @@ impl TaskMessage {
             soft_time_limit,
             root_id: h.optional_string("root_id")?,
             parent_id: h.optional_string("parent_id")?,
-            group: h.optional_string("group")?,
+            group,
             origin: h.optional_string("origin")?,
             owner,
             traceparent: h.optional_string(TRACEPARENT_HEADER)?,
             reply_to: celery_reply_queue(properties),
+            canvas,
         })
     }
 }
@@ -393,6 +415,15 @@ fn nul_in_object(map: &Map<String, Value>) -> Option<String> {
 
 /// The task id of a message that may not decode as a whole, so the task's
 /// row can still be told why its message was dead-lettered.
+/// The `task` header, without decoding anything else.
+pub fn peek_task_name(properties: &BasicProperties) -> Option<String> {
+    properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("task"))
+        .and_then(wire::text)
+}
+
 pub fn peek_task_id(properties: &BasicProperties) -> Option<Uuid> {
     let from_header = properties
         .headers()
@@ -439,7 +470,10 @@ pub fn describe(properties: &BasicProperties, body: &[u8]) -> Value {
     })
 }
 
-fn decode_body(body: &[u8]) -> Result<(Vec<Value>, Map<String, Value>), DecodeError> {
+/// A body's three parts: positional arguments, keyword arguments, embed.
+type Body = (Vec<Value>, Map<String, Value>, Value);
+
+fn decode_body(body: &[u8]) -> Result<Body, DecodeError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| DecodeError::Body(format!("is not valid JSON: {e}")))?;
     let Value::Array(mut parts) = value else {
@@ -471,7 +505,7 @@ fn decode_body(body: &[u8]) -> Result<(Vec<Value>, Map<String, Value>), DecodeEr
             "embed (element 2) must be a JSON object".into(),
         ));
     }
-    Ok((args, kwargs))
+    Ok((args, kwargs, embed))
 }
 
 struct Headers<'a>(&'a FieldTable);

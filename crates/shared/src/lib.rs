@@ -37,6 +37,7 @@
 pub mod artifacts;
 pub mod batch;
 pub mod broker;
+pub mod canvas;
 pub mod catalog;
 pub mod codes;
 pub mod db;
@@ -57,6 +58,7 @@ pub mod topology;
 pub mod trace;
 pub mod webhooks;
 pub mod wire;
+pub mod workflow;
 
 /// The version of this build, carried in logs, metrics and worker records.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

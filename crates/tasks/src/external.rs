@@ -68,6 +68,10 @@ impl DynTask for ExternalTask {
         ValidationErrors::check(errors)
     }
 
+    fn positional(&self) -> &[&'static str] {
+        &[]
+    }
+
     /// A Python task's positional parameters are not known to Warren: only
     /// keyword arguments, which are the input object.
     fn input_from_call(

@@ -34,6 +34,7 @@ mod task;
 mod validation;
 
 pub mod beneficiaries;
+pub mod echo;
 pub mod flaky;
 pub mod labels;
 pub mod multiply;

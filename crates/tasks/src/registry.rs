@@ -13,6 +13,10 @@ pub type TaskFuture = Pin<Box<dyn Future<Output = Result<Value, TaskError>> + Se
 pub trait DynTask: Send + Sync {
     fn name(&self) -> &str;
     fn policy(&self) -> Policy;
+    /// Field names Celery's positional arguments fill, in order. The first
+    /// is also where a workflow step receives the previous step's result
+    /// unless it says otherwise.
+    fn positional(&self) -> &[&'static str];
     /// Checks an input without running anything (the API's 422 path).
     fn validate(&self, input: &Value) -> Result<(), ValidationErrors>;
     /// Builds the input object from a Celery call's positional `args` and
@@ -35,6 +39,10 @@ impl<T: Task> DynTask for Erased<T> {
 
     fn policy(&self) -> Policy {
         self.0.policy()
+    }
+
+    fn positional(&self) -> &[&'static str] {
+        T::POSITIONAL
     }
 
     fn validate(&self, input: &Value) -> Result<(), ValidationErrors> {
@@ -98,6 +106,7 @@ impl Registry {
             .with(crate::beneficiaries::CreateBeneficiary)
             .with(crate::beneficiaries::ImportBeneficiaries)
             .with(crate::labels::GenerateLabels)
+            .with(crate::echo::Echo)
             .with(crate::multiply::Multiply)
             .with(crate::sum::Sum)
             .with(crate::noop::Noop)
@@ -145,6 +154,7 @@ mod tests {
             vec![
                 "beneficiaries.create",
                 "beneficiaries.import",
+                "echo",
                 "flaky",
                 "labels.generate",
                 "multiply",

@@ -35,11 +35,13 @@ use uuid::Uuid;
 use warren_shared::trace::TraceParent;
 use warren_shared::{
     broker::{Outgoing, with_extra_headers},
+    canvas::{CHORD_UNLOCK, Canvas, ChordUnlock},
     catalog::Entry as CatalogEntry,
     codes::{ErrorCode, StoredError, bounded},
     envelope::{self, Door, TaskMessage},
     error_tracking,
     store::{self, Claim, ClaimRequest, Outcome, Success},
+    workflow::{self, Plan, SpecError},
 };
 use warren_tasks::TaskContext;
 
@@ -94,6 +96,9 @@ async fn handle_delivery(
     stop: &CancellationToken,
     registered: &std::sync::OnceLock<Uuid>,
 ) -> Option<(Disposition, Vec<Settle>)> {
+    if envelope::peek_task_name(&delivery.properties).as_deref() == Some(CHORD_UNLOCK) {
+        return Some((chord_unlock(worker, delivery, stop).await, Vec::new()));
+    }
     let prepared = match prepare(worker, delivery) {
         Ok(p) => p,
         Err(rejected) => return Some((reject(worker, delivery, rejected, stop).await, Vec::new())),
@@ -164,6 +169,8 @@ struct Prepared<'w> {
     signed: bool,
     /// A Celery client waiting for results (`rpc://`).
     reply_to: Option<ReplyTo>,
+    /// What a Celery canvas starts after this task: its workflow and plan.
+    canvas: Option<(Uuid, Plan)>,
 }
 
 /// Why a delivery cannot run, decided before anything is claimed.
@@ -233,13 +240,119 @@ fn prepare<'w>(worker: &'w Worker, delivery: &Delivery) -> Result<Prepared<'w>, 
         .input_from_call(args, kwargs)
         .map_err(|e| rejected(ErrorCode::InvalidInput, format!("invalid arguments: {e}")))?;
     let reply_to = ReplyTo::of(delivery, &message);
+    let canvas = match message.canvas.take() {
+        None => None,
+        Some(c) => Some(canvas_plan(worker, &message, &c).map_err(|e| Rejected {
+            field: Some(e.path.clone()),
+            code: ErrorCode::InvalidInput,
+            ..rejected(ErrorCode::InvalidInput, format!("canvas: {e}"))
+        })?),
+    };
     Ok(Prepared {
         message,
         entry,
         input,
         signed,
         reply_to,
+        canvas,
     })
+}
+
+/// Celery's `celery.chord_unlock` (sent by clients whose result backend
+/// cannot join chords) is not run: it polls, and Warren's join needs no
+/// polling. What it knows, the chord's size, is recorded, which completes
+/// the chord if its members are all in already.
+async fn chord_unlock(
+    worker: &Worker,
+    delivery: &Delivery,
+    stop: &CancellationToken,
+) -> Disposition {
+    let door = Door {
+        max_body_bytes: worker.settings.worker.max_message_bytes,
+        signer: Some(&worker.signer),
+        now: Utc::now(),
+    };
+    let planned = TaskMessage::decode_at(&delivery.properties, &delivery.data, door)
+        .map_err(|e| (e.field(), e.to_string()))
+        .and_then(|m| {
+            let unlock = ChordUnlock::parse(&m.args, &m.kwargs)
+                .map_err(|e| (e.field.clone(), e.to_string()))?;
+            let plan = workflow::chord_unlock_plan(&unlock, &worker.catalog)
+                .map_err(|e| (e.path.clone(), e.to_string()))?;
+            Ok((m, unlock.group, plan))
+        });
+    let (message, group, plan) = match planned {
+        Ok(p) => p,
+        Err((field, reason)) => {
+            let rejected = Rejected {
+                id: envelope::peek_task_id(&delivery.properties),
+                owner: worker.settings.worker.default_owner.clone(),
+                code: ErrorCode::InvalidInput,
+                field: Some(field),
+                reason: bounded(format!("celery.chord_unlock: {reason}")),
+            };
+            return reject(worker, delivery, rejected, stop).await;
+        }
+    };
+    let owner = message
+        .owner
+        .as_deref()
+        .unwrap_or(&worker.settings.worker.default_owner);
+    let recorded = db(stop, || {
+        worker
+            .store
+            .register_canvas(group, Some(owner), message.id, &plan)
+    })
+    .await;
+    match recorded {
+        Ok(()) => {
+            tracing::info!(workflow_id = %group, "chord size recorded from celery.chord_unlock; not polling");
+            Disposition::Ack
+        }
+        Err(d) => refused(d, ErrorCode::DatabaseRejected),
+    }
+}
+
+/// The workflow a Celery canvas belongs to (a chord's group, else the
+/// chain's root) and its plan.
+fn canvas_plan(
+    worker: &Worker,
+    message: &TaskMessage,
+    canvas: &Canvas,
+) -> Result<(Uuid, Plan), SpecError> {
+    let workflow_id = match &canvas.chord {
+        Some(chord) => chord.group,
+        None => message
+            .root_id
+            .as_deref()
+            .and_then(|r| Uuid::parse_str(r).ok())
+            .unwrap_or(message.id),
+    };
+    let plan = workflow::celery_plan(message.id, &message.task, canvas, &worker.catalog)?;
+    Ok((workflow_id, plan))
+}
+
+/// Records a Celery canvas once its task has a row (claimed or parked),
+/// before it can end: the row's outcome then starts what the canvas says.
+async fn register_canvas(
+    worker: &Worker,
+    message: &TaskMessage,
+    canvas: &Option<(Uuid, Plan)>,
+    stop: &CancellationToken,
+) -> Result<(), Disposition> {
+    let Some((workflow_id, plan)) = canvas else {
+        return Ok(());
+    };
+    let owner = message.owner.as_deref();
+    db(stop, || {
+        worker
+            .store
+            .register_canvas(*workflow_id, owner, message.id, plan)
+    })
+    .await
+    .map_err(|d| refused(d, ErrorCode::DatabaseRejected))?;
+    tracing::info!(workflow_id = %workflow_id, steps = plan.steps.len(), "canvas recorded");
+    Ok(())
 }
 
 /// Dead-letters a rejected delivery, telling its task's row why (if the
@@ -336,9 +449,16 @@ async fn process(
         input,
         signed,
         reply_to,
+        canvas,
     } = prepared;
     if let Some(d) = park_or_expire(worker, &message, &input, entry, stop).await {
-        return d;
+        return match d {
+            Disposition::Ack => register_canvas(worker, &message, &canvas, stop)
+                .await
+                .err()
+                .unwrap_or(Disposition::Ack),
+            other => other,
+        };
     }
     worker
         .events
@@ -348,6 +468,9 @@ async fn process(
         Ok(claimed) => claimed,
         Err(d) => return d,
     };
+    if let Err(d) = register_canvas(worker, &message, &canvas, stop).await {
+        return d;
+    }
     tracing::Span::current().record("attempt", attempt);
     if worker.events.enabled() {
         let info = events::active(worker, &message, &input, &entry.queue, redelivered);

@@ -4,3 +4,4 @@ pub(crate) mod health;
 pub(crate) mod ops;
 pub(crate) mod tasks;
 pub(crate) mod webhooks;
+pub(crate) mod workflows;

@@ -16,15 +16,17 @@ use warren_shared::state::TaskState;
 pub(crate) enum Nav {
     Overview,
     Tasks,
+    Workflows,
     Releases,
     Workers,
     Queues,
     DeadLetters,
 }
 
-const ENTRIES: [(Nav, &str, &str, bool); 6] = [
+const ENTRIES: [(Nav, &str, &str, bool); 7] = [
     (Nav::Overview, "/ui", "Overview", false),
     (Nav::Tasks, "/ui/tasks", "Tasks", false),
+    (Nav::Workflows, "/ui/workflows", "Workflows", false),
     (Nav::Releases, "/ui/releases", "Releases", false),
     (Nav::Workers, "/ui/workers", "Workers", true),
     (Nav::Queues, "/ui/queues", "Queues", true),

@@ -32,6 +32,7 @@ mod live;
 mod ops;
 pub(crate) mod session;
 mod tasks;
+mod workflows;
 
 pub(crate) use ops::{QueueHistory, sample_queues};
 
@@ -56,6 +57,8 @@ pub(crate) fn router() -> Router<AppState> {
             "/ui/tasks/{task_type}/{id}/artifacts/{name}",
             get(tasks::artifact),
         )
+        .route("/ui/workflows", get(workflows::list))
+        .route("/ui/workflows/{id}", get(workflows::detail))
         .route("/ui/workers", get(ops::workers))
         .route("/ui/queues", get(ops::queues))
         .route("/ui/dead-letters", get(ops::dead_letters))

@@ -353,6 +353,9 @@ pub(crate) async fn detail(
             @if session.is_admin() { dt { "Owner" } dd { (t.owner.as_deref().unwrap_or("—")) } }
             dt { "Queue" } dd { (t.queue) }
             dt { "Trace id" } dd.mono { (trace.unwrap_or("—")) }
+            @if let Some(w) = t.workflow_id {
+                dt { "Workflow" } dd.mono { a href=(format!("/ui/workflows/{w}")) { (w) } }
+            }
         }
         section #status data-live=[live] { (status(&base, &t, &attempts)) }
         @if let Some(input) = &input { section { h2 { "Input" } (layout::json_block("Input", input)) } }

@@ -83,6 +83,11 @@ impl MigratorTrait for Migrator {
                 up: WEBHOOKS,
                 down: WEBHOOKS_DOWN,
             }),
+            Box::new(Sql {
+                name: "m20261203_000011_workflows",
+                up: WORKFLOWS,
+                down: WORKFLOWS_DOWN,
+            }),
         ]
     }
 }
@@ -409,4 +414,235 @@ DROP TABLE webhook_attempts;
 DROP TABLE webhook_deliveries;
 DROP TABLE webhook_secrets;
 ALTER TABLE tasks DROP COLUMN callback_url, DROP COLUMN callback_events;
+"#;
+
+/// Links, chains, groups and chords: the steps a workflow has yet to start
+/// wait here as rows, and a trigger on `tasks` starts them in the
+/// transaction that commits the outcome they wait for. Nothing polls.
+const WORKFLOWS: &str = r#"
+CREATE TABLE workflows (
+    id          uuid PRIMARY KEY,
+    owner       text,
+    -- 'api' (POST /workflows) or 'celery' (a canvas in a Celery message).
+    origin      text NOT NULL,
+    spec        jsonb,
+    state       text NOT NULL DEFAULT 'RUNNING'
+                CHECK (state IN ('RUNNING', 'SUCCESS', 'FAILURE', 'CANCELLED')),
+    result      jsonb,
+    error       jsonb,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz
+);
+CREATE INDEX workflows_listing ON workflows (owner, created_at DESC, id DESC);
+
+-- A join: a group's members, counted as each succeeds; the commit that
+-- brings `done` to `size` starts what waits on it. Each member's result is
+-- kept under its index, so the list comes out in order. `size` is NULL
+-- until known: a Celery chord's members can arrive before its size does.
+CREATE TABLE workflow_joins (
+    id             uuid PRIMARY KEY,
+    workflow_id    uuid NOT NULL REFERENCES workflows (id) ON DELETE CASCADE,
+    size           integer CHECK (size > 0),
+    done           integer NOT NULL DEFAULT 0,
+    results        jsonb NOT NULL DEFAULT '{}'::jsonb,
+    allow_failures boolean NOT NULL DEFAULT false,
+    -- A group inside a group: completing this one is a member of that one.
+    parent_join    uuid,
+    parent_index   integer,
+    final          boolean NOT NULL DEFAULT false,
+    state          text NOT NULL DEFAULT 'WAITING' CHECK (state IN ('WAITING', 'DONE', 'FAILED'))
+);
+
+-- Every task of a workflow, from the moment it is submitted. Its row in
+-- `tasks` (same id) exists once the step is RELEASED.
+CREATE TABLE workflow_steps (
+    task_id     uuid PRIMARY KEY,
+    workflow_id uuid NOT NULL REFERENCES workflows (id) ON DELETE CASCADE,
+    owner       text,
+    -- Plan order, for showing the steps as submitted.
+    seq         integer NOT NULL DEFAULT 0,
+    path        text NOT NULL,
+    task_type   text NOT NULL,
+    queue       text NOT NULL,
+    input       jsonb NOT NULL,
+    -- Started when this task ends (in failure if on_failure: a link_error),
+    -- or when this join completes; neither: at submission.
+    after_task  uuid,
+    on_failure  boolean NOT NULL DEFAULT false,
+    after_join  uuid,
+    -- What it is given, and where in its input: '' the whole input, '*'
+    -- merged into it, otherwise that field.
+    takes       text NOT NULL DEFAULT 'nothing'
+                CHECK (takes IN ('nothing', 'result', 'error', 'task_id')),
+    pass_as     text,
+    join_id     uuid,
+    join_index  integer,
+    final       boolean NOT NULL DEFAULT false,
+    state       text NOT NULL DEFAULT 'WAITING' CHECK (state IN ('WAITING', 'RELEASED', 'SKIPPED')),
+    released_at timestamptz
+);
+CREATE INDEX workflow_steps_after_task ON workflow_steps (after_task) WHERE state = 'WAITING';
+CREATE INDEX workflow_steps_after_join ON workflow_steps (after_join) WHERE state = 'WAITING';
+CREATE INDEX workflow_steps_workflow ON workflow_steps (workflow_id);
+
+ALTER TABLE tasks ADD COLUMN workflow_id uuid;
+
+-- The input a step starts with, given what it waited for.
+CREATE FUNCTION warren_step_input(s workflow_steps, v jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN s.takes = 'nothing' THEN s.input
+        WHEN s.pass_as = '' THEN COALESCE(v, 'null'::jsonb)
+        WHEN s.pass_as = '*' THEN s.input || COALESCE(v, '{}'::jsonb)
+        ELSE s.input || jsonb_build_object(s.pass_as, v)
+    END
+$$;
+
+-- Starts the waiting steps `cond` selects: each becomes a task row in the
+-- outbox (the relay publishes it). `event` holds what a step may take:
+-- {"result", "error", "task_id"}.
+CREATE FUNCTION warren_release(w uuid, after_t uuid, failed boolean, after_j uuid, event jsonb)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    s workflow_steps;
+BEGIN
+    FOR s IN
+        UPDATE workflow_steps SET state = 'RELEASED', released_at = now()
+        WHERE state = 'WAITING' AND workflow_id = w
+          AND CASE WHEN after_t IS NOT NULL THEN after_task = after_t AND on_failure = failed
+                   WHEN after_j IS NOT NULL THEN after_join = after_j
+                   ELSE after_task IS NULL AND after_join IS NULL END
+        RETURNING *
+    LOOP
+        INSERT INTO tasks (id, task_type, queue, owner, state, input, publish_at, origin,
+                           root_id, parent_id, workflow_id, created_at, updated_at)
+        VALUES (s.task_id, s.task_type, s.queue, s.owner, 'PENDING',
+                warren_step_input(s, CASE s.takes WHEN 'nothing' THEN NULL ELSE event -> s.takes END),
+                now(), 'workflow', w::text, after_t::text, w, now(), now())
+        ON CONFLICT (id) DO NOTHING;
+    END LOOP;
+END
+$$;
+
+-- A member of join `j` ended with `v` (its result, or its error where
+-- failures are allowed). An index already counted is not counted again.
+CREATE FUNCTION warren_join_member(j uuid, idx integer, v jsonb)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE workflow_joins
+    SET done = done + 1,
+        results = results || jsonb_build_object(idx::text, COALESCE(v, 'null'::jsonb))
+    WHERE id = j AND state = 'WAITING' AND idx >= 0 AND (size IS NULL OR idx < size)
+      AND NOT results ? idx::text;
+    IF FOUND THEN
+        PERFORM warren_join_check(j);
+    END IF;
+END
+$$;
+
+-- Completes join `j` if every member is in: once, since the row is locked
+-- and moved out of WAITING by the statement that sees it complete.
+CREATE FUNCTION warren_join_check(j uuid)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    jr workflow_joins;
+    list jsonb;
+BEGIN
+    UPDATE workflow_joins SET state = 'DONE'
+    WHERE id = j AND state = 'WAITING' AND size IS NOT NULL AND done >= size
+    RETURNING * INTO jr;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    SELECT jsonb_agg(COALESCE(jr.results -> i::text, 'null'::jsonb) ORDER BY i) INTO list
+    FROM generate_series(0, jr.size - 1) AS i;
+    PERFORM warren_release(jr.workflow_id, NULL, false, j, jsonb_build_object('result', list));
+    IF jr.parent_join IS NOT NULL THEN
+        PERFORM warren_join_member(jr.parent_join, jr.parent_index, list);
+    END IF;
+    IF jr.final THEN
+        UPDATE workflows SET state = 'SUCCESS', result = list, finished_at = now()
+        WHERE id = jr.workflow_id AND state = 'RUNNING';
+    END IF;
+END
+$$;
+
+-- The workflow failed: nothing more starts (error callbacks of tasks that
+-- did run still do).
+CREATE FUNCTION warren_workflow_fail(w uuid, err jsonb)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE workflows SET state = 'FAILURE', error = err, finished_at = now()
+    WHERE id = w AND state = 'RUNNING';
+    WITH skipped AS (
+        UPDATE workflow_steps SET state = 'SKIPPED'
+        WHERE workflow_id = w AND state = 'WAITING' AND NOT on_failure
+        RETURNING task_id
+    )
+    UPDATE workflow_steps SET state = 'SKIPPED'
+    WHERE workflow_id = w AND state = 'WAITING' AND on_failure
+      AND after_task IN (SELECT task_id FROM skipped);
+    UPDATE workflow_joins SET state = 'FAILED' WHERE workflow_id = w AND state = 'WAITING';
+END
+$$;
+
+CREATE FUNCTION warren_workflow_outcome() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    me workflow_steps;
+    tolerant boolean;
+BEGIN
+    SELECT * INTO me FROM workflow_steps WHERE task_id = NEW.id;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF NEW.state = 'SUCCESS' THEN
+        PERFORM warren_release(me.workflow_id, NEW.id, false, NULL, jsonb_build_object('result', NEW.result));
+        UPDATE workflow_steps SET state = 'SKIPPED'
+        WHERE after_task = NEW.id AND on_failure AND state = 'WAITING';
+        IF me.join_id IS NOT NULL THEN
+            PERFORM warren_join_member(me.join_id, me.join_index, NEW.result);
+        END IF;
+        IF me.final THEN
+            UPDATE workflows SET state = 'SUCCESS', result = NEW.result, finished_at = now()
+            WHERE id = me.workflow_id AND state = 'RUNNING';
+        END IF;
+        RETURN NULL;
+    END IF;
+    PERFORM warren_release(me.workflow_id, NEW.id, true, NULL, jsonb_build_object(
+        'task_id', NEW.id::text,
+        'error', jsonb_build_object('task_id', NEW.id, 'task_type', NEW.task_type,
+                                    'state', NEW.state, 'error', NEW.error)));
+    SELECT allow_failures INTO tolerant FROM workflow_joins WHERE id = me.join_id;
+    IF tolerant THEN
+        PERFORM warren_join_member(me.join_id, me.join_index,
+                                   jsonb_build_object('state', NEW.state, 'error', NEW.error));
+    ELSE
+        PERFORM warren_workflow_fail(me.workflow_id, jsonb_build_object(
+            'step', me.path, 'task_id', NEW.id, 'task_type', NEW.task_type,
+            'state', NEW.state, 'error', NEW.error));
+    END IF;
+    RETURN NULL;
+END
+$$;
+-- Tasks outside workflows pay for the WHEN test only.
+CREATE TRIGGER tasks_workflows
+    AFTER UPDATE OF state ON tasks
+    FOR EACH ROW
+    WHEN (NEW.workflow_id IS NOT NULL AND NEW.state IS DISTINCT FROM OLD.state
+          AND NEW.state IN ('SUCCESS', 'FAILURE', 'CANCELLED', 'EXPIRED'))
+    EXECUTE FUNCTION warren_workflow_outcome();
+"#;
+
+const WORKFLOWS_DOWN: &str = r#"
+DROP TRIGGER tasks_workflows ON tasks;
+DROP FUNCTION warren_workflow_outcome();
+DROP FUNCTION warren_workflow_fail(uuid, jsonb);
+DROP FUNCTION warren_join_member(uuid, integer, jsonb);
+DROP FUNCTION warren_join_check(uuid);
+DROP FUNCTION warren_release(uuid, uuid, boolean, uuid, jsonb);
+DROP FUNCTION warren_step_input(workflow_steps, jsonb);
+ALTER TABLE tasks DROP COLUMN workflow_id;
+DROP TABLE workflow_steps;
+DROP TABLE workflow_joins;
+DROP TABLE workflows;
 "#;

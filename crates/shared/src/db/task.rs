@@ -64,6 +64,9 @@ pub struct Model {
     pub callback_url: Option<String>,
     /// Which events are delivered: `finished`, `failed`, `progress`, comma-separated.
     pub callback_events: Option<String>,
+    /// The workflow this task is a step of (`workflow_steps`): its outcome
+    /// starts the steps that wait on it.
+    pub workflow_id: Option<Uuid>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

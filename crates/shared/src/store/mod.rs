@@ -14,6 +14,7 @@ mod remote;
 mod requests;
 mod webhooks;
 mod workers;
+mod workflows;
 
 pub use insights::{Minute, ReleaseTimes, StateCount};
 pub use items::{ItemError, ItemRecord};
@@ -23,6 +24,7 @@ use requests::RESETTABLE_BY_OPERATOR;
 pub use requests::{Cancellation, Inserted, Retry};
 pub use webhooks::{AttemptEnd, Delivery, DeliveryAttempt, DueDelivery, SecretInfo};
 pub use workers::WorkerRecord;
+pub use workflows::{StepRow, WorkflowRow};
 
 use crate::{
     codes::{ErrorCode, StoredError},
@@ -224,6 +226,7 @@ fn new_row(t: &NewTask, now: DateTime<Utc>) -> task::ActiveModel {
         reply_to: Set(t.reply_to.clone()),
         callback_url: Set(t.callback.as_ref().map(|(url, _)| url.clone())),
         callback_events: Set(t.callback.as_ref().map(|(_, events)| events.clone())),
+        workflow_id: Set(None),
     }
 }
 

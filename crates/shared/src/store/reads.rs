@@ -105,9 +105,12 @@ pub struct TaskSummary {
     pub traceparent: Option<String>,
     /// The version of the worker that ran the latest attempt.
     pub worker_version: Option<String>,
+    /// The workflow it is a step of.
+    pub workflow_id: Option<Uuid>,
 }
 
-const SUMMARY_COLUMNS: [task::Column; 21] = [
+const SUMMARY_COLUMNS: [task::Column; 22] = [
+    task::Column::WorkflowId,
     task::Column::Id,
     task::Column::TaskType,
     task::Column::Owner,

@@ -82,7 +82,7 @@ fn parse_id(task_type: &str, id: &str) -> Result<Uuid, ApiError> {
 
 /// Reads a JSON request body: declared as JSON (or undeclared), parseable,
 /// within the size limit.
-fn json_body(
+pub(crate) fn json_body(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     limit: usize,
@@ -118,7 +118,11 @@ fn json_body(
 }
 
 /// Everything wrong with one task's input, fields prefixed by `prefix`.
-fn validate_input(entry: &Entry, input: &Value, prefix: &str) -> Result<(), ValidationErrors> {
+pub(crate) fn validate_input(
+    entry: &Entry,
+    input: &Value,
+    prefix: &str,
+) -> Result<(), ValidationErrors> {
     let field = |f: &str| match (prefix.is_empty(), f.is_empty()) {
         (true, _) => f.to_owned(),
         (false, true) => prefix.to_owned(),

@@ -1,0 +1,38 @@
+"""Celery's canvas against Warren workers, as a Celery client writes it:
+`link`/`link_error`, a chain, and `chord(header)(body)`. Prints the ids
+the client knows, as JSON; the test follows them in Warren.
+
+Celery builds chords only with a result backend that supports them (its
+`rpc://` refuses). This client has the database backend Flask teams run
+(SQLite here; the client never touches it for a chord): Celery then sends
+the members, each naming the chord's body, and a `celery.chord_unlock`
+message listing the members, from which Warren learns the chord's size.
+Warren, not the backend, joins the chord.
+
+    python canvas.py <broker url> <default queue> <chord size> <sqlite path>
+"""
+import json
+import sys
+
+from celery import Celery, chain, chord
+
+broker, default_queue, size, sqlite = sys.argv[1:5]
+app = Celery("client", broker=broker, backend=f"db+sqlite:///{sqlite}")
+app.conf.task_default_queue = default_queue
+app.conf.broker_connection_retry_on_startup = False
+sig = app.signature
+
+out = {}
+ok = app.send_task("multiply", args=(6, 7), link=sig("echo"), link_error=sig("echo"))
+out["linked_ok"] = ok.id
+bad = app.send_task("multiply", args=(1e308, 1e308), link=sig("echo"), link_error=sig("echo"))
+out["linked_bad"] = bad.id
+
+steps = chain(sig("multiply", args=(2, 3)), sig("multiply", args=(4,)), sig("multiply", args=(5,)))
+last = steps.apply_async()
+out["chain_last"] = last.id
+out["chain_first"] = last.parent.parent.id
+
+body = chord([sig("multiply", args=(i, i)) for i in range(int(size))])(sig("sum"))
+out["chord_body"] = body.id
+print(json.dumps(out))
