@@ -390,7 +390,7 @@ async fn a_celery_clients_canvas_runs_on_warren_workers() {
     let sqlite = std::env::temp_dir().join(format!("warren-canvas-{}.db", Uuid::now_v7()));
     let out = warren_tests::python::run(
         "canvas.py",
-        &[&url, &queue, "100", &sqlite.to_string_lossy()],
+        &[&url, &queue, "1000", &sqlite.to_string_lossy()],
     )
     .await;
     let _ = std::fs::remove_file(&sqlite);
@@ -398,15 +398,15 @@ async fn a_celery_clients_canvas_runs_on_warren_workers() {
     let id = |k: &str| -> Uuid { out[k].as_str().unwrap().parse().unwrap() };
     let admin = api.admin_client().await;
 
-    // chord([multiply.s(i, i) for i in range(100)])(sum.s())
+    // chord([multiply.s(i, i) for i in range(1000)])(sum.s())
     let body = env
         .wait_for_terminal(&[id("chord_body")], Duration::from_secs(60))
         .await
         .remove(0);
-    let squares: Vec<i64> = (0..100).map(|i| i * i).collect();
+    let squares: Vec<i64> = (0..1000).map(|i| i * i).collect();
     assert_eq!(body.state, TaskState::Success, "{:?}", body.error);
     assert_eq!(body.input, json!({"values": squares}));
-    assert_eq!((body.result, body.attempts), (Some(json!(328_350)), 1));
+    assert_eq!((body.result, body.attempts), (Some(json!(332_833_500)), 1));
     let chord = workflow(
         &admin,
         body.workflow_id.expect("the body belongs to a workflow"),
@@ -416,6 +416,9 @@ async fn a_celery_clients_canvas_runs_on_warren_workers() {
         (chord["origin"].as_str(), chord["state"].as_str()),
         (Some("celery"), Some("SUCCESS"))
     );
+
+    // The chain from an rpc:// client: `get()` on its last step.
+    assert_eq!(out["rpc_chain_value"], 24, "{out}");
 
     // chain(multiply.s(2, 3), multiply.s(4), multiply.s(5))
     let last = env

@@ -35,4 +35,12 @@ out["chain_first"] = last.parent.parent.id
 
 body = chord([sig("multiply", args=(i, i)) for i in range(int(size))])(sig("sum"))
 out["chord_body"] = body.id
+
+# The same chain from a client with Celery's rpc:// backend: `get()` on the
+# last step returns its value (Warren replies for every step of the canvas).
+rpc = Celery("rpc-client", broker=broker, backend="rpc://")
+rpc.conf.task_default_queue = default_queue
+rpc.conf.broker_connection_retry_on_startup = False
+steps = chain(rpc.signature("multiply", args=(2, 3)), rpc.signature("multiply", args=(4,)))
+out["rpc_chain_value"] = steps.apply_async().get(timeout=30)
 print(json.dumps(out))

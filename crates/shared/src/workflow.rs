@@ -329,6 +329,9 @@ pub struct Step {
     pub is_final: bool,
     /// `WAITING`, or `RELEASED` for a Celery task already running.
     pub state: &'static str,
+    /// A Celery `rpc://` client's reply queue: the steps of its canvas
+    /// report there too, so `chain(...).apply_async().get()` returns.
+    pub reply_to: Option<String>,
 }
 
 /// One row of `workflow_joins`.
@@ -513,6 +516,7 @@ impl Planner<'_> {
             join_index: member.map(|m| m.1),
             is_final: false,
             state: "WAITING",
+            reply_to: None,
         });
         for (i, l) in t.link.iter().enumerate() {
             self.task(
@@ -670,6 +674,7 @@ fn own_step(id: Uuid, task_type: &str, types: &dyn Types) -> Result<Step, SpecEr
         join_index: None,
         is_final: false,
         state: "RELEASED",
+        reply_to: None,
     })
 }
 
@@ -749,6 +754,7 @@ impl Planner<'_> {
             join_index: None,
             is_final: false,
             state: "WAITING",
+            reply_to: None,
         });
         Ok(id)
     }

@@ -328,7 +328,10 @@ fn canvas_plan(
             .and_then(|r| Uuid::parse_str(r).ok())
             .unwrap_or(message.id),
     };
-    let plan = workflow::celery_plan(message.id, &message.task, canvas, &worker.catalog)?;
+    let mut plan = workflow::celery_plan(message.id, &message.task, canvas, &worker.catalog)?;
+    for step in &mut plan.steps {
+        step.reply_to.clone_from(&message.reply_to);
+    }
     Ok((workflow_id, plan))
 }
 

@@ -479,7 +479,9 @@ CREATE TABLE workflow_steps (
     join_index  integer,
     final       boolean NOT NULL DEFAULT false,
     state       text NOT NULL DEFAULT 'WAITING' CHECK (state IN ('WAITING', 'RELEASED', 'SKIPPED')),
-    released_at timestamptz
+    released_at timestamptz,
+    -- A Celery rpc:// client's reply queue, for its canvas's steps.
+    reply_to    text
 );
 CREATE INDEX workflow_steps_after_task ON workflow_steps (after_task) WHERE state = 'WAITING';
 CREATE INDEX workflow_steps_after_join ON workflow_steps (after_join) WHERE state = 'WAITING';
@@ -515,10 +517,10 @@ BEGIN
         RETURNING *
     LOOP
         INSERT INTO tasks (id, task_type, queue, owner, state, input, publish_at, origin,
-                           root_id, parent_id, workflow_id, created_at, updated_at)
+                           root_id, parent_id, workflow_id, reply_to, created_at, updated_at)
         VALUES (s.task_id, s.task_type, s.queue, s.owner, 'PENDING',
                 warren_step_input(s, CASE s.takes WHEN 'nothing' THEN NULL ELSE event -> s.takes END),
-                now(), 'workflow', w::text, after_t::text, w, now(), now())
+                now(), 'workflow', w::text, after_t::text, w, s.reply_to, now(), now())
         ON CONFLICT (id) DO NOTHING;
     END LOOP;
 END

@@ -225,15 +225,16 @@ async fn write_plan(
     txn.execute_raw(stmt(
         "INSERT INTO workflow_steps (task_id, workflow_id, owner, seq, path, task_type, queue, input,
                                      after_task, on_failure, after_join, takes, pass_as,
-                                     join_id, join_index, final, state, released_at)
+                                     join_id, join_index, final, state, released_at, reply_to)
          SELECT s.task_id, $2, $3, s.seq, s.path, s.task_type, s.queue, s.input,
                 s.after_task, s.on_failure, s.after_join, s.takes, s.pass_as,
                 s.join_id, s.join_index, s.final, s.state,
-                CASE WHEN s.state = 'RELEASED' THEN now() END
+                CASE WHEN s.state = 'RELEASED' THEN now() END, s.reply_to
          FROM jsonb_to_recordset($1) AS s(task_id uuid, seq integer, path text, task_type text,
                                           queue text, input jsonb, after_task uuid, on_failure boolean,
                                           after_join uuid, takes text, pass_as text, join_id uuid,
-                                          join_index integer, final boolean, state text)
+                                          join_index integer, final boolean, state text,
+                                          reply_to text)
          ON CONFLICT (task_id) DO NOTHING",
         vec![json(&steps), workflow_id.into(), owner.map(str::to_owned).into()],
     ))
