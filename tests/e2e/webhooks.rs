@@ -393,17 +393,11 @@ async fn webhook_deliveries_show_on_the_task_page() {
     wait_for_delivery(client, id, "delivered").await;
 
     let b = warren_tests::browser::Browser::start(&api.url(""), 1280, 900).await;
-    b.goto(&format!("/ui/tasks/multiply/{id}")).await;
-    let field = b
-        .client
-        .find(fantoccini::Locator::Css("input[name=key]"))
-        .await
-        .expect("the sign-in form");
-    field
-        .send_keys(api.key().expect("a key"))
-        .await
-        .expect("type the key");
-    b.click_to_navigate("form button[type=submit]").await;
+    b.goto_signed_in(
+        &format!("/ui/tasks/multiply/{id}"),
+        api.key().expect("a key"),
+    )
+    .await;
     let text = wait_until(
         "the deliveries section",
         Duration::from_secs(20),

@@ -479,17 +479,11 @@ async fn the_dashboard_shows_a_workflow_as_a_tree_of_step_states() {
     );
 
     let b = warren_tests::browser::Browser::start(&client.url(""), 1280, 900).await;
-    b.goto(&format!("/ui/workflows/{id}")).await;
-    let field = b
-        .client
-        .find(fantoccini::Locator::Css("input[name=key]"))
-        .await
-        .expect("the sign-in form");
-    field
-        .send_keys(client.key().expect("acme's key"))
-        .await
-        .expect("type the key");
-    b.click_to_navigate("form button[type=submit]").await;
+    b.goto_signed_in(
+        &format!("/ui/workflows/{id}"),
+        client.key().expect("acme's key"),
+    )
+    .await;
     let states = wait_until("the workflow tree", Duration::from_secs(20), || async {
         let v = b
             .js(

@@ -104,6 +104,19 @@ impl Browser {
         self.client.goto(&self.url(path)).await.expect("navigate");
     }
 
+    /// Opens `path`, which sends an unsigned-in browser to the sign-in
+    /// form, and signs in there with `key`.
+    pub async fn goto_signed_in(&self, path: &str, key: &str) {
+        self.goto(path).await;
+        let field = self
+            .client
+            .find(fantoccini::Locator::Css("input[name=key]"))
+            .await
+            .expect("the sign-in form");
+        field.send_keys(key).await.expect("type the key");
+        self.click_to_navigate("form button[type=submit]").await;
+    }
+
     /// The path and query of the page shown now.
     pub async fn path(&self) -> String {
         let u = self.client.current_url().await.expect("current url");

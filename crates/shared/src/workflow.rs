@@ -369,6 +369,17 @@ enum Exit {
     Join(Uuid),
 }
 
+impl After {
+    /// As `workflow_steps` has it: `after_task`, `on_failure`, `after_join`.
+    fn columns(self) -> (Option<Uuid>, bool, Option<Uuid>) {
+        match self {
+            After::Start => (None, false, None),
+            After::Task(parent, failed) => (Some(parent), failed, None),
+            After::Join(j) => (None, false, Some(j)),
+        }
+    }
+}
+
 impl Exit {
     fn then(self) -> After {
         match self {
@@ -470,20 +481,7 @@ impl Planner<'_> {
         member: Option<(Uuid, i32)>,
         errback: bool,
     ) -> Result<Uuid, SpecError> {
-        if self.plan.steps.len() >= MAX_STEPS {
-            return Err(err(
-                path,
-                "too_many_steps",
-                format!("a workflow has at most {MAX_STEPS} tasks"),
-            ));
-        }
-        let (queue, positional) = self.types.lookup(&t.task).ok_or_else(|| {
-            err(
-                &join_path(path, "task"),
-                "unknown_task_type",
-                format!("no task type `{}`", t.task),
-            )
-        })?;
+        let (queue, positional) = self.room_for(&t.task, path)?;
         let (takes, how, key) = match after {
             After::Start => ("nothing", &PassAs::Nothing, "result_as"),
             _ if errback => ("error", &t.error_as, "error_as"),
@@ -491,11 +489,7 @@ impl Planner<'_> {
         };
         let pass = resolve(how, &positional, &t.task, &join_path(path, key))?;
         let id = Uuid::now_v7();
-        let (after_task, on_failure, after_join) = match after {
-            After::Start => (None, false, None),
-            After::Task(parent, failed) => (Some(parent), failed, None),
-            After::Join(j) => (None, false, Some(j)),
-        };
+        let (after_task, on_failure, after_join) = after.columns();
         self.plan.steps.push(Step {
             task_id: id,
             seq: i32::try_from(self.plan.steps.len()).unwrap_or(i32::MAX),
@@ -537,6 +531,25 @@ impl Planner<'_> {
             )?;
         }
         Ok(id)
+    }
+
+    /// The type's queue and positional fields, if it exists and the plan
+    /// has room for one more step.
+    fn room_for(&self, task: &str, path: &str) -> Result<(String, Vec<&'static str>), SpecError> {
+        if self.plan.steps.len() >= MAX_STEPS {
+            return Err(err(
+                path,
+                "too_many_steps",
+                format!("a workflow has at most {MAX_STEPS} tasks"),
+            ));
+        }
+        self.types.lookup(task).ok_or_else(|| {
+            err(
+                &join_path(path, "task"),
+                "unknown_task_type",
+                format!("no task type `{task}`"),
+            )
+        })
     }
 
     fn mark_final(&mut self, exit: Exit) {
@@ -690,20 +703,7 @@ impl Planner<'_> {
         path: &str,
         n: usize,
     ) -> Result<Uuid, SpecError> {
-        if self.plan.steps.len() >= MAX_STEPS {
-            return Err(err(
-                path,
-                "too_many_steps",
-                format!("a workflow has at most {MAX_STEPS} tasks"),
-            ));
-        }
-        let (queue, positional) = self.types.lookup(&sig.task).ok_or_else(|| {
-            err(
-                &join_path(path, "task"),
-                "unknown_task_type",
-                format!("no task type `{}`", sig.task),
-            )
-        })?;
+        let (queue, positional) = self.room_for(&sig.task, path)?;
         let skip = usize::from(!sig.immutable);
         let mut input = sig.kwargs.clone();
         if sig.args.len() + skip > positional.len() {
@@ -725,11 +725,7 @@ impl Planner<'_> {
         } else {
             positional.first().map(|f| (*f).to_owned())
         };
-        let (after_task, on_failure, after_join) = match after {
-            After::Start => (None, false, None),
-            After::Task(parent, failed) => (Some(parent), failed, None),
-            After::Join(j) => (None, false, Some(j)),
-        };
+        let (after_task, on_failure, after_join) = after.columns();
         let takes = match (&pass, on_failure) {
             (None, _) => "nothing",
             (Some(_), true) => "task_id",

@@ -314,16 +314,12 @@ impl Store {
             false,
         );
         let after = After::find_by_statement(stmt(
-            "UPDATE tasks SET
-                state = CASE WHEN state = 'STARTED' THEN state ELSE 'CANCELLED' END,
-                finished_at = CASE WHEN state = 'STARTED' THEN finished_at ELSE now() END,
-                error = CASE WHEN state = 'STARTED' THEN error ELSE $4 END,
-                publish_at = CASE WHEN state = 'STARTED' THEN publish_at ELSE NULL END,
-                cancel_requested_at = COALESCE(cancel_requested_at, now()),
-                updated_at = now()
-             WHERE id = $1 AND ($2::text IS NULL OR owner = $2) AND task_type = $3
-               AND state IN ('PENDING', 'QUEUED', 'RETRY', 'STARTED')
-             RETURNING state",
+            &format!(
+                "{} WHERE id = $1 AND ($2::text IS NULL OR owner = $2) AND task_type = $3
+                   AND state IN ('PENDING', 'QUEUED', 'RETRY', 'STARTED')
+                 RETURNING state",
+                cancel_set("$4")
+            ),
             vec![
                 id.into(),
                 owners.param().into(),
@@ -410,4 +406,19 @@ impl Store {
 pub(super) struct Scope {
     pub(super) owner: Option<String>,
     pub(super) task_type: Option<String>,
+}
+
+/// What a cancel does to a task, by its state: one not started ends
+/// CANCELLED now with the error in parameter `error`; a running one is
+/// flagged, and the worker running it cancels the task's context.
+pub(super) fn cancel_set(error: &str) -> String {
+    format!(
+        "UPDATE tasks SET
+            state = CASE WHEN state = 'STARTED' THEN state ELSE 'CANCELLED' END,
+            finished_at = CASE WHEN state = 'STARTED' THEN finished_at ELSE now() END,
+            error = CASE WHEN state = 'STARTED' THEN error ELSE {error} END,
+            publish_at = CASE WHEN state = 'STARTED' THEN publish_at ELSE NULL END,
+            cancel_requested_at = COALESCE(cancel_requested_at, now()),
+            updated_at = now()"
+    )
 }

@@ -186,15 +186,11 @@ async fn cancel_steps(txn: &DatabaseTransaction, id: Uuid) -> Result<()> {
         false,
     );
     txn.execute_raw(stmt(
-        "UPDATE tasks SET
-            state = CASE WHEN state = 'STARTED' THEN state ELSE 'CANCELLED' END,
-            finished_at = CASE WHEN state = 'STARTED' THEN finished_at ELSE now() END,
-            error = CASE WHEN state = 'STARTED' THEN error ELSE $2 END,
-            publish_at = CASE WHEN state = 'STARTED' THEN publish_at ELSE NULL END,
-            cancel_requested_at = COALESCE(cancel_requested_at, now()),
-            updated_at = now()
-         WHERE id IN (SELECT task_id FROM workflow_steps WHERE workflow_id = $1 AND state = 'RELEASED')
-           AND state IN ('PENDING', 'QUEUED', 'RETRY', 'STARTED')",
+        &format!(
+            "{} WHERE id IN (SELECT task_id FROM workflow_steps WHERE workflow_id = $1 AND state = 'RELEASED')
+               AND state IN ('PENDING', 'QUEUED', 'RETRY', 'STARTED')",
+            super::requests::cancel_set("$2")
+        ),
         vec![id.into(), super::stored(&error)],
     ))
     .await?;
