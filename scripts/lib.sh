@@ -166,13 +166,15 @@ sweep_test_leftovers() {
   for db in $(psql "$admin" -qtAc "select datname from pg_database where datname like 'warren\_test\_%' or datname like 'warren\_st\_%' or datname like 'warren\_bench\_%'"); do
     psql "$admin" -qc "DROP DATABASE \"$db\"" >/dev/null 2>&1 && say "swept leftover database $db"
   done
+  # Queues, exchanges and policies named <kind>-<prefix>.* (Warren's, and the
+  # Celery-named queues some tests declare) whose test database is gone.
   local live kind name prefix
   live=$(psql "$admin" -qtAc "select substr(datname, 13, 12) from pg_database where datname like 'warren\_test\_%'
                               union all select substr(datname, 11, 12) from pg_database where datname like 'warren\_st\_%'
                               union all select substr(datname, 14, 12) from pg_database where datname like 'warren\_bench\_%'")
   for kind in queues exchanges policies; do
     for name in $(curl -fsS -u guest:guest "http://127.0.0.1:$MGMT_PORT/api/$kind/%2F?columns=name" 2>/dev/null \
-        | grep -o '"name":"\(t\|st\|bench\)-[0-9a-f]\{12\}\.warren\.[^"]*"' | cut -d'"' -f4); do
+        | grep -o '"name":"\(t\|st\|bench\)-[0-9a-f]\{12\}\.[^"]*"' | cut -d'"' -f4); do
       prefix=${name#*-}
       prefix=${prefix:0:12}
       if ! grep -qx "$prefix" <<<"$live"; then

@@ -387,13 +387,7 @@ async fn a_celery_clients_canvas_runs_on_warren_workers() {
     let api = env.spawn_api().await;
     let worker = env.spawn_worker("w1").await;
     let url = secrecy::ExposeSecret::expose_secret(&env.settings().amqp.url).to_owned();
-    let sqlite = std::env::temp_dir().join(format!("warren-canvas-{}.db", Uuid::now_v7()));
-    let out = warren_tests::python::run(
-        "canvas.py",
-        &[&url, &queue, "1000", &sqlite.to_string_lossy()],
-    )
-    .await;
-    let _ = std::fs::remove_file(&sqlite);
+    let out = warren_tests::python::run("canvas.py", &[&url, &queue, "1000"]).await;
     let out: Value = serde_json::from_str(&out).expect("JSON from the script");
     let id = |k: &str| -> Uuid { out[k].as_str().unwrap().parse().unwrap() };
     let admin = api.admin_client().await;

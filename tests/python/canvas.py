@@ -4,20 +4,20 @@ the client knows, as JSON; the test follows them in Warren.
 
 Celery builds chords only with a result backend that supports them (its
 `rpc://` refuses). This client has the database backend Flask teams run
-(SQLite here; the client never touches it for a chord): Celery then sends
+(an in-memory SQLite here; the client never touches it for a chord): Celery then sends
 the members, each naming the chord's body, and a `celery.chord_unlock`
 message listing the members, from which Warren learns the chord's size.
 Warren, not the backend, joins the chord.
 
-    python canvas.py <broker url> <default queue> <chord size> <sqlite path>
+    python canvas.py <broker url> <default queue> <chord size>
 """
 import json
 import sys
 
 from celery import Celery, chain, chord
 
-broker, default_queue, size, sqlite = sys.argv[1:5]
-app = Celery("client", broker=broker, backend=f"db+sqlite:///{sqlite}")
+broker, default_queue, size = sys.argv[1:4]
+app = Celery("client", broker=broker, backend="db+sqlite://")
 app.conf.task_default_queue = default_queue
 app.conf.broker_connection_retry_on_startup = False
 sig = app.signature
