@@ -115,6 +115,16 @@ async fn a_group_of_100_ends_with_one_list_of_results_in_order() {
     assert_eq!(w["state"], "SUCCESS", "{}", w["error"]);
     assert_eq!(w["result"], json!(expected));
     assert_eq!(w["step_count"], 100);
+
+    // A group in a group: the inner list sits at its position.
+    let m = |x: i64| json!({"task": "multiply", "input": {"x": x, "y": 10}});
+    let nested = submit(
+        &client,
+        &json!({"group": [m(1), {"group": [m(2), m(3)]}, m(4)]}),
+    )
+    .await;
+    let w = wait_for_end(&client, nested, Duration::from_secs(30)).await;
+    assert_eq!(w["result"], json!([10, [20, 30], 40]), "{w}");
     worker.stop().await;
 }
 

@@ -20,3 +20,4 @@ pub mod scaling;
 pub mod submit;
 pub mod system;
 pub mod webhooks;
+pub mod workflows;

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use warren_bench::{
     all, ceiling, drain, latency, memory, pages, scaling, submit,
     system::{self, Setup},
-    webhooks,
+    webhooks, workflows,
 };
 
 #[derive(Parser)]
@@ -75,6 +75,8 @@ enum Scenario {
     Pages(pages::Args),
     /// The drain with and without webhooks to a receiver slow to answer.
     Webhooks(webhooks::Args),
+    /// N tasks as independent tasks and as one chord's members: the join's cost.
+    Workflows(workflows::Args),
 }
 
 #[tokio::main]
@@ -145,6 +147,15 @@ async fn main() -> anyhow::Result<()> {
                 serde_json::json!({ "scenario": "webhooks", "parameters": {
                     "tasks": args.tasks, "receiver_ms": args.receiver_ms,
                     "concurrency": args.concurrency, "runs": args.runs,
+                }, "rows": rows }),
+            )
+        }
+        Scenario::Workflows(args) => {
+            let rows = workflows::run(&setup, args).await?;
+            (
+                workflows::render(args, &rows),
+                serde_json::json!({ "scenario": "workflows", "parameters": {
+                    "members": args.members, "concurrency": args.concurrency, "runs": args.runs,
                 }, "rows": rows }),
             )
         }

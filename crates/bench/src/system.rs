@@ -463,10 +463,16 @@ impl System {
 
     /// A `POST` to the API with the system's key; the JSON answer.
     pub async fn post(&self, path: &str) -> anyhow::Result<Value> {
+        self.post_json(path, &json!({})).await
+    }
+
+    /// A `POST` of `body` to the API with the system's key; the JSON answer.
+    pub async fn post_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         let response = self
             .http
             .post(format!("{}{path}", self.api_url()))
             .bearer_auth(&self.key)
+            .json(body)
             .send()
             .await?;
         let status = response.status();

@@ -436,15 +436,17 @@ CREATE TABLE workflows (
 CREATE INDEX workflows_listing ON workflows (owner, created_at DESC, id DESC);
 
 -- A join: a group's members, counted as each succeeds; the commit that
--- brings `done` to `size` starts what waits on it. Each member's result is
--- kept under its index, so the list comes out in order. `size` is NULL
--- until known: a Celery chord's members can arrive before its size does.
+-- brings `done` to `size` starts what waits on it, with the members'
+-- results read back in order from their rows. The row stays small (a
+-- count), because every member's commit updates it. `size` is NULL until
+-- known: a Celery chord's members can arrive before its size does.
 CREATE TABLE workflow_joins (
     id             uuid PRIMARY KEY,
     workflow_id    uuid NOT NULL REFERENCES workflows (id) ON DELETE CASCADE,
     size           integer CHECK (size > 0),
     done           integer NOT NULL DEFAULT 0,
-    results        jsonb NOT NULL DEFAULT '{}'::jsonb,
+    -- The list, once complete (what a parent join reads of it).
+    result         jsonb,
     allow_failures boolean NOT NULL DEFAULT false,
     -- A group inside a group: completing this one is a member of that one.
     parent_join    uuid,
@@ -452,6 +454,7 @@ CREATE TABLE workflow_joins (
     final          boolean NOT NULL DEFAULT false,
     state          text NOT NULL DEFAULT 'WAITING' CHECK (state IN ('WAITING', 'DONE', 'FAILED'))
 );
+CREATE INDEX workflow_joins_parent ON workflow_joins (parent_join) WHERE parent_join IS NOT NULL;
 
 -- Every task of a workflow, from the moment it is submitted. Its row in
 -- `tasks` (same id) exists once the step is RELEASED.
@@ -477,6 +480,8 @@ CREATE TABLE workflow_steps (
     pass_as     text,
     join_id     uuid,
     join_index  integer,
+    -- Counted in its join: a member counts once, even if retried.
+    counted     boolean NOT NULL DEFAULT false,
     final       boolean NOT NULL DEFAULT false,
     state       text NOT NULL DEFAULT 'WAITING' CHECK (state IN ('WAITING', 'RELEASED', 'SKIPPED')),
     released_at timestamptz,
@@ -486,6 +491,7 @@ CREATE TABLE workflow_steps (
 CREATE INDEX workflow_steps_after_task ON workflow_steps (after_task) WHERE state = 'WAITING';
 CREATE INDEX workflow_steps_after_join ON workflow_steps (after_join) WHERE state = 'WAITING';
 CREATE INDEX workflow_steps_workflow ON workflow_steps (workflow_id);
+CREATE INDEX workflow_steps_join ON workflow_steps (join_id, join_index) WHERE join_id IS NOT NULL;
 
 ALTER TABLE tasks ADD COLUMN workflow_id uuid;
 
@@ -526,16 +532,11 @@ BEGIN
 END
 $$;
 
--- A member of join `j` ended with `v` (its result, or its error where
--- failures are allowed). An index already counted is not counted again.
-CREATE FUNCTION warren_join_member(j uuid, idx integer, v jsonb)
+-- One more member of join `j` is in; the last one completes it.
+CREATE FUNCTION warren_join_member(j uuid)
 RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE workflow_joins
-    SET done = done + 1,
-        results = results || jsonb_build_object(idx::text, COALESCE(v, 'null'::jsonb))
-    WHERE id = j AND state = 'WAITING' AND idx >= 0 AND (size IS NULL OR idx < size)
-      AND NOT results ? idx::text;
+    UPDATE workflow_joins SET done = done + 1 WHERE id = j AND state = 'WAITING';
     IF FOUND THEN
         PERFORM warren_join_check(j);
     END IF;
@@ -543,7 +544,9 @@ END
 $$;
 
 -- Completes join `j` if every member is in: once, since the row is locked
--- and moved out of WAITING by the statement that sees it complete.
+-- and moved out of WAITING by the statement that sees it complete. The
+-- list is read then: members' results (a failed member's state and error,
+-- where failures are allowed) and inner groups' lists, by position.
 CREATE FUNCTION warren_join_check(j uuid)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
@@ -556,15 +559,35 @@ BEGIN
     IF NOT FOUND THEN
         RETURN;
     END IF;
-    SELECT jsonb_agg(COALESCE(jr.results -> i::text, 'null'::jsonb) ORDER BY i) INTO list
-    FROM generate_series(0, jr.size - 1) AS i;
+    SELECT COALESCE(jsonb_agg(m.v ORDER BY m.i), '[]'::jsonb) INTO list FROM (
+        SELECT s.join_index AS i,
+               CASE WHEN t.state = 'SUCCESS' THEN COALESCE(t.result, 'null'::jsonb)
+                    ELSE jsonb_build_object('state', t.state, 'error', t.error) END AS v
+        FROM workflow_steps s JOIN tasks t ON t.id = s.task_id
+        WHERE s.join_id = j AND s.counted
+        UNION ALL
+        SELECT c.parent_index, c.result FROM workflow_joins c
+        WHERE c.parent_join = j AND c.state = 'DONE'
+    ) m;
+    UPDATE workflow_joins SET result = list WHERE id = j;
     PERFORM warren_release(jr.workflow_id, NULL, false, j, jsonb_build_object('result', list));
     IF jr.parent_join IS NOT NULL THEN
-        PERFORM warren_join_member(jr.parent_join, jr.parent_index, list);
+        PERFORM warren_join_member(jr.parent_join);
     END IF;
     IF jr.final THEN
         UPDATE workflows SET state = 'SUCCESS', result = list, finished_at = now()
         WHERE id = jr.workflow_id AND state = 'RUNNING';
+    END IF;
+END
+$$;
+
+-- Counts task `t` in its join, once.
+CREATE FUNCTION warren_count_member(t uuid, j uuid)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE workflow_steps SET counted = true WHERE task_id = t AND NOT counted;
+    IF FOUND THEN
+        PERFORM warren_join_member(j);
     END IF;
 END
 $$;
@@ -602,7 +625,7 @@ BEGIN
         UPDATE workflow_steps SET state = 'SKIPPED'
         WHERE after_task = NEW.id AND on_failure AND state = 'WAITING';
         IF me.join_id IS NOT NULL THEN
-            PERFORM warren_join_member(me.join_id, me.join_index, NEW.result);
+            PERFORM warren_count_member(NEW.id, me.join_id);
         END IF;
         IF me.final THEN
             UPDATE workflows SET state = 'SUCCESS', result = NEW.result, finished_at = now()
@@ -616,8 +639,7 @@ BEGIN
                                     'state', NEW.state, 'error', NEW.error)));
     SELECT allow_failures INTO tolerant FROM workflow_joins WHERE id = me.join_id;
     IF tolerant THEN
-        PERFORM warren_join_member(me.join_id, me.join_index,
-                                   jsonb_build_object('state', NEW.state, 'error', NEW.error));
+        PERFORM warren_count_member(NEW.id, me.join_id);
     ELSE
         PERFORM warren_workflow_fail(me.workflow_id, jsonb_build_object(
             'step', me.path, 'task_id', NEW.id, 'task_type', NEW.task_type,
@@ -639,7 +661,8 @@ const WORKFLOWS_DOWN: &str = r#"
 DROP TRIGGER tasks_workflows ON tasks;
 DROP FUNCTION warren_workflow_outcome();
 DROP FUNCTION warren_workflow_fail(uuid, jsonb);
-DROP FUNCTION warren_join_member(uuid, integer, jsonb);
+DROP FUNCTION warren_count_member(uuid, uuid);
+DROP FUNCTION warren_join_member(uuid);
 DROP FUNCTION warren_join_check(uuid);
 DROP FUNCTION warren_release(uuid, uuid, boolean, uuid, jsonb);
 DROP FUNCTION warren_step_input(workflow_steps, jsonb);
