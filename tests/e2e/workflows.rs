@@ -11,14 +11,7 @@ use warren_shared::state::TaskState;
 use warren_tests::{ApiClient, TestEnv, wait_until};
 
 async fn submit(client: &ApiClient, spec: &Value) -> Uuid {
-    let response = client.post_json("/workflows", spec).await;
-    let status = response.status();
-    let body: Value = response.json().await.expect("JSON body");
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    body["id"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .expect("a workflow id")
+    client.accepted("/workflows", spec).await
 }
 
 async fn workflow(client: &ApiClient, id: Uuid) -> Value {

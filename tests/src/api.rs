@@ -183,7 +183,12 @@ impl ApiClient {
 
     /// Submits and insists on 202; returns the task id.
     pub async fn submit_ok(&self, task_type: &str, input: &Value) -> Uuid {
-        let response = self.submit(task_type, input).await;
+        self.accepted(&format!("/tasks/{task_type}"), input).await
+    }
+
+    /// POSTs `body` to `path`, insists on 202; returns the `id` it answers.
+    pub async fn accepted(&self, path: &str, body: &Value) -> Uuid {
+        let response = self.post_json(path, body).await;
         let status = response.status();
         let body: Value = response.json().await.expect("JSON body");
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
