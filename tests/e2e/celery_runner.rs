@@ -10,6 +10,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::{path::PathBuf, time::Duration};
 use uuid::Uuid;
+use warren_api::fail::FailPoint;
 use warren_shared::{
     envelope,
     settings::{Runner, Settings, TaskSettings},
@@ -78,6 +79,44 @@ async fn submit_batch(client: &ApiClient, inputs: Vec<Value>) -> Vec<Uuid> {
 
 fn run_log() -> PathBuf {
     std::env::temp_dir().join(format!("warren-test-runs-{}.log", Uuid::new_v4().simple()))
+}
+
+/// Waits for `ids` to finish. On timeout it panics with what one would look
+/// at first: the rows' states, how often Python started and finished each,
+/// both queues' depths and consumers, and the end of the Python log.
+async fn finished(
+    env: &TestEnv,
+    ids: &[Uuid],
+    timeout: Duration,
+    python: &CeleryWorker,
+    log: &std::path::Path,
+) -> Vec<warren_shared::db::task::Model> {
+    let waiting = env.wait_for_terminal(ids, timeout + Duration::from_secs(60));
+    if let Ok(rows) = tokio::time::timeout(timeout, waiting).await {
+        return rows;
+    }
+    let mut states = std::collections::BTreeMap::new();
+    for row in env.tasks(ids).await {
+        *states.entry(row.state.to_string()).or_insert(0) += 1;
+    }
+    let (started, done) = (runs(log, "start"), runs(log, "done"));
+    let amqp = env.amqp().await;
+    let tasks_queue = amqp.queue_depth(&env.queue("reports")).await;
+    let replies = amqp
+        .queue_depth(&env.topology().reply_queue().unwrap_or_default())
+        .await;
+    amqp.close().await;
+    let text = python.log();
+    let tail: Vec<&str> = text.lines().rev().take(80).collect();
+    panic!(
+        "timed out after {timeout:?} waiting for {} tasks: states {states:?}; \
+         Python started {} and finished {}; (messages, consumers) on the task \
+         queue {tasks_queue:?}, on the reply queue {replies:?}\nPython log, last lines:\n{}",
+        ids.len(),
+        started.len(),
+        done.len(),
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
 }
 
 fn succeeded(metrics: &str) -> f64 {
@@ -211,7 +250,7 @@ async fn celery_runner_python_tasks_get_validation_progress_results_and_errors()
         .map(|i| json!({"text": format!("word {i} and more")}))
         .collect();
     let ids = submit_batch(&client, inputs).await;
-    let rows = env.wait_for_terminal(&ids, Duration::from_secs(120)).await;
+    let rows = finished(&env, &ids, Duration::from_secs(120), &python, &log).await;
     assert!(
         rows.iter()
             .all(|r| r.state == TaskState::Success && r.attempts == 1),
@@ -273,7 +312,7 @@ async fn celery_runner_a_python_worker_killed_mid_way_loses_and_repeats_no_outco
     .await;
 
     let second = CeleryWorker::start(&env, &queue, 4, &log).await;
-    let rows = env.wait_for_terminal(&ids, Duration::from_secs(120)).await;
+    let rows = finished(&env, &ids, Duration::from_secs(120), &second, &log).await;
     assert!(
         rows.iter().all(|r| r.state == TaskState::Success),
         "{:?}\n{}",
@@ -423,12 +462,8 @@ async fn celery_runner_a_mixed_fleet_runs_each_type_on_its_own_runner() {
         products.push(client.submit_ok("multiply", &json!({"x": i, "y": 2})).await);
         counts.push(client.submit_ok(WORDCOUNT, &json!({"text": "a b"})).await);
     }
-    let rows = env
-        .wait_for_terminal(
-            &[products.clone(), counts.clone()].concat(),
-            Duration::from_secs(60),
-        )
-        .await;
+    let all = [products.clone(), counts.clone()].concat();
+    let rows = finished(&env, &all, Duration::from_secs(60), &python, &log).await;
     for row in rows {
         assert_eq!(row.state, TaskState::Success, "{:?}", row.error);
         let ran_on = row.worker.unwrap_or_default();
@@ -484,6 +519,31 @@ async fn celery_runner_a_mixed_fleet_runs_each_type_on_its_own_runner() {
     assert!(runs(&log, "start").len() == 20, "the stray ran nowhere");
     amqp.close().await;
 
+    drop(python);
+    let _ = std::fs::remove_file(&log);
+    worker.stop().await;
+    api.stop().await;
+}
+
+/// A Python worker reports to the reply queue as soon as it has the
+/// message. Had the message gone out before its row committed (as Warren
+/// publishes its own types, inside the inserting transaction), every
+/// report of a quick task could arrive first and be dropped as "unknown",
+/// leaving the task QUEUED for ever: so a Celery-run type's message
+/// follows the commit. Shown with a commit held back three seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celery_runner_reports_never_arrive_before_the_row_they_report_on() {
+    let (env, api, worker, client) = warren().await;
+    let log = run_log();
+    let python = CeleryWorker::start(&env, &env.queue("reports"), 2, &log).await;
+    api.state.fail_points.arm(FailPoint::SlowCommit);
+    let ids = submit_batch(&client, vec![json!({"text": "a b c"}); 3]).await;
+    api.state.fail_points.disarm(FailPoint::SlowCommit);
+    let rows = finished(&env, &ids, Duration::from_secs(60), &python, &log).await;
+    for row in &rows {
+        assert_eq!(row.state, TaskState::Success, "{:?}", row.error);
+        assert_eq!(row.result, Some(json!({"words": 3})));
+    }
     drop(python);
     let _ = std::fs::remove_file(&log);
     worker.stop().await;

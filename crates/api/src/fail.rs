@@ -18,6 +18,9 @@ pub enum FailPoint {
     /// Tasks are published and confirmed; their transaction never commits
     /// and the request fails.
     AfterPublishBeforeCommit = 1 << 1,
+    /// Tasks are published and confirmed; their transaction commits only
+    /// three seconds later, as under a loaded database.
+    SlowCommit = 1 << 2,
 }
 
 #[derive(Debug, Default)]

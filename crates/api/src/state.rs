@@ -6,7 +6,7 @@ use crate::{
     metrics::ApiMetrics,
     waiters::Waiters,
 };
-use std::sync::Arc;
+use std::{collections::HashSet, sync::Arc};
 use uuid::Uuid;
 use warren_shared::{
     artifacts::ArtifactStore,
@@ -16,7 +16,8 @@ use warren_shared::{
     db::{DbErr, task},
     envelope::TaskMessage,
     settings::Settings,
-    store::{self, NewTask, Store, StoreError},
+    state::TaskState,
+    store::{self, NewTask, Store, StoreError, message_from_row},
 };
 
 #[derive(Clone)]
@@ -105,8 +106,44 @@ impl Publishing {
 
     /// Records tasks and publishes the due ones in one transaction
     /// ([`Store::insert_and_publish`]): each row as committed, QUEUED if
-    /// the broker confirmed it, PENDING in the outbox if not.
+    /// the broker confirmed it, PENDING in the outbox if not. Those that
+    /// may be published only once committed follow the commit.
     pub async fn record(
+        &self,
+        store: &Store,
+        tasks: &[NewTask],
+    ) -> store::Result<Vec<task::Model>> {
+        let mut rows = self.record_and_publish(store, tasks).await?;
+        let now = chrono::Utc::now();
+        let after: Vec<TaskMessage> = tasks
+            .iter()
+            .zip(&rows)
+            .filter(|(t, r)| t.publish_after_commit() && r.eta.is_none_or(|eta| eta <= now))
+            .map(|(_, r)| message_from_row(r))
+            .collect();
+        if after.is_empty() {
+            return Ok(rows);
+        }
+        let confirmed: Vec<Uuid> = self
+            .publish(&after)
+            .await
+            .into_iter()
+            .filter_map(|(id, ok)| ok.then_some(id))
+            .collect();
+        let queued: HashSet<Uuid> = confirmed.iter().copied().collect();
+        // Not marked QUEUED, the relay republishes after the lease: a
+        // duplicate message, which the task's single row absorbs.
+        if let Err(e) = store.mark_queued_many(&confirmed).await {
+            tracing::warn!(error = %e, "published, but could not mark QUEUED; the relay will republish");
+            return Ok(rows);
+        }
+        for row in rows.iter_mut().filter(|r| queued.contains(&r.id)) {
+            row.state = TaskState::Queued;
+        }
+        Ok(rows)
+    }
+
+    async fn record_and_publish(
         &self,
         store: &Store,
         tasks: &[NewTask],
@@ -122,6 +159,9 @@ impl Publishing {
                     return Err(StoreError::Other(DbErr::Custom(
                         "fail point AfterPublishBeforeCommit".into(),
                     )));
+                }
+                if self.fail_points.hit(FailPoint::SlowCommit) {
+                    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
                 }
                 Ok(published)
             })

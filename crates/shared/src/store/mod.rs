@@ -188,6 +188,19 @@ pub struct NewTask {
     pub callback: Option<(String, String)>,
 }
 
+impl NewTask {
+    /// Whether its message may go out only once its row is committed. A
+    /// Warren worker handed a message before the commit waits for the row
+    /// (its claim's `INSERT … ON CONFLICT` does), but a Python worker
+    /// reports to the reply queue, and a report about a row not yet
+    /// visible is indistinguishable from a forged one and dropped: under
+    /// load a fast task's every report could arrive first, and the task
+    /// would stay QUEUED forever.
+    pub fn publish_after_commit(&self) -> bool {
+        self.reply_to.is_some()
+    }
+}
+
 /// The row of a freshly submitted task: PENDING, in the outbox.
 fn new_row(t: &NewTask, now: DateTime<Utc>) -> task::ActiveModel {
     task::ActiveModel {

@@ -192,8 +192,9 @@ impl Store {
     /// carrying an idempotency key avoid that window
     /// ([`Store::insert_idempotent`] commits first and publishes after).
     ///
-    /// Delayed tasks (an ETA ahead) are recorded PENDING in the outbox and
-    /// not given to `publish`. An error from `publish` rolls everything
+    /// Delayed tasks (an ETA ahead) and those to publish only once
+    /// committed ([`NewTask::publish_after_commit`]) are recorded PENDING
+    /// in the outbox and not given to `publish`. An error from `publish` rolls everything
     /// back and is returned.
     pub async fn insert_and_publish<F, Fut>(
         &self,
@@ -213,7 +214,7 @@ impl Store {
             .iter()
             .map(|t| {
                 let mut row = new_row(t, now);
-                if t.eta.is_none_or(|eta| eta <= now) {
+                if t.eta.is_none_or(|eta| eta <= now) && !t.publish_after_commit() {
                     row.state = Set(TaskState::Queued);
                     row.queued_at = Set(Some(now));
                     row.publish_at = Set(None);
