@@ -326,11 +326,13 @@ async fn celery_runner_a_python_worker_killed_mid_way_loses_and_repeats_no_outco
         "the kill interrupted no task: {started:?}"
     );
     // Attempts count runs (their STARTED reports), never reports twice; a
-    // STARTED that arrives after the outcome is dropped, so at most.
+    // STARTED that arrives after the outcome is dropped, so at most. Celery
+    // sends STARTED before the task's first line writes the run log, so
+    // the kill may fall between the two: one run the log does not show.
     for row in &rows {
         let n = started.get(&row.id.to_string()).copied().unwrap_or(0);
         let attempts = usize::try_from(row.attempts).unwrap();
-        assert!((1..=n).contains(&attempts), "{}: {attempts} of {n}", row.id);
+        assert!((1..=n + 1).contains(&attempts), "{}: {attempts} of {n}", row.id);
     }
     assert_eq!(
         succeeded(&worker.metrics().await),

@@ -65,7 +65,9 @@ async fn a_running_task_is_told_and_ends_cancelled() {
         "running: cancellation requested"
     );
     let t: Value = response.json().await.unwrap();
-    assert_eq!(t["state"], "STARTED");
+    // The body is the row read after the request: on a loaded machine the
+    // worker (checking every 100 ms) may have ended it already.
+    assert!(t["state"] == "STARTED" || t["state"] == "CANCELLED", "{t}");
     assert!(t["cancel_requested_at"].is_string());
 
     let t = api
