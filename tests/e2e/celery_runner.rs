@@ -332,7 +332,11 @@ async fn celery_runner_a_python_worker_killed_mid_way_loses_and_repeats_no_outco
     for row in &rows {
         let n = started.get(&row.id.to_string()).copied().unwrap_or(0);
         let attempts = usize::try_from(row.attempts).unwrap();
-        assert!((1..=n + 1).contains(&attempts), "{}: {attempts} of {n}", row.id);
+        assert!(
+            (1..=n + 1).contains(&attempts),
+            "{}: {attempts} of {n}",
+            row.id
+        );
     }
     assert_eq!(
         succeeded(&worker.metrics().await),

@@ -274,6 +274,9 @@ fn victim_task(id: Uuid) -> warren_shared::store::NewTask {
         time_limit: None,
         soft_time_limit: None,
         callback: None,
+        priority: 0,
+        admission: None,
+        unique: None,
     }
 }
 

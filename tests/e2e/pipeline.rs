@@ -205,6 +205,9 @@ fn submitted(id: Uuid, task_type: &str, queue: &str, input: Value) -> NewTask {
         time_limit: None,
         soft_time_limit: None,
         callback: None,
+        priority: 0,
+        admission: None,
+        unique: None,
     }
 }
 

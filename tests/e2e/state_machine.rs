@@ -32,6 +32,9 @@ fn new_task(id: Uuid) -> NewTask {
         time_limit: None,
         soft_time_limit: None,
         callback: None,
+        priority: 0,
+        admission: None,
+        unique: None,
     }
 }
 

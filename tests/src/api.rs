@@ -141,6 +141,20 @@ impl ApiClient {
             .expect("GET")
     }
 
+    pub async fn put(&self, path: &str) -> Response {
+        self.authorized(self.http.put(self.url(path)))
+            .send()
+            .await
+            .expect("PUT")
+    }
+
+    pub async fn delete(&self, path: &str) -> Response {
+        self.authorized(self.http.delete(self.url(path)))
+            .send()
+            .await
+            .expect("DELETE")
+    }
+
     /// POSTs `body` verbatim with the given content type and extra headers.
     pub async fn post_with(
         &self,

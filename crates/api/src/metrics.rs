@@ -10,7 +10,9 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Response},
 };
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Registry,
+};
 use std::time::Instant;
 use warren_shared::metrics::{self, MetricsError};
 
@@ -23,6 +25,8 @@ pub struct ApiMetrics {
     refused: IntCounterVec,
     pub confirm_seconds: Histogram,
     outbox: IntGauge,
+    /// Tasks neither on the broker nor due in the outbox, by why.
+    waiting: IntGaugeVec,
     /// Single submissions per shared transaction.
     pub batch_size: Histogram,
     /// A single submission's wait for its shared transaction.
@@ -72,6 +76,16 @@ impl ApiMetrics {
                 &r,
                 "warren_outbox_tasks",
                 "Tasks recorded but not on the broker: unpublished, delayed, or waiting to retry.",
+            )?,
+            waiting: metrics::register(
+                &r,
+                IntGaugeVec::new(
+                    prometheus::Opts::new(
+                        "warren_tasks_waiting",
+                        "Tasks waiting in PostgreSQL, by reason: admission (a concurrency_limit or rate_limit), paused (their type or queue), scheduled (a countdown or ETA ahead).",
+                    ),
+                    &["reason"],
+                )?,
             )?,
             batch_size: metrics::register(
                 &r,
@@ -156,6 +170,15 @@ pub async fn serve(State(state): State<AppState>, headers: axum::http::HeaderMap
     match state.store.outbox_len().await {
         Ok(n) => state.metrics.outbox.set(n),
         Err(e) => tracing::warn!(error = %e, "metrics: could not count the outbox"),
+    }
+    match state.store.waiting_by_reason().await {
+        Ok(counts) => {
+            for reason in ["admission", "paused", "scheduled"] {
+                let n = counts.get(reason).copied().unwrap_or(0);
+                state.metrics.waiting.with_label_values(&[reason]).set(n);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "metrics: could not count waiting tasks"),
     }
     (
         [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],

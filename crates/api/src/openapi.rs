@@ -1,7 +1,7 @@
 //! The OpenAPI 3.1 document, generated from the handlers and their types
 //! (utoipa), served at `/openapi.json`; a browsable reference at `/docs`.
 
-use crate::routes::{health, ops, tasks, webhooks, workflows};
+use crate::routes::{health, ops, pauses, tasks, webhooks, workflows};
 use axum::{
     Json,
     extract::State,
@@ -45,6 +45,9 @@ use warren_shared::catalog::Catalog;
         workflows::cancel,
         ops::workers,
         ops::queues,
+        pauses::list,
+        pauses::pause,
+        pauses::resume,
         health::healthz,
         health::readyz,
     ),

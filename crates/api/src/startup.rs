@@ -15,7 +15,7 @@ use axum::{
     extract::{DefaultBodyLimit, Request},
     http::header,
     response::IntoResponse,
-    routing::{get, post},
+    routing::{get, post, put},
 };
 use std::{net::SocketAddr, sync::Arc};
 use tokio::net::TcpListener;
@@ -144,6 +144,7 @@ impl Application {
             fail_points,
             stopping: CancellationToken::new(),
             queue_history: Arc::default(),
+            relay_wake: Arc::default(),
         };
         Ok(Self {
             listener,
@@ -167,12 +168,14 @@ impl Application {
         let background = TaskTracker::new();
         let settings = &self.state.settings;
         if settings.relay.enabled {
-            background.spawn(relay::run(
+            let relay = relay::Relay::new(
                 self.state.store.clone(),
                 Arc::clone(&self.state.publisher),
                 settings.relay.clone(),
-                shutdown.clone(),
-            ));
+                &self.state.catalog,
+                Arc::clone(&self.state.relay_wake),
+            );
+            background.spawn(relay.run(shutdown.clone()));
         }
         background.spawn(waiters::listen(
             Arc::clone(&self.state.waiters),
@@ -257,6 +260,11 @@ pub fn router(state: AppState) -> Router {
         .route("/workflows/{id}/cancel", post(routes::workflows::cancel))
         .route("/workers", get(routes::ops::workers))
         .route("/queues", get(routes::ops::queues))
+        .route("/pauses", get(routes::pauses::list))
+        .route(
+            "/pauses/{kind}/{name}",
+            put(routes::pauses::pause).delete(routes::pauses::resume),
+        )
         .route("/metrics", get(metrics::serve))
         .route("/healthz", get(routes::health::healthz))
         .route("/openapi.json", get(openapi::openapi_json))

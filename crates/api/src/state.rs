@@ -44,6 +44,9 @@ pub struct AppState {
     pub stopping: tokio_util::sync::CancellationToken,
     /// Recent queue depths, for the dashboard's sparklines.
     pub(crate) queue_history: Arc<crate::ui::QueueHistory>,
+    /// Runs this replica's relay now: a task of a type with limits was
+    /// submitted, and may be admissible at once.
+    pub relay_wake: Arc<tokio::sync::Notify>,
 }
 
 /// Single submissions, grouped: the requests in flight together share one
@@ -118,7 +121,7 @@ impl Publishing {
         let after: Vec<TaskMessage> = tasks
             .iter()
             .zip(&rows)
-            .filter(|(t, r)| t.publish_after_commit() && r.eta.is_none_or(|eta| eta <= now))
+            .filter(|(t, r)| t.publish_after_commit() && t.publishable_at(now) && r.hold.is_none())
             .map(|(_, r)| message_from_row(r))
             .collect();
         if after.is_empty() {

@@ -5,6 +5,7 @@
 //! alike, so both agree on routing.
 
 use crate::{
+    admission::{KeySource, Limits, Rate},
     settings::{Runner, Settings, SettingsError, TaskSettings},
     topology::Topology,
 };
@@ -23,6 +24,10 @@ pub struct Entry {
     pub policy: Policy,
     /// Who runs it: a Warren worker, or Python Celery workers.
     pub runner: Runner,
+    /// Its concurrency cap and rate limit; none: published on submission.
+    pub limits: Limits,
+    /// Default priority, 0–9.
+    pub priority: u8,
 }
 
 #[derive(Clone)]
@@ -139,7 +144,63 @@ fn warren_entry(
         queue: queue_of(settings, configured),
         policy: policy_of(name, task.policy(), configured)?,
         runner: Runner::Warren,
+        limits: limits_of(name, configured)?,
+        priority: priority_of(name, configured)?,
     })
+}
+
+/// `concurrency_key`/`concurrency_limit` and `rate_limit`/`rate_limit_key`,
+/// each error naming its key. A key without its limit is a mistake, not
+/// a default: it would silently limit nothing.
+fn limits_of(name: &str, configured: &TaskSettings) -> Result<Limits, SettingsError> {
+    let key_of = |field: &str, text: &Option<String>| -> Result<KeySource, SettingsError> {
+        text.as_deref()
+            .map_or(Ok(KeySource::Owner), KeySource::parse)
+            .map_err(|e| invalid(format!("tasks.{name}.{field}"), e))
+    };
+    let concurrency = match (&configured.concurrency_key, configured.concurrency_limit) {
+        (_, Some(0)) => {
+            return Err(invalid(
+                format!("tasks.{name}.concurrency_limit"),
+                "must be at least 1; pause the type to run none",
+            ));
+        }
+        (key, Some(cap)) => Some((key_of("concurrency_key", key)?, cap)),
+        (Some(_), None) => {
+            return Err(invalid(
+                format!("tasks.{name}.concurrency_key"),
+                "needs concurrency_limit",
+            ));
+        }
+        (None, None) => None,
+    };
+    let rate = match (&configured.rate_limit_key, &configured.rate_limit) {
+        (key, Some(rate)) => {
+            let rate =
+                Rate::parse(rate).map_err(|e| invalid(format!("tasks.{name}.rate_limit"), e))?;
+            // Without a key, the whole type shares one bucket.
+            let key = match key {
+                Some(_) => key_of("rate_limit_key", key)?,
+                None => KeySource::Type,
+            };
+            Some((key, rate))
+        }
+        (Some(_), None) => {
+            return Err(invalid(
+                format!("tasks.{name}.rate_limit_key"),
+                "needs rate_limit",
+            ));
+        }
+        (None, None) => None,
+    };
+    Ok(Limits { concurrency, rate })
+}
+
+fn priority_of(name: &str, configured: &TaskSettings) -> Result<u8, SettingsError> {
+    match configured.priority {
+        Some(p) if p > 9 => Err(invalid(format!("tasks.{name}.priority"), "must be 0 to 9")),
+        p => Ok(p.unwrap_or(0)),
+    }
 }
 
 /// A type declared in configuration for Python Celery workers: its schema
@@ -166,6 +227,8 @@ fn celery_entry(
         queue: queue_of(settings, configured),
         policy,
         runner: Runner::Celery,
+        limits: limits_of(name, configured)?,
+        priority: priority_of(name, configured)?,
     })
 }
 

@@ -16,7 +16,10 @@
 //!   outcomes, progress, listings.
 //! - [`dead_letters`]: the dead-letter queue for operators: list, requeue.
 //! - [`artifacts`]: files tasks produce, behind an interface (PostgreSQL now).
-//! - [`relay`]: the outbox relay (recorded → published, delays, retries).
+//! - [`relay`]: the outbox relay (recorded → published, delays, retries),
+//!   and admission (held → outbox, under each type's caps and rates).
+//! - [`admission`]: a type's limits (concurrency keys, rate limits) and
+//!   their arithmetic.
 //! - [`webhooks`]: completion webhooks: callback targets checked (SSRF),
 //!   signing secrets, the sender of durable deliveries.
 //! - [`state`], [`codes`]: task states and stable error codes.
@@ -31,9 +34,10 @@
 //! HTTP *client* of RabbitMQ's management API and of webhook receivers),
 //! never acknowledges a task's delivery (only `worker` does; [`dead_letters`]
 //! acknowledges only what an operator takes off the dead-letter queue), and spawns nothing:
-//! long-running loops such as [`relay::run`] are futures the binaries spawn
+//! long-running loops such as [`relay::Relay::run`] are futures the binaries spawn
 //! (the one exception: [`error_tracking`]'s sender thread, with a DSN only).
 
+pub mod admission;
 pub mod artifacts;
 pub mod batch;
 pub mod broker;

@@ -9,47 +9,137 @@
 //!
 //! Api and worker both run a relay; `FOR UPDATE SKIP LOCKED` lets any
 //! number of them share the work without publishing a row twice at once.
+//!
+//! Before each pass the relay admits (`Store::admit`) the held tasks of
+//! every type with a concurrency cap or a rate limit into the outbox. It
+//! runs every `relay.interval_ms`, sooner when woken (`waker`: a limited
+//! type's task was submitted or ended in this process) and when a rate
+//! limit's next token falls due.
 
 use crate::{
+    admission::Limits,
     broker::{Outgoing, Publisher},
+    catalog::Catalog,
     settings::RelaySettings,
     store::{Due, Store},
 };
+use chrono::Utc;
 use std::{sync::Arc, time::Duration};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// After a failed publish, a row waits this long before the next try.
 const PUBLISH_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// Runs until `shutdown` is cancelled. Database and broker errors are
-/// logged and retried on the next tick; nothing here is fatal.
-pub async fn run(
+/// A type admission applies to.
+#[derive(Debug, Clone)]
+struct Admitted {
+    task_type: String,
+    queue: String,
+    limits: Limits,
+}
+
+/// The outbox relay of one process, with the admission passes of the
+/// types that declare limits. `wake` (`notify_one`) runs a pass now: a
+/// limited type's task was submitted or ended, so a slot or a task may be
+/// waiting.
+pub struct Relay {
     store: Store,
     publisher: Arc<Publisher>,
     settings: RelaySettings,
-    shutdown: CancellationToken,
-) {
-    tracing::debug!(interval = ?settings.interval(), "relay started");
-    let mut idle = true;
-    loop {
-        if idle {
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(settings.interval()) => {}
-            }
-        } else if shutdown.is_cancelled() {
-            break;
-        }
-        match pass(&store, &publisher, settings.batch_size).await {
-            // A full batch means more may be due right now.
-            Ok(n) => idle = n < settings.batch_size as usize,
-            Err(e) => {
-                tracing::warn!(error = %e, "relay pass failed; retrying");
-                idle = true;
-            }
+    admitted: Vec<Admitted>,
+    wake: Arc<Notify>,
+}
+
+impl Relay {
+    pub fn new(
+        store: Store,
+        publisher: Arc<Publisher>,
+        settings: RelaySettings,
+        catalog: &Catalog,
+        wake: Arc<Notify>,
+    ) -> Self {
+        let admitted = catalog
+            .task_types()
+            .filter_map(|name| catalog.get(name).map(|e| (name, e)))
+            .filter(|(_, e)| e.limits.admits())
+            .map(|(name, e)| Admitted {
+                task_type: name.to_owned(),
+                queue: e.queue.clone(),
+                limits: e.limits.clone(),
+            })
+            .collect();
+        Self {
+            store,
+            publisher,
+            settings,
+            admitted,
+            wake,
         }
     }
-    tracing::debug!("relay stopped");
+
+    /// Runs until `shutdown` is cancelled. Database and broker errors are
+    /// logged and retried on the next tick; nothing here is fatal.
+    pub async fn run(self, shutdown: CancellationToken) {
+        tracing::debug!(interval = ?self.settings.interval(), admitted = self.admitted.len(), "relay started");
+        let mut idle = true;
+        let mut pause = self.settings.interval();
+        loop {
+            if idle {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(pause) => {}
+                    () = self.wake.notified() => {}
+                }
+            } else if shutdown.is_cancelled() {
+                break;
+            }
+            let (admitted, next) = self.admit().await;
+            pause = next.map_or(self.settings.interval(), |n| {
+                n.min(self.settings.interval())
+            });
+            match pass(&self.store, &self.publisher, self.settings.batch_size).await {
+                // A full batch means more may be due right now.
+                Ok(n) => idle = n < self.settings.batch_size as usize && !admitted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay pass failed; retrying");
+                    idle = true;
+                }
+            }
+        }
+        tracing::debug!("relay stopped");
+    }
+
+    /// One admission pass per limited type. Whether a full batch was
+    /// admitted (more may be admissible now), and how soon a rate limit
+    /// allows the next.
+    async fn admit(&self) -> (bool, Option<Duration>) {
+        let batch = self.settings.batch_size as usize;
+        let mut full = false;
+        let mut next: Option<Duration> = None;
+        for a in &self.admitted {
+            match self
+                .store
+                .admit(&a.task_type, &a.queue, &a.limits, batch)
+                .await
+            {
+                Ok(done) => {
+                    full |= done.count >= batch;
+                    if done.count > 0 {
+                        tracing::debug!(task = %a.task_type, count = done.count, "admitted");
+                    }
+                    if let Some(at) = done.wake_at {
+                        let wait = (at - Utc::now()).to_std().unwrap_or_default();
+                        next = Some(next.map_or(wait, |n| n.min(wait)));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(task = %a.task_type, error = %e, "admission pass failed; retrying")
+                }
+            }
+        }
+        (full, next)
+    }
 }
 
 /// One pass; returns how many rows were due.

@@ -360,6 +360,17 @@ pub struct TaskSettings {
     /// `runner = "celery"`: the JSON Schema file its input must satisfy,
     /// relative to the configuration directory.
     pub input_schema: Option<PathBuf>,
+    /// What `concurrency_limit` counts per: `"owner"` (the default) or
+    /// `"input.<field>"`.
+    pub concurrency_key: Option<String>,
+    /// Tasks admitted and unfinished per concurrency key, at most.
+    pub concurrency_limit: Option<u32>,
+    /// Starts per period across every replica: `"20/s"`, `"600/m"`, `"1000/h"`.
+    pub rate_limit: Option<String>,
+    /// What `rate_limit` counts per (as `concurrency_key`); default: the type.
+    pub rate_limit_key: Option<String>,
+    /// The type's default priority, 0–9 (higher first); `?priority=` overrides.
+    pub priority: Option<u8>,
 }
 
 /// Who runs a task type's code.

@@ -125,6 +125,9 @@ pub struct Worker {
     pub(crate) queues: Vec<String>,
     /// One permit per task this replica may run at once.
     pub(crate) slots: Arc<Semaphore>,
+    /// Runs this replica's relay now: a task of a type with limits ended,
+    /// so its key may have room.
+    pub(crate) relay_wake: Arc<tokio::sync::Notify>,
     pub(crate) metrics: WorkerMetrics,
     /// Deliveries handled (any outcome) since start, for heartbeats.
     pub(crate) processed: AtomicU64,
@@ -238,6 +241,7 @@ impl Worker {
         let (events, events_rx) = Events::new(settings.celery.events);
         Ok(Self {
             slots: Arc::new(Semaphore::new(settings.worker.concurrency as usize)),
+            relay_wake: Arc::default(),
             metrics,
             claims,
             successes,
@@ -340,12 +344,14 @@ impl Worker {
         background.spawn(heartbeat(Arc::clone(&worker), shutdown.clone()));
         background.spawn(watch_cancellations(Arc::clone(&worker), shutdown.clone()));
         if worker.settings.relay.enabled {
-            background.spawn(relay::run(
+            let relay = relay::Relay::new(
                 worker.store.clone(),
                 Arc::clone(&worker.publisher),
                 worker.settings.relay.clone(),
-                shutdown.clone(),
-            ));
+                &worker.catalog,
+                Arc::clone(&worker.relay_wake),
+            );
+            background.spawn(relay.run(shutdown.clone()));
         }
         if worker.settings.webhooks.enabled {
             match webhooks::Sender::new(worker.store.clone(), worker.settings.webhooks.clone()) {

@@ -40,6 +40,7 @@ use warren_shared::{
     codes::{ErrorCode, StoredError, bounded},
     envelope::{self, Door, TaskMessage},
     error_tracking,
+    state::TaskState,
     store::{self, Claim, ClaimRequest, Outcome, Success},
     workflow::{self, Plan, SpecError},
 };
@@ -689,6 +690,10 @@ async fn claim(
             };
             Ok((attempt, budget_used, input))
         }
+        Claim::Skip {
+            state: Some(TaskState::Pending | TaskState::Queued | TaskState::Retry),
+            ..
+        } if paused(worker, entry, stop).await? => park_paused(worker, request.id(), stop).await,
         Claim::Skip { state, reason } => {
             worker.metrics.event(label, "skipped");
             tracing::info!(?state, reason, "not running");
@@ -699,6 +704,33 @@ async fn claim(
             Err(Disposition::dead_letter(ErrorCode::TaskIdConflict, reason))
         }
     }
+}
+
+/// Whether the claim was refused because the type or its queue is paused.
+async fn paused(
+    worker: &Worker,
+    entry: &CatalogEntry,
+    stop: &CancellationToken,
+) -> Result<bool, Disposition> {
+    let store = &worker.store;
+    db(stop, || store.is_paused(entry.task.name(), &entry.queue))
+        .await
+        .map_err(|d| refused(d, ErrorCode::DatabaseRejected))
+}
+
+/// A paused type's task waits in PostgreSQL until the resume, holding
+/// neither a slot nor a prefetch slot; its message is acknowledged.
+async fn park_paused(
+    worker: &Worker,
+    id: Uuid,
+    stop: &CancellationToken,
+) -> Result<(i32, i32, Value), Disposition> {
+    let store = &worker.store;
+    let parked = db(stop, || store.park_paused(id))
+        .await
+        .map_err(|d| refused(d, ErrorCode::DatabaseRejected))?;
+    tracing::info!(parked, "paused: the task waits for the resume");
+    Err(Disposition::Ack)
 }
 
 /// The row's input, validated as the message's was.
@@ -824,6 +856,10 @@ async fn record(
         return Disposition::Ack;
     }
     worker.metrics.event(label, outcome_label);
+    if worker.catalog.get(label).is_some_and(|e| e.limits.admits()) {
+        // Its key has room now: admit the next without waiting a tick.
+        worker.relay_wake.notify_one();
+    }
     report_failure(worker, ran, &outcome);
     // Only an outcome that was committed is reported to a Celery client.
     if let Some(to) = &ran.reply_to {

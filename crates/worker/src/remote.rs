@@ -157,6 +157,13 @@ async fn record(worker: &Worker, reply: &CeleryReply) -> Result<(), StoreError> 
     };
     if worker.store.record_report(id, &report).await? {
         count(worker, &target.task_type, &report);
+        if worker
+            .catalog
+            .get(&target.task_type)
+            .is_some_and(|e| e.limits.admits())
+        {
+            worker.relay_wake.notify_one();
+        }
         tracing::info!(task_id = %id, task = %target.task_type, state = %report.state(), "Celery result recorded");
     } else {
         tracing::info!(task_id = %id, status = %reply.status, "Celery results: the task ended meanwhile; report dropped");

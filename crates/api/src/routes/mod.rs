@@ -2,6 +2,7 @@
 
 pub(crate) mod health;
 pub(crate) mod ops;
+pub(crate) mod pauses;
 pub(crate) mod tasks;
 pub(crate) mod webhooks;
 pub(crate) mod workflows;

@@ -88,6 +88,13 @@ impl MigratorTrait for Migrator {
                 up: WORKFLOWS,
                 down: WORKFLOWS_DOWN,
             }),
+            // Issue 19: admission (concurrency keys, rate limits), pauses,
+            // unique keys and priorities.
+            Box::new(Sql {
+                name: "m20261203_000012_admission",
+                up: ADMISSION,
+                down: ADMISSION_DOWN,
+            }),
         ]
     }
 }
@@ -670,4 +677,116 @@ ALTER TABLE tasks DROP COLUMN workflow_id;
 DROP TABLE workflow_steps;
 DROP TABLE workflow_joins;
 DROP TABLE workflows;
+"#;
+
+/// Rows a type's limits hold back wait as PENDING with `hold` set, out of
+/// the outbox; the admission pass releases them into it. Nothing here adds
+/// `state` to an index (a claim or an outcome stays a HOT update): the
+/// running count per key is kept by a trigger instead, and only rows with
+/// a key run it.
+const ADMISSION: &str = r#"
+ALTER TABLE tasks
+    ADD COLUMN priority smallint NOT NULL DEFAULT 0 CHECK (priority BETWEEN 0 AND 9),
+    -- Why a PENDING row is neither on the broker nor in the outbox:
+    -- 'admission' (its key's cap or rate), 'paused' (its type or queue).
+    ADD COLUMN hold text CHECK (hold IN ('admission', 'paused')),
+    -- The round-robin group of an admitted type: its concurrency key (or
+    -- its rate key when it has no cap).
+    ADD COLUMN concurrency_key text,
+    ADD COLUMN rate_key text,
+    -- `?unique_key=`: at most one unfinished task per (type, owner, key);
+    -- cleared by the trigger below when the task ends (or, for a
+    -- debounced one, when it leaves PENDING).
+    ADD COLUMN unique_key text,
+    ADD COLUMN debounce boolean NOT NULL DEFAULT false;
+
+CREATE INDEX tasks_held ON tasks (task_type, concurrency_key, priority DESC, id)
+    WHERE hold IS NOT NULL;
+CREATE UNIQUE INDEX tasks_unique ON tasks (task_type, owner, unique_key)
+    WHERE unique_key IS NOT NULL;
+
+-- Admitted and unfinished tasks per (type, key): what the cap is checked
+-- against. Kept by the trigger, so it cannot drift from the rows.
+CREATE TABLE admission_counts (
+    task_type text NOT NULL,
+    key       text NOT NULL,
+    running   integer NOT NULL DEFAULT 0,
+    PRIMARY KEY (task_type, key)
+);
+-- A rate limit's state (GCRA): the instant the next task may be admitted.
+CREATE TABLE rate_buckets (
+    task_type text NOT NULL,
+    key       text NOT NULL,
+    tat       timestamptz NOT NULL,
+    PRIMARY KEY (task_type, key)
+);
+-- Paused task types and queues: nothing of theirs is admitted or started.
+CREATE TABLE pauses (
+    kind      text NOT NULL CHECK (kind IN ('type', 'queue')),
+    name      text NOT NULL,
+    paused_at timestamptz NOT NULL DEFAULT now(),
+    paused_by text,
+    PRIMARY KEY (kind, name)
+);
+
+CREATE FUNCTION warren_counted(k text, h text, st text) RETURNS integer
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT (k IS NOT NULL AND h IS DISTINCT FROM 'admission'
+            AND st IN ('PENDING', 'QUEUED', 'STARTED', 'RETRY'))::int
+$$;
+
+CREATE FUNCTION warren_admission_count() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    delta integer;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        delta := -warren_counted(OLD.concurrency_key, OLD.hold, OLD.state);
+    ELSE
+        delta := warren_counted(NEW.concurrency_key, NEW.hold, NEW.state)
+               - warren_counted(OLD.concurrency_key, OLD.hold, OLD.state);
+    END IF;
+    IF delta <> 0 THEN
+        INSERT INTO admission_counts AS c (task_type, key, running)
+        VALUES (OLD.task_type, OLD.concurrency_key, greatest(delta, 0))
+        ON CONFLICT (task_type, key) DO UPDATE SET running = greatest(c.running + delta, 0);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER tasks_admission_update
+    AFTER UPDATE OF state, hold ON tasks
+    FOR EACH ROW WHEN (OLD.concurrency_key IS NOT NULL)
+    EXECUTE FUNCTION warren_admission_count();
+CREATE TRIGGER tasks_admission_delete
+    AFTER DELETE ON tasks
+    FOR EACH ROW WHEN (OLD.concurrency_key IS NOT NULL)
+    EXECUTE FUNCTION warren_admission_count();
+
+CREATE FUNCTION warren_unique_release() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.state IN ('SUCCESS', 'FAILURE', 'CANCELLED', 'EXPIRED')
+       OR (NEW.debounce AND NEW.state <> 'PENDING') THEN
+        NEW.unique_key := NULL;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER tasks_unique_release
+    BEFORE UPDATE OF state ON tasks
+    FOR EACH ROW WHEN (OLD.unique_key IS NOT NULL)
+    EXECUTE FUNCTION warren_unique_release();
+"#;
+
+const ADMISSION_DOWN: &str = r#"
+DROP TRIGGER tasks_unique_release ON tasks;
+DROP FUNCTION warren_unique_release();
+DROP TRIGGER tasks_admission_delete ON tasks;
+DROP TRIGGER tasks_admission_update ON tasks;
+DROP FUNCTION warren_admission_count();
+DROP FUNCTION warren_counted(text, text, text);
+DROP TABLE pauses;
+DROP TABLE rate_buckets;
+DROP TABLE admission_counts;
+ALTER TABLE tasks DROP COLUMN debounce, DROP COLUMN unique_key, DROP COLUMN rate_key,
+    DROP COLUMN concurrency_key, DROP COLUMN hold, DROP COLUMN priority;
 "#;

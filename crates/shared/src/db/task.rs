@@ -67,6 +67,22 @@ pub struct Model {
     /// The workflow this task is a step of (`workflow_steps`): its outcome
     /// starts the steps that wait on it.
     pub workflow_id: Option<Uuid>,
+    /// 0–9, higher first: the order held tasks are admitted and
+    /// outbox rows published in.
+    pub priority: i16,
+    /// Why a PENDING task waits out of the outbox: `admission` (its key's
+    /// cap or rate limit) or `paused` (its type or queue).
+    pub hold: Option<String>,
+    /// The key its concurrency cap (or, without one, its rate limit)
+    /// counts under: the round-robin group of admission.
+    pub concurrency_key: Option<String>,
+    /// The key its rate limit counts under.
+    pub rate_key: Option<String>,
+    /// `?unique_key=`, while the task holds it (cleared when it ends, or
+    /// for a debounced task when it leaves PENDING).
+    pub unique_key: Option<String>,
+    /// Submitted with `?debounce_seconds=`.
+    pub debounce: bool,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -7,6 +7,7 @@
 //! backwards or overwrite a newer outcome. A statement that finds its guard
 //! false changes nothing and says so; the caller decides what that means.
 
+mod admission;
 mod insights;
 mod items;
 mod reads;
@@ -16,17 +17,19 @@ mod webhooks;
 mod workers;
 mod workflows;
 
+pub use admission::{Admitted, Pause};
 pub use insights::{Minute, ReleaseTimes, StateCount};
 pub use items::{ItemError, ItemRecord};
 pub use reads::{ListFilter, Owners, TaskSummary};
 pub use remote::{Report, ReportTarget};
 use requests::RESETTABLE_BY_OPERATOR;
-pub use requests::{Cancellation, Inserted, Retry};
+pub use requests::{Cancellation, Inserted, Retry, Unique};
 pub use webhooks::{AttemptEnd, Delivery, DeliveryAttempt, DueDelivery, SecretInfo};
 pub use workers::WorkerRecord;
 pub use workflows::{StepRow, WorkflowRow};
 
 use crate::{
+    admission::Keys,
     codes::{ErrorCode, StoredError},
     db::task,
     envelope::TaskMessage,
@@ -186,6 +189,13 @@ pub struct NewTask {
     /// Where the task's webhook deliveries go, and for which events
     /// (comma-separated `finished`, `failed`, `progress`).
     pub callback: Option<(String, String)>,
+    /// 0–9, higher first.
+    pub priority: i16,
+    /// The keys admission counts it under. `Some`: recorded held, never
+    /// published on submission; the relay's admission pass releases it.
+    pub admission: Option<Keys>,
+    /// `?unique_key=`, and whether it debounces (`?debounce_seconds=`).
+    pub unique: Option<(String, bool)>,
 }
 
 impl NewTask {
@@ -198,6 +208,12 @@ impl NewTask {
     /// would stay QUEUED forever.
     pub fn publish_after_commit(&self) -> bool {
         self.reply_to.is_some()
+    }
+
+    /// Whether it may go to the broker as soon as it is recorded: due now
+    /// and not held for admission.
+    pub fn publishable_at(&self, now: DateTime<Utc>) -> bool {
+        self.admission.is_none() && self.eta.is_none_or(|eta| eta <= now)
     }
 }
 
@@ -220,7 +236,7 @@ fn new_row(t: &NewTask, now: DateTime<Utc>) -> task::ActiveModel {
         expires_at: Set(t.expires_at),
         time_limit: Set(t.time_limit),
         soft_time_limit: Set(t.soft_time_limit),
-        publish_at: Set(Some(t.publish_at)),
+        publish_at: Set(t.admission.is_none().then_some(t.publish_at)),
         created_at: Set(now),
         queued_at: Set(None),
         started_at: Set(None),
@@ -240,6 +256,12 @@ fn new_row(t: &NewTask, now: DateTime<Utc>) -> task::ActiveModel {
         callback_url: Set(t.callback.as_ref().map(|(url, _)| url.clone())),
         callback_events: Set(t.callback.as_ref().map(|(_, events)| events.clone())),
         workflow_id: Set(None),
+        priority: Set(t.priority),
+        hold: Set(t.admission.as_ref().map(|_| "admission".to_owned())),
+        concurrency_key: Set(t.admission.as_ref().map(|k| k.group.clone())),
+        rate_key: Set(t.admission.as_ref().and_then(|k| k.rate.clone())),
+        unique_key: Set(t.unique.as_ref().map(|(key, _)| key.clone())),
+        debounce: Set(t.unique.as_ref().is_some_and(|(_, debounce)| *debounce)),
     }
 }
 
@@ -587,6 +609,12 @@ impl Store {
                         queued_at = COALESCE(t.queued_at, now())
                   WHERE t.task_type = EXCLUDED.task_type
                     AND t.owner IS NOT DISTINCT FROM EXCLUDED.owner
+                    -- A paused type or queue starts nothing new (a task
+                    -- already STARTED, redelivered, goes on).
+                    AND (t.state = 'STARTED'
+                         OR NOT EXISTS (SELECT 1 FROM pauses p
+                                         WHERE (p.kind = 'type' AND p.name = t.task_type)
+                                            OR (p.kind = 'queue' AND p.name = t.queue)))
                     AND (t.state = 'QUEUED'
                          OR (t.state = 'PENDING' AND (t.eta IS NULL OR t.eta <= now()))
                          OR (t.state = 'RETRY' AND t.publish_at <= now())

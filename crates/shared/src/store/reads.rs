@@ -107,9 +107,16 @@ pub struct TaskSummary {
     pub worker_version: Option<String>,
     /// The workflow it is a step of.
     pub workflow_id: Option<Uuid>,
+    pub priority: i16,
+    /// Why it waits out of the outbox: `admission` or `paused`.
+    pub hold: Option<String>,
+    pub concurrency_key: Option<String>,
 }
 
-const SUMMARY_COLUMNS: [task::Column; 22] = [
+const SUMMARY_COLUMNS: [task::Column; 25] = [
+    task::Column::Priority,
+    task::Column::Hold,
+    task::Column::ConcurrencyKey,
     task::Column::WorkflowId,
     task::Column::Id,
     task::Column::TaskType,

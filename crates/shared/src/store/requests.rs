@@ -75,19 +75,22 @@ const INSERT_SUBMITTED: &str = "
                        soft_time_limit, publish_at, created_at, queued_at, started_at, finished_at,
                        updated_at, worker, idempotency_key, origin, root_id, parent_id, group_id,
                        traceparent, cancel_requested_at, idempotency_fingerprint, reply_to,
-                       callback_url, callback_events)
+                       callback_url, callback_events, priority, hold, concurrency_key, rate_key,
+                       unique_key, debounce)
     SELECT r.id, r.task_type, r.queue, r.owner, r.state, r.input, NULL, NULL, NULL,
            NULL, NULL, 0, r.eta, r.expires_at, r.time_limit,
            r.soft_time_limit, r.publish_at, $2, r.queued_at, NULL, NULL,
            $2, NULL, r.idempotency_key, r.origin, r.id::text, NULL, NULL,
            r.traceparent, NULL, r.idempotency_fingerprint, r.reply_to,
-           r.callback_url, r.callback_events
+           r.callback_url, r.callback_events, r.priority, r.hold, r.concurrency_key, r.rate_key,
+           r.unique_key, r.debounce
     FROM jsonb_to_recordset($1::jsonb) AS r(
            id uuid, task_type text, queue text, owner text, state text, input jsonb,
            eta timestamptz, expires_at timestamptz, publish_at timestamptz, queued_at timestamptz,
            idempotency_key text, origin text, traceparent text, idempotency_fingerprint text,
            time_limit float8, soft_time_limit float8, reply_to text,
-           callback_url text, callback_events text)";
+           callback_url text, callback_events text, priority int2, hold text,
+           concurrency_key text, rate_key text, unique_key text, debounce bool)";
 
 /// The JSON array [`INSERT_SUBMITTED`] reads. Times are cut to the
 /// microsecond, as PostgreSQL keeps them (it would round the rest).
@@ -113,6 +116,12 @@ fn submitted_rows(rows: &[task::Model]) -> Result<String> {
         reply_to: Option<&'a str>,
         callback_url: Option<&'a str>,
         callback_events: Option<&'a str>,
+        priority: i16,
+        hold: Option<&'a str>,
+        concurrency_key: Option<&'a str>,
+        rate_key: Option<&'a str>,
+        unique_key: Option<&'a str>,
+        debounce: bool,
     }
     let rows: Vec<Submitted<'_>> = rows
         .iter()
@@ -136,6 +145,12 @@ fn submitted_rows(rows: &[task::Model]) -> Result<String> {
             reply_to: m.reply_to.as_deref(),
             callback_url: m.callback_url.as_deref(),
             callback_events: m.callback_events.as_deref(),
+            priority: m.priority,
+            hold: m.hold.as_deref(),
+            concurrency_key: m.concurrency_key.as_deref(),
+            rate_key: m.rate_key.as_deref(),
+            unique_key: m.unique_key.as_deref(),
+            debounce: m.debounce,
         })
         .collect();
     serde_json::to_string(&rows).map_err(|e| StoreError::Other(DbErr::Json(e.to_string())))
@@ -146,6 +161,10 @@ fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
 }
 
 fn is_idempotency_conflict(e: &StoreError) -> bool {
+    violates(e, "tasks_idempotency")
+}
+
+fn violates(e: &StoreError, constraint: &str) -> bool {
     let StoreError::Other(
         DbErr::Exec(sea_orm::RuntimeErr::SqlxError(inner))
         | DbErr::Query(sea_orm::RuntimeErr::SqlxError(inner)),
@@ -153,10 +172,78 @@ fn is_idempotency_conflict(e: &StoreError) -> bool {
     else {
         return false;
     };
-    matches!(inner.as_ref(), sqlx::Error::Database(db) if db.constraint() == Some("tasks_idempotency"))
+    matches!(inner.as_ref(), sqlx::Error::Database(db) if db.constraint() == Some(constraint))
 }
 
+/// What a submission with a unique key found.
+#[derive(Debug, Clone)]
+pub enum Unique {
+    /// The key was free: this task now holds it.
+    New(task::Model),
+    /// An unfinished task holds the key: this one, unchanged.
+    Existing(task::Model),
+    /// A debounced task holds the key and waits: its input replaced, its
+    /// countdown restarted.
+    Debounced(task::Model),
+}
+
+/// How often a submission retries when the key's holder ends between its
+/// insert and its look at the holder.
+const UNIQUE_TRIES: usize = 3;
+
 impl Store {
+    /// Records a submission carrying a unique key (`NewTask::unique`):
+    /// at most one unfinished task per type, owner and key, by the
+    /// `tasks_unique` index, so concurrent submissions cannot both win.
+    pub async fn insert_unique(&self, t: &NewTask) -> Result<Unique> {
+        let Some((key, debounce)) = &t.unique else {
+            return Ok(Unique::New(self.insert(t).await?));
+        };
+        let mut last = None;
+        for _ in 0..UNIQUE_TRIES {
+            match self.insert(t).await {
+                Ok(row) => return Ok(Unique::New(row)),
+                Err(e) if violates(&e, "tasks_unique") => last = Some(e),
+                Err(e) => return Err(e),
+            }
+            if *debounce && let Some(row) = self.debounce(t, key).await? {
+                return Ok(Unique::Debounced(row));
+            }
+            let holder = task::Entity::find()
+                .filter(task::Column::TaskType.eq(t.task_type.clone()))
+                .filter(task::Column::Owner.eq(t.owner.clone()))
+                .filter(task::Column::UniqueKey.eq(key.clone()))
+                .one(&self.db)
+                .await?;
+            if let Some(row) = holder {
+                return Ok(Unique::Existing(row));
+            }
+        }
+        Err(last.unwrap_or_else(|| StoreError::Other(DbErr::Custom("unique key contended".into()))))
+    }
+
+    /// The debounced task holding `key`, if it still waits: its input is
+    /// `t`'s now, and its countdown starts again.
+    async fn debounce(&self, t: &NewTask, key: &str) -> Result<Option<task::Model>> {
+        Ok(task::Model::find_by_statement(stmt(
+            "UPDATE tasks SET input = $4, eta = $5, updated_at = now(), priority = $6,
+                    publish_at = CASE WHEN hold IS NULL THEN $5 END
+             WHERE task_type = $1 AND owner IS NOT DISTINCT FROM $2 AND unique_key = $3
+               AND state = 'PENDING' AND debounce
+             RETURNING *",
+            vec![
+                t.task_type.clone().into(),
+                t.owner.clone().into(),
+                key.into(),
+                t.input.clone().into(),
+                t.eta.into(),
+                t.priority.into(),
+            ],
+        ))
+        .one(&self.db)
+        .await?)
+    }
+
     /// Records a submission carrying an idempotency key. The first time it
     /// is recorded as usual; after that, the task the key created first is
     /// returned, and the caller compares fingerprints.
@@ -214,7 +301,7 @@ impl Store {
             .iter()
             .map(|t| {
                 let mut row = new_row(t, now);
-                if t.eta.is_none_or(|eta| eta <= now) && !t.publish_after_commit() {
+                if t.publishable_at(now) && !t.publish_after_commit() {
                     row.state = Set(TaskState::Queued);
                     row.queued_at = Set(Some(now));
                     row.publish_at = Set(None);

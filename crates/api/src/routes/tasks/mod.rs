@@ -35,7 +35,9 @@ use warren_shared::{
     catalog::Entry,
     db::task,
     state::TaskState,
-    store::{Cancellation, Inserted, ListFilter, NewTask, Retry, TaskSummary, message_from_row},
+    store::{
+        Cancellation, Inserted, ListFilter, NewTask, Retry, TaskSummary, Unique, message_from_row,
+    },
 };
 use warren_tasks::{FieldError, ValidationErrors};
 
@@ -219,6 +221,11 @@ pub(crate) struct TaskView {
     expires_at: Option<DateTime<Utc>>,
     /// When a waiting task (delayed or retrying) is next published.
     next_attempt_at: Option<DateTime<Utc>>,
+    /// 0–9, higher first.
+    priority: i16,
+    /// Why a task that is not on the broker waits, if it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    waiting: Option<WaitingView>,
     /// Set once a client asked to cancel the task while it ran.
     cancel_requested_at: Option<DateTime<Utc>>,
     /// The worker that ran the latest attempt.
@@ -227,6 +234,36 @@ pub(crate) struct TaskView {
     #[serde(skip_serializing_if = "Option::is_none")]
     artifacts: Option<Vec<ArtifactView>>,
     links: Links,
+}
+
+/// Why a task waits: `admission` (its key is at its type's
+/// concurrency_limit, or its rate_limit has no token yet), `paused` (its
+/// type or queue), `scheduled` (a countdown or ETA ahead), `retry` (a
+/// retry's backoff).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct WaitingView {
+    reason: &'static str,
+    /// The concurrency (or rate) key it is admitted under.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+}
+
+impl WaitingView {
+    fn of(t: &TaskSummary, now: DateTime<Utc>) -> Option<Self> {
+        let reason = match (t.state, t.hold.as_deref()) {
+            (TaskState::Pending, Some("admission")) => "admission",
+            (TaskState::Pending, Some(_)) => "paused",
+            (TaskState::Pending, None) if t.eta.is_some_and(|eta| eta > now) => "scheduled",
+            (TaskState::Retry, _) => "retry",
+            _ => return None,
+        };
+        Some(Self {
+            reason,
+            key: (reason == "admission")
+                .then(|| t.concurrency_key.clone())
+                .flatten(),
+        })
+    }
 }
 
 impl TaskView {
@@ -241,6 +278,8 @@ impl TaskView {
                 message: t.progress_message.clone(),
             }),
             next_attempt_at: if waiting { t.publish_at } else { None },
+            waiting: WaitingView::of(&t, Utc::now()),
+            priority: t.priority,
             artifacts: artifacts.map(|list| {
                 list.into_iter()
                     .map(|a| ArtifactView {

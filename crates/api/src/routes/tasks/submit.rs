@@ -38,6 +38,20 @@ pub(crate) struct SubmitParams {
     /// Which events, comma-separated: `finished` (any end, the default),
     /// `failed` (FAILURE or EXPIRED), `progress`.
     callback_events: Option<String>,
+    /// 0–9, higher first; default: the type's (`[tasks.<type>] priority`).
+    /// Orders what waits in PostgreSQL (admission, the outbox, a resume),
+    /// not what is already on the broker.
+    #[param(minimum = 0, maximum = 9)]
+    priority: Option<u8>,
+    /// At most one unfinished task of this type per owner and key: a
+    /// second submission gets the first task back (`unique-existing: true`).
+    #[param(max_length = 200)]
+    unique_key: Option<String>,
+    /// With `unique_key`: the task waits this long, and a submission with
+    /// the same key before it is published replaces its input and restarts
+    /// the wait.
+    #[param(minimum = 0, maximum = 86_400)]
+    debounce_seconds: Option<f64>,
 }
 
 struct Schedule {
@@ -45,6 +59,52 @@ struct Schedule {
     expires: Option<DateTime<Utc>>,
     /// The webhook target and its events.
     callback: Option<(String, String)>,
+    priority: Option<u8>,
+    /// `unique_key`, and whether it debounces.
+    unique: Option<(String, bool)>,
+}
+
+/// Longest debounce: a day.
+const MAX_DEBOUNCE_SECONDS: f64 = 86_400.0;
+
+/// A unique key and whether it debounces; a debounce's ETA.
+type Uniqueness = (Option<(String, bool)>, Option<DateTime<Utc>>);
+
+/// `?unique_key=` and `?debounce_seconds=`, checked; a debounce is a
+/// countdown the next submission with the key restarts.
+fn uniqueness(params: &SubmitParams, now: DateTime<Utc>) -> Result<Uniqueness, ApiError> {
+    let Some(key) = &params.unique_key else {
+        if params.debounce_seconds.is_some() {
+            return Err(ApiError::invalid_parameter(
+                "debounce_seconds",
+                "debounce_seconds needs a unique_key",
+            ));
+        }
+        return Ok((None, None));
+    };
+    if key.is_empty() || key.len() > warren_shared::admission::MAX_KEY_BYTES {
+        return Err(ApiError::invalid_parameter(
+            "unique_key",
+            "unique_key must be 1 to 200 bytes",
+        ));
+    }
+    let Some(seconds) = params.debounce_seconds else {
+        return Ok((Some((key.clone(), false)), None));
+    };
+    if !(0.0..=MAX_DEBOUNCE_SECONDS).contains(&seconds) {
+        return Err(ApiError::invalid_parameter(
+            "debounce_seconds",
+            "debounce_seconds must be between 0 and 86400",
+        ));
+    }
+    if params.countdown.is_some() || params.eta.is_some() {
+        return Err(ApiError::invalid_parameter(
+            "debounce_seconds",
+            "a debounced task's countdown is debounce_seconds: give no countdown or eta",
+        ));
+    }
+    let eta = now + chrono::TimeDelta::milliseconds((seconds * 1000.0) as i64);
+    Ok((Some((key.clone(), true)), Some(eta)))
 }
 
 pub(super) fn instant(name: &str, text: &str) -> Result<DateTime<Utc>, ApiError> {
@@ -83,6 +143,15 @@ impl SubmitParams {
             }
             Ok(at)
         };
+        if let Some(p) = self.priority
+            && p > 9
+        {
+            return Err(ApiError::invalid_parameter(
+                "priority",
+                "priority must be 0 to 9",
+            ));
+        }
+        let (unique, debounced) = uniqueness(self, now)?;
         let eta = match (&self.countdown, &self.eta) {
             (Some(_), Some(_)) => {
                 return Err(ApiError::invalid_parameter(
@@ -92,7 +161,7 @@ impl SubmitParams {
             }
             (Some(s), None) => Some(seconds("countdown", *s)?),
             (None, Some(t)) => Some(ahead("eta", t)?),
-            (None, None) => None,
+            (None, None) => debounced,
         };
         let expires = match (&self.expires_in, &self.expires) {
             (Some(_), Some(_)) => {
@@ -130,6 +199,8 @@ impl SubmitParams {
             eta,
             expires,
             callback,
+            priority: self.priority,
+            unique,
         })
     }
 }
@@ -161,6 +232,7 @@ fn new_task(
 ) -> NewTask {
     let lease = chrono::Duration::from_std(state.settings.relay.lease()).unwrap_or_default();
     let (reply_to, time_limit, soft_time_limit) = runner_fields(state, entry);
+    let admission = entry.limits.keys(Some(&caller.owner), &input);
     NewTask {
         id: Uuid::now_v7(),
         task_type: task_type.to_owned(),
@@ -183,6 +255,9 @@ fn new_task(
         time_limit,
         soft_time_limit,
         callback: schedule.callback.clone(),
+        priority: i16::from(schedule.priority.unwrap_or(entry.priority)),
+        admission,
+        unique: schedule.unique.clone(),
     }
 }
 
@@ -373,7 +448,15 @@ pub(crate) async fn submit(
 
     let mut new = new_task(&state, &caller, entry, &task_type, input, &schedule, now);
     new.traceparent = Some(trace_context(&headers).to_string());
+    let unique = new.unique.is_some();
+    if unique && key.is_some() {
+        return Err(ApiError::invalid_parameter(
+            "unique_key",
+            "give an Idempotency-Key or a unique_key, not both",
+        ));
+    }
     let (row, replayed) = match key {
+        None if unique => record_unique(&state, &new).await?,
         // Recorded and published in a transaction shared with the
         // requests in flight beside it.
         None => {
@@ -431,6 +514,9 @@ pub(crate) async fn submit(
             .with_label_values(&[&task_type])
             .inc();
     }
+    if entry.limits.admits() {
+        state.relay_wake.notify_one();
+    }
     tracing::info!(task_id = %row.id, task = %task_type, state = %task_state, replayed, "task accepted");
 
     let body = Submitted::new(&row, task_state);
@@ -439,10 +525,34 @@ pub(crate) async fn submit(
     if let Ok(v) = HeaderValue::from_str(&task_path(&task_type, row.id)) {
         headers.insert(header::LOCATION, v);
     }
-    if replayed {
+    if replayed && unique {
+        headers.insert("unique-existing", HeaderValue::from_static("true"));
+    } else if replayed {
         headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(response)
+}
+
+/// A submission with `?unique_key=`: the new task (published if due), or
+/// the unfinished one holding the key (a debounced one with this input
+/// now). `true`: not new.
+async fn record_unique(state: &AppState, new: &NewTask) -> Result<(task::Model, bool), ApiError> {
+    Ok(match state.store.insert_unique(new).await? {
+        Unique::New(mut row) => {
+            if !publish_due(state, std::slice::from_ref(&row))
+                .await
+                .is_empty()
+            {
+                row.state = TaskState::Queued;
+            }
+            (row, false)
+        }
+        Unique::Existing(row) => (row, true),
+        Unique::Debounced(row) => {
+            tracing::info!(task_id = %row.id, "debounced: input replaced, countdown restarted");
+            (row, true)
+        }
+    })
 }
 
 /// The batch body's schema, for the OpenAPI document; `batch_tasks` reads it.
@@ -523,6 +633,12 @@ pub(crate) async fn submit_batch(
 
     let now = Utc::now();
     let schedule = params.resolve(now, &state.settings.webhooks)?;
+    if schedule.unique.is_some() {
+        return Err(ApiError::invalid_parameter(
+            "unique_key",
+            "unique_key applies to single submissions (POST /tasks/{type})",
+        ));
+    }
     check_signing_secret(&state, &caller, &schedule).await?;
     let new: Vec<NewTask> = tasks
         .into_iter()
@@ -530,6 +646,9 @@ pub(crate) async fn submit_batch(
         .collect();
     let rows = Publishing::of(&state).record(&state.store, &new).await?;
     let queued = rows.iter().filter(|r| r.state == TaskState::Queued).count();
+    if entry.limits.admits() {
+        state.relay_wake.notify_one();
+    }
     state
         .metrics
         .submitted

@@ -1,0 +1,350 @@
+//! Admission in SQL: held tasks released into the outbox under their
+//! type's caps and rates; pauses of types and queues; why a task waits.
+//!
+//! One pass per type at a time, cluster-wide (`pg_advisory_xact_lock` on the
+//! type): two replicas counting the same free slot would both fill it.
+//! The pass reads each key with held work through `tasks_held` (a skip
+//! scan, one probe per key), takes up to the key's room in priority order,
+//! interleaves the keys round-robin, spends rate tokens, and moves the
+//! chosen rows into the outbox with `publish_at` a microsecond apart, so
+//! the relay publishes them in that order. The running count per key is
+//! kept by the `tasks_admission_*` triggers, not by this code.
+
+use super::{Result, Store, stmt};
+use crate::admission::Limits;
+use chrono::{DateTime, Utc};
+use sea_orm::{ConnectionTrait, TransactionTrait};
+use std::collections::HashMap;
+use uuid::Uuid;
+
+/// What one admission pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Admitted {
+    pub count: usize,
+    /// When a rate limit allows the next task of a key that still waits.
+    pub wake_at: Option<DateTime<Utc>>,
+}
+
+/// A held task the pass may admit.
+struct Candidate {
+    id: Uuid,
+    rate_key: Option<String>,
+    /// Its place within its key (1 = next): the round-robin order.
+    rank: i64,
+    group: String,
+}
+
+/// A paused type or queue.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Pause {
+    /// `type` or `queue`.
+    pub kind: String,
+    pub name: String,
+    pub paused_at: DateTime<Utc>,
+    pub paused_by: Option<String>,
+}
+
+/// Keys with held work (a recursive skip scan over `tasks_held`), and for
+/// each its next tasks up to the room its cap leaves.
+const CANDIDATES: &str = "
+    WITH RECURSIVE keys(k) AS (
+        (SELECT concurrency_key FROM tasks
+          WHERE hold = 'admission' AND task_type = $1 ORDER BY concurrency_key LIMIT 1)
+        UNION ALL
+        SELECT (SELECT concurrency_key FROM tasks
+                 WHERE hold = 'admission' AND task_type = $1 AND concurrency_key > keys.k
+                 ORDER BY concurrency_key LIMIT 1)
+        FROM keys WHERE keys.k IS NOT NULL
+    )
+    SELECT c.id, c.rate_key, c.rank, keys.k AS grp
+    FROM keys
+    LEFT JOIN admission_counts ac ON ac.task_type = $1 AND ac.key = keys.k
+    CROSS JOIN LATERAL (
+        SELECT t.id, t.rate_key, row_number() OVER (ORDER BY t.priority DESC, t.id) AS rank
+        FROM tasks t
+        WHERE t.hold = 'admission' AND t.task_type = $1 AND t.concurrency_key = keys.k
+          AND (t.eta IS NULL OR t.eta <= now())
+        ORDER BY t.priority DESC, t.id
+        LIMIT greatest(least(coalesce($2 - coalesce(ac.running, 0), $3), $3), 0)
+    ) c
+    WHERE keys.k IS NOT NULL";
+
+impl Store {
+    /// One admission pass for `task_type`: at most `batch` tasks released.
+    pub async fn admit(
+        &self,
+        task_type: &str,
+        queue: &str,
+        limits: &Limits,
+        batch: usize,
+    ) -> Result<Admitted> {
+        let txn = self.db.begin().await?;
+        txn.execute_raw(stmt(
+            "SELECT pg_advisory_xact_lock(hashtext('warren admission'), hashtext($1))",
+            vec![task_type.into()],
+        ))
+        .await?;
+        if paused(&txn, task_type, queue).await? {
+            txn.commit().await?;
+            return Ok(Admitted::default());
+        }
+        // A type limited by rate alone groups by its rate key: no key can
+        // take more than a burst in one pass, so none is read.
+        let per_key = match (&limits.concurrency, &limits.rate) {
+            (None, Some((_, rate))) => rate.burst().min(i64::try_from(batch).unwrap_or(i64::MAX)),
+            _ => i64::try_from(batch).unwrap_or(i64::MAX),
+        };
+        let cap = limits.cap().map(i64::from);
+        let rows = txn
+            .query_all_raw(stmt(
+                CANDIDATES,
+                vec![task_type.into(), cap.into(), per_key.into()],
+            ))
+            .await?;
+        let mut candidates = Vec::with_capacity(rows.len());
+        for row in rows {
+            candidates.push(Candidate {
+                id: row.try_get("", "id")?,
+                rate_key: row.try_get("", "rate_key")?,
+                rank: row.try_get("", "rank")?,
+                group: row.try_get("", "grp")?,
+            });
+        }
+        // Round-robin: every key's first, then every key's second, …
+        candidates.sort_by(|a, b| (a.rank, &a.group).cmp(&(b.rank, &b.group)));
+        let (chosen, buckets, wake_at) = match &limits.rate {
+            None => (take(candidates, batch), Vec::new(), None),
+            Some((_, rate)) => spend(&txn, task_type, rate, candidates, batch).await?,
+        };
+        if !chosen.is_empty() {
+            txn.execute_raw(stmt(
+                "UPDATE tasks t SET hold = NULL, updated_at = now(),
+                        publish_at = now() + a.ord * interval '1 microsecond'
+                 FROM unnest($1::uuid[]) WITH ORDINALITY AS a(id, ord)
+                 WHERE t.id = a.id AND t.hold = 'admission'",
+                vec![chosen.clone().into()],
+            ))
+            .await?;
+        }
+        save_buckets(&txn, task_type, buckets).await?;
+        txn.commit().await?;
+        Ok(Admitted {
+            count: chosen.len(),
+            wake_at,
+        })
+    }
+
+    /// Pauses a type or a queue (`kind` = `type` | `queue`); `false` if it
+    /// was paused already.
+    pub async fn pause(&self, kind: &str, name: &str, by: &str) -> Result<bool> {
+        let res = self
+            .db
+            .execute_raw(stmt(
+                "INSERT INTO pauses (kind, name, paused_by) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                vec![kind.into(), name.into(), by.into()],
+            ))
+            .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    /// Resumes a type or a queue: its parked tasks go back into the outbox
+    /// in priority order, then submission order. Returns how many, or
+    /// `None` if it was not paused.
+    pub async fn resume(&self, kind: &str, name: &str) -> Result<Option<u64>> {
+        let txn = self.db.begin().await?;
+        let deleted = txn
+            .execute_raw(stmt(
+                "DELETE FROM pauses WHERE kind = $1 AND name = $2",
+                vec![kind.into(), name.into()],
+            ))
+            .await?;
+        if deleted.rows_affected() == 0 {
+            txn.commit().await?;
+            return Ok(None);
+        }
+        let column = if kind == "queue" {
+            "queue"
+        } else {
+            "task_type"
+        };
+        let released = txn
+            .execute_raw(stmt(
+                &format!(
+                    "UPDATE tasks t SET hold = NULL, updated_at = now(),
+                            publish_at = now() + o.ord * interval '1 microsecond'
+                     FROM (SELECT id, row_number() OVER (ORDER BY priority DESC, id) AS ord
+                           FROM tasks WHERE hold = 'paused' AND {column} = $1) o
+                     WHERE t.id = o.id AND t.hold = 'paused'"
+                ),
+                vec![name.into()],
+            ))
+            .await?;
+        txn.commit().await?;
+        Ok(Some(released.rows_affected()))
+    }
+
+    pub async fn pauses(&self) -> Result<Vec<Pause>> {
+        let rows = self
+            .db
+            .query_all_raw(stmt(
+                "SELECT kind, name, paused_at, paused_by FROM pauses ORDER BY kind, name",
+                vec![],
+            ))
+            .await?;
+        let mut pauses = Vec::with_capacity(rows.len());
+        for row in rows {
+            pauses.push(Pause {
+                kind: row.try_get("", "kind")?,
+                name: row.try_get("", "name")?,
+                paused_at: row.try_get("", "paused_at")?,
+                paused_by: row.try_get("", "paused_by")?,
+            });
+        }
+        Ok(pauses)
+    }
+
+    /// A worker was handed a task of a paused type or queue: it waits in
+    /// PostgreSQL instead (PENDING, `hold = 'paused'`), holding nothing,
+    /// until the resume. Only a task not started: `true` if parked.
+    pub async fn park_paused(&self, id: Uuid) -> Result<bool> {
+        let res = self
+            .db
+            .execute_raw(stmt(
+                "UPDATE tasks SET state = 'PENDING', hold = 'paused', publish_at = NULL, updated_at = now()
+                 WHERE id = $1 AND state IN ('PENDING', 'QUEUED', 'RETRY') AND hold IS NULL",
+                vec![id.into()],
+            ))
+            .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    /// Whether a type or its queue is paused now.
+    pub async fn is_paused(&self, task_type: &str, queue: &str) -> Result<bool> {
+        paused(&self.db, task_type, queue).await
+    }
+
+    /// Tasks waiting out of the outbox and the broker, by reason
+    /// (`admission`, `paused`), and delayed ones (`scheduled`).
+    pub async fn waiting_by_reason(&self) -> Result<HashMap<String, i64>> {
+        let rows = self
+            .db
+            .query_all_raw(stmt(
+                "SELECT hold AS reason, count(*) AS n FROM tasks WHERE hold IS NOT NULL GROUP BY hold
+                 UNION ALL
+                 SELECT 'scheduled', count(*) FROM tasks WHERE publish_at > now() + interval '1 second'
+                                                       AND state = 'PENDING'",
+                vec![],
+            ))
+            .await?;
+        let mut counts = HashMap::new();
+        for row in rows {
+            counts.insert(row.try_get("", "reason")?, row.try_get("", "n")?);
+        }
+        Ok(counts)
+    }
+}
+
+async fn paused(db: &impl ConnectionTrait, task_type: &str, queue: &str) -> Result<bool> {
+    let row = db
+        .query_one_raw(stmt(
+            "SELECT EXISTS (SELECT 1 FROM pauses WHERE (kind = 'type' AND name = $1)
+                                                  OR (kind = 'queue' AND name = $2)) AS paused",
+            vec![task_type.into(), queue.into()],
+        ))
+        .await?;
+    Ok(match row {
+        Some(row) => row.try_get("", "paused")?,
+        None => false,
+    })
+}
+
+fn take(candidates: Vec<Candidate>, batch: usize) -> Vec<Uuid> {
+    candidates.into_iter().take(batch).map(|c| c.id).collect()
+}
+
+type Buckets = Vec<(String, DateTime<Utc>)>;
+
+/// Spends each rate key's tokens on the candidates in order; the chosen
+/// ids, the buckets' new state, and when the next token of a key left
+/// waiting falls due.
+async fn spend(
+    txn: &impl ConnectionTrait,
+    task_type: &str,
+    rate: &crate::admission::Rate,
+    candidates: Vec<Candidate>,
+    batch: usize,
+) -> Result<(Vec<Uuid>, Buckets, Option<DateTime<Utc>>)> {
+    let keys: Vec<String> = {
+        let mut keys: Vec<String> = candidates
+            .iter()
+            .map(|c| c.rate_key.clone().unwrap_or_default())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    };
+    let row = txn
+        .query_one_raw(stmt("SELECT clock_timestamp() AS now", vec![]))
+        .await?;
+    let now: DateTime<Utc> = match row {
+        Some(row) => row.try_get("", "now")?,
+        None => Utc::now(),
+    };
+    let mut tat: HashMap<String, DateTime<Utc>> = HashMap::new();
+    for row in txn
+        .query_all_raw(stmt(
+            "SELECT key, tat FROM rate_buckets WHERE task_type = $1 AND key = ANY($2)",
+            vec![task_type.into(), keys.clone().into()],
+        ))
+        .await?
+    {
+        tat.insert(row.try_get("", "key")?, row.try_get("", "tat")?);
+    }
+    let mut wanted: HashMap<&str, i64> = HashMap::new();
+    for c in &candidates {
+        *wanted
+            .entry(c.rate_key.as_deref().unwrap_or_default())
+            .or_insert(0) += 1;
+    }
+    let mut tokens: HashMap<String, i64> = HashMap::new();
+    let mut buckets = Vec::new();
+    let mut wake_at: Option<DateTime<Utc>> = None;
+    for key in keys {
+        let want = wanted.get(key.as_str()).copied().unwrap_or(0);
+        let (granted, next) = rate.grant(tat.get(&key).copied(), now, want);
+        if granted < want {
+            wake_at = Some(wake_at.map_or(next, |w| w.min(next)));
+        }
+        if granted > 0 {
+            buckets.push((key.clone(), next));
+        }
+        tokens.insert(key, granted);
+    }
+    let mut chosen = Vec::new();
+    for c in candidates {
+        if chosen.len() >= batch {
+            break;
+        }
+        let left = tokens.entry(c.rate_key.unwrap_or_default()).or_insert(0);
+        if *left > 0 {
+            *left -= 1;
+            chosen.push(c.id);
+        }
+    }
+    Ok((chosen, buckets, wake_at))
+}
+
+async fn save_buckets(txn: &impl ConnectionTrait, task_type: &str, buckets: Buckets) -> Result<()> {
+    if buckets.is_empty() {
+        return Ok(());
+    }
+    let (keys, tats): (Vec<String>, Vec<DateTime<Utc>>) = buckets.into_iter().unzip();
+    txn.execute_raw(stmt(
+        "INSERT INTO rate_buckets (task_type, key, tat)
+         SELECT $1, k, t FROM unnest($2::text[], $3::timestamptz[]) AS b(k, t)
+         ON CONFLICT (task_type, key) DO UPDATE SET tat = EXCLUDED.tat",
+        vec![task_type.into(), keys.into(), tats.into()],
+    ))
+    .await?;
+    Ok(())
+}

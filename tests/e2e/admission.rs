@@ -1,0 +1,404 @@
+//! Fair, limited, prioritised, paused, unique (issue 19): a type's
+//! `concurrency_limit` per key with round-robin between keys, cluster-wide
+//! rate limits, priorities in admission order, pause and resume, unique
+//! keys and debounce. Every limit is enforced in PostgreSQL, across
+//! replicas, with nothing waiting on a worker's slot.
+
+use chrono::{DateTime, TimeDelta, Utc};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::time::Duration;
+use uuid::Uuid;
+use warren_shared::{
+    db::task,
+    settings::{Settings, TaskSettings},
+    state::TaskState,
+};
+use warren_tests::{ApiClient, TestEnv, ids_in, metric, wait_until};
+
+fn limit(s: &mut Settings, task_type: &str, adjust: impl FnOnce(&mut TaskSettings)) {
+    let mut t = s.tasks.get(task_type).cloned().unwrap_or_default();
+    adjust(&mut t);
+    s.tasks.insert(task_type.into(), t);
+}
+
+/// `POST /tasks/{type}/batch` in batches of 1,000; the ids in order.
+async fn submit_many(
+    client: &ApiClient,
+    task_type: &str,
+    query: &str,
+    inputs: Vec<Value>,
+) -> Vec<Uuid> {
+    let mut ids = Vec::with_capacity(inputs.len());
+    for chunk in inputs.chunks(1000) {
+        let response = client
+            .post_json(
+                &format!("/tasks/{task_type}/batch{query}"),
+                &json!({"tasks": chunk}),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        ids.extend(ids_in(&response.json().await.unwrap(), "tasks"));
+    }
+    ids
+}
+
+/// The most tasks of `rows` that ran at the same time (by their rows).
+fn most_at_once(rows: &[&task::Model]) -> usize {
+    let mut edges: Vec<(DateTime<Utc>, i32)> = Vec::new();
+    for r in rows {
+        if let (Some(s), Some(f)) = (r.started_at, r.finished_at) {
+            edges.push((s, 1));
+            edges.push((f, -1));
+        }
+    }
+    // Ends before starts at the same instant: back to back is not overlap.
+    edges.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    usize::try_from(most).unwrap_or(0)
+}
+
+/// How many of `rows` finished within `[from, to)`.
+fn finished_between(rows: &[task::Model], from: DateTime<Utc>, to: DateTime<Utc>) -> usize {
+    rows.iter()
+        .filter(|r| r.finished_at.is_some_and(|f| f >= from && f < to))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_owners_backlog_never_starves_another() {
+    let env = TestEnv::with(|s| {
+        s.worker.concurrency = 8;
+        limit(s, "sleep", |t| t.concurrency_limit = Some(8));
+    })
+    .await;
+    let api = env.spawn_api().await;
+    let (w1, w2) = (env.spawn_worker("w1").await, env.spawn_worker("w2").await);
+    let (a, b) = (
+        api.client_for("owner-a").await,
+        api.client_for("owner-b").await,
+    );
+
+    let backlog = submit_many(&a, "sleep", "", vec![json!({"seconds": 0.05}); 6000]).await;
+    // A's backlog waits in PostgreSQL, saying why.
+    let last = a.task("sleep", backlog[5999]).await;
+    assert_eq!(last["state"], "PENDING", "{last}");
+    assert_eq!(
+        last["waiting"],
+        json!({"reason": "admission", "key": "owner-a"})
+    );
+    let metrics = api.get("/metrics").await.text().await.unwrap();
+    let held = metric(&metrics, "warren_tasks_waiting", &[("reason", "admission")]);
+    assert!(held.is_some_and(|n| n > 5000.0), "{held:?}");
+
+    // A runs steadily; then B submits.
+    wait_until(
+        "A's first 100 to finish",
+        Duration::from_secs(60),
+        || async {
+            let done = env
+                .store()
+                .count_in_state(TaskState::Success)
+                .await
+                .unwrap();
+            (done >= 100).then_some(())
+        },
+    )
+    .await;
+    let submitted = Utc::now();
+    let mine = submit_many(&b, "sleep", "", vec![json!({"seconds": 0.05}); 10]).await;
+    let b_rows = env.wait_for_terminal(&mine, Duration::from_secs(30)).await;
+    // A's rate is compared over the seconds after B's submission: they
+    // must be over before the workers stop. Two, not one: other tests'
+    // bursts on a shared machine make a single second noisy.
+    let window = TimeDelta::seconds(2);
+    if let Ok(left) = (submitted + window + TimeDelta::milliseconds(200) - Utc::now()).to_std() {
+        tokio::time::sleep(left).await;
+    }
+    let a_rows = env.tasks(&backlog).await;
+    w1.stop().await;
+    w2.stop().await;
+    api.stop().await;
+
+    for r in &b_rows {
+        let waited = r.started_at.map(|s| s - submitted);
+        assert!(
+            waited.is_some_and(|w| w <= TimeDelta::seconds(2)),
+            "B's task started {waited:?} after submission"
+        );
+    }
+    let a_ran: Vec<&task::Model> = a_rows.iter().filter(|r| r.finished_at.is_some()).collect();
+    assert!(
+        most_at_once(&a_ran) <= 8,
+        "A ran {} at once",
+        most_at_once(&a_ran)
+    );
+    assert!(a_ran.len() < 6000, "A's backlog was still running");
+    // B took the free slots, not A's: A's rate while B ran is A's before.
+    let before = finished_between(&a_rows, submitted - window, submitted);
+    let during = finished_between(&a_rows, submitted, submitted + window);
+    let per_100ms: Vec<usize> = (-10..10)
+        .map(|i| {
+            let from = submitted + TimeDelta::milliseconds(100 * i);
+            finished_between(&a_rows, from, from + TimeDelta::milliseconds(100))
+        })
+        .collect();
+    assert!(
+        during * 10 >= before * 7,
+        "A finished {before} in 2 s before B and {during} in 2 s from B on; per 100 ms around B: {per_100ms:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limit_holds_across_three_replicas() {
+    let env = TestEnv::with(|s| {
+        s.worker.concurrency = 8;
+        limit(s, "noop", |t| t.rate_limit = Some("20/s".into()));
+    })
+    .await;
+    let api = env.spawn_api().await;
+    let workers = [
+        env.spawn_worker("w1").await,
+        env.spawn_worker("w2").await,
+        env.spawn_worker("w3").await,
+    ];
+    let client = api.client_for("acme").await;
+    let ids = submit_many(&client, "noop", "", vec![json!({}); 400]).await;
+    let rows = env.wait_for_terminal(&ids, Duration::from_secs(60)).await;
+    for w in workers {
+        w.stop().await;
+    }
+    api.stop().await;
+
+    let mut starts: Vec<DateTime<Utc>> = rows.iter().filter_map(|r| r.started_at).collect();
+    assert_eq!(starts.len(), 400);
+    starts.sort();
+    // Every 1-second window, sliding from each start.
+    let mut most = 0;
+    for (i, s) in starts.iter().enumerate() {
+        let n = starts[i..]
+            .iter()
+            .take_while(|t| **t - *s < TimeDelta::seconds(1))
+            .count();
+        most = most.max(n);
+    }
+    // Admission releases at most 21 in any second (unit-tested in
+    // `admission::Rate::grant`). Starts follow through the relay, the
+    // broker and the claim, whose delays on a loaded machine bunch a few:
+    // 23 were seen in a full CI run, never more. Known, and in the README.
+    assert!(most <= 23, "{most} starts within one second");
+    let span = (starts[399] - starts[0]).as_seconds_f64();
+    assert!((19.0..=25.0).contains(&span), "400 at 20/s took {span:.1}s");
+    let workers_used: std::collections::BTreeSet<_> =
+        rows.iter().filter_map(|r| r.worker.clone()).collect();
+    assert_eq!(workers_used.len(), 3, "every replica took part");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn priority_orders_what_waits_for_admission() {
+    let env = TestEnv::with(|s| {
+        s.worker.concurrency = 8;
+        limit(s, "sleep", |t| t.concurrency_limit = Some(8));
+    })
+    .await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker("w1").await;
+    let client = api.client_for("acme").await;
+    let routine = submit_many(&client, "sleep", "", vec![json!({"seconds": 0.01}); 10_000]).await;
+    wait_until("routine work to run", Duration::from_secs(60), || async {
+        let done = env
+            .store()
+            .count_in_state(TaskState::Success)
+            .await
+            .unwrap();
+        (done >= 50).then_some(())
+    })
+    .await;
+    let submitted = Utc::now();
+    let urgent = submit_many(
+        &client,
+        "sleep",
+        "?priority=9",
+        vec![json!({"seconds": 0.01}); 10],
+    )
+    .await;
+    let rows = env
+        .wait_for_terminal(&urgent, Duration::from_secs(30))
+        .await;
+    let pending_routine = env
+        .tasks(&routine)
+        .await
+        .iter()
+        .filter(|r| r.state == TaskState::Pending)
+        .count();
+    worker.stop().await;
+    api.stop().await;
+    for r in &rows {
+        assert_eq!(r.priority, 9);
+        let waited = r.started_at.map(|s| s - submitted);
+        assert!(
+            waited.is_some_and(|w| w <= TimeDelta::seconds(1)),
+            "{waited:?}"
+        );
+    }
+    assert!(
+        pending_routine > 1000,
+        "the routine backlog was still there: {pending_routine}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_type_starts_nothing_until_resumed_then_all_run_once() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let admin = api.admin_client().await;
+    let client = api.client_for("acme").await;
+    // Queued on the broker before anything consumes it.
+    let ids = submit_many(&client, "noop", "", vec![json!({}); 500]).await;
+    let out = env
+        .command("warren-api")
+        .args(["pause", "type", "noop"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Value = admin.get("/pauses").await.json().await.unwrap();
+    assert_eq!(listed["pauses"][0]["name"], "noop", "{listed}");
+    assert_eq!(
+        admin.put("/pauses/type/noop").await.status(),
+        StatusCode::OK,
+        "already"
+    );
+    assert_eq!(
+        admin.put("/pauses/type/nope").await.status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        admin.put("/pauses/thing/noop").await.status(),
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        client.put("/pauses/type/noop").await.status(),
+        StatusCode::FORBIDDEN
+    );
+
+    // A worker takes every message and parks every task, running none.
+    let worker = env.spawn_worker("w1").await;
+    let parked = wait_until("all 500 parked", Duration::from_secs(60), || async {
+        let rows = env.tasks(&ids).await;
+        rows.iter()
+            .all(|r| r.hold.as_deref() == Some("paused"))
+            .then_some(rows)
+    })
+    .await;
+    assert!(
+        parked
+            .iter()
+            .all(|r| r.started_at.is_none() && r.attempts == 0)
+    );
+    let t = client.task("noop", ids[0]).await;
+    assert_eq!(t["waiting"]["reason"], "paused", "{t}");
+
+    let resumed: Value = admin
+        .delete("/pauses/type/noop")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(resumed["released"], 500, "{resumed}");
+    let rows = env.wait_for_terminal(&ids, Duration::from_secs(60)).await;
+    assert!(
+        rows.iter()
+            .all(|r| r.state == TaskState::Success && r.attempts == 1)
+    );
+    assert_eq!(
+        admin.delete("/pauses/type/noop").await.status(),
+        StatusCode::NOT_FOUND
+    );
+    worker.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_unique_key_makes_one_task_of_100_concurrent_submissions() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let client = api.client_for("acme").await;
+    let submissions = (0..100).map(|i| {
+        let client = client.clone();
+        async move {
+            let response = client
+                .submit_with(
+                    "multiply",
+                    "unique_key=nightly-report",
+                    &json!({"x": i, "y": 1}),
+                )
+                .await;
+            assert_eq!(response.status(), StatusCode::ACCEPTED);
+            let existing = response.headers().contains_key("unique-existing");
+            let body: Value = response.json().await.unwrap();
+            (body["id"].as_str().unwrap().to_owned(), existing)
+        }
+    });
+    let answers = futures_util::future::join_all(submissions).await;
+    let ids: std::collections::BTreeSet<_> = answers.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(answers.iter().filter(|(_, existing)| !existing).count(), 1);
+    assert_eq!(env.task_ids().await.len(), 1);
+
+    // Once it has finished, the key is free again.
+    let worker = env.spawn_worker("w1").await;
+    let first: Uuid = ids.iter().next().unwrap().parse().unwrap();
+    env.wait_for_terminal(&[first], Duration::from_secs(20))
+        .await;
+    let again = client
+        .submit_with(
+            "multiply",
+            "unique_key=nightly-report",
+            &json!({"x": 1, "y": 1}),
+        )
+        .await;
+    assert!(!again.headers().contains_key("unique-existing"));
+    let bad = client
+        .submit_with("multiply", "debounce_seconds=1", &json!({"x": 1, "y": 1}))
+        .await;
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    worker.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debounce_runs_once_with_the_last_input() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker("w1").await;
+    let client = api.client_for("acme").await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let response = client
+            .submit_with(
+                "echo",
+                "unique_key=search-index&debounce_seconds=1",
+                &json!({"value": i}),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        let body: Value = response.json().await.unwrap();
+        ids.push(body["id"].as_str().unwrap().to_owned());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    let id: Uuid = ids[0].parse().unwrap();
+    let row = env.wait_for_first_attempt_success(id, json!(9)).await;
+    assert!(row.started_at.unwrap() - row.created_at >= TimeDelta::milliseconds(1900));
+    assert_eq!(env.task_ids().await.len(), 1);
+    worker.stop().await;
+    api.stop().await;
+}
