@@ -35,6 +35,7 @@ mod publisher;
 mod real_work;
 mod retries;
 mod scaling;
+mod schedules;
 mod state_machine;
 mod submit;
 mod time_limits;

@@ -325,6 +325,24 @@ impl ApiError {
         )
     }
 
+    pub fn schedule_not_found(name: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::ScheduleNotFound,
+            "Schedule not found",
+            format!("no schedule `{name}` for this API key"),
+        )
+    }
+
+    pub fn schedule_exists(name: &str, detail: &str) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            ErrorCode::ScheduleExists,
+            "Schedule exists",
+            format!("schedule `{name}`: {detail}"),
+        )
+    }
+
     pub fn workflow_not_found(id: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,

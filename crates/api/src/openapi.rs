@@ -1,7 +1,7 @@
 //! The OpenAPI 3.1 document, generated from the handlers and their types
 //! (utoipa), served at `/openapi.json`; a browsable reference at `/docs`.
 
-use crate::routes::{health, ops, pauses, tasks, webhooks, workflows};
+use crate::routes::{health, ops, pauses, schedules, tasks, webhooks, workflows};
 use axum::{
     Json,
     extract::State,
@@ -48,6 +48,12 @@ use warren_shared::catalog::Catalog;
         pauses::list,
         pauses::pause,
         pauses::resume,
+        schedules::create,
+        schedules::list,
+        schedules::show,
+        schedules::pause,
+        schedules::resume,
+        schedules::delete,
         health::healthz,
         health::readyz,
     ),
@@ -57,6 +63,7 @@ use warren_shared::catalog::Catalog;
         (name = "tasks", description = "Submitting and following tasks"),
         (name = "webhooks", description = "Signing secrets, and each task's deliveries to its callback_url"),
         (name = "workflows", description = "Chains, groups, chords and links: tasks that start each other"),
+        (name = "schedules", description = "Periodic tasks: cron (with seconds) or intervals, fired once per tick across replicas"),
         (name = "operations", description = "Live workers and queue depths, for operators"),
         (name = "health", description = "For load balancers and orchestrators"),
     ),

@@ -73,6 +73,8 @@ impl Application {
     /// one process.
     pub async fn build_named(settings: Settings, identity: String) -> Result<Self, StartupError> {
         let catalog = Catalog::new(&Registry::builtin(), &settings)?;
+        // Checked here so a bad `[schedules.*]` stops startup.
+        catalog.schedules(&settings)?;
         let connection = db::connect(&settings.database, &identity)
             .await
             .map_err(StartupError::Database)?;
@@ -173,6 +175,7 @@ impl Application {
                 Arc::clone(&self.state.publisher),
                 settings.relay.clone(),
                 &self.state.catalog,
+                self.state.catalog.schedules(settings).unwrap_or_default(),
                 Arc::clone(&self.state.relay_wake),
             );
             background.spawn(relay.run(shutdown.clone()));
@@ -261,6 +264,16 @@ pub fn router(state: AppState) -> Router {
         .route("/workers", get(routes::ops::workers))
         .route("/queues", get(routes::ops::queues))
         .route("/pauses", get(routes::pauses::list))
+        .route(
+            "/schedules",
+            post(routes::schedules::create).get(routes::schedules::list),
+        )
+        .route(
+            "/schedules/{name}",
+            get(routes::schedules::show).delete(routes::schedules::delete),
+        )
+        .route("/schedules/{name}/pause", post(routes::schedules::pause))
+        .route("/schedules/{name}/resume", post(routes::schedules::resume))
         .route(
             "/pauses/{kind}/{name}",
             put(routes::pauses::pause).delete(routes::pauses::resume),

@@ -6,6 +6,7 @@
 
 use crate::{
     admission::{KeySource, Limits, Rate},
+    schedule::Spec,
     settings::{Runner, Settings, SettingsError, TaskSettings},
     topology::Topology,
 };
@@ -111,6 +112,57 @@ impl Catalog {
 
     pub fn topology(&self) -> &Arc<Topology> {
         &self.topology
+    }
+
+    /// `[schedules.<name>]`, each checked against its type: an error names
+    /// the key (`schedules.nightly.cron`).
+    pub fn schedules(&self, settings: &Settings) -> Result<Vec<ConfiguredSchedule>, SettingsError> {
+        let mut all = Vec::new();
+        for (name, fields) in &settings.schedules {
+            let key = |field: &str| format!("schedules.{name}.{field}");
+            let spec = Spec::parse(fields).map_err(|e| invalid(key(e.field), e.message))?;
+            let Some(entry) = self.get(&spec.task) else {
+                return Err(invalid(
+                    key("task"),
+                    format!("no task type {:?}", spec.task),
+                ));
+            };
+            entry
+                .task
+                .validate(&spec.input)
+                .map_err(|e| invalid(key("input"), e.to_string()))?;
+            all.push(ConfiguredSchedule {
+                name: name.clone(),
+                owner: fields.owner.clone().unwrap_or_else(|| "scheduler".into()),
+                spec,
+            });
+        }
+        Ok(all)
+    }
+}
+
+/// A schedule from configuration, checked.
+#[derive(Debug, Clone)]
+pub struct ConfiguredSchedule {
+    pub name: String,
+    /// Whose tasks its ticks are (`owner`, default `scheduler`).
+    pub owner: String,
+    pub spec: Spec,
+}
+
+impl Entry {
+    /// What its runner reads from a message: a Celery-run type's reply
+    /// queue and time limits (a Warren worker has its policy), for every
+    /// publisher of its tasks alike.
+    pub fn runner_fields(&self, topology: &Topology) -> (Option<String>, Option<f64>, Option<f64>) {
+        if self.runner != Runner::Celery {
+            return (None, None, None);
+        }
+        (
+            topology.reply_queue(),
+            self.policy.time_limit.map(|d| d.as_secs_f64()),
+            self.policy.soft_time_limit.map(|d| d.as_secs_f64()),
+        )
     }
 }
 
@@ -258,8 +310,11 @@ mod tests {
             .and(copy("schemas/wordcount.json", SCHEMA.into()));
         written.map_err(|e| invalid("files".into(), e.to_string()))?;
         let vars = HashMap::from([(ENV_VAR.to_owned(), "staging".to_owned())]);
-        let catalog = Settings::load_from(&dir, &vars)
-            .and_then(|settings| Catalog::new(&Registry::builtin(), &settings));
+        let catalog = Settings::load_from(&dir, &vars).and_then(|settings| {
+            let catalog = Catalog::new(&Registry::builtin(), &settings)?;
+            catalog.schedules(&settings)?;
+            Ok(catalog)
+        });
         let _ = std::fs::remove_dir_all(&dir);
         catalog
     }
@@ -360,5 +415,59 @@ mod tests {
                 .unwrap_or_default();
             assert!(err.contains(key), "{toml}: {err}");
         }
+    }
+
+    /// Limits and schedules are checked at startup, each error naming its key.
+    #[test]
+    fn bad_limits_and_schedules_name_their_key() {
+        let cases = [
+            (
+                "[tasks.sleep]\nconcurrency_limit = 0\n",
+                "tasks.sleep.concurrency_limit",
+            ),
+            (
+                "[tasks.sleep]\nconcurrency_key = \"owner\"\n",
+                "tasks.sleep.concurrency_key",
+            ),
+            (
+                "[tasks.sleep]\nconcurrency_limit = 2\nconcurrency_key = \"tenant\"\n",
+                "tasks.sleep.concurrency_key",
+            ),
+            (
+                "[tasks.sleep]\nrate_limit = \"20/d\"\n",
+                "tasks.sleep.rate_limit",
+            ),
+            (
+                "[tasks.sleep]\nrate_limit_key = \"owner\"\n",
+                "tasks.sleep.rate_limit_key",
+            ),
+            ("[tasks.sleep]\npriority = 10\n", "tasks.sleep.priority"),
+            (
+                "[schedules.n]\ntask = \"noop\"\ncron = \"99 * * * *\"\n",
+                "schedules.n.cron",
+            ),
+            (
+                "[schedules.n]\ntask = \"nope\"\nevery_seconds = 5\n",
+                "schedules.n.task",
+            ),
+            (
+                "[schedules.n]\ntask = \"multiply\"\nevery_seconds = 5\n[schedules.n.input]\nx = \"a\"\n",
+                "schedules.n.input",
+            ),
+        ];
+        for (toml, key) in cases {
+            let err = catalog(toml)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+        let limited = catalog(
+            "[tasks.sleep]\nconcurrency_limit = 8\nrate_limit = \"20/s\"\nrate_limit_key = \"input.partner\"\npriority = 7\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let entry = limited.get("sleep").unwrap_or_else(|| panic!("sleep"));
+        assert_eq!(entry.limits.cap(), Some(8));
+        assert_eq!(entry.priority, 7);
     }
 }

@@ -38,6 +38,10 @@ pub enum ErrorCode {
     DeliveryPending,
     /// No such workflow for this caller.
     WorkflowNotFound,
+    /// No such schedule for this caller (404).
+    ScheduleNotFound,
+    /// A schedule of that name exists already (409).
+    ScheduleExists,
     /// A query parameter is malformed (400).
     InvalidParameter,
     /// No resource at that path (404).
@@ -90,7 +94,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for parsing and for documentation tables.
-    pub const ALL: [ErrorCode; 37] = [
+    pub const ALL: [ErrorCode; 39] = [
         ErrorCode::InvalidInput,
         ErrorCode::MalformedJson,
         ErrorCode::UnsupportedMediaType,
@@ -106,6 +110,8 @@ impl ErrorCode {
         ErrorCode::DeliveryNotFound,
         ErrorCode::DeliveryPending,
         ErrorCode::WorkflowNotFound,
+        ErrorCode::ScheduleNotFound,
+        ErrorCode::ScheduleExists,
         ErrorCode::InvalidParameter,
         ErrorCode::NotFound,
         ErrorCode::MissingApiKey,
@@ -152,6 +158,8 @@ impl ErrorCode {
             ErrorCode::DeliveryNotFound => "delivery_not_found",
             ErrorCode::DeliveryPending => "delivery_pending",
             ErrorCode::WorkflowNotFound => "workflow_not_found",
+            ErrorCode::ScheduleNotFound => "schedule_not_found",
+            ErrorCode::ScheduleExists => "schedule_exists",
             ErrorCode::InvalidParameter => "invalid_parameter",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MissingApiKey => "missing_api_key",

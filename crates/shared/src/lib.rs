@@ -18,6 +18,8 @@
 //! - [`artifacts`]: files tasks produce, behind an interface (PostgreSQL now).
 //! - [`relay`]: the outbox relay (recorded → published, delays, retries),
 //!   and admission (held → outbox, under each type's caps and rates).
+//! - [`schedule`]: periodic tasks (cron with seconds, intervals, time
+//!   zones, missed-tick and overlap policies), fired once per tick.
 //! - [`admission`]: a type's limits (concurrency keys, rate limits) and
 //!   their arithmetic.
 //! - [`webhooks`]: completion webhooks: callback targets checked (SSRF),
@@ -52,6 +54,7 @@ pub mod management;
 pub mod metrics;
 pub mod probe;
 pub mod relay;
+pub mod schedule;
 pub mod settings;
 pub mod shutdown;
 pub mod signing;

@@ -20,8 +20,9 @@ use crate::{
     admission::Limits,
     broker::{Outgoing, Publisher},
     catalog::Catalog,
+    schedule,
     settings::RelaySettings,
-    store::{Due, Store},
+    store::{Due, NewSchedule, NewTask, ScheduleRow, Store},
 };
 use chrono::Utc;
 use std::{sync::Arc, time::Duration};
@@ -49,6 +50,9 @@ pub struct Relay {
     settings: RelaySettings,
     admitted: Vec<Admitted>,
     wake: Arc<Notify>,
+    catalog: Catalog,
+    /// `[schedules.*]`, synced into PostgreSQL when the relay starts.
+    configured: Vec<crate::catalog::ConfiguredSchedule>,
 }
 
 impl Relay {
@@ -57,6 +61,7 @@ impl Relay {
         publisher: Arc<Publisher>,
         settings: RelaySettings,
         catalog: &Catalog,
+        configured: Vec<crate::catalog::ConfiguredSchedule>,
         wake: Arc<Notify>,
     ) -> Self {
         let admitted = catalog
@@ -75,6 +80,8 @@ impl Relay {
             settings,
             admitted,
             wake,
+            catalog: catalog.clone(),
+            configured,
         }
     }
 
@@ -82,6 +89,7 @@ impl Relay {
     /// logged and retried on the next tick; nothing here is fatal.
     pub async fn run(self, shutdown: CancellationToken) {
         tracing::debug!(interval = ?self.settings.interval(), admitted = self.admitted.len(), "relay started");
+        self.sync_schedules().await;
         let mut idle = true;
         let mut pause = self.settings.interval();
         loop {
@@ -94,10 +102,12 @@ impl Relay {
             } else if shutdown.is_cancelled() {
                 break;
             }
+            let next_tick = self.fire_schedules().await;
             let (admitted, next) = self.admit().await;
-            pause = next.map_or(self.settings.interval(), |n| {
-                n.min(self.settings.interval())
-            });
+            pause = [next, next_tick]
+                .into_iter()
+                .flatten()
+                .fold(self.settings.interval(), Duration::min);
             match pass(&self.store, &self.publisher, self.settings.batch_size).await {
                 // A full batch means more may be due right now.
                 Ok(n) => idle = n < self.settings.batch_size as usize && !admitted,
@@ -108,6 +118,80 @@ impl Relay {
             }
         }
         tracing::debug!("relay stopped");
+    }
+
+    /// Writes `[schedules.*]` into PostgreSQL, so every replica fires
+    /// the same ones. Retried at the next start if the database is down.
+    async fn sync_schedules(&self) {
+        let now = Utc::now();
+        let rows: Vec<NewSchedule<'_>> = self
+            .configured
+            .iter()
+            .filter_map(|c| {
+                Some(NewSchedule {
+                    name: &c.name,
+                    owner: &c.owner,
+                    spec: &c.spec,
+                    next_at: c.spec.next_after(now)?,
+                })
+            })
+            .collect();
+        if let Err(e) = self.store.sync_config_schedules(&rows).await {
+            tracing::error!(error = %e, "schedules: could not sync the configured ones");
+        }
+    }
+
+    /// Fires what is due; how soon the next schedule is.
+    async fn fire_schedules(&self) -> Option<Duration> {
+        let now = Utc::now();
+        let fired = self
+            .store
+            .fire_schedules(now, |row, tick| self.tick_task(row, tick, now))
+            .await;
+        match fired {
+            Ok((_, next)) => next.map(|at| (at - Utc::now()).to_std().unwrap_or_default()),
+            Err(e) => {
+                tracing::warn!(error = %e, "schedules: firing failed; retrying");
+                None
+            }
+        }
+    }
+
+    /// The task of one tick, due at once (in the outbox, published by this
+    /// relay's next pass); `None` if its type is gone from this deployment.
+    fn tick_task(
+        &self,
+        row: &ScheduleRow,
+        tick: chrono::DateTime<Utc>,
+        publish_at: chrono::DateTime<Utc>,
+    ) -> Option<NewTask> {
+        let Some(entry) = self.catalog.get(&row.task_type) else {
+            tracing::error!(schedule = %row.name, task = %row.task_type, "schedule names a task type this deployment does not have");
+            return None;
+        };
+        let (reply_to, time_limit, soft_time_limit) = entry.runner_fields(self.catalog.topology());
+        Some(NewTask {
+            id: schedule::tick_id(&row.name, tick),
+            task_type: row.task_type.clone(),
+            queue: entry.queue.clone(),
+            owner: Some(row.owner.clone()),
+            input: row.input.clone(),
+            // The tick it is for: due, and what a listing shows.
+            eta: Some(tick),
+            expires_at: None,
+            idempotency_key: None,
+            idempotency_fingerprint: None,
+            origin: format!("schedule:{}", row.name),
+            traceparent: None,
+            publish_at,
+            reply_to,
+            time_limit,
+            soft_time_limit,
+            callback: None,
+            priority: i16::from(entry.priority),
+            admission: entry.limits.keys(Some(&row.owner), &row.input),
+            unique: None,
+        })
     }
 
     /// One admission pass per limited type. Whether a full batch was

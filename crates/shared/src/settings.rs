@@ -66,6 +66,10 @@ pub struct Settings {
     /// Per task type: its queue and policy overrides (`[tasks.sleep]`).
     #[serde(default)]
     pub tasks: BTreeMap<String, TaskSettings>,
+    /// Periodic tasks, `[schedules.<name>]`: `task`, `input`, `cron` (with
+    /// seconds) or `every_seconds`, `timezone`, `missed`, `overlap`, `owner`.
+    #[serde(default)]
+    pub schedules: BTreeMap<String, crate::schedule::SpecFields>,
     /// Meeting Celery clients where they publish (`[celery]`).
     #[serde(default)]
     pub celery: CelerySettings,

@@ -157,6 +157,8 @@ impl Worker {
     /// workers in one process.
     pub async fn build_named(settings: Settings, identity: String) -> Result<Self, WorkerError> {
         let catalog = Catalog::new(&Registry::builtin(), &settings)?;
+        // Checked here so a bad `[schedules.*]` stops startup.
+        catalog.schedules(&settings)?;
         let topology = Arc::clone(catalog.topology());
         let management = warren_shared::management::Management::new(&settings.amqp)?;
         warren_shared::management::ensure_policy(&management, &topology.policy()).await;
@@ -349,6 +351,10 @@ impl Worker {
                 Arc::clone(&worker.publisher),
                 worker.settings.relay.clone(),
                 &worker.catalog,
+                worker
+                    .catalog
+                    .schedules(&worker.settings)
+                    .unwrap_or_default(),
                 Arc::clone(&worker.relay_wake),
             );
             background.spawn(relay.run(shutdown.clone()));

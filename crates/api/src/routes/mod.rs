@@ -3,6 +3,7 @@
 pub(crate) mod health;
 pub(crate) mod ops;
 pub(crate) mod pauses;
+pub(crate) mod schedules;
 pub(crate) mod tasks;
 pub(crate) mod webhooks;
 pub(crate) mod workflows;

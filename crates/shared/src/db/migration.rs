@@ -95,6 +95,11 @@ impl MigratorTrait for Migrator {
                 up: ADMISSION,
                 down: ADMISSION_DOWN,
             }),
+            Box::new(Sql {
+                name: "m20261203_000013_schedules",
+                up: SCHEDULES,
+                down: "DROP TABLE schedules",
+            }),
         ]
     }
 }
@@ -789,4 +794,33 @@ DROP TABLE rate_buckets;
 DROP TABLE admission_counts;
 ALTER TABLE tasks DROP COLUMN debounce, DROP COLUMN unique_key, DROP COLUMN rate_key,
     DROP COLUMN concurrency_key, DROP COLUMN hold, DROP COLUMN priority;
+"#;
+
+/// Periodic tasks. A schedule's row is its lock: whoever fires it holds
+/// the row (`FOR UPDATE SKIP LOCKED`) while it records the ticks' tasks
+/// and the next `next_at`, in one transaction.
+const SCHEDULES: &str = r#"
+CREATE TABLE schedules (
+    name          text PRIMARY KEY,
+    owner         text NOT NULL,
+    task_type     text NOT NULL,
+    input         jsonb NOT NULL,
+    cron          text,
+    every_seconds float8,
+    timezone      text NOT NULL,
+    missed        text NOT NULL CHECK (missed IN ('skip', 'run_once', 'run_all')),
+    overlap       text NOT NULL CHECK (overlap IN ('allow', 'skip')),
+    -- 'config' ([schedules.<name>], synced at startup) or 'api'.
+    source        text NOT NULL CHECK (source IN ('config', 'api')),
+    paused        boolean NOT NULL DEFAULT false,
+    next_at       timestamptz NOT NULL,
+    last_tick_at  timestamptz,
+    last_task_id  uuid,
+    fired         bigint NOT NULL DEFAULT 0,
+    skipped       bigint NOT NULL DEFAULT 0,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    CHECK ((cron IS NULL) <> (every_seconds IS NULL))
+);
+CREATE INDEX schedules_due ON schedules (next_at) WHERE NOT paused;
 "#;

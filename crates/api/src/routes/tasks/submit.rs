@@ -4,10 +4,7 @@
 use super::*;
 use crate::state::Publishing;
 use warren_shared::{
-    envelope::TaskMessage,
-    settings::{Runner, WebhookSettings},
-    trace::TraceParent,
-    webhooks,
+    envelope::TaskMessage, settings::WebhookSettings, trace::TraceParent, webhooks,
 };
 
 // ------------------------------------------------------------- scheduling
@@ -231,7 +228,7 @@ fn new_task(
     now: DateTime<Utc>,
 ) -> NewTask {
     let lease = chrono::Duration::from_std(state.settings.relay.lease()).unwrap_or_default();
-    let (reply_to, time_limit, soft_time_limit) = runner_fields(state, entry);
+    let (reply_to, time_limit, soft_time_limit) = entry.runner_fields(state.catalog.topology());
     let admission = entry.limits.keys(Some(&caller.owner), &input);
     NewTask {
         id: Uuid::now_v7(),
@@ -259,20 +256,6 @@ fn new_task(
         admission,
         unique: schedule.unique.clone(),
     }
-}
-
-/// What a task's runner reads from its message. A Celery worker reports
-/// to Warren's reply queue and takes its time limits from the message; a
-/// Warren worker needs neither (its policy is its own).
-fn runner_fields(state: &AppState, entry: &Entry) -> (Option<String>, Option<f64>, Option<f64>) {
-    if entry.runner != Runner::Celery {
-        return (None, None, None);
-    }
-    (
-        state.catalog.topology().reply_queue(),
-        entry.policy.time_limit.map(|d| d.as_secs_f64()),
-        entry.policy.soft_time_limit.map(|d| d.as_secs_f64()),
-    )
 }
 
 /// Publishes tasks recorded already (committed) that are due now, waits
