@@ -38,9 +38,11 @@ out["chord_body"] = body.id
 
 # The same chain from a client with Celery's rpc:// backend: `get()` on the
 # last step returns its value (Warren replies for every step of the canvas).
+# It queues behind the chord's members above: on a loaded machine (the full
+# e2e suite), 30 s was once not enough for them and it.
 rpc = Celery("rpc-client", broker=broker, backend="rpc://")
 rpc.conf.task_default_queue = default_queue
 rpc.conf.broker_connection_retry_on_startup = False
 steps = chain(rpc.signature("multiply", args=(2, 3)), rpc.signature("multiply", args=(4,)))
-out["rpc_chain_value"] = steps.apply_async().get(timeout=30)
+out["rpc_chain_value"] = steps.apply_async().get(timeout=90)
 print(json.dumps(out))
