@@ -33,6 +33,7 @@ mod outbox;
 mod pipeline;
 mod publisher;
 mod real_work;
+mod retention;
 mod retries;
 mod scaling;
 mod schedules;

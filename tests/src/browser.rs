@@ -15,6 +15,8 @@ use tokio::process::{Child, Command};
 
 /// How long a page may take to show an element a test looks for.
 const FIND_WITHIN: Duration = Duration::from_secs(20);
+/// Clicks tried again when the element was re-rendered under them.
+const STALE_RETRIES: usize = 5;
 
 pub struct Browser {
     pub client: Client,
@@ -141,8 +143,19 @@ impl Browser {
         self.find(css).await.text().await.expect("element text")
     }
 
+    /// Clicks `css`. A live page re-renders its fragments (SSE): the
+    /// element found may be replaced before the click lands, so a stale
+    /// one is found again, a few times.
     pub async fn click(&self, css: &str) {
-        self.find(css).await.click().await.expect("click");
+        for _ in 0..STALE_RETRIES {
+            match self.find(css).await.click().await {
+                Ok(()) => return,
+                Err(fantoccini::error::CmdError::Standard(e))
+                    if e.error == fantoccini::error::ErrorStatus::StaleElementReference => {}
+                Err(e) => panic!("click `{css}`: {e}"),
+            }
+        }
+        panic!("click `{css}`: the element went stale {STALE_RETRIES} times");
     }
 
     /// Clicks a link or a form's button and waits for the page it leads to

@@ -115,7 +115,7 @@ impl Rate {
     /// `tat`. Admissions are spaced by [`Rate::interval`], at most
     /// [`Rate::burst`] at a time, so no window of a second holds more than
     /// N plus one burst. A pass that comes late (a loaded machine) keeps
-    /// the grid for up to half an interval, so lateness is not lost rate.
+    /// the grid for up to an interval, so lateness is not lost rate.
     pub fn grant(
         &self,
         tat: Option<DateTime<Utc>>,
@@ -126,7 +126,7 @@ impl Rate {
         let burst_back = interval * i32::try_from(self.burst() - 1).unwrap_or(0);
         let start = match tat {
             None => now - burst_back,
-            Some(t) => t.max(now - burst_back - interval / 2),
+            Some(t) => t.max(now - burst_back - interval),
         };
         if start > now || wanted <= 0 {
             return (0, start);

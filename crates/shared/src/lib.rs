@@ -18,6 +18,8 @@
 //! - [`artifacts`]: files tasks produce, behind an interface (PostgreSQL now).
 //! - [`relay`]: the outbox relay (recorded → published, delays, retries),
 //!   and admission (held → outbox, under each type's caps and rates).
+//! - [`retention`]: finished tasks and workflows deleted when old, in
+//!   small batches.
 //! - [`schedule`]: periodic tasks (cron with seconds, intervals, time
 //!   zones, missed-tick and overlap policies), fired once per tick.
 //! - [`admission`]: a type's limits (concurrency keys, rate limits) and
@@ -54,6 +56,7 @@ pub mod management;
 pub mod metrics;
 pub mod probe;
 pub mod relay;
+pub mod retention;
 pub mod schedule;
 pub mod settings;
 pub mod shutdown;

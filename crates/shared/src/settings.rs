@@ -56,6 +56,9 @@ pub struct Settings {
     pub api: ApiSettings,
     pub worker: WorkerSettings,
     pub relay: RelaySettings,
+    /// Deleting finished tasks once they are old (`[retention]`).
+    #[serde(default)]
+    pub retention: RetentionSettings,
     pub telemetry: TelemetrySettings,
     /// Completion webhooks: where submissions' `callback_url` may point,
     /// and how deliveries are retried (`[webhooks]`).
@@ -291,6 +294,36 @@ pub struct RelaySettings {
     pub lease_seconds: f64,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSettings {
+    /// Workers delete finished tasks (with their attempts, items,
+    /// artifacts and webhook deliveries) and finished workflows.
+    pub enabled: bool,
+    /// Kept this long after they were created and finished, unless their
+    /// type says otherwise (`[tasks.<type>] retention_days`).
+    pub days: f64,
+    /// Rows per DELETE: small, so no statement holds many locks or long.
+    pub batch_size: u32,
+    /// Pause between two batches, so a backlog of deletions never
+    /// competes with the work for long.
+    pub pause_ms: u64,
+    /// How often a replica looks for expired rows.
+    pub interval_seconds: f64,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            days: 30.0,
+            batch_size: 1000,
+            pause_ms: 50,
+            interval_seconds: 60.0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SentrySettings {
@@ -375,6 +408,9 @@ pub struct TaskSettings {
     pub rate_limit_key: Option<String>,
     /// The type's default priority, 0–9 (higher first); `?priority=` overrides.
     pub priority: Option<u8>,
+    /// Finished tasks of this type are deleted this many days after they
+    /// were created and finished; `retention.days` otherwise.
+    pub retention_days: Option<f64>,
 }
 
 /// Who runs a task type's code.
@@ -596,6 +632,31 @@ impl Settings {
             return Err(invalid("relay.batch_size", "must be between 1 and 10000"));
         }
         positive_seconds("relay.lease_seconds", r.lease_seconds)?;
+
+        let k = &self.retention;
+        if !(k.days > 0.0 && k.days <= 36_500.0) {
+            return Err(invalid(
+                "retention.days",
+                "must be between 0 (exclusive) and 36500",
+            ));
+        }
+        if k.batch_size == 0 || k.batch_size > 100_000 {
+            return Err(invalid(
+                "retention.batch_size",
+                "must be between 1 and 100000",
+            ));
+        }
+        positive_seconds("retention.interval_seconds", k.interval_seconds)?;
+        for (name, t) in &self.tasks {
+            if let Some(days) = t.retention_days
+                && !(days > 0.0 && days <= 36_500.0)
+            {
+                return Err(invalid(
+                    format!("tasks.{name}.retention_days"),
+                    "must be between 0 (exclusive) and 36500",
+                ));
+            }
+        }
 
         let h = &self.webhooks;
         positive_seconds("webhooks.retry_window_seconds", h.retry_window_seconds)?;

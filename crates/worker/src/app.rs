@@ -359,6 +359,13 @@ impl Worker {
             );
             background.spawn(relay.run(shutdown.clone()));
         }
+        if worker.settings.retention.enabled {
+            background.spawn(warren_shared::retention::run(
+                worker.store.clone(),
+                worker.settings.clone(),
+                shutdown.clone(),
+            ));
+        }
         if worker.settings.webhooks.enabled {
             match webhooks::Sender::new(worker.store.clone(), worker.settings.webhooks.clone()) {
                 Ok(sender) => {

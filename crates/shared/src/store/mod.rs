@@ -1014,6 +1014,57 @@ impl Store {
         Ok(count)
     }
 
+    /// Deletes at most `batch` finished tasks created and finished before
+    /// `cutoff`, of the `types` (`listed`) or of every other type; their
+    /// attempts, items, artifacts and deliveries go with them (cascade).
+    /// Rows locked now (a write in flight) are left for the next batch.
+    pub async fn delete_finished(
+        &self,
+        types: &[String],
+        listed: bool,
+        cutoff: DateTime<Utc>,
+        batch: u32,
+    ) -> Result<u64> {
+        let res = self
+            .db
+            .execute_raw(stmt(
+                "DELETE FROM tasks WHERE id IN (
+                     SELECT id FROM tasks
+                     WHERE created_at < $1 AND finished_at < $1
+                       AND state IN ('SUCCESS', 'FAILURE', 'CANCELLED', 'EXPIRED')
+                       AND (task_type = ANY($2)) = $3
+                     LIMIT $4 FOR UPDATE SKIP LOCKED)",
+                vec![
+                    cutoff.into(),
+                    types.to_vec().into(),
+                    listed.into(),
+                    i64::from(batch).into(),
+                ],
+            ))
+            .await?;
+        Ok(res.rows_affected())
+    }
+
+    /// Deletes at most `batch` finished workflows (their steps and joins
+    /// cascade) created and finished before `cutoff`.
+    pub async fn delete_finished_workflows(
+        &self,
+        cutoff: DateTime<Utc>,
+        batch: u32,
+    ) -> Result<u64> {
+        let res = self
+            .db
+            .execute_raw(stmt(
+                "DELETE FROM workflows WHERE id IN (
+                     SELECT id FROM workflows
+                     WHERE created_at < $1 AND finished_at < $1
+                     LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                vec![cutoff.into(), i64::from(batch).into()],
+            ))
+            .await?;
+        Ok(res.rows_affected())
+    }
+
     /// How many tasks are in `state` (for tests and operators' eyes; not
     /// indexed for large tables).
     pub async fn count_in_state(&self, state: TaskState) -> Result<i64> {
