@@ -171,6 +171,9 @@ fn read_body(state: &AppState, body: &Value) -> Result<(String, Spec), ApiError>
     request_body(content = NewScheduleBody, content_type = "application/json"),
     responses(
         (status = 201, description = "Made; it fires from its next tick", body = ScheduleView),
+        (status = 400, description = "The body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body exceeds api.max_body_bytes", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not declared as JSON", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The name is taken", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A field is wrong (named)", body = Problem, content_type = "application/problem+json"),
         crate::routes::tasks::CommonErrors,
