@@ -119,10 +119,22 @@ async fn handle_delivery(
     let disposition = process(worker, prepared, delivery.redelivered, stop)
         .instrument(span)
         .await;
-    let adopted = lock(&worker.running)
+    let (adopted, ran) = lock(&worker.running)
         .remove(&id)
-        .map(|r| r.adopted)
+        .map(|r| (r.adopted, r.cancel.is_some()))
         .unwrap_or_default();
+    if !ran && !adopted.is_empty() {
+        // This delivery did not run the task (it was over, not due, paused,
+        // refused), so it cannot speak for a copy adopted meanwhile: that
+        // may be the message a retry published after this one was read,
+        // and acknowledging it with this one lost the task (QUEUED, no
+        // message). Back to the broker, each is handled on its own.
+        tracing::info!(task_id = %id, copies = adopted.len(), "not run here; adopted copies go back to the broker");
+        for copy in adopted {
+            copy.requeue().await;
+        }
+        return Some((disposition, Vec::new()));
+    }
     Some((disposition, adopted))
 }
 
