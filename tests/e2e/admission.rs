@@ -6,6 +6,7 @@
 
 use chrono::{DateTime, TimeDelta, Utc};
 use reqwest::StatusCode;
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde_json::{Value, json};
 use std::time::Duration;
 use uuid::Uuid;
@@ -113,12 +114,28 @@ async fn one_owners_backlog_never_starves_another() {
     let mine = submit_many(&b, "sleep", "", vec![json!({"seconds": 0.05}); 10]).await;
     let b_rows = env.wait_for_terminal(&mine, Duration::from_secs(30)).await;
     // A's rate is compared over the seconds after B's submission: they
-    // must be over before the workers stop. Two, not one: other tests'
-    // bursts on a shared machine make a single second noisy.
+    // must be over before the workers stop, which an A task finishing
+    // after them shows. Two, not one: other tests' bursts on a shared
+    // machine make a single second noisy.
     let window = TimeDelta::seconds(2);
-    if let Ok(left) = (submitted + window + TimeDelta::milliseconds(200) - Utc::now()).to_std() {
-        tokio::time::sleep(left).await;
-    }
+    let db = env.session("test-fairness").await;
+    let after = submitted + window + TimeDelta::milliseconds(200);
+    wait_until(
+        "A to run past the window",
+        Duration::from_secs(30),
+        || async {
+            let row = db
+                .query_one_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    "SELECT count(*) AS n FROM tasks WHERE owner = 'owner-a' AND finished_at > $1",
+                    vec![after.into()],
+                ))
+                .await
+                .ok()??;
+            (row.try_get::<i64>("", "n").ok()? > 0).then_some(())
+        },
+    )
+    .await;
     let a_rows = env.tasks(&backlog).await;
     w1.stop().await;
     w2.stop().await;
@@ -392,7 +409,11 @@ async fn debounce_runs_once_with_the_last_input() {
     let worker = env.spawn_worker("w1").await;
     let client = api.client_for("acme").await;
     let mut ids = Vec::new();
+    // The scenario: a submission every 100 ms (the first tick is at once).
+    let mut cadence = tokio::time::interval(Duration::from_millis(100));
+    cadence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for i in 0..10 {
+        cadence.tick().await;
         let response = client
             .submit_with(
                 "echo",
@@ -403,7 +424,6 @@ async fn debounce_runs_once_with_the_last_input() {
         assert_eq!(response.status(), StatusCode::ACCEPTED);
         let body: Value = response.json().await.unwrap();
         ids.push(body["id"].as_str().unwrap().to_owned());
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
     let id: Uuid = ids[0].parse().unwrap();
