@@ -82,7 +82,7 @@ impl ApiMetrics {
                 IntGaugeVec::new(
                     prometheus::Opts::new(
                         "warren_tasks_waiting",
-                        "Tasks waiting in PostgreSQL, by reason: admission (a concurrency_limit or rate_limit), paused (their type or queue), scheduled (a countdown or ETA ahead).",
+                        "Tasks waiting in PostgreSQL, by reason: key_cap (their key at its concurrency_limit), rate_limit (no token of its rate yet), admission (held by a limit no longer configured), paused (their type or queue), scheduled (a countdown or ETA ahead).",
                     ),
                     &["reason"],
                 )?,
@@ -171,9 +171,16 @@ pub async fn serve(State(state): State<AppState>, headers: axum::http::HeaderMap
         Ok(n) => state.metrics.outbox.set(n),
         Err(e) => tracing::warn!(error = %e, "metrics: could not count the outbox"),
     }
-    match state.store.waiting_by_reason().await {
+    let limits: Vec<(&str, Option<u32>, bool)> = state
+        .catalog
+        .task_types()
+        .filter_map(|t| state.catalog.get(t).map(|e| (t, &e.limits)))
+        .filter(|(_, l)| l.admits())
+        .map(|(t, l)| (t, l.cap(), l.rate.is_some()))
+        .collect();
+    match state.store.waiting_by_reason(&limits).await {
         Ok(counts) => {
-            for reason in ["admission", "paused", "scheduled"] {
+            for reason in ["key_cap", "rate_limit", "admission", "paused", "scheduled"] {
                 let n = counts.get(reason).copied().unwrap_or(0);
                 state.metrics.waiting.with_label_values(&[reason]).set(n);
             }

@@ -24,7 +24,7 @@ use crate::{
     metrics::WorkerMetrics,
     services::WorkerServices,
 };
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures_util::FutureExt;
 use lapin::message::Delivery;
 use serde_json::{Value, json};
@@ -41,7 +41,7 @@ use warren_shared::{
     envelope::{self, Door, TaskMessage},
     error_tracking,
     state::TaskState,
-    store::{self, Claim, ClaimRequest, Outcome, Success},
+    store::{self, Claim, ClaimRequest, Outcome, StartToken, Success},
     workflow::{self, Plan, SpecError},
 };
 use warren_tasks::TaskContext;
@@ -479,7 +479,13 @@ async fn process(
     worker
         .events
         .emit("task-received", || events::received(&message, &input));
-    let request = ClaimRequest::new(&message, &input, &entry.queue, redelivered, signed);
+    let request = match rate_start(worker, &message, &input, entry, stop).await {
+        Ok(None) => ClaimRequest::new(&message, &input, &entry.queue, redelivered, signed),
+        Ok(Some(at)) => {
+            ClaimRequest::granted(&message, &input, &entry.queue, redelivered, signed, at)
+        }
+        Err(d) => return d,
+    };
     let (attempt, budget_used, input) = match claim(worker, request, input, entry, stop).await {
         Ok(claimed) => claimed,
         Err(d) => return d,
@@ -655,6 +661,50 @@ async fn park_or_expire(
         );
     }
     None
+}
+
+/// Under a rate limit, waits for the start its key's bucket grants and
+/// returns its instant. Admission already released the task at the rate,
+/// so this wait is short: it takes out the jitter between a release and a
+/// start (publishing, prefetch, busy slots), which would otherwise let
+/// starts bunch, and it holds messages that skipped admission (a Celery
+/// client's) to the rate too.
+async fn rate_start(
+    worker: &Worker,
+    message: &TaskMessage,
+    input: &Value,
+    entry: &CatalogEntry,
+    stop: &CancellationToken,
+) -> Result<Option<DateTime<Utc>>, Disposition> {
+    let Some((source, rate)) = &entry.limits.rate else {
+        return Ok(None);
+    };
+    let key = source.key(message.owner.as_deref(), input);
+    let waited = std::time::Instant::now();
+    let at = loop {
+        let token = db(stop, || {
+            worker.store.start_token(entry.task.name(), &key, rate)
+        })
+        .await
+        .map_err(|d| refused(d, ErrorCode::DatabaseRejected))?;
+        let (at, pause) = match token {
+            StartToken::Granted { at, start_in } => (Some(at), start_in),
+            StartToken::Wait(pause) => (None, pause),
+        };
+        tokio::select! {
+            () = stop.cancelled() => return Err(Disposition::Requeue),
+            () = tokio::time::sleep(pause) => {}
+        }
+        if let Some(at) = at {
+            break at;
+        }
+    };
+    worker
+        .metrics
+        .rate_wait_seconds
+        .with_label_values(&[entry.task.name()])
+        .observe(waited.elapsed().as_secs_f64());
+    Ok(Some(at))
 }
 
 /// Takes the task: the attempt number, the attempts its retry budget has

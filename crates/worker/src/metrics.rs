@@ -20,6 +20,7 @@ pub(crate) struct WorkerMetrics {
     pub(crate) dead_letters: IntCounterVec,
     pub(crate) run_seconds: HistogramVec,
     pub(crate) queue_wait_seconds: HistogramVec,
+    pub(crate) rate_wait_seconds: HistogramVec,
     pub(crate) write_seconds: HistogramVec,
     pub(crate) reconnects: IntCounter,
     /// Panics outside a task's own future, each caught and its delivery
@@ -63,6 +64,12 @@ impl WorkerMetrics {
                 &r,
                 "warren_worker_queue_wait_seconds",
                 "From queued (published) to started.",
+                &["task_type"],
+            )?,
+            rate_wait_seconds: metrics::seconds(
+                &r,
+                "warren_worker_rate_wait_seconds",
+                "A rate-limited task's wait for its start, holding its slot (short: admission already paces them).",
                 &["task_type"],
             )?,
             write_seconds: metrics::seconds(

@@ -100,6 +100,11 @@ impl MigratorTrait for Migrator {
                 up: SCHEDULES,
                 down: "DROP TABLE schedules",
             }),
+            Box::new(Sql {
+                name: "m20261203_000014_start_buckets",
+                up: START_BUCKETS,
+                down: "DROP TABLE start_buckets",
+            }),
         ]
     }
 }
@@ -824,3 +829,17 @@ CREATE TABLE schedules (
 );
 CREATE INDEX schedules_due ON schedules (next_at) WHERE NOT paused;
 "#;
+
+/// A rate limit's second bucket, spent by workers as a task starts: the
+/// relay's admission paces releases, but the time from a release to a
+/// start varies (publishing, prefetch, a busy slot), so starts would bunch.
+/// This one spaces the starts themselves. Its own table, as the keys are
+/// tenants' values and may not share a namespace with admission's.
+const START_BUCKETS: &str = "
+CREATE TABLE start_buckets (
+    task_type text NOT NULL,
+    key       text NOT NULL,
+    tat       timestamptz NOT NULL,
+    PRIMARY KEY (task_type, key)
+);
+";

@@ -11,10 +11,11 @@
 //! kept by the `tasks_admission_*` triggers, not by this code.
 
 use super::{Result, Store, stmt};
-use crate::admission::Limits;
+use crate::admission::{Limits, Rate};
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, TransactionTrait};
 use std::collections::HashMap;
+use std::time::Duration;
 use uuid::Uuid;
 
 /// What one admission pass did.
@@ -32,6 +33,18 @@ struct Candidate {
     /// Its place within its key (1 = next): the round-robin order.
     rank: i64,
     group: String,
+}
+
+/// The answer of [`Store::start_token`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartToken {
+    /// Start at `at` (PostgreSQL's clock), `start_in` from now.
+    Granted {
+        at: DateTime<Utc>,
+        start_in: Duration,
+    },
+    /// None yet: ask again after this long.
+    Wait(Duration),
 }
 
 /// A paused type or queue.
@@ -218,22 +231,90 @@ impl Store {
         Ok(res.rows_affected() == 1)
     }
 
+    /// A start under a rate limit: when this task may start (at most a
+    /// burst's tolerance from now, so the caller waits that long and no
+    /// longer), or how long until the key's bucket is worth asking again.
+    /// Granted starts of a key are [`Rate::interval`] apart, at most
+    /// [`Rate::burst`] early, whatever the number of workers asking: the
+    /// bucket's row is the only place the decision is made.
+    pub async fn start_token(&self, task_type: &str, key: &str, rate: &Rate) -> Result<StartToken> {
+        let interval = rate.interval().as_seconds_f64();
+        let tolerance = interval * (rate.burst() - 1) as f64;
+        let row = self
+            .db
+            .query_one_raw(stmt(
+                "WITH now AS (SELECT clock_timestamp() AS t),
+                 spent AS (
+                   INSERT INTO start_buckets AS b (task_type, key, tat)
+                   SELECT $1, $2, t + make_interval(secs => $3) FROM now
+                   ON CONFLICT (task_type, key) DO UPDATE
+                      SET tat = greatest(b.tat, (SELECT t FROM now)) + make_interval(secs => $3)
+                    WHERE b.tat - make_interval(secs => $4) <= (SELECT t FROM now)
+                   RETURNING tat - make_interval(secs => $3) AS at)
+                 SELECT (SELECT at FROM spent) AS at,
+                        extract(epoch FROM (SELECT at FROM spent) - (SELECT t FROM now))::float8 AS start_in,
+                        extract(epoch FROM
+                          (SELECT tat FROM start_buckets WHERE task_type = $1 AND key = $2)
+                          - make_interval(secs => $4) - (SELECT t FROM now))::float8 AS ask_in",
+                vec![task_type.into(), key.into(), interval.into(), tolerance.into()],
+            ))
+            .await?
+            .ok_or_else(|| super::StoreError::Other(sea_orm::DbErr::Custom("no token row".into())))?;
+        let seconds = |v: Option<f64>| Duration::from_secs_f64(v.unwrap_or(0.0).clamp(0.0, 3600.0));
+        Ok(match row.try_get::<Option<DateTime<Utc>>>("", "at")? {
+            Some(at) => StartToken::Granted {
+                at,
+                start_in: seconds(row.try_get("", "start_in")?),
+            },
+            // A bucket created by a transaction not yet visible reads as
+            // none: ask again an interval later.
+            None => StartToken::Wait(
+                seconds(row.try_get("", "ask_in")?)
+                    .max(rate.interval().to_std().unwrap_or_default()),
+            ),
+        })
+    }
+
     /// Whether a type or its queue is paused now.
     pub async fn is_paused(&self, task_type: &str, queue: &str) -> Result<bool> {
         paused(&self.db, task_type, queue).await
     }
 
-    /// Tasks waiting out of the outbox and the broker, by reason
-    /// (`admission`, `paused`), and delayed ones (`scheduled`).
-    pub async fn waiting_by_reason(&self) -> Result<HashMap<String, i64>> {
+    /// Tasks waiting out of the outbox and the broker, by reason: held
+    /// for admission by their key's cap (`key_cap`: at the cap, or below
+    /// it for the moment between a task's end and the next pass, for a
+    /// type without a rate) or by a rate (`rate_limit`), or by a limit
+    /// configuration no longer has (`admission`); `paused`; delayed ones
+    /// (`scheduled`). `limits`: each limited type's cap and whether it
+    /// has a rate.
+    pub async fn waiting_by_reason(
+        &self,
+        limits: &[(&str, Option<u32>, bool)],
+    ) -> Result<HashMap<String, i64>> {
+        let limits: Vec<serde_json::Value> = limits
+            .iter()
+            .map(|(t, cap, rate)| serde_json::json!({"task_type": t, "cap": cap, "rate": rate}))
+            .collect();
         let rows = self
             .db
             .query_all_raw(stmt(
-                "SELECT hold AS reason, count(*) AS n FROM tasks WHERE hold IS NOT NULL GROUP BY hold
+                "SELECT CASE WHEN l.cap IS NOT NULL AND (coalesce(a.running, 0) >= l.cap OR NOT l.rate)
+                                  THEN 'key_cap'
+                             WHEN l.rate THEN 'rate_limit' ELSE 'admission' END AS reason,
+                        count(*) AS n
+                   FROM tasks t
+                   LEFT JOIN jsonb_to_recordset($1::jsonb) AS l(task_type text, cap int, rate bool)
+                          ON l.task_type = t.task_type
+                   LEFT JOIN admission_counts a
+                          ON a.task_type = t.task_type AND a.key = t.concurrency_key
+                  WHERE t.hold = 'admission'
+                  GROUP BY 1
+                 UNION ALL
+                 SELECT hold, count(*) FROM tasks WHERE hold IS NOT NULL AND hold <> 'admission' GROUP BY hold
                  UNION ALL
                  SELECT 'scheduled', count(*) FROM tasks WHERE publish_at > now() + interval '1 second'
                                                        AND state = 'PENDING'",
-                vec![],
+                vec![serde_json::Value::Array(limits).into()],
             ))
             .await?;
         let mut counts = HashMap::new();

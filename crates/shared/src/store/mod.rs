@@ -18,7 +18,7 @@ mod webhooks;
 mod workers;
 mod workflows;
 
-pub use admission::{Admitted, Pause};
+pub use admission::{Admitted, Pause, StartToken};
 pub use insights::{Minute, ReleaseTimes, StateCount};
 pub use items::{ItemError, ItemRecord};
 pub use reads::{ListFilter, Owners, TaskSummary};
@@ -326,6 +326,9 @@ struct ClaimRow<'a> {
     group_id: Option<&'a str>,
     traceparent: Option<&'a str>,
     reply_to: Option<&'a str>,
+    /// The start a rate limit granted; `None`: now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    started_at: Option<DateTime<Utc>>,
 }
 
 impl ClaimRequest {
@@ -335,6 +338,30 @@ impl ClaimRequest {
         queue: &str,
         redelivered: bool,
         signed: bool,
+    ) -> Self {
+        Self::build(m, input, queue, (redelivered, signed), None)
+    }
+
+    /// [`ClaimRequest::new`] for a start a rate limit granted at `at`: the
+    /// row's `started_at` is that instant, so the recorded starts keep the
+    /// bucket's spacing exactly.
+    pub fn granted(
+        m: &TaskMessage,
+        input: &Value,
+        queue: &str,
+        redelivered: bool,
+        signed: bool,
+        at: DateTime<Utc>,
+    ) -> Self {
+        Self::build(m, input, queue, (redelivered, signed), Some(at))
+    }
+
+    fn build(
+        m: &TaskMessage,
+        input: &Value,
+        queue: &str,
+        (redelivered, signed): (bool, bool),
+        started_at: Option<DateTime<Utc>>,
     ) -> Self {
         let row = ClaimRow {
             id: m.id,
@@ -352,6 +379,7 @@ impl ClaimRequest {
             group_id: m.group.as_deref(),
             traceparent: m.traceparent.as_deref(),
             reply_to: m.reply_to.as_deref(),
+            started_at,
         };
         Self {
             id: m.id,
@@ -595,7 +623,7 @@ impl Store {
                  SELECT (e->>'id')::uuid, e->>'task_type', e->>'queue', e->>'owner', 'STARTED', e->'input', 1,
                         (e->>'eta')::timestamptz, (e->>'expires_at')::timestamptz,
                         (e->>'time_limit')::float8, (e->>'soft_time_limit')::float8,
-                        now(), now(), clock_timestamp(), now(), $2,
+                        now(), now(), coalesce((e->>'started_at')::timestamptz, clock_timestamp()), now(), $2,
                         e->>'origin', e->>'root_id', e->>'parent_id', e->>'group_id', e->>'traceparent',
                         $6, e->>'reply_to'
                  FROM jsonb_array_elements($1::jsonb) AS e
@@ -605,7 +633,7 @@ impl Store {
                         -- connection after it committed. Same attempt.
                         attempts = t.attempts + (NOT (t.state = 'STARTED' AND t.worker = EXCLUDED.worker
                                                       AND EXCLUDED.id = ANY($5)))::int,
-                        started_at = clock_timestamp(),
+                        started_at = EXCLUDED.started_at,
                         updated_at = now(), worker = EXCLUDED.worker, publish_at = NULL,
                         worker_version = EXCLUDED.worker_version,
                         queued_at = COALESCE(t.queued_at, now())
@@ -1115,6 +1143,7 @@ pub fn message_from_row(row: &task::Model) -> TaskMessage {
     m.owner = row.owner.clone();
     m.traceparent = row.traceparent.clone();
     m.reply_to = row.reply_to.clone();
+    m.priority = u8::try_from(row.priority.clamp(0, 9)).unwrap_or(0);
     m
 }
 

@@ -43,6 +43,7 @@ fn filtered(task_type: &str, f: &ListFilter) -> sea_orm::Select<task::Entity> {
     let mut q = task::Entity::find()
         .select_only()
         .columns(SUMMARY_COLUMNS)
+        .expr_as(key_running(), "key_running")
         .filter(task::Column::TaskType.eq(task_type));
     if !f.states.is_empty() {
         let states: Vec<&str> = f.states.iter().map(|s| s.as_str()).collect();
@@ -111,6 +112,18 @@ pub struct TaskSummary {
     /// Why it waits out of the outbox: `admission` or `paused`.
     pub hold: Option<String>,
     pub concurrency_key: Option<String>,
+    /// For a task held for admission, how many of its key's tasks are
+    /// admitted and unfinished: at its type's cap, the cap is why it waits.
+    pub key_running: Option<i32>,
+}
+
+/// [`TaskSummary::key_running`], read only for held rows.
+fn key_running() -> sea_orm::sea_query::SimpleExpr {
+    Expr::cust(
+        "CASE WHEN tasks.hold = 'admission' THEN
+           coalesce((SELECT a.running FROM admission_counts a
+                      WHERE a.task_type = tasks.task_type AND a.key = tasks.concurrency_key), 0) END",
+    )
 }
 
 const SUMMARY_COLUMNS: [task::Column; 25] = [
@@ -166,6 +179,7 @@ impl Store {
         Ok(task::Entity::find_by_id(id)
             .select_only()
             .columns(SUMMARY_COLUMNS)
+            .expr_as(key_running(), "key_running")
             .filter(owners.condition())
             .filter(task::Column::TaskType.eq(task_type))
             .into_model::<TaskSummary>()

@@ -31,6 +31,7 @@ use std::time::Duration;
 use utoipa::{IntoParams, IntoResponses, ToSchema};
 use uuid::Uuid;
 use warren_shared::{
+    admission::Limits,
     artifacts::ArtifactMeta,
     catalog::Entry,
     db::task,
@@ -236,10 +237,11 @@ pub(crate) struct TaskView {
     links: Links,
 }
 
-/// Why a task waits: `admission` (its key is at its type's
-/// concurrency_limit, or its rate_limit has no token yet), `paused` (its
-/// type or queue), `scheduled` (a countdown or ETA ahead), `retry` (a
-/// retry's backoff).
+/// Why a task waits: `key_cap` (its key is at its type's
+/// concurrency_limit), `rate_limit` (its key's rate has no token yet),
+/// `admission` (held by a limit configuration no longer declares; the
+/// next pass releases it), `paused` (its type or queue), `scheduled` (a
+/// countdown or ETA ahead), `retry` (a retry's backoff).
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct WaitingView {
     reason: &'static str,
@@ -249,9 +251,11 @@ pub(crate) struct WaitingView {
 }
 
 impl WaitingView {
-    fn of(t: &TaskSummary, now: DateTime<Utc>) -> Option<Self> {
+    /// Held for admission, the reason is the limit in the way: its key's
+    /// cap (`key_cap`) or its rate (`rate_limit`).
+    fn of(t: &TaskSummary, now: DateTime<Utc>, limits: Option<&Limits>) -> Option<Self> {
         let reason = match (t.state, t.hold.as_deref()) {
-            (TaskState::Pending, Some("admission")) => "admission",
+            (TaskState::Pending, Some("admission")) => admission_reason(t, limits),
             (TaskState::Pending, Some(_)) => "paused",
             (TaskState::Pending, None) if t.eta.is_some_and(|eta| eta > now) => "scheduled",
             (TaskState::Retry, _) => "retry",
@@ -259,15 +263,32 @@ impl WaitingView {
         };
         Some(Self {
             reason,
-            key: (reason == "admission")
+            key: t
+                .hold
+                .as_deref()
+                .is_some_and(|h| h == "admission")
                 .then(|| t.concurrency_key.clone())
-                .flatten(),
+                .flatten()
+                // One bucket for the whole type has no key to name.
+                .filter(|k| !k.is_empty()),
         })
     }
 }
 
+/// As `Store::waiting_by_reason` counts them: below the cap, a type
+/// without a rate waits only for the next pass to hand its key the slot.
+fn admission_reason(t: &TaskSummary, limits: Option<&Limits>) -> &'static str {
+    let cap = limits.and_then(Limits::cap).map(i64::from);
+    let rate = limits.is_some_and(|l| l.rate.is_some());
+    match (cap, t.key_running) {
+        (Some(cap), Some(running)) if i64::from(running) >= cap || !rate => "key_cap",
+        _ if rate => "rate_limit",
+        _ => "admission",
+    }
+}
+
 impl TaskView {
-    fn new(t: TaskSummary, artifacts: Option<Vec<ArtifactMeta>>) -> Self {
+    fn new(t: TaskSummary, artifacts: Option<Vec<ArtifactMeta>>, limits: Option<&Limits>) -> Self {
         let this = task_path(&t.task_type, t.id);
         let result = (t.state == TaskState::Success).then(|| format!("{this}/result"));
         let waiting = matches!(t.state, TaskState::Pending | TaskState::Retry);
@@ -278,7 +299,7 @@ impl TaskView {
                 message: t.progress_message.clone(),
             }),
             next_attempt_at: if waiting { t.publish_at } else { None },
-            waiting: WaitingView::of(&t, Utc::now()),
+            waiting: WaitingView::of(&t, Utc::now(), limits),
             priority: t.priority,
             artifacts: artifacts.map(|list| {
                 list.into_iter()
@@ -336,7 +357,8 @@ async fn view(state: &AppState, t: TaskSummary) -> Result<TaskView, ApiError> {
     } else {
         None
     };
-    Ok(TaskView::new(t, artifacts))
+    let limits = state.catalog.get(&t.task_type).map(|e| &e.limits);
+    Ok(TaskView::new(t, artifacts, limits))
 }
 
 // ------------------------------------------------------------ documented

@@ -171,7 +171,7 @@ pub(crate) async fn list(
     Path(TypePath { task_type }): Path<TypePath>,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<Page<TaskView>>, ApiError> {
-    entry(&state, &task_type)?;
+    let limits = Some(&entry(&state, &task_type)?.limits);
     let filter = query(params)?.filter()?;
     let rows = state
         .store
@@ -179,7 +179,10 @@ pub(crate) async fn list(
         .await?;
     let (rows, next_cursor) = paginate(rows, filter.limit);
     Ok(Json(Page {
-        items: rows.into_iter().map(|t| TaskView::new(t, None)).collect(),
+        items: rows
+            .into_iter()
+            .map(|t| TaskView::new(t, None, limits))
+            .collect(),
         next_cursor,
     }))
 }
