@@ -113,7 +113,8 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    /// A task message to the tasks exchange, routed by its task type, its
+    /// A task message to the tasks exchange, routed by its task type (or
+    /// to its queue's high band, see [`Topology::publish_target`]), its
     /// owner signed when a signer is given (what Warren's own publishers do).
     /// A message for Celery workers to run (its `reply_to` is Warren's
     /// reply queue) carries a reply token as its correlation id, which
@@ -130,9 +131,10 @@ impl Outgoing {
                 .properties
                 .with_correlation_id(crate::wire::short_string(&token));
         }
+        let (exchange, routing_key) = topology.publish_target(&message.task, message.priority);
         Self {
-            exchange: topology.exchange(),
-            routing_key: message.task.clone(),
+            exchange,
+            routing_key,
             message: encoded,
         }
     }

@@ -442,6 +442,11 @@ mod tests {
                 "tasks.sleep.rate_limit_key",
             ),
             ("[tasks.sleep]\npriority = 10\n", "tasks.sleep.priority"),
+            // Another queue's high band.
+            (
+                "[tasks.sleep]\nqueue = \"slow.high\"\n",
+                "tasks.sleep.queue",
+            ),
             (
                 "[schedules.n]\ntask = \"noop\"\ncron = \"99 * * * *\"\n",
                 "schedules.n.cron",

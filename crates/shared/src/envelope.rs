@@ -90,6 +90,9 @@ pub struct TaskMessage {
     /// What the task starts when it ends (Celery's `link`, `link_error`,
     /// chain and chord), `None` for a message without a canvas.
     pub canvas: Option<crate::canvas::Canvas>,
+    /// 0–9, higher first: the AMQP `priority` property (Celery's too),
+    /// which picks the queue's band when Warren publishes.
+    pub priority: u8,
 }
 
 /// A message ready for `basic_publish`.
@@ -184,6 +187,7 @@ impl TaskMessage {
             traceparent: None,
             reply_to: None,
             canvas: None,
+            priority: 0,
         }
     }
 
@@ -250,7 +254,7 @@ impl TaskMessage {
             .with_content_encoding(CONTENT_ENCODING.into())
             .with_correlation_id(self.id.to_string().into())
             .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
-            .with_priority(0)
+            .with_priority(self.priority)
             .with_headers(h);
         if let Some(queue) = &self.reply_to {
             properties = properties.with_reply_to(queue.as_str().into());
@@ -344,6 +348,8 @@ impl TaskMessage {
             traceparent: h.optional_string(TRACEPARENT_HEADER)?,
             reply_to: celery_reply_queue(properties),
             canvas,
+            // Celery allows 0–255; Warren's scale stops at 9.
+            priority: properties.priority().unwrap_or(0).min(9),
         })
     }
 }

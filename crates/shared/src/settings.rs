@@ -512,7 +512,7 @@ impl Settings {
             ));
         }
         check_name("amqp.prefix", &amqp.prefix, true)?;
-        check_name("amqp.default_queue", &amqp.default_queue, false)?;
+        check_queue_name("amqp.default_queue", &amqp.default_queue)?;
         if amqp.delivery_limit == 0 {
             return Err(invalid("amqp.delivery_limit", "must be at least 1"));
         }
@@ -603,7 +603,7 @@ impl Settings {
             ));
         }
         for (i, q) in w.queues.iter().enumerate() {
-            check_name(&format!("worker.queues[{i}]"), q, false)?;
+            check_queue_name(&format!("worker.queues[{i}]"), q)?;
         }
         for (i, q) in self.celery.queues.iter().enumerate() {
             check_name(&format!("celery.queues[{i}]"), q, false)?;
@@ -686,7 +686,7 @@ impl Settings {
 
         for (name, task) in &self.tasks {
             if let Some(q) = &task.queue {
-                check_name(&format!("tasks.{name}.queue"), q, false)?;
+                check_queue_name(&format!("tasks.{name}.queue"), q)?;
             }
             self.check_runner(name, task)?;
         }
@@ -816,6 +816,22 @@ fn check_url(url: &SecretString, key: &str, schemes: &[&str]) -> Result<(), Sett
             format!("must be a URL starting with {}://", schemes.join(":// or ")),
         )),
     }
+}
+
+/// A work queue's short name: a plain name that is not another queue's
+/// high-priority band (`<queue>.high`, see `topology`).
+fn check_queue_name(key: &str, name: &str) -> Result<(), SettingsError> {
+    check_name(key, name, false)?;
+    if name.ends_with(crate::topology::HIGH_BAND_SUFFIX) {
+        return Err(invalid(
+            key,
+            format!(
+                "may not end with {:?}: that names the high-priority band of a queue",
+                crate::topology::HIGH_BAND_SUFFIX
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Exchange and queue names: short, and plain enough to type in the

@@ -6,6 +6,8 @@
 //!               │ no binding for that type
 //!               └─▶ {p}warren.unrouted (fanout, alternate exchange) ─▶ {p}warren.<default queue>
 //!
+//! priority ≥ 5 ─▶ (default exchange) ─▶ {p}warren.<queue>.high  (its high band)
+//!
 //! dead letters ─▶ {p}warren.dlx (fanout) ─▶ {p}warren.dead
 //!
 //! Celery workers' rpc results ─▶ (default exchange) ─▶ {p}warren.replies
@@ -15,6 +17,13 @@
 //! declared like any work queue but consumed by them, never by a Warren
 //! worker ([`Topology::warren_queues`]); their results come back on
 //! `{p}warren.replies`, which exists only when such types do.
+//!
+//! Priorities: RabbitMQ's quorum queues have none before 4.0 (and two
+//! levels since), so each queue a Warren worker serves has a high band
+//! beside it, as RabbitMQ 4 has: a task of priority 5 to 9 is published to
+//! `<queue>.high`, and workers take from the high band two deliveries for
+//! each one from the normal band while both have work (`consumer`). Within
+//! a band, order is the broker's (first in, first out).
 //!
 //! Unknown task types land in the default queue rather than vanishing, where
 //! the worker dead-letters them with a reason. Declaration is idempotent and
@@ -50,6 +59,12 @@ pub struct Topology {
     /// Work queues (short names) whose types Celery workers run.
     celery_runs: BTreeSet<String>,
 }
+
+/// Tasks of this priority or higher go to their queue's high band.
+pub const HIGH_PRIORITY: u8 = 5;
+
+/// What a work queue's high band adds to its name.
+pub const HIGH_BAND_SUFFIX: &str = ".high";
 
 /// A RabbitMQ policy for Warren's work queues (see [`Topology::policy`]).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -230,6 +245,30 @@ impl Topology {
         format!("{}warren.{short}", self.prefix)
     }
 
+    /// Full name of a work queue's high band.
+    pub fn high_band(&self, short: &str) -> String {
+        format!("{}{HIGH_BAND_SUFFIX}", self.queue(short))
+    }
+
+    /// Every high band (full names): one per queue Warren workers serve.
+    pub fn high_bands(&self) -> Vec<String> {
+        self.warren_queues()
+            .into_iter()
+            .map(|q| self.high_band(q))
+            .collect()
+    }
+
+    /// Where a task of `task_type` and `priority` is published: the tasks
+    /// exchange by its type, or, from [`HIGH_PRIORITY`] on and for a queue
+    /// Warren workers serve, straight to the queue's high band.
+    pub fn publish_target(&self, task_type: &str, priority: u8) -> (String, String) {
+        let q = self.route(task_type);
+        if priority >= HIGH_PRIORITY && !self.is_celery_run(q) {
+            return (String::new(), self.high_band(q));
+        }
+        (self.exchange(), task_type.to_owned())
+    }
+
     /// Short name of the queue a task type is routed to.
     pub fn route(&self, task_type: &str) -> &str {
         self.routes
@@ -265,6 +304,7 @@ impl Topology {
             .queues()
             .into_iter()
             .map(|q| self.queue(q))
+            .chain(self.high_bands())
             .chain(self.celery_queues.iter().cloned())
             .map(|q| regex_escape(&q))
             .collect();
@@ -353,6 +393,9 @@ impl Topology {
                 }
                 other => other?,
             }
+        }
+        for band in self.high_bands() {
+            queue(&channel, band, self.work_queue_arguments(), false).await?;
         }
         bind(
             &channel,
@@ -509,6 +552,11 @@ impl Topology {
                 .into_iter()
                 .map(|q| queue(self.queue(q), self.work_queue_arguments())),
         );
+        queues.extend(
+            self.high_bands()
+                .into_iter()
+                .map(|q| queue(q, self.work_queue_arguments())),
+        );
         if let Some(replies) = self.reply_queue() {
             queues.push(queue(replies, self.reply_queue_arguments()));
         }
@@ -548,6 +596,11 @@ impl Topology {
         for q in self.queues() {
             channel
                 .queue_delete(short(&self.queue(q)), QueueDeleteOptions::default())
+                .await?;
+        }
+        for band in self.high_bands() {
+            channel
+                .queue_delete(short(&band), QueueDeleteOptions::default())
                 .await?;
         }
         channel
@@ -761,6 +814,30 @@ mod tests {
         assert_eq!(t.exchange(), "t1.warren.tasks");
         assert_eq!(t.queue("default"), "t1.warren.default");
         assert_eq!(t.dead_letter_queue(), "t1.warren.dead");
+    }
+
+    #[test]
+    fn priority_five_and_up_goes_to_the_high_band_of_a_warren_queue_only() {
+        let t = topology().with_celery_runs(BTreeSet::from(["slow".to_owned()]));
+        let tasks = || ("t1.warren.tasks".to_owned(), "multiply".to_owned());
+        assert_eq!(t.publish_target("multiply", 0), tasks());
+        assert_eq!(t.publish_target("multiply", 4), tasks());
+        let high = (String::new(), "t1.warren.default.high".to_owned());
+        assert_eq!(t.publish_target("multiply", 5), high);
+        assert_eq!(t.publish_target("multiply", 9), high);
+        // Unknown types go where the alternate exchange would send them.
+        assert_eq!(t.publish_target("no-such-task", 9), high);
+        // Celery workers consume only the queue itself.
+        assert_eq!(
+            t.publish_target("report", 9),
+            ("t1.warren.tasks".to_owned(), "report".to_owned())
+        );
+        assert_eq!(t.high_bands(), ["t1.warren.default.high"]);
+        assert!(
+            t.policy().pattern.contains("default\\.high"),
+            "{}",
+            t.policy().pattern
+        );
     }
 
     /// `rabbitmq/definitions.json` is what an operator imports; it must say

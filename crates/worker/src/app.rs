@@ -123,6 +123,8 @@ pub struct Worker {
     pub(crate) identity: String,
     /// Full names of the queues this replica consumes.
     pub(crate) queues: Vec<String>,
+    /// The high bands of its work queues (full names), taken from first.
+    pub(crate) high_bands: Vec<String>,
     /// One permit per task this replica may run at once.
     pub(crate) slots: Arc<Semaphore>,
     /// Runs this replica's relay now: a task of a type with limits ended,
@@ -188,6 +190,7 @@ impl Worker {
             settings.worker.queues.clone()
         };
         let queues = topology.consumed(&short_names);
+        let high_bands = short_names.iter().map(|q| topology.high_band(q)).collect();
 
         let connection = db::connect(&settings.database, &identity)
             .await
@@ -263,6 +266,7 @@ impl Worker {
             signer,
             identity,
             queues,
+            high_bands,
         })
     }
 

@@ -3,9 +3,10 @@
 //! stop consuming and let in-flight tasks finish within the grace period.
 
 use crate::{Worker, acks::Acks, handler};
-use futures_util::stream::{SelectAll, StreamExt};
+use futures_util::stream::{self, BoxStream, PollNext, SelectAll, StreamExt};
 use lapin::{
     Channel, Connection, Consumer,
+    message::Delivery,
     options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::FieldTable,
 };
@@ -84,18 +85,49 @@ pub(crate) async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
     }
 }
 
-async fn open(worker: &Worker) -> Result<(Connection, Channel, SelectAll<Consumer>), String> {
+/// Every consumer of a session as one stream: the high bands before the
+/// normal queues, two deliveries to one while both have work.
+type Deliveries = BoxStream<'static, Result<Delivery, lapin::Error>>;
+
+async fn open(worker: &Worker) -> Result<(Connection, Channel, Deliveries), String> {
     // Prefetch is the number of deliveries the broker may push before we
-    // acknowledge; with prefetch = concurrency every delivery has a slot,
-    // so none waits here while another replica sits idle.
+    // acknowledge; with prefetch = concurrency every delivery of a queue
+    // has a slot, so none waits here while another replica sits idle. It
+    // applies per consumer: a high band's deliveries still arrive while the
+    // normal queue's fill every slot, and wait here for the next free one.
     let prefetch = worker.settings.worker.effective_prefetch();
     let (conn, channel) = connect_channel(worker, &worker.identity, prefetch).await?;
+    let normal = consume_all(worker, &channel, &worker.queues).await?;
+    let high = consume_all(worker, &channel, &worker.high_bands).await?;
+    tracing::info!(queues = ?worker.queues, high_bands = ?worker.high_bands, "consuming");
+    let deliveries = stream::select_with_strategy(high, normal, two_to_one);
+    Ok((conn, channel, deliveries.boxed()))
+}
+
+/// The weighting between the bands, as RabbitMQ 4's quorum queues weigh
+/// their two priorities: the high band first twice, then the normal band
+/// once. Whichever has nothing ready is skipped, so neither waits for the
+/// other and the normal band is never starved.
+fn two_to_one(turn: &mut u8) -> PollNext {
+    *turn = (*turn + 1) % 3;
+    if *turn == 0 {
+        PollNext::Right
+    } else {
+        PollNext::Left
+    }
+}
+
+async fn consume_all(
+    worker: &Worker,
+    channel: &Channel,
+    queues: &[String],
+) -> Result<SelectAll<Consumer>, String> {
     let mut consumers = SelectAll::new();
-    for queue in &worker.queues {
+    for queue in queues {
         let consumer = channel
             .basic_consume(
                 short_string(queue),
-                short_string(&format!("{}/{queue}", worker.identity)),
+                short_string(&consumer_tag(worker, queue)),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -103,8 +135,11 @@ async fn open(worker: &Worker) -> Result<(Connection, Channel, SelectAll<Consume
             .map_err(|e| format!("consuming from {queue}: {e}"))?;
         consumers.push(consumer);
     }
-    tracing::info!(queues = ?worker.queues, "consuming");
-    Ok((conn, channel, consumers))
+    Ok(consumers)
+}
+
+fn consumer_tag(worker: &Worker, queue: &str) -> String {
+    format!("{}/{queue}", worker.identity)
 }
 
 /// A named connection with the topology declared on it, and a channel
@@ -141,7 +176,7 @@ async fn consume(
     worker: &Arc<Worker>,
     channel: &Channel,
     acks: &Arc<Acks>,
-    mut consumers: SelectAll<Consumer>,
+    mut consumers: Deliveries,
     slots: &Arc<Semaphore>,
     in_flight: &TaskTracker,
     hard_stop: &CancellationToken,
@@ -180,8 +215,8 @@ async fn consume(
     }
     // Stop new deliveries; those already prefetched but not started go
     // back to the broker when the channel closes.
-    for queue in &worker.queues {
-        let tag = short_string(&format!("{}/{queue}", worker.identity));
+    for queue in worker.queues.iter().chain(&worker.high_bands) {
+        let tag = short_string(&consumer_tag(worker, queue));
         if let Err(e) = channel
             .basic_cancel(tag, BasicCancelOptions::default())
             .await
@@ -211,5 +246,25 @@ async fn drain(worker: &Worker, in_flight: &TaskTracker, hard_stop: &Cancellatio
         // Handlers stop at their next await point; give them a moment to
         // notice rather than dropping them mid-write.
         let _ = tokio::time::timeout(Duration::from_secs(2), in_flight.wait()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::two_to_one;
+    use futures_util::stream::{self, StreamExt};
+
+    #[tokio::test]
+    async fn the_high_band_gets_two_of_three_and_the_normal_band_the_rest() {
+        let high = stream::iter(["h1", "h2", "h3", "h4"]);
+        let normal = stream::iter(["n1", "n2", "n3", "n4"]);
+        let order: Vec<&str> = stream::select_with_strategy(high, normal, two_to_one)
+            .collect()
+            .await;
+        assert_eq!(
+            order,
+            ["h1", "h2", "n1", "h3", "h4", "n2", "n3", "n4"],
+            "two high for each normal while both have work, then the normal band alone"
+        );
     }
 }
