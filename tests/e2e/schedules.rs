@@ -291,3 +291,72 @@ async fn missed_ticks_and_overlap_follow_their_policies() {
     worker.stop().await;
     api.stop().await;
 }
+
+/// The dashboard shows the schedules a key may see (the same scope as
+/// `GET /schedules`) with their next runs, and each task type's limits,
+/// default priority and pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_schedules_limits_and_pauses() {
+    let env = TestEnv::with(|s| {
+        let mut t = s.tasks.get("sleep").cloned().unwrap_or_default();
+        t.concurrency_limit = Some(8);
+        t.rate_limit = Some("20/s".into());
+        t.priority = Some(3);
+        s.tasks.insert("sleep".into(), t);
+    })
+    .await;
+    let api = env.spawn_api().await;
+    let acme = api.client_for("acme").await;
+    let other = api.client_for("other").await;
+    let admin = api.admin_client().await;
+    for (client, name) in [(&acme, "nightly"), (&other, "not-acme")] {
+        let made = client
+            .post_json(
+                "/schedules",
+                &json!({"name": name, "task": "noop", "cron": "0 30 2 * * *", "timezone": "Europe/Paris"}),
+            )
+            .await;
+        assert_eq!(made.status(), StatusCode::CREATED);
+    }
+    assert_eq!(
+        admin.put("/pauses/type/sleep").await.status(),
+        StatusCode::CREATED
+    );
+
+    let b = warren_tests::browser::Browser::start(&acme.url(""), 1280, 900).await;
+    b.goto_signed_in("/ui/schedules", acme.key().expect("acme's key"))
+        .await;
+    let shown = b
+        .js("return [...document.querySelectorAll('#schedules tbody tr')].map(tr =>
+               [tr.dataset.schedule, tr.querySelectorAll('td.next-runs time').length, tr.textContent])")
+        .await;
+    let shown = shown.as_array().expect("rows");
+    assert_eq!(shown.len(), 1, "acme sees only its own schedule: {shown:?}");
+    assert_eq!((&shown[0][0], &shown[0][1]), (&json!("nightly"), &json!(5)));
+    let text = shown[0][2].as_str().unwrap_or_default();
+    assert!(
+        text.contains("cron 0 30 2 * * *") && text.contains("Europe/Paris"),
+        "{text}"
+    );
+    assert!(b.foreign_requests().await.is_empty());
+    b.screenshot("schedules").await;
+
+    b.goto("/ui/tasks").await;
+    let sleep = b
+        .js("const tr = document.querySelector('#task-types tr[data-type=\"sleep\"]');
+             return [tr.querySelector('td.limits').textContent, tr.querySelector('th .badge') !== null,
+                     tr.lastElementChild.textContent];")
+        .await;
+    assert_eq!(
+        sleep,
+        json!(["8 at once per owner, 20/s", true, "3"]),
+        "the sleep row"
+    );
+    let noop = b
+        .js("const tr = document.querySelector('#task-types tr[data-type=\"noop\"]');
+             return [tr.querySelector('td.limits').textContent, tr.querySelector('th .badge') !== null];")
+        .await;
+    assert_eq!(noop, json!(["none", false]), "the noop row");
+    b.screenshot("task-types-limits").await;
+    api.stop().await;
+}

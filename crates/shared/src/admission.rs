@@ -56,6 +56,16 @@ impl KeySource {
     }
 }
 
+impl std::fmt::Display for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Type => f.write_str("type"),
+            Self::Owner => f.write_str("owner"),
+            Self::Input(field) => write!(f, "input.{field}"),
+        }
+    }
+}
+
 fn cut(mut key: String) -> String {
     if key.len() > MAX_KEY_BYTES {
         let mut end = MAX_KEY_BYTES;
@@ -142,6 +152,20 @@ impl Rate {
     }
 }
 
+/// `20/s`, `90/m`, `1000/h`: per the shortest period that counts whole
+/// tasks (`600/m` reads back as `10/s`).
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (per, unit) in [(1.0, "s"), (60.0, "m")] {
+            let n = self.per_second * per;
+            if (n - n.round()).abs() < 1e-9 && n >= 1.0 {
+                return write!(f, "{}/{unit}", n.round());
+            }
+        }
+        write!(f, "{}/h", (self.per_second * 3600.0).round())
+    }
+}
+
 /// A type's limits, from `[tasks.<type>]`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Limits {
@@ -167,6 +191,21 @@ impl Limits {
 
     pub fn cap(&self) -> Option<u32> {
         self.concurrency.as_ref().map(|(_, cap)| *cap)
+    }
+
+    /// In words, for people: `8 per owner, 20/s per input.partner`;
+    /// empty without limits.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some((source, cap)) = &self.concurrency {
+            parts.push(format!("{cap} at once per {source}"));
+        }
+        match &self.rate {
+            Some((KeySource::Type, rate)) => parts.push(rate.to_string()),
+            Some((source, rate)) => parts.push(format!("{rate} per {source}")),
+            None => {}
+        }
+        parts.join(", ")
     }
 
     /// `None` for a type without limits.
@@ -209,6 +248,36 @@ mod tests {
         let long = json!({"k": "é".repeat(300)});
         let cut = KeySource::Input("k".into()).key(None, &long);
         assert!(cut.len() <= MAX_KEY_BYTES && cut.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn limits_read_back_as_configured() {
+        for (text, shown) in [
+            ("20/s", "20/s"),
+            ("600/m", "10/s"),
+            ("90/m", "90/m"),
+            ("1000/h", "1000/h"),
+            ("1/h", "1/h"),
+        ] {
+            assert_eq!(Rate::parse(text).unwrap().to_string(), shown);
+        }
+        let limits = Limits {
+            concurrency: Some((KeySource::Owner, 8)),
+            rate: Some((
+                KeySource::Input("partner".into()),
+                Rate::parse("20/s").unwrap(),
+            )),
+        };
+        assert_eq!(
+            limits.describe(),
+            "8 at once per owner, 20/s per input.partner"
+        );
+        let rate_only = Limits {
+            concurrency: None,
+            rate: Some((KeySource::Type, Rate::parse("600/m").unwrap())),
+        };
+        assert_eq!(rate_only.describe(), "10/s");
+        assert_eq!(Limits::default().describe(), "");
     }
 
     #[test]

@@ -61,27 +61,27 @@ pub(crate) struct NewScheduleBody {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct ScheduleView {
-    name: String,
-    owner: String,
-    task: String,
+    pub(crate) name: String,
+    pub(crate) owner: String,
+    pub(crate) task: String,
     #[schema(value_type = Object)]
-    input: Value,
-    cron: Option<String>,
-    every_seconds: Option<f64>,
-    timezone: String,
-    missed: String,
-    overlap: String,
+    pub(crate) input: Value,
+    pub(crate) cron: Option<String>,
+    pub(crate) every_seconds: Option<f64>,
+    pub(crate) timezone: String,
+    pub(crate) missed: String,
+    pub(crate) overlap: String,
     /// `config` (`[schedules.<name>]`) or `api`.
-    source: String,
-    paused: bool,
+    pub(crate) source: String,
+    pub(crate) paused: bool,
     /// The next ticks, the first one `next_at` (none while paused).
-    next_runs: Vec<DateTime<Utc>>,
-    last_tick_at: Option<DateTime<Utc>>,
+    pub(crate) next_runs: Vec<DateTime<Utc>>,
+    pub(crate) last_tick_at: Option<DateTime<Utc>>,
     /// The task the last tick submitted.
-    last_task_id: Option<uuid::Uuid>,
+    pub(crate) last_task_id: Option<uuid::Uuid>,
     /// Ticks that submitted a task, and ticks dropped by `missed`/`overlap`.
-    fired: i64,
-    skipped: i64,
+    pub(crate) fired: i64,
+    pub(crate) skipped: i64,
 }
 
 impl From<ScheduleRow> for ScheduleView {
@@ -121,7 +121,7 @@ pub(crate) struct SchedulesView {
 }
 
 /// Whose schedules a caller sees: its owner's, or all for an admin.
-fn scope(caller: &Caller) -> Option<&str> {
+pub(crate) fn scope(caller: &Caller) -> Option<&str> {
     match caller.scope {
         Scope::Admin => None,
         Scope::Owner => Some(&caller.owner),

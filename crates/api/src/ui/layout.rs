@@ -17,16 +17,18 @@ pub(crate) enum Nav {
     Overview,
     Tasks,
     Workflows,
+    Schedules,
     Releases,
     Workers,
     Queues,
     DeadLetters,
 }
 
-const ENTRIES: [(Nav, &str, &str, bool); 7] = [
+const ENTRIES: [(Nav, &str, &str, bool); 8] = [
     (Nav::Overview, "/ui", "Overview", false),
     (Nav::Tasks, "/ui/tasks", "Tasks", false),
     (Nav::Workflows, "/ui/workflows", "Workflows", false),
+    (Nav::Schedules, "/ui/schedules", "Schedules", false),
     (Nav::Releases, "/ui/releases", "Releases", false),
     (Nav::Workers, "/ui/workers", "Workers", true),
     (Nav::Queues, "/ui/queues", "Queues", true),

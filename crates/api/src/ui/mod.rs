@@ -13,7 +13,10 @@
 //! - `layout`: the page shell and the small pieces every page uses;
 //! - `chart`: line charts and sparklines as inline SVG;
 //! - `live`: server-sent events that re-render a fragment when it changes;
-//! - `tasks`: task types, listings, a task's detail, cancel and retry;
+//! - `tasks`: task types (with their limits and pauses), listings, a
+//!   task's detail, cancel and retry;
+//! - `workflows`: the newest workflows, one as a tree;
+//! - `schedules`: schedules with their next runs;
 //! - `ops`: overview, workers, queues, dead letters, releases.
 
 use crate::{ApiError, AppState};
@@ -30,6 +33,7 @@ mod chart;
 mod layout;
 mod live;
 mod ops;
+mod schedules;
 pub(crate) mod session;
 mod tasks;
 mod workflows;
@@ -59,6 +63,7 @@ pub(crate) fn router() -> Router<AppState> {
         )
         .route("/ui/workflows", get(workflows::list))
         .route("/ui/workflows/{id}", get(workflows::detail))
+        .route("/ui/schedules", get(schedules::list))
         .route("/ui/workers", get(ops::workers))
         .route("/ui/queues", get(ops::queues))
         .route("/ui/dead-letters", get(ops::dead_letters))

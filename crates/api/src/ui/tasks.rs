@@ -1,4 +1,5 @@
-//! Tasks in the browser: every type with counts by state, a listing per
+//! Tasks in the browser: every type with counts by state, its limits,
+//! default priority and whether it is paused, a listing per
 //! type (filters, cursor pages, live first page), a task's detail (live
 //! status, attempts, input, result, item errors, artifacts) and its
 //! actions. Every read goes through `routes::tasks` (`load`, the list
@@ -71,20 +72,30 @@ pub(crate) async fn types(
     }
     let mut names: Vec<&str> = state.catalog.task_types().collect();
     names.sort_unstable();
+    let pauses = state.store.pauses().await?;
+    let paused = |kind: &str, name: &str| pauses.iter().any(|p| p.kind == kind && p.name == name);
     let body = html! {
         h1 { "Tasks" }
         p.muted { "Counts of tasks created in the last " (COUNT_HOURS) " hours." }
         div.scroll {
-            table {
+            table #task-types {
                 thead { tr {
                     th scope="col" { "Type" }
                     @for s in TaskState::ALL { th scope="col" .num { (s.as_str()) } }
+                    th scope="col" { "Limits" }
+                    th scope="col" .num { "Priority" }
                 } }
                 tbody {
                     @for name in &names {
                         @let row = by_type.get(name);
-                        tr {
-                            th scope="row" { a href=(format!("/ui/tasks/{name}")) { (name) } }
+                        @let entry = state.catalog.get(name);
+                        tr data-type=(name) {
+                            th scope="row" {
+                                a href=(format!("/ui/tasks/{name}")) { (name) }
+                                @if paused("type", name) || entry.is_some_and(|e| paused("queue", &e.queue)) {
+                                    " " span.badge.warn title="Nothing new starts until it is resumed" { "paused" }
+                                }
+                            }
                             @for s in TaskState::ALL {
                                 @let n = row.and_then(|r| r.get(s.as_str())).copied().unwrap_or(0);
                                 td.num {
@@ -93,6 +104,9 @@ pub(crate) async fn types(
                                     } @else { span.muted { "0" } }
                                 }
                             }
+                            @let limits = entry.map(|e| e.limits.describe()).unwrap_or_default();
+                            td.limits { @if limits.is_empty() { span.muted { "none" } } @else { (limits) } }
+                            td.num { (entry.map_or(0, |e| e.priority)) }
                         }
                     }
                 }
