@@ -205,7 +205,7 @@ async fn a_person_signs_in_watches_tasks_live_and_acts_on_them() {
     assert_eq!(
         b.js("return [...document.querySelectorAll('header nav a')].map(a => a.textContent)")
             .await,
-        json!(["Overview", "Tasks", "Workflows", "Releases"])
+        json!(["Overview", "Tasks", "Workflows", "Schedules", "Releases"])
     );
 
     // Signing out ends the session.
