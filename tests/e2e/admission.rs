@@ -502,3 +502,74 @@ async fn debounce_runs_once_with_the_last_input() {
     worker.stop().await;
     api.stop().await;
 }
+
+/// Every way in is admitted: a workflow's steps (started by a trigger that
+/// cannot read the configuration) and a Celery client's messages published
+/// straight to the queue are held as rows and released under the cap like
+/// a submission.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflow_steps_and_celery_messages_are_admitted_too() {
+    let env = TestEnv::with(|s| {
+        s.worker.concurrency = 8;
+        limit(s, "sleep", |t| t.concurrency_limit = Some(2));
+    })
+    .await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker("w1").await;
+    let client = api.client_for("acme").await;
+    let members: Vec<Value> = (0..10)
+        .map(|_| json!({"task": "sleep", "input": {"seconds": 0.2}}))
+        .collect();
+    let response = client
+        .post_json("/workflows", &json!({"group": members}))
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let amqp = env.amqp().await;
+    let mut celery = Vec::new();
+    for _ in 0..10 {
+        let mut kwargs = serde_json::Map::new();
+        kwargs.insert("seconds".into(), json!(0.2));
+        let id = Uuid::now_v7();
+        // Protocol v2 as a Celery client sends it: unsigned, no owner.
+        let m = warren_shared::envelope::TaskMessage::new(id, "sleep", kwargs).encode();
+        amqp.publish("", &env.queue("default"), m.properties, &m.body)
+            .await;
+        celery.push(id);
+    }
+    amqp.close().await;
+    let mut ids = celery.clone();
+    ids.extend(
+        wait_until("the steps' rows", Duration::from_secs(20), || async {
+            let all = env.task_ids().await;
+            let steps: Vec<Uuid> = all.into_iter().filter(|i| !celery.contains(i)).collect();
+            (steps.len() == 10).then_some(steps)
+        })
+        .await,
+    );
+    let rows = env.wait_for_terminal(&ids, Duration::from_secs(60)).await;
+    worker.stop().await;
+    api.stop().await;
+    assert!(
+        rows.iter()
+            .all(|r| r.state == TaskState::Success && r.attempts == 1)
+    );
+    let steps: Vec<&task::Model> = rows.iter().filter(|r| r.workflow_id.is_some()).collect();
+    let foreign: Vec<&task::Model> = rows.iter().filter(|r| celery.contains(&r.id)).collect();
+    assert_eq!((steps.len(), foreign.len()), (10, 10));
+    // The workflow's steps run under acme's key; the Celery messages,
+    // unsigned, under worker.default_owner's.
+    assert!(most_at_once(&steps) <= 2, "steps: {}", most_at_once(&steps));
+    assert!(
+        most_at_once(&foreign) <= 2,
+        "celery: {}",
+        most_at_once(&foreign)
+    );
+    let keys: Vec<_> = foreign
+        .iter()
+        .map(|r| (r.owner.as_deref(), r.concurrency_key.as_deref()))
+        .collect();
+    assert!(
+        keys.iter().all(|k| *k == (Some("celery"), Some("celery"))),
+        "{keys:?}"
+    );
+}

@@ -11,7 +11,9 @@
 //! number of them share the work without publishing a row twice at once.
 //!
 //! Before each pass the relay admits (`Store::admit`) the held tasks of
-//! every type with a concurrency cap or a rate limit into the outbox. It
+//! every type with a concurrency cap or a rate limit into the outbox,
+//! after holding those of such a type that reached the outbox without
+//! admission (`Store::hold_unadmitted`: workflow steps). It
 //! runs every `relay.interval_ms`, sooner when woken (`waker`: a limited
 //! type's task was submitted or ended in this process) and when a rate
 //! limit's next token falls due.
@@ -202,6 +204,17 @@ impl Relay {
         let mut full = false;
         let mut next: Option<Duration> = None;
         for a in &self.admitted {
+            match self
+                .store
+                .hold_unadmitted(&a.task_type, &a.limits, batch)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(task = %a.task_type, held = n, "held for admission"),
+                Err(e) => {
+                    tracing::warn!(task = %a.task_type, error = %e, "could not hold unadmitted tasks")
+                }
+            }
             match self
                 .store
                 .admit(&a.task_type, &a.queue, &a.limits, batch)

@@ -479,6 +479,18 @@ async fn process(
     worker
         .events
         .emit("task-received", || events::received(&message, &input));
+    if entry.limits.admits() && !signed {
+        match hold_foreign(worker, &message, &input, entry, stop).await {
+            Ok(true) => {
+                return register_canvas(worker, &message, &canvas, stop)
+                    .await
+                    .err()
+                    .unwrap_or(Disposition::Ack);
+            }
+            Ok(false) => {}
+            Err(d) => return d,
+        }
+    }
     let request = match rate_start(worker, &message, &input, entry, stop).await {
         Ok(None) => ClaimRequest::new(&message, &input, &entry.queue, redelivered, signed),
         Ok(Some(at)) => {
@@ -661,6 +673,39 @@ async fn park_or_expire(
         );
     }
     None
+}
+
+/// A limited type's message that no Warren publisher signed may not have
+/// been admitted (a Celery client sent it): it becomes a held row the
+/// relay admits in its turn, unless its task has a row already (then it
+/// was admitted, and the claim goes on). `true`: held.
+async fn hold_foreign(
+    worker: &Worker,
+    message: &TaskMessage,
+    input: &Value,
+    entry: &CatalogEntry,
+    stop: &CancellationToken,
+) -> Result<bool, Disposition> {
+    let Some(keys) = entry.limits.keys(message.owner.as_deref(), input) else {
+        return Ok(false);
+    };
+    let request = ClaimRequest::new(message, input, &entry.queue, false, false);
+    let priority = i16::from(if message.priority > 0 {
+        message.priority
+    } else {
+        entry.priority
+    });
+    let held = db(stop, || {
+        worker.store.hold_foreign(&request, &keys, priority)
+    })
+    .await
+    .map_err(|d| refused(d, ErrorCode::DatabaseRejected))?;
+    if held {
+        worker.metrics.event(entry.task.name(), "held");
+        tracing::info!("not admitted yet: held for admission");
+        worker.relay_wake.notify_one();
+    }
+    Ok(held)
 }
 
 /// Under a rate limit, waits for the start its key's bucket grants and

@@ -15,7 +15,8 @@ use warren_shared::metrics::{self, MetricsError};
 pub(crate) struct WorkerMetrics {
     registry: Registry,
     /// `event`: started, succeeded, failed, retried, expired, cancelled,
-    /// skipped (a duplicate or finished task's message, acknowledged unrun).
+    /// skipped (a duplicate or finished task's message, acknowledged unrun),
+    /// held (a limited type's message no admission released, now a row).
     pub(crate) tasks: IntCounterVec,
     pub(crate) dead_letters: IntCounterVec,
     pub(crate) run_seconds: HistogramVec,
@@ -45,7 +46,7 @@ impl WorkerMetrics {
             tasks: metrics::counters(
                 &r,
                 "warren_worker_tasks_total",
-                "Task events by task type: started, succeeded, failed, retried, expired, cancelled, skipped.",
+                "Task events by task type: started, succeeded, failed, retried, expired, cancelled, skipped, held.",
                 &["task_type", "event"],
             )?,
             dead_letters: metrics::counters(

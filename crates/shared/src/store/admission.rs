@@ -231,6 +231,88 @@ impl Store {
         Ok(res.rows_affected() == 1)
     }
 
+    /// Rows of a limited type that reached the outbox without admission
+    /// (a workflow step, which a trigger starts without the configuration;
+    /// a Celery message's ETA kept in the outbox): held for the next pass
+    /// with their keys, as a submission would have been. How many.
+    pub async fn hold_unadmitted(
+        &self,
+        task_type: &str,
+        limits: &Limits,
+        batch: usize,
+    ) -> Result<usize> {
+        let txn = self.db.begin().await?;
+        let rows = txn
+            .query_all_raw(stmt(
+                "SELECT id, owner, input FROM tasks
+                  WHERE publish_at <= now() AND task_type = $1 AND state = 'PENDING'
+                    AND hold IS NULL AND concurrency_key IS NULL
+                  LIMIT $2 FOR UPDATE SKIP LOCKED",
+                vec![
+                    task_type.into(),
+                    i64::try_from(batch).unwrap_or(i64::MAX).into(),
+                ],
+            ))
+            .await?;
+        let mut held = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: Uuid = row.try_get("", "id")?;
+            let owner: Option<String> = row.try_get("", "owner")?;
+            let input: serde_json::Value = row.try_get("", "input")?;
+            if let Some(keys) = limits.keys(owner.as_deref(), &input) {
+                held.push(serde_json::json!({"id": id, "grp": keys.group, "rate_key": keys.rate}));
+            }
+        }
+        if !held.is_empty() {
+            txn.execute_raw(stmt(
+                "UPDATE tasks t SET hold = 'admission', publish_at = NULL, updated_at = now(),
+                        concurrency_key = k.grp, rate_key = k.rate_key
+                   FROM jsonb_to_recordset($1::jsonb) AS k(id uuid, grp text, rate_key text)
+                  WHERE t.id = k.id",
+                vec![serde_json::Value::Array(held.clone()).into()],
+            ))
+            .await?;
+        }
+        txn.commit().await?;
+        Ok(held.len())
+    }
+
+    /// A message of a limited type that no admission released (a Celery
+    /// client published it straight to the queue) becomes a held row,
+    /// unless its task has a row already. `true`: held; the message has
+    /// done its part.
+    pub async fn hold_foreign(
+        &self,
+        request: &super::ClaimRequest,
+        keys: &crate::admission::Keys,
+        priority: i16,
+    ) -> Result<bool> {
+        let row = self
+            .db
+            .query_one_raw(stmt(
+                "INSERT INTO tasks (id, task_type, queue, owner, state, input, attempts, eta, expires_at,
+                                    time_limit, soft_time_limit, created_at, updated_at, origin, root_id,
+                                    parent_id, group_id, traceparent, reply_to, hold, concurrency_key,
+                                    rate_key, priority)
+                 SELECT (e->>'id')::uuid, e->>'task_type', e->>'queue', e->>'owner', 'PENDING', e->'input', 0,
+                        (e->>'eta')::timestamptz, (e->>'expires_at')::timestamptz,
+                        (e->>'time_limit')::float8, (e->>'soft_time_limit')::float8, now(), now(),
+                        e->>'origin', e->>'root_id', e->>'parent_id', e->>'group_id', e->>'traceparent',
+                        e->>'reply_to', 'admission', $2, $3, $4
+                 FROM (SELECT $1::jsonb AS e) AS m
+                 ON CONFLICT (id) DO NOTHING
+                 RETURNING id",
+                vec![
+                    request.row.as_str().into(),
+                    keys.group.as_str().into(),
+                    keys.rate.clone().into(),
+                    priority.into(),
+                ],
+            ))
+            .await?;
+        Ok(row.is_some())
+    }
+
     /// A start under a rate limit: when this task may start (at most a
     /// burst's tolerance from now, so the caller waits that long and no
     /// longer), or how long until the key's bucket is worth asking again.
