@@ -7,7 +7,9 @@
 #   scripts/bench.sh drain --tasks 100000      one scenario: ceiling, drain, submit, latency, memory, scaling, pages
 #   scripts/bench.sh pages                     dashboard page times with 1,000,000 tasks in the table
 #   scripts/bench.sh webhooks                  the drain with and without webhooks to a receiver that takes 2 s
+#   scripts/bench.sh webhooks --task-ms 50 --concurrency 25 --runs 5   the same with 2 s of sleep tasks
 #   scripts/bench.sh workflows                 5,000 tasks drained independent vs as one chord's members + sum body
+#   scripts/bench.sh retention                 the drain with the retention job off, then on, deleting 1,000,000 old rows
 #   scripts/bench.sh scaling                   2,000 × 50 ms sleep tasks, 1/2/4 replicas, 3 runs
 #   scripts/bench.sh scaling --replicas 1,2,4,8 --runs 1
 #   scripts/bench.sh --help

@@ -16,6 +16,7 @@ pub mod latency;
 pub mod memory;
 pub mod pages;
 pub mod report;
+pub mod retention;
 pub mod scaling;
 pub mod submit;
 pub mod system;

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use warren_bench::{
-    all, ceiling, drain, latency, memory, pages, scaling, submit,
+    all, ceiling, drain, latency, memory, pages, retention, scaling, submit,
     system::{self, Setup},
     webhooks, workflows,
 };
@@ -75,6 +75,9 @@ enum Scenario {
     Pages(pages::Args),
     /// The drain with and without webhooks to a receiver slow to answer.
     Webhooks(webhooks::Args),
+    /// The drain with the retention job off, then on, deleting a million
+    /// old rows meanwhile.
+    Retention(retention::Args),
     /// N tasks as independent tasks and as one chord's members: the join's cost.
     Workflows(workflows::Args),
 }
@@ -146,6 +149,16 @@ async fn main() -> anyhow::Result<()> {
                 webhooks::render(args, &rows),
                 serde_json::json!({ "scenario": "webhooks", "parameters": {
                     "tasks": args.tasks, "receiver_ms": args.receiver_ms,
+                    "concurrency": args.concurrency, "runs": args.runs, "task_ms": args.task_ms,
+                }, "rows": rows }),
+            )
+        }
+        Scenario::Retention(args) => {
+            let rows = retention::run(&setup, args).await?;
+            (
+                retention::render(args, &rows),
+                serde_json::json!({ "scenario": "retention", "parameters": {
+                    "old_rows": args.old_rows, "tasks": args.tasks,
                     "concurrency": args.concurrency, "runs": args.runs,
                 }, "rows": rows }),
             )

@@ -47,6 +47,17 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Vec<Row>> {
 }
 
 async fn fill(system: &System, rows: u64) -> anyhow::Result<()> {
+    fill_finished(system, rows, (30, 0), "pages").await
+}
+
+/// `rows` finished tasks (21 owners, 1 % failures), created evenly between
+/// `days.0` and `days.1` days ago, then `VACUUM ANALYZE`.
+pub(crate) async fn fill_finished(
+    system: &System,
+    rows: u64,
+    days: (u32, u32),
+    scenario: &str,
+) -> anyhow::Result<()> {
     let db = system.db();
     let mut from = 1;
     while from <= rows {
@@ -64,17 +75,20 @@ async fn fill(system: &System, rows: u64) -> anyhow::Result<()> {
                     CASE WHEN i % 100 = 1 THEN '{\"code\": \"task_error\", \"message\": \"filler\", \"retryable\": false}'::jsonb END,
                     1, at, at, at, at + interval '5 milliseconds', at, 'warren-bench-filler', '0.0.0', 'warren-bench'
              FROM generate_series($1::bigint, $2::bigint) AS i,
-                  LATERAL (SELECT now() - interval '30 days' + (interval '30 days' * i / $3::bigint) AS at) t",
+                  LATERAL (SELECT now() - make_interval(days => $5)
+                                  + (make_interval(days => $5 - $6) * i / $3::bigint) AS at) t",
             vec![
                 (from as i64).into(),
                 (to as i64).into(),
                 (rows as i64).into(),
                 TENANT.into(),
+                i32::try_from(days.0)?.into(),
+                i32::try_from(days.1)?.into(),
             ],
         ))
         .await
         .context("filling the tasks table")?;
-        eprintln!("  pages: {to} of {rows} rows");
+        eprintln!("  {scenario}: {to} of {rows} rows");
         from = to + 1;
     }
     db.execute_unprepared("VACUUM ANALYZE tasks").await?;

@@ -27,6 +27,11 @@ pub struct Args {
     pub concurrency: usize,
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Run `sleep` tasks of this many milliseconds instead of `noop`: a
+    /// drain long enough (tasks × ms / concurrency) for a 10 % difference
+    /// to stand out of the noise.
+    #[arg(long, default_value_t = 0)]
+    pub task_ms: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -96,7 +101,11 @@ async fn once(s: &mut System, args: &Args, receiver: Option<&str>) -> anyhow::Re
         }
         None => String::new(),
     };
-    s.submit_batch_with("noop", &query, &json!({}), args.tasks)
+    let (task, input) = match args.task_ms {
+        0 => ("noop", json!({})),
+        ms => ("sleep", json!({"seconds": ms as f64 / 1000.0})),
+    };
+    s.submit_batch_with(task, &query, &input, args.tasks)
         .await?;
     let n = i64::try_from(args.tasks)?;
     s.wait_for_state_count("QUEUED", n, Duration::from_secs(600))
