@@ -43,6 +43,13 @@ const MAX_URL_LEN: usize = 2048;
 /// timeout: room to record the attempt, and soon due again if the sender
 /// died mid-POST.
 const LEASE_FACTOR: u32 = 2;
+
+/// How many attempts a sender records at once. A receiver answering all
+/// of a pass's POSTs together (they were sent together) would otherwise
+/// have them all ask the pool for a connection at the same instant, and
+/// the tasks' own claims and outcomes waited behind them: a 2 s receiver
+/// slowed a drain of 50 ms tasks by 14 %.
+const RECORDS_AT_ONCE: usize = 2;
 /// Longest error text kept per attempt.
 const MAX_ERROR_LEN: usize = 500;
 
@@ -224,6 +231,7 @@ pub struct Sender {
     client: reqwest::Client,
     settings: WebhookSettings,
     backoff: warren_tasks::Policy,
+    records: tokio::sync::Semaphore,
 }
 
 impl Sender {
@@ -246,6 +254,7 @@ impl Sender {
             client: client.build()?,
             settings,
             backoff,
+            records: tokio::sync::Semaphore::new(RECORDS_AT_ONCE),
         })
     }
 
@@ -323,6 +332,8 @@ impl Sender {
             error,
         };
         let window = Duration::from_secs_f64(self.settings.retry_window_seconds);
+        // Never closed; without a permit the record would just not wait.
+        let _turn = self.records.acquire().await.ok();
         match self
             .store
             .record_delivery_attempt(&d, &attempt, end, window)
