@@ -268,7 +268,7 @@ async fn concurrent_relays_never_take_the_same_row() {
     let pass = |store: Store, barrier: Arc<Barrier>| async move {
         let mut taken = Vec::new();
         store
-            .relay_pass(15, Duration::from_secs(1), |due| {
+            .relay_pass(15, Duration::from_secs(1), &[], |due| {
                 taken = due.iter().map(|d| d.message.id).collect();
                 let ok: Vec<(Uuid, bool)> = taken.iter().map(|id| (*id, true)).collect();
                 async move {

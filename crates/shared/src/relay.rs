@@ -110,7 +110,15 @@ impl Relay {
                 .into_iter()
                 .flatten()
                 .fold(self.settings.interval(), Duration::min);
-            match pass(&self.store, &self.publisher, self.settings.batch_size).await {
+            let limited: Vec<String> = self.admitted.iter().map(|a| a.task_type.clone()).collect();
+            match pass(
+                &self.store,
+                &self.publisher,
+                self.settings.batch_size,
+                &limited,
+            )
+            .await
+            {
                 // A full batch means more may be due right now.
                 Ok(n) => idle = n < self.settings.batch_size as usize && !admitted,
                 Err(e) => {
@@ -240,13 +248,16 @@ impl Relay {
 }
 
 /// One pass; returns how many rows were due.
+/// `limited`: the types with limits, whose unadmitted rows wait for
+/// `Store::hold_unadmitted` instead.
 pub async fn pass(
     store: &Store,
     publisher: &Publisher,
     batch_size: u32,
+    limited: &[String],
 ) -> crate::store::Result<usize> {
     store
-        .relay_pass(batch_size, PUBLISH_RETRY_AFTER, |due: Vec<Due>| async move {
+        .relay_pass(batch_size, PUBLISH_RETRY_AFTER, limited, |due: Vec<Due>| async move {
             let batch: Vec<Outgoing> = due.iter().map(|d| publisher.task(&d.message)).collect();
             let results = publisher.publish_all(&batch).await;
             due.iter()

@@ -104,7 +104,9 @@ impl Store {
         // A type limited by rate alone groups by its rate key: no key can
         // take more than a burst in one pass, so none is read.
         let per_key = match (&limits.concurrency, &limits.rate) {
-            (None, Some((_, rate))) => rate.burst().min(i64::try_from(batch).unwrap_or(i64::MAX)),
+            (None, Some((_, rate))) => rate
+                .admission_burst()
+                .min(i64::try_from(batch).unwrap_or(i64::MAX)),
             _ => i64::try_from(batch).unwrap_or(i64::MAX),
         };
         let cap = limits.cap().map(i64::from);
@@ -316,9 +318,12 @@ impl Store {
     /// A start under a rate limit: when this task may start (at most a
     /// burst's tolerance from now, so the caller waits that long and no
     /// longer), or how long until the key's bucket is worth asking again.
-    /// Granted starts of a key are [`Rate::interval`] apart, at most
-    /// [`Rate::burst`] early, whatever the number of workers asking: the
-    /// bucket's row is the only place the decision is made.
+    /// Each start takes the next point of a grid [`Rate::interval`] apart
+    /// (at most [`Rate::burst`] early), whatever the number of workers
+    /// asking: the bucket's row is the only place the decision is made.
+    /// A start that asks late still takes a point up to one interval
+    /// behind, so a loaded machine keeps the rate; a start's point lies
+    /// within an interval before it, so any second holds at most N + 1.
     pub async fn start_token(&self, task_type: &str, key: &str, rate: &Rate) -> Result<StartToken> {
         let interval = rate.interval().as_seconds_f64();
         let tolerance = interval * (rate.burst() - 1) as f64;
@@ -330,9 +335,10 @@ impl Store {
                    INSERT INTO start_buckets AS b (task_type, key, tat)
                    SELECT $1, $2, t + make_interval(secs => $3) FROM now
                    ON CONFLICT (task_type, key) DO UPDATE
-                      SET tat = greatest(b.tat, (SELECT t FROM now)) + make_interval(secs => $3)
+                      SET tat = greatest(b.tat, (SELECT t FROM now) - make_interval(secs => $3))
+                                + make_interval(secs => $3)
                     WHERE b.tat - make_interval(secs => $4) <= (SELECT t FROM now)
-                   RETURNING tat - make_interval(secs => $3) AS at)
+                   RETURNING greatest(tat - make_interval(secs => $3), (SELECT t FROM now)) AS at)
                  SELECT (SELECT at FROM spent) AS at,
                         extract(epoch FROM (SELECT at FROM spent) - (SELECT t FROM now))::float8 AS start_in,
                         extract(epoch FROM

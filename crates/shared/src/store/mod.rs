@@ -974,6 +974,7 @@ impl Store {
         &self,
         limit: u32,
         retry_after: std::time::Duration,
+        limited: &[String],
         publish: F,
     ) -> Result<usize>
     where
@@ -982,8 +983,14 @@ impl Store {
     {
         let txn = self.db.begin().await?;
         let rows = task::Model::find_by_statement(stmt(
-            "SELECT * FROM tasks WHERE publish_at <= now() ORDER BY publish_at LIMIT $1 FOR UPDATE SKIP LOCKED",
-            vec![i64::from(limit).into()],
+            // A limited type's row that no admission released (a workflow
+            // step) is left to `hold_unadmitted`, never published here.
+            "SELECT * FROM tasks
+              WHERE publish_at <= now()
+                AND NOT (task_type = ANY($2) AND state = 'PENDING' AND hold IS NULL
+                         AND concurrency_key IS NULL)
+              ORDER BY publish_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+            vec![i64::from(limit).into(), limited.to_vec().into()],
         ))
         .all(&txn)
         .await?;
