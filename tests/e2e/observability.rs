@@ -377,8 +377,16 @@ async fn queues_match_the_management_api() {
     )
     .await;
     let names: Vec<&str> = queues.iter().map(|q| q["name"].as_str().unwrap()).collect();
-    assert_eq!(names, [default.clone(), env.topology().dead_letter_queue()]);
-    assert_eq!(queues[1]["kind"], "dead_letter");
+    assert_eq!(
+        names,
+        [
+            default.clone(),
+            format!("{default}.high"),
+            env.topology().dead_letter_queue()
+        ]
+    );
+    assert_eq!(queues[1]["kind"], "high_band");
+    assert_eq!(queues[2]["kind"], "dead_letter");
     for q in &queues {
         let theirs = mgmt.queue(q["name"].as_str().unwrap()).await;
         let field = |k: &str| theirs[k].as_u64().unwrap_or(0);

@@ -82,7 +82,8 @@ pub(crate) struct QueuesView {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub(crate) struct QueueView {
     pub(crate) name: String,
-    /// `work`, `celery` (a Celery client's default queue) or `dead_letter`.
+    /// `work`, `high_band` (a work queue's priorities 5–9), `celery` (a
+    /// Celery client's default queue) or `dead_letter`.
     pub(crate) kind: &'static str,
     /// Waiting to be delivered.
     pub(crate) ready: u64,
@@ -134,6 +135,7 @@ pub(crate) async fn fetch_queues(state: &AppState) -> Result<Vec<QueueView>, Api
         .into_iter()
         .map(|q| (topology.queue(q), "work"))
         .collect();
+    names.extend(topology.high_bands().into_iter().map(|q| (q, "high_band")));
     names.extend(
         topology
             .celery_queues()

@@ -319,7 +319,7 @@ fn queue_table(state: &AppState, queues: &[QueueView]) -> Markup {
             tbody {
                 @for q in queues {
                     tr class=(format!("queue {}", q.kind)) {
-                        th scope="row" .mono { (q.name) @if q.kind == "dead_letter" { " " span.badge.bad { "dead letters" } } }
+                        th scope="row" .mono { (q.name) @if q.kind == "dead_letter" { " " span.badge.bad { "dead letters" } } @if q.kind == "high_band" { " " span.badge.info { "priority 5–9" } } }
                         td.num { (q.ready) } td.num { (q.unacked) }
                         td.num class=[(q.consumers == 0 && q.kind == "work").then_some("bad")] { (q.consumers) }
                         td { (chart::bar((q.ready + q.unacked) as f64, max, "depth")) }
