@@ -51,6 +51,9 @@ pub struct Relay {
     publisher: Arc<Publisher>,
     settings: RelaySettings,
     admitted: Vec<Admitted>,
+    /// The admitted types' names, for the relay pass to leave their
+    /// unadmitted rows alone.
+    limited: Vec<String>,
     wake: Arc<Notify>,
     catalog: Catalog,
     /// `[schedules.*]`, synced into PostgreSQL when the relay starts.
@@ -75,12 +78,14 @@ impl Relay {
                 queue: e.queue.clone(),
                 limits: e.limits.clone(),
             })
-            .collect();
+            .collect::<Vec<Admitted>>();
+        let limited = admitted.iter().map(|a| a.task_type.clone()).collect();
         Self {
             store,
             publisher,
             settings,
             admitted,
+            limited,
             wake,
             catalog: catalog.clone(),
             configured,
@@ -110,12 +115,11 @@ impl Relay {
                 .into_iter()
                 .flatten()
                 .fold(self.settings.interval(), Duration::min);
-            let limited: Vec<String> = self.admitted.iter().map(|a| a.task_type.clone()).collect();
             match pass(
                 &self.store,
                 &self.publisher,
                 self.settings.batch_size,
-                &limited,
+                &self.limited,
             )
             .await
             {
@@ -211,18 +215,19 @@ impl Relay {
         let batch = self.settings.batch_size as usize;
         let mut full = false;
         let mut next: Option<Duration> = None;
-        for a in &self.admitted {
-            match self
-                .store
-                .hold_unadmitted(&a.task_type, &a.limits, batch)
-                .await
-            {
+        let limited: Vec<(&str, &Limits)> = self
+            .admitted
+            .iter()
+            .map(|a| (a.task_type.as_str(), &a.limits))
+            .collect();
+        if !limited.is_empty() {
+            match self.store.hold_unadmitted(&limited, batch).await {
                 Ok(0) => {}
-                Ok(n) => tracing::debug!(task = %a.task_type, held = n, "held for admission"),
-                Err(e) => {
-                    tracing::warn!(task = %a.task_type, error = %e, "could not hold unadmitted tasks")
-                }
+                Ok(n) => tracing::debug!(held = n, "held for admission"),
+                Err(e) => tracing::warn!(error = %e, "could not hold unadmitted tasks"),
             }
+        }
+        for a in &self.admitted {
             match self
                 .store
                 .admit(&a.task_type, &a.queue, &a.limits, batch)

@@ -239,44 +239,49 @@ impl Store {
     /// with their keys, as a submission would have been. How many.
     pub async fn hold_unadmitted(
         &self,
-        task_type: &str,
-        limits: &Limits,
+        limited: &[(&str, &Limits)],
         batch: usize,
     ) -> Result<usize> {
+        let types: Vec<String> = limited.iter().map(|(t, _)| (*t).to_owned()).collect();
         let txn = self.db.begin().await?;
         let rows = txn
             .query_all_raw(stmt(
-                "SELECT id, owner, input FROM tasks
-                  WHERE publish_at <= now() AND task_type = $1 AND state = 'PENDING'
+                "SELECT id, task_type, owner, input FROM tasks
+                  WHERE publish_at <= now() AND task_type = ANY($1) AND state = 'PENDING'
                     AND hold IS NULL AND concurrency_key IS NULL
                   LIMIT $2 FOR UPDATE SKIP LOCKED",
                 vec![
-                    task_type.into(),
+                    types.into(),
                     i64::try_from(batch).unwrap_or(i64::MAX).into(),
                 ],
             ))
             .await?;
         let mut held = Vec::with_capacity(rows.len());
         for row in rows {
-            let id: Uuid = row.try_get("", "id")?;
+            let task_type: String = row.try_get("", "task_type")?;
+            let Some((_, limits)) = limited.iter().find(|(t, _)| *t == task_type) else {
+                continue;
+            };
             let owner: Option<String> = row.try_get("", "owner")?;
             let input: serde_json::Value = row.try_get("", "input")?;
             if let Some(keys) = limits.keys(owner.as_deref(), &input) {
+                let id: Uuid = row.try_get("", "id")?;
                 held.push(serde_json::json!({"id": id, "grp": keys.group, "rate_key": keys.rate}));
             }
         }
-        if !held.is_empty() {
+        let n = held.len();
+        if n > 0 {
             txn.execute_raw(stmt(
                 "UPDATE tasks t SET hold = 'admission', publish_at = NULL, updated_at = now(),
                         concurrency_key = k.grp, rate_key = k.rate_key
                    FROM jsonb_to_recordset($1::jsonb) AS k(id uuid, grp text, rate_key text)
                   WHERE t.id = k.id",
-                vec![serde_json::Value::Array(held.clone()).into()],
+                vec![serde_json::Value::Array(held).into()],
             ))
             .await?;
         }
         txn.commit().await?;
-        Ok(held.len())
+        Ok(n)
     }
 
     /// A message of a limited type that no admission released (a Celery
