@@ -66,28 +66,71 @@ pub enum PublishError {
 
 /// Opens a connection named so the management UI shows who is who
 /// (`warren-worker@host:pid`). The URL's password never reaches a log line.
+///
+/// `url` may name several nodes of a cluster, separated by `;` (Celery's
+/// form): each connection starts at a node picked by the clock's
+/// nanoseconds, so the connections of many replicas spread over the nodes,
+/// then tries each of the rest in turn (a dead node refuses at once).
 pub async fn connect(
     url: &SecretString,
     name: &str,
     timeout: Duration,
 ) -> Result<Connection, BrokerError> {
+    let nodes: Vec<&str> = node_urls(url).collect();
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as usize);
+    let mut last = BrokerError::ConnectTimeout(timeout);
+    for k in 0..nodes.len() {
+        let node = nodes[(start + k) % nodes.len()];
+        match connect_node(node, name, timeout).await {
+            Ok(conn) => {
+                if nodes.len() > 1 {
+                    tracing::info!(node = %node_label(node), connection = name, "connected to broker node");
+                }
+                return Ok(conn);
+            }
+            Err(e) => {
+                if nodes.len() > 1 {
+                    tracing::warn!(node = %node_label(node), error = %e, "broker node unavailable; trying the next");
+                }
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+async fn connect_node(url: &str, name: &str, timeout: Duration) -> Result<Connection, BrokerError> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(
-        timeout,
-        Connection::connect(url.expose_secret(), properties),
-    )
-    .await
-    {
+    match tokio::time::timeout(timeout, Connection::connect(url, properties)).await {
         Err(_) => Err(BrokerError::ConnectTimeout(timeout)),
         Ok(Err(e)) => Err(BrokerError::Connect(e)),
         Ok(Ok(conn)) => Ok(conn),
     }
 }
 
-/// User, password and vhost of an AMQP URL: the management API takes the
-/// same credentials. `None` if the URL does not parse.
+/// The node URLs in `amqp.url`: one, or several separated by `;`.
+pub fn node_urls(url: &SecretString) -> impl Iterator<Item = &str> {
+    url.expose_secret()
+        .split(';')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+}
+
+/// `host:port` of a node URL, for logs (never the password).
+fn node_label(url: &str) -> String {
+    match url.parse::<lapin::uri::AMQPUri>() {
+        Ok(uri) => format!("{}:{}", uri.authority.host, uri.authority.port),
+        Err(_) => "(unparsable URL)".to_owned(),
+    }
+}
+
+/// User, password and vhost of an AMQP URL (its first node's, when it
+/// names several): the management API takes the same credentials. `None`
+/// if the URL does not parse.
 pub fn credentials(url: &SecretString) -> Option<(String, SecretString, String)> {
-    let uri: lapin::uri::AMQPUri = url.expose_secret().parse().ok()?;
+    let uri: lapin::uri::AMQPUri = node_urls(url).next()?.parse().ok()?;
     let info = uri.authority.userinfo;
     Some((info.username, SecretString::from(info.password), uri.vhost))
 }

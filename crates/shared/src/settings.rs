@@ -495,6 +495,8 @@ impl Settings {
     pub fn validate(&self) -> Result<(), SettingsError> {
         let db = &self.database;
         check_url(&db.url, "database.url", &["postgres", "postgresql"])?;
+        crate::db::hosts::Hosts::parse(db.url.expose_secret())
+            .map_err(|e| invalid("database.url", e.to_string()))?;
         if db.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
         }
@@ -504,13 +506,7 @@ impl Settings {
         )?;
 
         let amqp = &self.amqp;
-        check_url(&amqp.url, "amqp.url", &["amqp", "amqps"])?;
-        if crate::broker::credentials(&amqp.url).is_none() {
-            return Err(invalid(
-                "amqp.url",
-                "is not a valid amqp://user:password@host:port/vhost URL",
-            ));
-        }
+        check_node_urls(&amqp.url)?;
         check_name("amqp.prefix", &amqp.prefix, true)?;
         check_queue_name("amqp.default_queue", &amqp.default_queue)?;
         if amqp.delivery_limit == 0 {
@@ -818,6 +814,29 @@ fn check_url(url: &SecretString, key: &str, schemes: &[&str]) -> Result<(), Sett
     }
 }
 
+/// `amqp.url`: one node's URL, or several separated by `;`, each valid.
+fn check_node_urls(url: &SecretString) -> Result<(), SettingsError> {
+    let mut count = 0;
+    for (i, node) in crate::broker::node_urls(url).enumerate() {
+        count += 1;
+        let node = SecretString::from(node.to_owned());
+        check_url(&node, "amqp.url", &["amqp", "amqps"])?;
+        if node.expose_secret().parse::<lapin::uri::AMQPUri>().is_err() {
+            return Err(invalid(
+                "amqp.url",
+                format!(
+                    "node {} is not a valid amqp://user:password@host:port/vhost URL",
+                    i + 1
+                ),
+            ));
+        }
+    }
+    if count == 0 {
+        return Err(invalid("amqp.url", "names no node"));
+    }
+    Ok(())
+}
+
 /// A work queue's short name: a plain name that is not another queue's
 /// high-priority band (`<queue>.high`, see `topology`).
 fn check_queue_name(key: &str, name: &str) -> Result<(), SettingsError> {
@@ -978,6 +997,26 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_is_several_node_urls_and_several_database_hosts() {
+        let s = load(&[
+            (
+                "WARREN_AMQP__URL",
+                "amqp://u:p@a:5681/%2f; amqp://u:p@b:5682/%2f;amqp://u:p@c:5683/%2f",
+            ),
+            (
+                "WARREN_DATABASE__URL",
+                "postgres://u@a:5491,b:5492/w?target_session_attrs=read-write",
+            ),
+        ])
+        .unwrap();
+        let nodes: Vec<&str> = crate::broker::node_urls(&s.amqp.url).collect();
+        assert_eq!(nodes[1], "amqp://u:p@b:5682/%2f");
+        assert_eq!(nodes.len(), 3);
+        let (user, _, vhost) = crate::broker::credentials(&s.amqp.url).unwrap();
+        assert_eq!((user.as_str(), vhost.as_str()), ("u", "/"));
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases: &[(&str, &str, &str)] = &[
             ("WARREN_WORKER__CONCURRENCY", "abc", "worker.concurrency"),
@@ -996,6 +1035,17 @@ mod tests {
             ("WARREN_API__LISTEN", "localhost", "api.listen"),
             ("WARREN_DATABASE__URL", "mysql://x", "database.url"),
             ("WARREN_AMQP__URL", "nonsense", "amqp.url"),
+            (
+                "WARREN_AMQP__URL",
+                "amqp://u:p@a:1/%2f;http://b",
+                "amqp.url",
+            ),
+            ("WARREN_AMQP__URL", " ; ", "amqp.url"),
+            (
+                "WARREN_DATABASE__URL",
+                "postgres://a,b/w?target_session_attrs=standby",
+                "database.url",
+            ),
             ("WARREN_AMQP__PREFIX", "has space", "amqp.prefix"),
             ("WARREN_AMQP__QUEUE_TYPE", "stream", "amqp.queue_type"),
             ("WARREN_TELEMETRY__FILTER", "info,[", "telemetry.filter"),

@@ -1,6 +1,7 @@
 //! PostgreSQL through sea-orm: connecting, the entities, the migrations.
 //! The SQL of state transitions lives in [`crate::store`].
 
+pub mod hosts;
 pub mod migration;
 pub mod task;
 
@@ -18,12 +19,24 @@ pub use migration::Migrator;
 
 /// Opens a pool. Connections are made lazily and re-made after PostgreSQL
 /// restarts; a statement on a dead connection fails once and the pool
-/// replaces it.
+/// replaces it. With several hosts in the URL the pool is built on the
+/// primary and follows it after a failover ([`hosts`]).
 pub async fn connect(
     settings: &DatabaseSettings,
     application_name: &str,
 ) -> Result<DatabaseConnection, DbErr> {
-    let mut options = ConnectOptions::new(settings.url.expose_secret().to_owned());
+    let hosts = hosts::Hosts::parse(settings.url.expose_secret())
+        .map_err(|e| DbErr::Custom(format!("database.url: {e}")))?;
+    let first = if hosts.is_multi() {
+        hosts::find_primary(&hosts, 0, settings.connect_timeout())
+            .await
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    let url = hosts.urls().get(first).cloned().unwrap_or_default();
+    let read_write = hosts.read_write;
+    let mut options = ConnectOptions::new(url);
     options
         .max_connections(settings.max_connections)
         .min_connections(0)
@@ -39,16 +52,29 @@ pub async fn connect(
         .test_before_acquire_if_idle_for(PING_IF_IDLE_FOR)
         .set_application_name(application_name)
         .sqlx_logging(false)
-        .map_sqlx_postgres_pool_opts(|pool| {
-            pool.after_connect(|conn, _| {
+        .map_sqlx_postgres_pool_opts(move |pool| {
+            pool.after_connect(move |conn, _| {
                 Box::pin(async move {
+                    // A standby (or a demoted primary) never joins the pool
+                    // of a URL that asked for a primary.
+                    if read_write && hosts::is_read_only(conn).await? {
+                        return Err(SqlxError::Configuration(
+                            "this PostgreSQL host is read-only (target_session_attrs=read-write)"
+                                .into(),
+                        ));
+                    }
                     sea_orm::sqlx::Executor::execute(conn, CUSTOM_PLANS)
                         .await
                         .map(drop)
                 })
             })
         });
-    Database::connect(options).await
+    let db = Database::connect(options).await?;
+    if hosts.is_multi() {
+        let pool = db.get_postgres_connection_pool().clone();
+        tokio::spawn(hosts::watch(pool, hosts, first, settings.connect_timeout()));
+    }
+    Ok(db)
 }
 
 /// See [`connect`].
