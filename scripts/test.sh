@@ -38,6 +38,13 @@ say "cargo test"
 TEST_BIN_DIR="$CARGO_TARGET_DIR/debug" \
   cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}" "$@"
 
+# A filtered run (scripts/test.sh celery) is for iterating; the chaos run
+# is not filtered by test name, so it runs with the full suite only.
+if [ $# -eq 0 ]; then
+  say "chaos (a local RabbitMQ cluster and PostgreSQL standby; faults; the checker)"
+  "$WARREN_ROOT/scripts/chaos.sh" short
+fi
+
 say "schemathesis (property-based, against /openapi.json)"
 "$WARREN_ROOT/scripts/schemathesis.sh"
 

@@ -8,9 +8,14 @@
 //!
 //! `scripts/bench.sh` builds the binaries, makes sure the services run
 //! and calls this; `warren-bench --help` lists the scenarios.
+//!
+//! The crate's second binary, `warren-chaos` ([`chaos`]), brings up a
+//! Warren of several replicas on the local cluster of `scripts/cluster.sh`,
+//! injects faults under load and checks what was lost.
 
 pub mod all;
 pub mod ceiling;
+pub mod chaos;
 pub mod drain;
 pub mod latency;
 pub mod memory;

@@ -1,0 +1,161 @@
+//! What each fault cost, read from the history and the rows: the longest
+//! gap between completions around it, p99 submit→end latency of the tasks
+//! submitted during it and after it, and how long until the API answered
+//! 2xx again. Pure, so its arithmetic is unit-tested.
+
+use super::checker::Row;
+use super::nemesis::Event;
+use super::workload::Op;
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Impact {
+    pub nemesis: &'static str,
+    pub target: String,
+    pub at_s: f64,
+    /// Longest time without a completed task, from the fault until ten
+    /// seconds after the cluster was whole again (or the next fault).
+    pub longest_gap_ms: f64,
+    /// p99 created→ended of no-countdown tasks created while the fault
+    /// lasted, and in the 30 s after recovery (or until the next fault).
+    pub p99_during_ms: Option<f64>,
+    pub p99_after_ms: Option<f64>,
+    /// From the fault to the first 2xx after the last failed HTTP attempt
+    /// (0: no request failed).
+    pub api_back_ms: f64,
+    /// Failed attempts (no answer or 5xx) in that window.
+    pub failed_requests: u64,
+}
+
+const AFTER_MS: f64 = 30_000.0;
+
+pub fn impacts(events: &[Event], ops: &[Op], rows: &[&Row]) -> Vec<Impact> {
+    let mut done: Vec<f64> = rows.iter().filter_map(|r| r.finished_ms).collect();
+    done.sort_by(f64::total_cmp);
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let (start, healed, whole) =
+                (e.start_ms as f64, e.healed_ms as f64, e.recovered_ms as f64);
+            // A window ends where the next fault begins, so no fault is
+            // charged with the next one's cost.
+            let next = events.get(i + 1).map_or(f64::MAX, |n| n.start_ms as f64);
+            let end = (whole + AFTER_MS).min(next);
+            let (back, failed) = api_back(ops, e.start_ms, end as u64);
+            Impact {
+                nemesis: e.nemesis.name(),
+                target: e.target.clone(),
+                at_s: start / 1000.0,
+                longest_gap_ms: longest_gap(&done, start, (whole + 10_000.0).min(next)),
+                p99_during_ms: p99(rows, start, healed.max(start + 1000.0)),
+                p99_after_ms: p99(rows, whole, end),
+                api_back_ms: back,
+                failed_requests: failed,
+            }
+        })
+        .collect()
+}
+
+/// The longest stretch in `[from, to]` with no completion in `done` (sorted).
+pub fn longest_gap(done: &[f64], from: f64, to: f64) -> f64 {
+    let mut last = from;
+    let mut longest: f64 = 0.0;
+    for &t in done.iter().filter(|&&t| t >= from && t <= to) {
+        longest = longest.max(t - last);
+        last = t;
+    }
+    longest.max(to - last)
+}
+
+/// p99 of created→ended for tasks without a countdown created in `[from, to)`.
+pub fn p99(rows: &[&Row], from: f64, to: f64) -> Option<f64> {
+    let mut lat: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.task_type == "multiply" && r.created_ms >= from && r.created_ms < to)
+        .filter_map(|r| Some(r.finished_ms? - r.created_ms))
+        .collect();
+    if lat.is_empty() {
+        return None;
+    }
+    lat.sort_by(f64::total_cmp);
+    let i = ((lat.len() as f64 * 0.99).ceil() as usize).saturating_sub(1);
+    lat.get(i).copied()
+}
+
+/// From `from` to the first 2xx after the last failed attempt before
+/// `to`, and how many attempts failed in between.
+fn api_back(ops: &[Op], from: u64, to: u64) -> (f64, u64) {
+    let mut attempts: Vec<(u64, u16)> = ops
+        .iter()
+        .flat_map(|o| o.attempts.iter())
+        .filter(|a| a.at_ms >= from && a.at_ms <= to)
+        .map(|a| (a.at_ms, a.status))
+        .collect();
+    attempts.sort_unstable();
+    let failed = |s: u16| s == 0 || s >= 500;
+    let Some(last_failed) = attempts.iter().rposition(|&(_, s)| failed(s)) else {
+        return (0.0, 0);
+    };
+    let count = attempts.iter().filter(|&&(_, s)| failed(s)).count() as u64;
+    let back = attempts[last_failed..]
+        .iter()
+        .find(|&&(_, s)| (200..300).contains(&s))
+        .map_or(to, |&(at, _)| at);
+    ((back - from) as f64, count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::workload::{Attempt, Outcome};
+    use super::*;
+
+    #[test]
+    fn the_longest_gap_counts_the_edges_of_the_window() {
+        let done = [10.0, 20.0, 60.0, 65.0, 500.0];
+        assert_eq!(longest_gap(&done, 0.0, 100.0), 40.0);
+        assert_eq!(
+            longest_gap(&done, 0.0, 200.0),
+            135.0,
+            "nothing after 65 until the end"
+        );
+        assert_eq!(longest_gap(&[], 0.0, 50.0), 50.0);
+    }
+
+    #[test]
+    fn p99_reads_only_tasks_created_in_the_window() {
+        let rows: Vec<Row> = (0..100)
+            .map(|i| Row {
+                state: "SUCCESS".into(),
+                result: None,
+                attempts: 1,
+                task_type: "multiply".into(),
+                created_ms: i as f64,
+                finished_ms: Some(i as f64 + if i == 99 { 1000.0 } else { 10.0 }),
+            })
+            .collect();
+        let refs: Vec<&Row> = rows.iter().collect();
+        assert_eq!(p99(&refs, 0.0, 100.0), Some(10.0));
+        assert_eq!(p99(&refs, 99.0, 100.0), Some(1000.0));
+        assert_eq!(p99(&refs, 200.0, 300.0), None);
+    }
+
+    #[test]
+    fn the_api_is_back_at_the_first_success_after_the_last_failure() {
+        let op = Op {
+            n: 1,
+            kind: "multiply",
+            key: None,
+            started_ms: 0,
+            attempts: [(100, 202), (150, 0), (300, 503), (320, 202), (400, 202)]
+                .map(|(at_ms, status)| Attempt {
+                    at_ms,
+                    replica: 0,
+                    status,
+                })
+                .to_vec(),
+            outcome: Outcome::Unknown,
+        };
+        assert_eq!(api_back(&[op], 100, 1000), (220.0, 2));
+    }
+}
