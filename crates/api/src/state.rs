@@ -127,12 +127,18 @@ impl Publishing {
         if after.is_empty() {
             return Ok(rows);
         }
-        let confirmed: Vec<Uuid> = self
+        let (confirmed, failed): (Vec<_>, Vec<_>) = self
             .publish(&after)
             .await
             .into_iter()
-            .filter_map(|(id, ok)| ok.then_some(id))
-            .collect();
+            .partition(|(_, ok)| *ok);
+        let confirmed: Vec<Uuid> = confirmed.into_iter().map(|(id, _)| id).collect();
+        if !failed.is_empty() {
+            let failed: Vec<Uuid> = failed.into_iter().map(|(id, _)| id).collect();
+            if let Err(e) = store.due_now(&failed).await {
+                tracing::warn!(error = %e, "could not hand unpublished tasks to the relay early; it takes them after the lease");
+            }
+        }
         let queued: HashSet<Uuid> = confirmed.iter().copied().collect();
         // Not marked QUEUED, the relay republishes after the lease: a
         // duplicate message, which the task's single row absorbs.

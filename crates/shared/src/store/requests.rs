@@ -354,6 +354,22 @@ impl Store {
         Ok(models)
     }
 
+    /// Tasks recorded for publishing after their commit whose publish then
+    /// failed: due for the relay now, not after the lease, so a broker
+    /// outage (a node killed, a leader being elected) delays them by the
+    /// outage only. Run only on failure; a row taken meanwhile is left.
+    pub async fn due_now(&self, ids: &[Uuid]) -> Result<u64> {
+        let res = self
+            .db
+            .execute_raw(stmt(
+                "UPDATE tasks SET publish_at = now()
+                 WHERE id = ANY($1) AND state = 'PENDING' AND attempts = 0",
+                vec![ids.to_vec().into()],
+            ))
+            .await?;
+        Ok(res.rows_affected())
+    }
+
     /// [`Store::mark_queued`] for many tasks at once.
     pub async fn mark_queued_many(&self, ids: &[Uuid]) -> Result<u64> {
         let res = self
