@@ -14,6 +14,7 @@
 #                                         primary (kill -9), make it the new standby
 #   scripts/cluster.sh pg-terminate       terminate every client session on the primary
 #   scripts/cluster.sh leader QUEUE       the node number leading a quorum queue
+#   scripts/cluster.sh members QUEUE      how many nodes hold a replica of it
 #   scripts/cluster.sh wait-healthy       until three nodes run unpartitioned and both databases answer
 #
 # Layout: node N's AMQP listener is 127.0.0.1:568N, its management API
@@ -261,12 +262,26 @@ cluster_env() {
   echo "CHAOS_CLUSTER_PG_PRIMARY_PORT=$(pg_port "$(pg_primary)")"
 }
 
-leader() { # the node number leading quorum queue $1 on vhost /
-  local name
-  name=$(rmqctl 1 list_queues name leader --formatter json 2>/dev/null |
-    python3 -c 'import json,sys; q=sys.argv[1]; print(next((r["leader"] for r in json.load(sys.stdin) if r["name"]==q),""))' "$1")
-  [ -n "$name" ] || die "no quorum queue named $1"
+leader() { # the node number leading quorum queue $1 on vhost /, asked of any node that answers
+  local name="" n
+  for n in "${NODES[@]}"; do
+    rabbit_running "$n" || continue
+    name=$(rmqctl "$n" list_queues name leader --formatter json 2>/dev/null |
+      python3 -c 'import json,sys; q=sys.argv[1]; print(next((r["leader"] for r in json.load(sys.stdin) if r["name"]==q),""))' "$1" 2>/dev/null) || true
+    [ -n "$name" ] && break
+  done
+  [ -n "$name" ] || die "no node knows a leader for quorum queue $1"
   echo "$name" | sed -E 's/^warren-c([0-9])@.*/\1/'
+}
+
+members() { # how many nodes hold a replica of quorum queue $1
+  local n
+  for n in "${NODES[@]}"; do
+    rabbit_running "$n" || continue
+    rmqctl "$n" list_queues name members --formatter json 2>/dev/null |
+      python3 -c 'import json,sys; q=sys.argv[1]; print(next((len(r["members"]) for r in json.load(sys.stdin) if r["name"]==q),0))' "$1" && return
+  done
+  echo 0
 }
 
 status() {
@@ -306,8 +321,9 @@ main() {
     pg-promote) pg_promote ;;
     pg-terminate) pg_terminate ;;
     leader) leader "$2" ;;
+    members) members "$2" ;;
     wait-healthy) wait_for 180 "the cluster to be whole again" healthy ;;
-    *) sed -n '2,23p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,24p' "$0" >&2; exit 2 ;;
   esac
 }
 

@@ -586,7 +586,7 @@ fn memory(pid: u32) -> Option<Memory> {
     })
 }
 
-async fn admin_connection(url: &str) -> anyhow::Result<DatabaseConnection> {
+pub async fn admin_connection(url: &str) -> anyhow::Result<DatabaseConnection> {
     let settings = DatabaseSettings {
         url: SecretString::from(url.to_owned()),
         max_connections: 1,

@@ -17,7 +17,6 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
-use secrecy::SecretString;
 use serde::Serialize;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -33,7 +32,7 @@ use warren_shared::{
     broker,
     catalog::Catalog,
     db,
-    settings::{CONFIG_DIR_VAR, DatabaseSettings, ENV_VAR, Settings},
+    settings::{CONFIG_DIR_VAR, ENV_VAR, Settings},
     topology::Topology,
 };
 use warren_tasks::Registry;
@@ -99,30 +98,7 @@ impl Run {
             )
         };
         let admin_url = url("postgres");
-        let vars: HashMap<String, String> = [
-            (ENV_VAR, "production".to_owned()),
-            (CONFIG_DIR_VAR, args.config_dir.display().to_string()),
-            ("WARREN_DATABASE__URL", url(&database)),
-            ("WARREN_DATABASE__CONNECT_TIMEOUT_SECONDS", "3".to_owned()),
-            ("WARREN_AMQP__URL", args.amqp_url.clone()),
-            ("WARREN_AMQP__PREFIX", format!("chaos-{}.", &id[..12])),
-            (
-                "WARREN_AMQP__SIGNING_KEY",
-                format!("chaos-{}", Uuid::new_v4().simple()),
-            ),
-            ("WARREN_WORKER__METRICS_LISTEN", "127.0.0.1:0".to_owned()),
-            ("WARREN_WORKER__CONCURRENCY", args.concurrency.to_string()),
-            ("WARREN_TASKS__FLAKY__MAX_RETRIES", "3".to_owned()),
-            ("WARREN_TASKS__FLAKY__RETRY_DELAY_SECONDS", "0.2".to_owned()),
-            (
-                "WARREN_TASKS__FLAKY__RETRY_DELAY_MAX_SECONDS",
-                "1".to_owned(),
-            ),
-            ("WARREN_TELEMETRY__FILTER", "warn".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
+        let vars = process_env(args, &id, &url(&database));
         let settings = Settings::load_from(&args.config_dir, &vars)
             .with_context(|| format!("loading {}", args.config_dir.display()))?;
         let admin = admin(&admin_url).await?;
@@ -234,16 +210,40 @@ impl Run {
     }
 }
 
+/// The settings every replica of the run gets (the API's listen address
+/// is added per replica): production's, on the cluster, with a prefix and
+/// a signing key of the run's own.
+fn process_env(args: &Args, id: &str, database_url: &str) -> HashMap<String, String> {
+    [
+        (ENV_VAR, "production".to_owned()),
+        (CONFIG_DIR_VAR, args.config_dir.display().to_string()),
+        ("WARREN_DATABASE__URL", database_url.to_owned()),
+        ("WARREN_DATABASE__CONNECT_TIMEOUT_SECONDS", "3".to_owned()),
+        ("WARREN_AMQP__URL", args.amqp_url.clone()),
+        ("WARREN_AMQP__PREFIX", format!("chaos-{}.", &id[..12])),
+        (
+            "WARREN_AMQP__SIGNING_KEY",
+            format!("chaos-{}", Uuid::new_v4().simple()),
+        ),
+        ("WARREN_WORKER__METRICS_LISTEN", "127.0.0.1:0".to_owned()),
+        ("WARREN_WORKER__CONCURRENCY", args.concurrency.to_string()),
+        ("WARREN_TASKS__FLAKY__MAX_RETRIES", "3".to_owned()),
+        ("WARREN_TASKS__FLAKY__RETRY_DELAY_SECONDS", "0.2".to_owned()),
+        (
+            "WARREN_TASKS__FLAKY__RETRY_DELAY_MAX_SECONDS",
+            "1".to_owned(),
+        ),
+        ("WARREN_TELEMETRY__FILTER", "warn".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
 async fn admin(url: &str) -> anyhow::Result<DatabaseConnection> {
-    let settings = DatabaseSettings {
-        url: SecretString::from(url.to_owned()),
-        max_connections: 1,
-        connect_timeout_seconds: 5.0,
-        migrate_on_start: false,
-    };
-    db::connect(&settings, "warren-chaos-admin")
+    crate::system::admin_connection(url)
         .await
-        .context("connecting to the cluster's PostgreSQL (scripts/cluster.sh up)")
+        .context("is the cluster up? (scripts/cluster.sh up)")
 }
 
 /// Every change of a task's state, attempts or end, logged by PostgreSQL
@@ -278,7 +278,21 @@ async fn drive(
     seed: u64,
     nemeses: &[Nemesis],
 ) -> anyhow::Result<Driven> {
-    let epoch = Instant::now();
+    let mut injector = Injector {
+        script: args.cluster_script.clone(),
+        queue: run.topology.queue(&run.settings.amqp.default_queue),
+        hold: Duration::from_secs(args.hold),
+        epoch: Instant::now(),
+    };
+    // A queue with fewer replicas than nodes would prove nothing about
+    // replication: refuse to start on one.
+    let members = injector.cluster(&["members", &injector.queue]).await?;
+    anyhow::ensure!(
+        members == "3",
+        "the work queue has {members} replicas, not 3: is every node of the cluster up?"
+    );
+    injector.epoch = Instant::now();
+    let epoch = injector.epoch;
     let epoch_wall = wall_ms();
     let history = Arc::new(Mutex::new(Vec::new()));
     let clients = Clients {
@@ -301,12 +315,7 @@ async fn drive(
             run.topology.queue(&run.settings.amqp.default_queue),
         ));
     }
-    let injector = Injector {
-        script: args.cluster_script.clone(),
-        queue: run.topology.queue(&run.settings.amqp.default_queue),
-        hold: Duration::from_secs(args.hold),
-        epoch,
-    };
+
     let events = faults(args, run, &injector, seed, nemeses, epoch + load_for).await;
     stop.store(true, Ordering::Relaxed);
     load.await.ok();
@@ -465,6 +474,8 @@ async fn finish(
     if !impacts.is_empty() {
         tables.push_str("\n\n");
         tables.push_str(&impact_table(&impacts));
+        tables.push_str("\n\n");
+        tables.push_str(&summary_table(&timeline::summarize(&impacts)));
     }
     let output = Output {
         seed,
@@ -629,6 +640,36 @@ fn report_table(r: &Report, seed: u64, broker: &BrokerLeft) -> String {
         out.push_str(&format!("\n{finding}: {}", examples.join("; ")));
     }
     out
+}
+
+fn summary_table(summaries: &[timeline::Summary]) -> String {
+    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
+    let rows: Vec<Vec<String>> = summaries
+        .iter()
+        .map(|s| {
+            vec![
+                s.nemesis.to_owned(),
+                s.times.to_string(),
+                format!("{:.0}", s.worst_gap_ms),
+                ms(s.worst_p99_during_ms),
+                ms(s.worst_p99_after_ms),
+                format!("{:.0}", s.worst_api_back_ms),
+                s.failed_requests.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "fault",
+            "times",
+            "worst gap ms",
+            "worst p99 during ms",
+            "worst p99 after ms",
+            "worst API 2xx again ms",
+            "failed requests",
+        ],
+        &rows,
+    )
 }
 
 fn impact_table(impacts: &[Impact]) -> String {

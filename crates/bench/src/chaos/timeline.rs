@@ -27,6 +27,52 @@ pub struct Impact {
     pub failed_requests: u64,
 }
 
+/// The faults of one kind over a run: how often, and the worst of each figure.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Summary {
+    pub nemesis: &'static str,
+    pub times: usize,
+    pub worst_gap_ms: f64,
+    pub worst_p99_during_ms: Option<f64>,
+    pub worst_p99_after_ms: Option<f64>,
+    pub worst_api_back_ms: f64,
+    pub failed_requests: u64,
+}
+
+/// One [`Summary`] per kind of fault, in the order they first struck.
+pub fn summarize(impacts: &[Impact]) -> Vec<Summary> {
+    let worst = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, y) => x.or(y),
+    };
+    let mut out: Vec<Summary> = Vec::new();
+    for i in impacts {
+        let at = match out.iter().position(|s| s.nemesis == i.nemesis) {
+            Some(at) => at,
+            None => {
+                out.push(Summary {
+                    nemesis: i.nemesis,
+                    times: 0,
+                    worst_gap_ms: 0.0,
+                    worst_p99_during_ms: None,
+                    worst_p99_after_ms: None,
+                    worst_api_back_ms: 0.0,
+                    failed_requests: 0,
+                });
+                out.len() - 1
+            }
+        };
+        let s = &mut out[at];
+        s.times += 1;
+        s.worst_gap_ms = s.worst_gap_ms.max(i.longest_gap_ms);
+        s.worst_p99_during_ms = worst(s.worst_p99_during_ms, i.p99_during_ms);
+        s.worst_p99_after_ms = worst(s.worst_p99_after_ms, i.p99_after_ms);
+        s.worst_api_back_ms = s.worst_api_back_ms.max(i.api_back_ms);
+        s.failed_requests += i.failed_requests;
+    }
+    out
+}
+
 const AFTER_MS: f64 = 30_000.0;
 
 pub fn impacts(events: &[Event], ops: &[Op], rows: &[&Row]) -> Vec<Impact> {
@@ -138,6 +184,33 @@ mod tests {
         assert_eq!(p99(&refs, 0.0, 100.0), Some(10.0));
         assert_eq!(p99(&refs, 99.0, 100.0), Some(1000.0));
         assert_eq!(p99(&refs, 200.0, 300.0), None);
+    }
+
+    #[test]
+    fn a_summary_keeps_the_worst_of_each_kind() {
+        let impact = |nemesis, gap, p99: Option<f64>| Impact {
+            nemesis,
+            target: String::new(),
+            at_s: 0.0,
+            longest_gap_ms: gap,
+            p99_during_ms: p99,
+            p99_after_ms: None,
+            api_back_ms: gap / 2.0,
+            failed_requests: 1,
+        };
+        let s = summarize(&[
+            impact("kill-leader", 900.0, Some(50.0)),
+            impact("partition", 100.0, None),
+            impact("kill-leader", 300.0, Some(70.0)),
+        ]);
+        assert_eq!(s.len(), 2);
+        assert_eq!((s[0].nemesis, s[0].times), ("kill-leader", 2));
+        assert_eq!(
+            (s[0].worst_gap_ms, s[0].worst_p99_during_ms),
+            (900.0, Some(70.0))
+        );
+        assert_eq!((s[0].worst_api_back_ms, s[0].failed_requests), (450.0, 2));
+        assert_eq!(s[1].worst_p99_during_ms, None);
     }
 
     #[test]
