@@ -194,6 +194,12 @@ pg_init_primary() {
   cat >>"$d/postgresql.conf" <<EOF
 listen_addresses = '127.0.0.1'
 wal_level = replica
+# A commit waits until the standby has it: a promotion loses no commit
+# anyone was told of (with asynchronous replication the last ones before
+# the primary died are gone, and chaos counts them as lost). While no
+# standby is connected, commits wait: that is the price of RPO 0.
+synchronous_standby_names = '*'
+synchronous_commit = on
 max_wal_senders = 10
 hot_standby = on
 max_connections = 300
@@ -235,13 +241,19 @@ pg_promote() {
   pg_make_standby "$old"
 }
 
+# The whole server at once, as a machine dying: the postmaster is stopped
+# first so it forks nothing more, then it and every backend get SIGKILL
+# together. (Killing the postmaster alone leaves its backends running, and
+# committing, for a moment after the standby was promoted.)
 pg_kill() {
   local pid
   pid=$(head -1 "$(pg_dir "$1")/postmaster.pid" 2>/dev/null || true)
-  [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null || true
-  # Its children notice the postmaster is gone; wait until the port is free.
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill -STOP "$pid" 2>/dev/null || true
+    # shellcheck disable=SC2046
+    kill -9 "$pid" $(pgrep -P "$pid") 2>/dev/null || true
+  fi
   wait_for 30 "PostgreSQL $1 to stop" bash -c "! (exec 3<>/dev/tcp/127.0.0.1/$(pg_port "$1")) 2>/dev/null"
-  pkill -9 -f "postgres -D $(pg_dir "$1")" 2>/dev/null || true
   rm -f "$(pg_dir "$1")/postmaster.pid" "$DIR/.s.PGSQL.$(pg_port "$1")" "$DIR/.s.PGSQL.$(pg_port "$1").lock"
 }
 

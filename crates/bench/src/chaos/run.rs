@@ -47,6 +47,9 @@ struct Output<'a> {
     report: &'a Report,
     broker: &'a BrokerLeft,
     impacts: &'a [Impact],
+    /// Up to 50 rows not terminal at the end, every column, with their
+    /// audit trail: what an operator needs to see why.
+    stuck_rows: Vec<serde_json::Value>,
     events: &'a [Event],
     history: &'a [Op],
 }
@@ -381,19 +384,24 @@ fn wall_ms() -> f64 {
 }
 
 /// Waits until every accepted task has ended, or none has ended for
-/// `patience` (something is stuck: the checker will say what).
+/// `patience` (something is stuck: the checker will say what). Only the
+/// accepted tasks count: rows no client was told of (an answer lost) end
+/// too, and counting them would stop the wait early.
 async fn quiesce(db: &DatabaseConnection, history: &[Op], patience: Duration) {
-    let accepted = accepted_ids(history).len() as i64;
+    let accepted: Vec<Uuid> = accepted_ids(history).into_iter().collect();
     let mut last = (-1, Instant::now());
     loop {
-        let ended = count_ended(db).await.unwrap_or(last.0);
-        if ended >= accepted {
+        let ended = count_ended(db, &accepted).await.unwrap_or(last.0);
+        if ended >= accepted.len() as i64 {
             return;
         }
         if ended != last.0 {
             last = (ended, Instant::now());
         } else if last.1.elapsed() > patience {
-            eprintln!("warren-chaos: {ended} of {accepted} ended and no progress for {patience:?}");
+            eprintln!(
+                "warren-chaos: {ended} of {} ended and no progress for {patience:?}",
+                accepted.len()
+            );
             return;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -411,11 +419,13 @@ fn accepted_ids(history: &[Op]) -> HashSet<Uuid> {
         .collect()
 }
 
-async fn count_ended(db: &DatabaseConnection) -> anyhow::Result<i64> {
+async fn count_ended(db: &DatabaseConnection, ids: &[Uuid]) -> anyhow::Result<i64> {
     let row = db
-        .query_one_raw(Statement::from_string(
+        .query_one_raw(Statement::from_sql_and_values(
             db.get_database_backend(),
-            "SELECT count(*) AS n FROM tasks WHERE state IN ('SUCCESS','FAILURE','CANCELLED','EXPIRED')",
+            "SELECT count(*) AS n FROM tasks
+             WHERE id = ANY($1) AND state IN ('SUCCESS','FAILURE','CANCELLED','EXPIRED')",
+            [ids.to_vec().into()],
         ))
         .await?
         .context("no count")?;
@@ -486,6 +496,7 @@ async fn finish(
         report: &report,
         broker: &broker_left,
         impacts: &impacts,
+        stuck_rows: stuck_rows(&run.db).await.unwrap_or_default(),
         events: &events,
         history: &history,
     };
@@ -496,6 +507,21 @@ async fn finish(
         .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("warren-chaos: history written to {}", args.out.display());
     Ok((report, tables))
+}
+
+async fn stuck_rows(db: &DatabaseConnection) -> anyhow::Result<Vec<serde_json::Value>> {
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT json_build_object('row', to_jsonb(t) - 'input',
+                     'audit', (SELECT json_agg(a ORDER BY a.at) FROM chaos_audit a WHERE a.task_id = t.id)) AS j
+             FROM tasks t WHERE state NOT IN ('SUCCESS','FAILURE','CANCELLED','EXPIRED') LIMIT 50",
+        ))
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| r.try_get("", "j").ok())
+        .collect())
 }
 
 async fn read_rows(db: &DatabaseConnection, epoch_wall: f64) -> anyhow::Result<HashMap<Uuid, Row>> {
