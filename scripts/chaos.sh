@@ -39,8 +39,14 @@ else
 fi
 chaos=("$CARGO_TARGET_DIR/$profile/warren-chaos" --bin-dir "$CARGO_TARGET_DIR/$profile")
 
+# A cluster already running whole is used and left running; anything else
+# (nothing, or what a killed run left behind) is wiped and brought up, and
+# taken down at the end.
 brought_up=false
-if ! scripts/cluster.sh status 2>/dev/null | grep -q "postgres 2"; then brought_up=true; fi
+if ! scripts/cluster.sh wait-healthy-now 2>/dev/null; then
+  scripts/cluster.sh down
+  brought_up=true
+fi
 cleanup() {
   scripts/cluster.sh heal || true
   if $brought_up; then scripts/cluster.sh down || true; fi

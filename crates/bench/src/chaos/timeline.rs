@@ -129,13 +129,14 @@ pub fn p99(rows: &[&Row], from: f64, to: f64) -> Option<f64> {
     lat.get(i).copied()
 }
 
-/// From `from` to the first 2xx after the last failed attempt before
-/// `to`, and how many attempts failed in between.
+/// From `from` to the first 2xx after the last failed attempt sent
+/// before `to`, and how many attempts failed in between.
 fn api_back(ops: &[Op], from: u64, to: u64) -> (f64, u64) {
     let mut attempts: Vec<(u64, u16)> = ops
         .iter()
         .flat_map(|o| o.attempts.iter())
-        .filter(|a| a.at_ms >= from && a.at_ms <= to)
+        // `to` is exclusive: an attempt sent as the next fault struck is that fault's.
+        .filter(|a| a.at_ms >= from && a.at_ms < to)
         .map(|a| (a.at_ms, a.status))
         .collect();
     attempts.sort_unstable();
