@@ -12,6 +12,7 @@ mod bad_input;
 mod batches;
 mod celery;
 mod celery_runner;
+mod cluster;
 mod control;
 mod crashes;
 mod dashboard;
