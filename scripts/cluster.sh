@@ -65,7 +65,8 @@ rmq_run() {
     "$@"
 }
 
-rmqctl() { local n=$1; shift; rmq_run "$n" "$RMQ_BIN/rabbitmqctl" -n "$(node_name "$n")" "$@"; }
+# Bounded: a paused or cut-off node can leave rabbitmqctl waiting.
+rmqctl() { local n=$1; shift; rmq_run "$n" timeout 60 "$RMQ_BIN/rabbitmqctl" -n "$(node_name "$n")" "$@"; }
 
 ensure_epmd() {
   port_open 127.0.0.11 $EPMD_PORT && return
@@ -138,6 +139,21 @@ three_running() {
   return 1
 }
 
+# Until whole; if not within 3 minutes, what is not, for whoever reads the log.
+wait_healthy() {
+  local deadline=$((SECONDS + 180)) n
+  until healthy; do
+    if [ $SECONDS -ge $deadline ]; then
+      status >&2
+      for n in "${NODES[@]}"; do
+        rabbit_running "$n" && rmqctl "$n" cluster_status >&2 2>&1 | grep -iA4 "running nodes\|partitions\|alarms" >&2
+      done
+      die "timed out waiting for the cluster to be whole again"
+    fi
+    sleep 0.5
+  done
+}
+
 healthy() { three_running && rabbit_running 1 && rabbit_running 2 && rabbit_running 3 && pg_ready 1 && pg_ready 2; }
 
 ensure_rabbitmq_package() { [ -x "$RMQ_BIN/rabbitmq-server" ] || apt_install rabbitmq-server; }
@@ -153,6 +169,7 @@ chain_ready() {
 partition() {
   local n=$1 ip other
   chain_ready
+  echo "$n" >"$DIR/partitioned"
   ip=$(node_ip "$n")
   for other in "${NODES[@]}"; do
     [ "$other" = "$n" ] && continue
@@ -161,9 +178,27 @@ partition() {
   done
 }
 
+# Removes every partition. A node RabbitMQ paused (pause_minority) resumes
+# by itself once it sees the majority again; if it is not serving a minute
+# later, its app is restarted, as an operator would, and said so.
 heal() {
   command -v iptables >/dev/null || return 0
   as_root iptables -F $CHAIN 2>/dev/null || true
+  [ -f "$DIR/partitioned" ] || return 0
+  local n deadline=$((SECONDS + 60))
+  n=$(cat "$DIR/partitioned")
+  rm -f "$DIR/partitioned"
+  # Mnesia may count the node as running while RabbitMQ keeps it paused
+  # with its listeners closed (seen on 3.10 under load): wait for its port.
+  until three_running && rabbit_running "$n"; do
+    if [ $SECONDS -ge $deadline ]; then
+      say "node $n is still paused 60 s after the heal; restarting its app (rabbitmqctl start_app)"
+      rmqctl "$n" stop_app >/dev/null 2>&1 || true
+      rmqctl "$n" start_app >/dev/null 2>&1 || true
+      return 0
+    fi
+    sleep 1
+  done
 }
 
 chain_remove() {
@@ -335,7 +370,7 @@ main() {
     pg-terminate) pg_terminate ;;
     leader) leader "$2" ;;
     members) members "$2" ;;
-    wait-healthy) wait_for 180 "the cluster to be whole again" healthy ;;
+    wait-healthy) wait_healthy ;;
     wait-healthy-now) healthy ;;
     *) sed -n '2,25p' "$0" >&2; exit 2 ;;
   esac

@@ -98,6 +98,15 @@ impl Injector {
             .output()
             .await
             .with_context(|| format!("running {}", self.script.display()))?;
+        let said = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() && !said.trim().is_empty() {
+            // What the script did beyond the fault (a paused node restarted).
+            eprintln!(
+                "warren-chaos: cluster.sh {}: {}",
+                args.join(" "),
+                said.trim()
+            );
+        }
         anyhow::ensure!(
             out.status.success(),
             "cluster.sh {}: {}",
