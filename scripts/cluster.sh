@@ -356,9 +356,12 @@ down() {
 }
 
 main() {
-  mkdir -p "$DIR"
   case "${1:-}" in
-    up) (flock -x 9; rabbit_up; pg_up) 9>"$DIR/.lock"; status ;;
+    up)
+      mkdir -p "$DIR"
+      (flock -x 9; rabbit_up; pg_up) 9>"$DIR/.lock"
+      status
+      ;;
     down) down ;;
     status) status ;;
     env) cluster_env ;;
