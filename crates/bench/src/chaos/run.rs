@@ -668,8 +668,12 @@ fn report_table(r: &Report, seed: u64, broker: &BrokerLeft) -> String {
     out
 }
 
+/// Milliseconds for a table cell; `-` where there was nothing to measure.
+fn ms(v: Option<f64>) -> String {
+    v.map_or("-".to_owned(), |v| format!("{v:.0}"))
+}
+
 fn summary_table(summaries: &[timeline::Summary]) -> String {
-    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
     let rows: Vec<Vec<String>> = summaries
         .iter()
         .map(|s| {
@@ -699,7 +703,6 @@ fn summary_table(summaries: &[timeline::Summary]) -> String {
 }
 
 fn impact_table(impacts: &[Impact]) -> String {
-    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
     let rows: Vec<Vec<String>> = impacts
         .iter()
         .map(|i| {
