@@ -161,3 +161,80 @@ async fn an_admin_lists_every_owner_newest_first_and_an_owner_only_its_own() {
     assert_eq!(too_long.status(), StatusCode::BAD_REQUEST);
     api.stop().await;
 }
+
+/// Rows of `tasks` a plan read: what its scans returned plus what their
+/// filters threw away, over every loop.
+fn rows_read(node: &Value) -> f64 {
+    let own = if node["Relation Name"] == "tasks" {
+        let loops = node["Actual Loops"].as_f64().unwrap_or(1.0);
+        let kept = node["Actual Rows"].as_f64().unwrap_or(0.0);
+        let removed = node["Rows Removed by Filter"].as_f64().unwrap_or(0.0);
+        (kept + removed) * loops
+    } else {
+        0.0
+    };
+    let children = node["Plans"]
+        .as_array()
+        .map_or(0.0, |plans| plans.iter().map(rows_read).sum());
+    own + children
+}
+
+/// A state filter reads a page per phase, not the owner's history: with
+/// 20,000 successes in the table, `?state=FAILURE` (4 rows),
+/// `?state=CANCELLED` (none) and the unfiltered first page each read at
+/// most `phases × (limit + 1)` rows, as the plan itself reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_filter_reads_a_page_not_the_owners_history() {
+    use sea_orm::{ConnectionTrait, Statement};
+    use warren_shared::{
+        state::TaskState,
+        store::{ListFilter, Owners, list_statement},
+    };
+    let env = TestEnv::new().await;
+    let db = env.store().connection();
+    db.execute_unprepared(
+        "INSERT INTO tasks (id, task_type, queue, owner, state, input, result, error, attempts,
+                            created_at, queued_at, started_at, finished_at, updated_at, origin)
+         SELECT gen_random_uuid(), 'multiply', 'default', 'acme',
+                CASE WHEN i % 5000 = 0 THEN 'FAILURE' ELSE 'SUCCESS' END,
+                jsonb_build_object('x', i, 'y', 2),
+                CASE WHEN i % 5000 = 0 THEN NULL ELSE jsonb_build_object('product', i * 2) END,
+                CASE WHEN i % 5000 = 0 THEN '{\"code\": \"task_error\", \"message\": \"m\", \"retryable\": false}'::jsonb END,
+                1, at, at, at, at, at, 'test'
+         FROM generate_series(1, 20000) AS i,
+              LATERAL (SELECT now() - make_interval(secs => 20000 - i) AS at) t;
+         ANALYZE tasks",
+    )
+    .await
+    .unwrap();
+    let limit = 50;
+    for (states, phases, found) in [
+        (vec![TaskState::Failure], 1.0, 4),
+        (vec![TaskState::Cancelled], 1.0, 0),
+        (vec![TaskState::Queued, TaskState::Cancelled], 2.0, 0),
+        (vec![], 5.0, limit + 1),
+    ] {
+        let f = ListFilter {
+            states: states.clone(),
+            limit: limit as u64,
+            ..Default::default()
+        };
+        for owners in [Owners::One("acme"), Owners::All] {
+            let listing = list_statement(owners, "multiply", &f);
+            let rows = db.query_all_raw(listing.clone()).await.unwrap();
+            assert_eq!(rows.len(), found, "{states:?} {owners:?}");
+            let explain = Statement::from_sql_and_values(
+                listing.db_backend,
+                format!("EXPLAIN (ANALYZE, FORMAT JSON) {}", listing.sql),
+                listing.values.map(|v| v.0).unwrap_or_default(),
+            );
+            let row = db.query_one_raw(explain).await.unwrap().unwrap();
+            let plan: Value = row.try_get("", "QUERY PLAN").unwrap();
+            let read = rows_read(&plan[0]["Plan"]);
+            assert!(
+                read <= phases * (limit as f64 + 1.0) + 2.0,
+                "{states:?} {owners:?} read {read} rows: {plan:#}"
+            );
+        }
+    }
+}

@@ -105,6 +105,13 @@ impl MigratorTrait for Migrator {
                 up: START_BUCKETS,
                 down: "DROP TABLE start_buckets",
             }),
+            Box::new(Sql {
+                name: "m20261203_000015_listing_by_phase",
+                up: LISTING_BY_PHASE,
+                down: "CREATE INDEX tasks_listing ON tasks (owner, task_type, created_at DESC, id DESC);
+                       DROP INDEX tasks_listing_by_phase;
+                       ALTER TABLE tasks DROP COLUMN phase",
+            }),
         ]
     }
 }
@@ -843,3 +850,18 @@ CREATE TABLE start_buckets (
     PRIMARY KEY (task_type, key)
 );
 ";
+
+/// A listing filtered by state read every row of the owner when few
+/// matched (`?state=FAILURE` among 700k successes: 281 ms at 1 M rows).
+/// The state itself in the index would make every claim and outcome a
+/// non-HOT update (an index entry per index per change); the phase, a
+/// generated column, changes once per task, when it ends, and the ranges
+/// of the phases a filter needs are merged newest first (`list_statement`).
+/// Adding a stored generated column rewrites the table once.
+const LISTING_BY_PHASE: &str = r#"
+ALTER TABLE tasks ADD COLUMN phase text NOT NULL GENERATED ALWAYS AS (
+    CASE WHEN state IN ('SUCCESS', 'FAILURE', 'CANCELLED', 'EXPIRED') THEN state ELSE 'live' END
+) STORED;
+CREATE INDEX tasks_listing_by_phase ON tasks (owner, task_type, phase, created_at DESC, id DESC);
+DROP INDEX tasks_listing;
+"#;

@@ -21,7 +21,7 @@ mod workflows;
 pub use admission::{Admitted, Pause, StartToken};
 pub use insights::{Minute, ReleaseTimes, StateCount};
 pub use items::{ItemError, ItemRecord};
-pub use reads::{ListFilter, Owners, TaskSummary};
+pub use reads::{ListFilter, Owners, TaskSummary, list_statement};
 pub use remote::{Report, ReportTarget};
 use requests::RESETTABLE_BY_OPERATOR;
 pub use requests::{Cancellation, Inserted, Retry, Unique};

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::ConnectionTrait;
 use sea_orm::{
     ColumnTrait, Condition, EntityTrait, FromQueryResult, QueryFilter, QueryOrder, QuerySelect,
-    QueryTrait,
+    QueryTrait, Statement,
     sea_query::{Expr, ExprTrait},
 };
 use serde_json::Value;
@@ -154,6 +154,90 @@ const SUMMARY_COLUMNS: [task::Column; 25] = [
     task::Column::WorkerVersion,
 ];
 
+/// The phases of the listing index (`tasks.phase`, a generated column):
+/// each terminal state, and `live` for every state before one.
+const PHASES: [&str; 5] = ["SUCCESS", "FAILURE", "CANCELLED", "EXPIRED", "live"];
+
+/// The phases holding tasks in any of `states` (all of them for none).
+fn phases(states: &[TaskState]) -> Vec<&'static str> {
+    if states.is_empty() {
+        return PHASES.to_vec();
+    }
+    PHASES
+        .into_iter()
+        .filter(|p| {
+            states.iter().any(|s| {
+                if s.is_terminal() {
+                    s.as_str() == *p
+                } else {
+                    *p == "live"
+                }
+            })
+        })
+        .collect()
+}
+
+/// [`Store::list`]'s statement. One owner's page of one phase is one range
+/// of the listing index (owner, task_type, phase, created_at, id), read
+/// newest first and cut at the page size; the phases a state filter needs
+/// are such ranges merged, so a page costs `phases × page` rows however
+/// many tasks the owner has, and a filter that matches nothing reads
+/// nothing. (The phase is a generated column that changes once, when a
+/// task ends: a claim stays a HOT update, which an index on the state
+/// itself would forbid.) Every owner's page (an admin's) is the same per
+/// owner, merged: the owners are found by skipping through the same index
+/// (one probe each).
+pub fn list_statement(owners: Owners<'_>, task_type: &str, f: &ListFilter) -> Statement {
+    let page = f.limit + 1;
+    let (owners_cte, from, only_owners) = match owners {
+        Owners::One(_) => ("", "", ""),
+        Owners::All => (
+            "WITH RECURSIVE o AS (
+                 (SELECT owner FROM tasks WHERE owner IS NOT NULL ORDER BY owner LIMIT 1)
+                 UNION ALL
+                 SELECT (SELECT t.owner FROM tasks t WHERE t.owner > o.owner ORDER BY t.owner LIMIT 1)
+                 FROM o WHERE o.owner IS NOT NULL) ",
+            "FROM o CROSS JOIN LATERAL ",
+            "WHERE o.owner IS NOT NULL",
+        ),
+    };
+    // One branch per phase, the phase written into it (this file's
+    // constants, never the client's text) so the planner sees each range
+    // for what it is. The branches bind the same values in the same
+    // order, so they share one list of parameters.
+    let branches: Vec<_> = phases(&f.states)
+        .into_iter()
+        .map(|phase| {
+            let q = filtered(task_type, f)
+                .filter(Expr::cust(format!("\"tasks\".\"phase\" = '{phase}'")))
+                .filter(match owners {
+                    Owners::One(owner) => task::Column::Owner.eq(owner),
+                    Owners::All => {
+                        Expr::col((task::Entity, task::Column::Owner)).eq(Expr::cust("o.owner"))
+                    }
+                })
+                .order_by_desc(task::Column::CreatedAt)
+                .order_by_desc(task::Column::Id)
+                .limit(page);
+            q.build(sea_orm::DbBackend::Postgres)
+        })
+        .collect();
+    let union: Vec<String> = branches.iter().map(|b| format!("({})", b.sql)).collect();
+    let from = if from.is_empty() { "FROM " } else { from };
+    let sql = format!(
+        "{owners_cte}SELECT s.* {from}({}) AS s {only_owners}
+         ORDER BY s.created_at DESC, s.id DESC LIMIT {page}",
+        union.join(" UNION ALL "),
+    );
+    let values = branches
+        .into_iter()
+        .next()
+        .and_then(|b| b.values)
+        .map(|v| v.0)
+        .unwrap_or_default();
+    stmt(&sql, values)
+}
+
 /// Which tasks to list.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -191,52 +275,17 @@ impl Store {
     /// (created_at, id): a page boundary is a fixed point, so tasks created
     /// meanwhile never shift or repeat what the following pages hold.
     /// Returns up to `limit + 1` rows; the extra one says there is more.
-    ///
-    /// One owner's page is one range of the listing index. Every owner's
-    /// (an admin) is a page per owner, merged: the owners are found by
-    /// skipping through the same index (one probe each), so the listing
-    /// needs no second index on the hot insert path, and costs
-    /// `owners × page` rows.
     pub async fn list(
         &self,
         owners: Owners<'_>,
         task_type: &str,
         f: &ListFilter,
     ) -> Result<Vec<TaskSummary>> {
-        let newest = |q: sea_orm::Select<task::Entity>| {
-            q.order_by_desc(task::Column::CreatedAt)
-                .order_by_desc(task::Column::Id)
-                .limit(f.limit + 1)
-        };
-        let q = filtered(task_type, f);
-        match owners {
-            Owners::One(owner) => Ok(newest(q.filter(task::Column::Owner.eq(owner)))
-                .into_model::<TaskSummary>()
+        Ok(
+            TaskSummary::find_by_statement(list_statement(owners, task_type, f))
                 .all(&self.db)
-                .await?),
-            Owners::All => {
-                let inner = newest(q.filter(
-                    Expr::col((task::Entity, task::Column::Owner)).eq(Expr::cust("o.owner")),
-                ))
-                .build(sea_orm::DbBackend::Postgres);
-                let sql = format!(
-                    "WITH RECURSIVE o AS (
-                         (SELECT owner FROM tasks WHERE owner IS NOT NULL ORDER BY owner LIMIT 1)
-                         UNION ALL
-                         SELECT (SELECT t.owner FROM tasks t WHERE t.owner > o.owner ORDER BY t.owner LIMIT 1)
-                         FROM o WHERE o.owner IS NOT NULL)
-                     SELECT s.* FROM o CROSS JOIN LATERAL ({}) AS s
-                     WHERE o.owner IS NOT NULL
-                     ORDER BY s.created_at DESC, s.id DESC LIMIT {}",
-                    inner.sql,
-                    f.limit + 1
-                );
-                let values = inner.values.map(|v| v.0).unwrap_or_default();
-                Ok(TaskSummary::find_by_statement(stmt(&sql, values))
-                    .all(&self.db)
-                    .await?)
-            }
-        }
+                .await?,
+        )
     }
 
     /// A finished task's output (`None` unless it succeeded).
@@ -267,5 +316,25 @@ impl Store {
         rows.iter()
             .map(|r| r.try_get("", "id").map_err(Into::into))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_filter_reads_only_the_phases_holding_its_states() {
+        use TaskState::*;
+        assert_eq!(phases(&[]), PHASES.to_vec(), "no filter: every phase");
+        assert_eq!(phases(&[Failure]), ["FAILURE"]);
+        assert_eq!(phases(&[Queued, Started, Retry]), ["live"]);
+        assert_eq!(phases(&[Cancelled, Queued]), ["CANCELLED", "live"]);
+        // Every state is in exactly one phase, as the generated column
+        // (migration `listing_by_phase`) puts it.
+        for s in TaskState::ALL {
+            let expected = if s.is_terminal() { s.as_str() } else { "live" };
+            assert_eq!(phases(&[s]), [expected], "{s:?}");
+        }
     }
 }
