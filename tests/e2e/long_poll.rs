@@ -56,7 +56,7 @@ async fn returns_the_current_state_when_the_wait_is_over() {
 /// Fifty requests wait; one UPDATE finishes all fifty tasks (no worker,
 /// no relay: nothing else touches the database). Every request returns
 /// within moments, long before its wait is over and before the listener's
-/// 5-second safety net: the notification woke them.
+/// 5-second safety net: the notification woke them, with one query for all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_waiters_are_woken_by_one_notification() {
     let env = TestEnv::with(|s| s.relay.enabled = false).await;
@@ -90,9 +90,13 @@ async fn many_waiters_are_woken_by_one_notification() {
             || async { (waiters.len() == 50).then_some(()) },
         )
         .await;
+        let metrics = &api.state.metrics;
+        assert_eq!(metrics.long_polls.get(), 50, "the gauge counts requests");
+        let checks = metrics.long_poll_checks.get();
         finish_all(&env, &ids).await;
+        checks
     };
-    let (results, ()) = tokio::join!(join_all(waits), finisher);
+    let (results, checks_before) = tokio::join!(join_all(waits), finisher);
     for (state, waited) in results {
         assert_eq!(state, "SUCCESS");
         assert!(
@@ -100,6 +104,11 @@ async fn many_waiters_are_woken_by_one_notification() {
             "woken after {waited:?}"
         );
     }
+    // Woken by a query per notification, never one per request (at most
+    // a safety-net check besides).
+    let checks = api.state.metrics.long_poll_checks.get() - checks_before;
+    assert!((1..=3).contains(&checks), "{checks} checks for 50 waiters");
+    assert_eq!(api.state.metrics.long_polls.get(), 0);
     api.stop().await;
 }
 

@@ -1,6 +1,7 @@
 //! What the API counts, served at `/metrics`: HTTP requests by method,
 //! route template and status, their durations, tasks submitted by type,
-//! publish-confirm latency, and the outbox backlog. Every series carries
+//! publish-confirm latency, the outbox backlog, and long-polls waiting and
+//! the queries that woke them. Every series carries
 //! the build version (see `warren_shared::metrics`).
 
 use crate::AppState;
@@ -11,7 +12,8 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Registry,
 };
 use std::time::Instant;
 use warren_shared::metrics::{self, MetricsError};
@@ -31,6 +33,10 @@ pub struct ApiMetrics {
     pub batch_size: Histogram,
     /// A single submission's wait for its shared transaction.
     pub write_seconds: Histogram,
+    /// Requests waiting in `?wait=` right now.
+    pub long_polls: IntGauge,
+    /// Queries asking which awaited tasks finished.
+    pub long_poll_checks: IntCounter,
 }
 
 impl ApiMetrics {
@@ -106,6 +112,19 @@ impl ApiMetrics {
                          the broker's confirms, COMMIT), queueing for it included.",
                     )
                     .buckets(metrics::WRITE_SECONDS_BUCKETS.to_vec()),
+                )?,
+            )?,
+            long_polls: metrics::gauge(
+                &r,
+                "warren_api_long_polls",
+                "Requests waiting for their task to finish (GET /tasks/{type}/{id}?wait=).",
+            )?,
+            long_poll_checks: metrics::register(
+                &r,
+                IntCounter::new(
+                    "warren_api_long_poll_checks_total",
+                    "Queries asking which awaited tasks have finished: one per burst of finish \
+                     notifications (and one every 5 s while anyone waits), however many wait.",
                 )?,
             )?,
             registry: r,

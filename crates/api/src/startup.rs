@@ -128,6 +128,10 @@ impl Application {
         };
         let (submissions, inserting) = Submissions::new(&store, &publishing);
         tokio::spawn(inserting);
+        let waiters = Arc::new(waiters::Waiters::new(
+            metrics.long_polls.clone(),
+            metrics.long_poll_checks.clone(),
+        ));
         let state = AppState {
             metrics,
             submissions: Arc::new(submissions),
@@ -136,7 +140,7 @@ impl Application {
             )),
             management,
             artifacts: Arc::new(PgArtifacts::new(connection.clone())),
-            waiters: Arc::default(),
+            waiters,
             auth,
             settings: Arc::new(settings),
             catalog,

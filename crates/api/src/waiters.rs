@@ -10,6 +10,7 @@
 //! re-checking after every reconnect and every few seconds while anyone
 //! waits.
 
+use prometheus::{IntCounter, IntGauge};
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -26,9 +27,12 @@ const SAFETY_NET: Duration = Duration::from_secs(5);
 /// Notifications arriving this close together are answered by one query.
 const COALESCE: Duration = Duration::from_millis(5);
 
-#[derive(Default)]
 pub struct Waiters {
     waiting: Mutex<HashMap<Uuid, (Arc<Notify>, usize)>>,
+    /// Requests registered (`warren_api_long_polls`).
+    requests: IntGauge,
+    /// `warren_api_long_poll_checks_total`.
+    checks: IntCounter,
 }
 
 /// Dropping it unregisters the wait.
@@ -40,6 +44,7 @@ pub struct Registration<'a> {
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
+        self.waiters.requests.dec();
         let mut waiting = self.waiters.lock();
         if let Some((_, count)) = waiting.get_mut(&self.id) {
             *count -= 1;
@@ -51,6 +56,14 @@ impl Drop for Registration<'_> {
 }
 
 impl Waiters {
+    pub fn new(requests: IntGauge, checks: IntCounter) -> Self {
+        Self {
+            waiting: Mutex::default(),
+            requests,
+            checks,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, (Arc<Notify>, usize)>> {
         // Entries are whole values: a poisoned lock is still consistent.
         self.waiting
@@ -67,6 +80,7 @@ impl Waiters {
             .or_insert_with(|| (Arc::new(Notify::new()), 0));
         entry.1 += 1;
         let notify = Arc::clone(&entry.0);
+        self.requests.inc();
         Registration {
             waiters: self,
             id,
@@ -92,6 +106,7 @@ impl Waiters {
         if ids.is_empty() {
             return;
         }
+        self.checks.inc();
         match store.finished_among(&ids).await {
             Ok(finished) => {
                 let waiting = self.lock();
