@@ -127,8 +127,9 @@ ensure_python_tools() {
 # Python task code behind Warren's API, and Flower watching Warren workers.
 CELERY_VENV=$HOME/.cache/warren/celery-venv
 ensure_celery() {
-  # SQLAlchemy: the database result backend a canvas test's client uses.
-  local want="celery==5.7.0 flower==2.2.0 sqlalchemy==2.0.44"
+  # SQLAlchemy: the database result backend a canvas test's client uses;
+  # psycopg2: the same backend on PostgreSQL, the benchmark's Celery peer.
+  local want="celery==5.7.0 flower==2.2.0 sqlalchemy==2.0.44 psycopg2-binary==2.9.10"
   if [ "$(cat "$CELERY_VENV/.warren-pins" 2>/dev/null)" != "$want" ]; then
     say "installing $want into $CELERY_VENV"
     command -v python3 >/dev/null && python3 -c 'import ensurepip' 2>/dev/null \
@@ -139,6 +140,20 @@ ensure_celery() {
     echo "$want" >"$CELERY_VENV/.warren-pins"
   fi
   export TEST_CELERY_PYTHON=$CELERY_VENV/bin/python
+}
+
+# The benchmark's peers (warren-bench peers): rusty-celery, a project of
+# its own built with its own lockfile and target directory, and Celery
+# from the venv above.
+ensure_peers() {
+  ensure_celery
+  local dir=$WARREN_ROOT/crates/bench/peers/rusty-celery
+  local target=$HOME/.cache/warren/peers-target
+  say "building the rusty-celery peer"
+  cargo build --release --locked --quiet --manifest-path "$dir/Cargo.toml" --target-dir "$target" \
+    || die "building the rusty-celery peer failed"
+  export BENCH_RUSTY_CELERY=$target/release/rusty-celery-peer
+  export BENCH_CELERY_PYTHON=$TEST_CELERY_PYTHON
 }
 
 # The dashboard's browser tests drive Debian's Chromium through its

@@ -1,10 +1,10 @@
 //! Every scenario in one run, and a summary that sets each figure beside
-//! what it is judged against: the bare-client ceiling and PostgreSQL's
-//! own insert rate measured in the same run, and the peers' figures for
-//! this machine kind (issue #7; they are not re-measured here).
+//! what it is judged against, all measured in the same run: the
+//! bare-client ceiling, PostgreSQL's own insert rate, and the peers
+//! (rusty-celery and Celery, [`peers`]) draining beside Warren.
 
 use crate::{
-    ceiling, drain, latency, memory,
+    ceiling, drain, latency, memory, peers,
     report::{Figure, table},
     submit,
     system::Setup,
@@ -23,13 +23,12 @@ pub struct Args {
     /// Runs of every scenario; tables show their median and range.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Tasks of Celery's drains.
+    #[arg(long, default_value_t = 20_000)]
+    pub celery_tasks: usize,
+    #[command(flatten)]
+    pub programs: peers::Programs,
 }
-
-/// Celery 5.7 draining no-op tasks with its PostgreSQL result backend on
-/// this machine kind, tasks/s (issue #7).
-const CELERY_DB_BACKEND: f64 = 520.0;
-/// rusty-celery at prefetch 100, no results stored, acks before running.
-const RUSTY_CELERY: f64 = 15_000.0;
 
 pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<(String, serde_json::Value)> {
     let runs = args.runs;
@@ -51,6 +50,14 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<(String, serde_js
         worker_env: Vec::new(),
     };
     let drain = drain::run(setup, &drain_args).await?;
+    eprintln!("peers");
+    let peers_args = peers::Args {
+        tasks: args.tasks,
+        celery_tasks: args.celery_tasks,
+        runs,
+        programs: args.programs.clone(),
+    };
+    let peers = peers::run(setup, &peers_args).await?;
     eprintln!("submit");
     let submit_args = submit::Args {
         single: 20_000,
@@ -88,21 +95,33 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<(String, serde_js
         runs: 0,
     });
     let pct = |a: f64, b: f64| format!("{:.0} %", 100.0 * a / b);
+    let [warren, rusty, celery] = peers.as_slice() else {
+        anyhow::bail!("the peers scenario measured {} systems, not 3", peers.len());
+    };
+    let (warren, rusty, celery) = (
+        warren.tasks_per_second,
+        rusty.tasks_per_second.median,
+        celery.tasks_per_second.median,
+    );
     let best = submit.best_single().context("no single POSTs measured")?;
     let summary = table(
         &["figure", "Warren", "compared with", "ratio"],
         &[
             vec![
                 format!("drain, 1 worker, {} no-op tasks, tasks/s", args.tasks),
-                one.display(0),
                 format!(
-                    "Celery + PostgreSQL backend {CELERY_DB_BACKEND:.0}; rusty-celery (no results) {RUSTY_CELERY:.0}; bare consume {}",
+                    "{} (taking turns with the peers: {})",
+                    one.display(0),
+                    warren.display(0)
+                ),
+                format!(
+                    "Celery + PostgreSQL backend {celery:.0}; rusty-celery (no results) {rusty:.0}; bare consume {}",
                     ceiling.consume_per_second.display(0)
                 ),
                 format!(
                     "{:.1}× Celery, {:.2}× rusty-celery, {} of bare consume",
-                    one.median / CELERY_DB_BACKEND,
-                    one.median / RUSTY_CELERY,
+                    warren.median / celery,
+                    warren.median / rusty,
                     pct(one.median, ceiling.consume_per_second.median)
                 ),
             ],
@@ -142,9 +161,10 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<(String, serde_js
         ],
     );
     let text = format!(
-        "## Summary\n\n{summary}\n## Ceiling\n\n{}\n## Drain and scaling\n\n{}\n## Submit\n\n{}\n## Latency\n\n{}\n## Memory\n\n{}",
+        "## Summary\n\n{summary}\n## Ceiling\n\n{}\n## Drain and scaling\n\n{}\n## Peers\n\n{}\n## Submit\n\n{}\n## Latency\n\n{}\n## Memory\n\n{}",
         ceiling::render(&ceiling),
         drain::render(&drain),
+        peers::render(&peers),
         submit::render(&submit),
         latency::render(&latency),
         memory::render(&memory),
@@ -154,6 +174,7 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<(String, serde_js
         "runs": runs,
         "ceiling": ceiling,
         "drain": drain,
+        "peers": peers,
         "submit": submit,
         "latency": latency,
         "memory": memory,

@@ -5,6 +5,7 @@
 //! its first attempt.
 
 use crate::{
+    cpu::{Cost, Services},
     report::{Figure, table},
     system::{Memory, Setup, System},
 };
@@ -82,6 +83,9 @@ pub(crate) struct Measured {
     pub rate: f64,
     pub seconds: f64,
     pub worker_peak_mib: f64,
+    /// From the workers' start to the last result seen; `None` where the
+    /// services' processes are not on this machine.
+    pub cost: Option<Cost>,
 }
 
 /// One drain on a fresh system, taken down afterwards.
@@ -97,10 +101,18 @@ async fn measure(system: &mut System, args: &Args, replicas: usize) -> anyhow::R
         .wait_for_state_count("QUEUED", n, Duration::from_secs(600))
         .await?;
 
+    let services = Services::find(system.db(), &system.setup().amqp_url)
+        .await
+        .ok();
+    let before = services.map(|s| s.read());
     system.add_workers(replicas, args.concurrency, &args.worker_env)?;
     // Generous: a hundred tasks a second would still finish.
     let timeout = Duration::from_secs(120 + args.tasks as u64 / 100);
     system.wait_for_state_count("SUCCESS", n, timeout).await?;
+    let worker_cpu = crate::cpu::seconds_of(&system.worker_pids());
+    let cost = services
+        .zip(before)
+        .map(|(s, before)| Cost::per_thousand(worker_cpu, before, s.read(), args.tasks));
     let peak = system
         .worker_memory()
         .iter()
@@ -119,6 +131,7 @@ async fn measure(system: &mut System, args: &Args, replicas: usize) -> anyhow::R
         rate: n as f64 / totals.run_seconds,
         seconds: totals.run_seconds,
         worker_peak_mib: peak as f64 / (1024.0 * 1024.0),
+        cost,
     })
 }
 

@@ -16,10 +16,14 @@
 pub mod all;
 pub mod ceiling;
 pub mod chaos;
+pub mod cpu;
 pub mod drain;
+pub mod grow;
 pub mod latency;
+pub mod longpoll;
 pub mod memory;
 pub mod pages;
+pub mod peers;
 pub mod report;
 pub mod retention;
 pub mod scaling;

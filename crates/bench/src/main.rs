@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use warren_bench::{
-    all, ceiling, drain, latency, memory, pages, retention, scaling, submit,
+    all, ceiling, drain, grow, latency, longpoll, memory, pages, peers, retention, scaling, submit,
     system::{self, Setup},
     webhooks, workflows,
 };
@@ -69,8 +69,17 @@ enum Scenario {
     Ceiling(ceiling::Args),
     /// Open-loop arrivals at half the highest rate: submit→start, →result.
     Latency(latency::Args),
+    /// 10,000 requests long-polling on one API: how soon each is answered
+    /// after its task ends, the API's memory, the queries that woke them.
+    Longpoll(longpoll::Args),
+    /// Drain, single POSTs and the API's reads with 0, 1M and 10M finished
+    /// tasks already in the table.
+    Grow(grow::Args),
     /// Worker RSS after 100k vs 1M tasks; worker and API peaks.
     Memory(memory::Args),
+    /// Warren's drain beside rusty-celery's and Celery's, taking turns,
+    /// with CPU-seconds per 1,000 tasks (`scripts/bench.sh peers` installs them).
+    Peers(peers::Args),
     /// Dashboard pages' render times with a million tasks in the table.
     Pages(pages::Args),
     /// The drain with and without webhooks to a receiver slow to answer.
@@ -127,11 +136,37 @@ async fn main() -> anyhow::Result<()> {
                 serde_json::json!({ "scenario": "latency", "figures": figures }),
             )
         }
+        Scenario::Longpoll(args) => {
+            let figures = longpoll::run(&setup, args).await?;
+            (
+                longpoll::render(&figures),
+                serde_json::json!({ "scenario": "longpoll", "figures": figures }),
+            )
+        }
+        Scenario::Grow(args) => {
+            let rows = grow::run(&setup, args).await?;
+            (
+                grow::render(&rows),
+                serde_json::json!({ "scenario": "grow", "parameters": {
+                    "tasks": args.tasks, "posts": args.posts, "requests": args.requests,
+                }, "rows": rows }),
+            )
+        }
         Scenario::Memory(args) => {
             let figures = memory::run(&setup, args).await?;
             (
                 memory::render(&figures),
                 serde_json::json!({ "scenario": "memory", "figures": figures }),
+            )
+        }
+        Scenario::Peers(args) => {
+            let rows = peers::run(&setup, args).await?;
+            (
+                peers::render(&rows),
+                serde_json::json!({ "scenario": "peers", "parameters": {
+                    "tasks": args.tasks, "celery_tasks": args.celery_tasks, "runs": args.runs,
+                    "celery_concurrency": args.programs.celery_concurrency,
+                }, "rows": rows }),
             )
         }
         Scenario::Pages(args) => {

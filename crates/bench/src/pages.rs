@@ -1,9 +1,10 @@
-//! Pages: how fast the dashboard's pages render with a big table. The
-//! table is filled by SQL (`--rows` finished tasks over 30 days, 21
-//! owners, 1 % failures), then each page is fetched `--requests` times in
-//! a row over loopback, signed in like a person (the sign-in form, then
-//! the session cookie). The figure is the time to the whole body, an
-//! upper bound of server time on loopback.
+//! Pages: how fast the dashboard's pages, and the API's reads, answer with
+//! a big table. The table is filled by SQL (`--rows` finished tasks over
+//! 30 days, 21 owners, 1 % failures), then each page is fetched
+//! `--requests` times in a row over loopback, signed in like a person (the
+//! sign-in form, then the session cookie) or, for the API, with the same
+//! owner's key. The figure is the time to the whole body, an upper bound
+//! of server time on loopback.
 
 use crate::{
     report::table,
@@ -35,7 +36,7 @@ pub struct Row {
 }
 
 /// The tenant most rows belong to; an ordinary key of it is measured.
-const TENANT: &str = "tenant";
+pub(crate) const TENANT: &str = "tenant";
 const CHUNK: u64 = 100_000;
 
 pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Vec<Row>> {
@@ -124,11 +125,12 @@ async fn sign_in(http: &reqwest::Client, system: &System, key: &str) -> anyhow::
     Ok(session.split(';').next().unwrap_or_default().to_owned())
 }
 
-/// Times `requests` GETs of each of `paths` (cycled), after a warm-up.
-async fn time(
+/// Times `requests` GETs of each of `paths` (cycled), after a warm-up,
+/// with `auth` (a session cookie, or an API key's `Authorization`).
+pub(crate) async fn time(
     http: &reqwest::Client,
     system: &System,
-    cookie: &str,
+    auth: &Auth,
     paths: &[String],
     requests: usize,
 ) -> anyhow::Result<(Vec<f64>, usize)> {
@@ -139,7 +141,7 @@ async fn time(
         let started = Instant::now();
         let r = http
             .get(system.api_url_for(path))
-            .header(reqwest::header::COOKIE, cookie)
+            .header(auth.0.clone(), &auth.1)
             .send()
             .await?;
         let status = r.status();
@@ -157,7 +159,10 @@ async fn time(
     Ok((times, bytes))
 }
 
-fn quantile(sorted: &[f64], q: f64) -> f64 {
+/// A header that signs a request in.
+pub(crate) type Auth = (reqwest::header::HeaderName, String);
+
+pub(crate) fn quantile(sorted: &[f64], q: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
     sorted.get(i).copied().unwrap_or(f64::NAN)
 }
@@ -191,14 +196,42 @@ async fn measure(system: &mut System, args: &Args) -> anyhow::Result<Vec<Row>> {
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(60))
         .build()?;
-    let tenant = sign_in(&http, system, &tenant_key).await?;
-    let admin = sign_in(&http, system, system.key()).await?;
+    let cookie = |session: String| (reqwest::header::COOKIE, session);
+    let tenant = cookie(sign_in(&http, system, &tenant_key).await?);
+    let admin = cookie(sign_in(&http, system, system.key()).await?);
+    let api = (
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {tenant_key}"),
+    );
     let details: Vec<String> = ids
         .iter()
         .map(|id| format!("/ui/tasks/multiply/{id}"))
         .collect();
     let one = |p: &str| vec![p.to_owned()];
-    let pages: Vec<(&str, &'static str, &str, Vec<String>)> = vec![
+    let statuses: Vec<String> = ids
+        .iter()
+        .map(|id| format!("/tasks/multiply/{id}"))
+        .collect();
+    let pages: Vec<(&str, &'static str, &Auth, Vec<String>)> = vec![
+        (
+            "API: list, first page",
+            "owner",
+            &api,
+            one("/tasks/multiply"),
+        ),
+        (
+            "API: list, state=FAILURE (1 %)",
+            "owner",
+            &api,
+            one("/tasks/multiply?state=FAILURE"),
+        ),
+        (
+            "API: list, state=CANCELLED (none)",
+            "owner",
+            &api,
+            one("/tasks/multiply?state=CANCELLED"),
+        ),
+        ("API: GET a task", "owner", &api, statuses),
         (
             "task list, newest",
             "owner",
@@ -235,8 +268,8 @@ async fn measure(system: &mut System, args: &Args) -> anyhow::Result<Vec<Row>> {
         ("releases (30 days)", "owner", &tenant, one("/ui/releases")),
     ];
     let mut rows = Vec::new();
-    for (page, key, cookie, paths) in pages {
-        let (t, bytes) = time(&http, system, cookie, &paths, args.requests).await?;
+    for (page, key, auth, paths) in pages {
+        let (t, bytes) = time(&http, system, auth, &paths, args.requests).await?;
         eprintln!("  pages: {page} ({key}): p95 {:.1} ms", quantile(&t, 0.95));
         rows.push(Row {
             page: page.to_owned(),

@@ -254,11 +254,19 @@ impl System {
         Ok(())
     }
 
+    pub fn setup(&self) -> &Setup {
+        &self.setup
+    }
+
+    /// Process ids of the worker replicas.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.workers.iter().filter_map(Child::id).collect()
+    }
+
     /// Identities the replicas record on the tasks they run.
     pub fn worker_identities(&self) -> Vec<String> {
-        self.workers
-            .iter()
-            .filter_map(Child::id)
+        self.worker_pids()
+            .into_iter()
             .map(|pid| broker::identity("warren-worker", pid))
             .collect()
     }
