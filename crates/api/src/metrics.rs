@@ -1,7 +1,7 @@
 //! What the API counts, served at `/metrics`: HTTP requests by method,
 //! route template and status, their durations, tasks submitted by type,
 //! publish-confirm latency, the outbox backlog, and long-polls waiting and
-//! the queries that woke them. Every series carries
+//! what woke them. Every series carries
 //! the build version (see `warren_shared::metrics`).
 
 use crate::AppState;
@@ -37,6 +37,8 @@ pub struct ApiMetrics {
     pub long_polls: IntGauge,
     /// Queries asking which awaited tasks finished.
     pub long_poll_checks: IntCounter,
+    /// Tasks whose waiting requests were woken, by what told the API.
+    pub long_poll_woken: IntCounterVec,
 }
 
 impl ApiMetrics {
@@ -123,9 +125,17 @@ impl ApiMetrics {
                 &r,
                 IntCounter::new(
                     "warren_api_long_poll_checks_total",
-                    "Queries asking which awaited tasks have finished: one per burst of finish \
-                     notifications (and one every 5 s while anyone waits), however many wait.",
+                    "Queries asking which awaited tasks have finished, however many wait: after \
+                     the listener (re)connects, for a finish notification without a task id, and \
+                     every 15 s while anyone waits.",
                 )?,
+            )?,
+            long_poll_woken: metrics::counters(
+                &r,
+                "warren_api_long_poll_woken_total",
+                "Awaited tasks whose requests were woken, by what told: notification (its task id, \
+                 no query) or check (a query over every awaited task).",
+                &["by"],
             )?,
             registry: r,
         })

@@ -131,6 +131,7 @@ impl Application {
         let waiters = Arc::new(waiters::Waiters::new(
             metrics.long_polls.clone(),
             metrics.long_poll_checks.clone(),
+            metrics.long_poll_woken.clone(),
         ));
         let state = AppState {
             metrics,
