@@ -39,6 +39,8 @@ pub struct Figures {
     pub woken_p50_ms: f64,
     pub woken_p99_ms: f64,
     pub woken_max_ms: f64,
+    /// After the submissions, before any request waits.
+    pub api_idle_mib: f64,
     /// With every request waiting.
     pub api_rss_mib: f64,
     pub api_peak_mib: f64,
@@ -68,6 +70,9 @@ async fn measure(system: &mut System, args: &Args) -> anyhow::Result<Figures> {
     system
         .wait_for_state_count("QUEUED", n, Duration::from_secs(600))
         .await?;
+    // The futures below send nothing until polled: this is the API's
+    // memory before the waiters, so the difference is theirs.
+    let idle = system.api_memory().context("no API memory figure")?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(args.wait + 60))
         .build()?;
@@ -121,6 +126,7 @@ async fn measure(system: &mut System, args: &Args) -> anyhow::Result<Figures> {
         woken_p50_ms: q(0.5),
         woken_p99_ms: q(0.99),
         woken_max_ms: woken.last().copied().unwrap_or(f64::NAN),
+        api_idle_mib: mib(idle.rss),
         api_rss_mib: mib(api.rss),
         api_peak_mib: mib(peak),
         checks: checks_after - checks_before,
@@ -199,8 +205,11 @@ pub fn render(f: &Figures) -> String {
                 ),
             ],
             vec![
-                "API RSS with all waiting / peak, MiB".into(),
-                format!("{:.0} / {:.0}", f.api_rss_mib, f.api_peak_mib),
+                "API RSS before the requests / with all waiting / peak, MiB".into(),
+                format!(
+                    "{:.0} / {:.0} / {:.0}",
+                    f.api_idle_mib, f.api_rss_mib, f.api_peak_mib
+                ),
             ],
             vec![
                 "queries that found finished tasks".into(),
