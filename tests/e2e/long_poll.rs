@@ -5,7 +5,7 @@ use futures_util::future::join_all;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
-use warren_tests::{TestApi, TestEnv, wait_until};
+use warren_tests::{ApiClient, TestApi, TestEnv, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn returns_as_soon_as_the_task_finishes() {
@@ -56,7 +56,8 @@ async fn returns_the_current_state_when_the_wait_is_over() {
 /// Fifty requests wait; one UPDATE finishes all fifty tasks (no worker,
 /// no relay: nothing else touches the database). Every request returns
 /// within moments, long before its wait is over: PostgreSQL's notification
-/// named each task, and the API woke its request without a query.
+/// named each task, the API read the fifty rows in a few queries (not one
+/// per request) and answered each request with what a plain GET answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_waiters_are_woken_by_the_notifications_alone() {
     let env = TestEnv::with(|s| s.relay.enabled = false).await;
@@ -67,21 +68,35 @@ async fn many_waiters_are_woken_by_the_notifications_alone() {
     }
     let metrics = &api.state.metrics;
     let woken = |by: &str| metrics.long_poll_woken.with_label_values(&[by]).get();
+    let answered = |read: &str| metrics.long_poll_answers.with_label_values(&[read]).get();
     let finisher = async {
         wait_for_waiters(&api, 50).await;
-        assert_eq!(metrics.long_polls.get(), 50, "the gauge counts requests");
-        let before = (metrics.long_poll_checks.get(), woken("notification"));
+        assert_eq!(api.state.waiters.len(), 50, "one entry per awaited task");
+        let before = (
+            metrics.long_poll_checks.get(),
+            woken("notification"),
+            metrics.long_poll_reads.get(),
+            answered("shared"),
+            answered("own"),
+        );
         finish_all(&env, &ids).await;
         before
     };
-    let (results, (checks_before, woken_before)) =
-        tokio::join!(join_all(ids.iter().map(|id| wait(&api, *id))), finisher);
-    for (state, waited) in results {
-        assert_eq!(state, "SUCCESS");
+    let (results, (checks_before, woken_before, reads_before, shared_before, own_before)) =
+        tokio::join!(join_all(ids.iter().map(|id| wait_for(&api, *id))), finisher);
+    for (id, (t, waited)) in ids.iter().zip(&results) {
+        assert_eq!(t["state"], "SUCCESS");
         assert!(
-            waited < Duration::from_millis(2500),
+            waited < &Duration::from_millis(2500),
             "woken after {waited:?}"
         );
+        let plain: Value = api
+            .get(&format!("/tasks/noop/{id}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(t, &plain, "a woken request answers what a plain GET does");
     }
     assert_eq!(
         woken("notification") - woken_before,
@@ -89,10 +104,64 @@ async fn many_waiters_are_woken_by_the_notifications_alone() {
         "every request woken by its own notification (woken by a check: {})",
         woken("check")
     );
+    assert_eq!(
+        (
+            answered("shared") - shared_before,
+            answered("own") - own_before
+        ),
+        (50, 0),
+        "(answered from the listener's read, read by the request itself)"
+    );
+    // The notifications of one commit arrive together: a handful of reads.
+    let reads = metrics.long_poll_reads.get() - reads_before;
+    assert!(reads <= 10, "{reads} reads for 50 woken requests");
     // At most the 15-second safety net, never a query per request.
     let checks = metrics.long_poll_checks.get() - checks_before;
     assert!(checks <= 1, "{checks} checks for 50 waiters");
     assert_eq!(metrics.long_polls.get(), 0);
+    api.stop().await;
+}
+
+/// A task of another owner is never handed to a request through the shared
+/// read: the row is read once for everyone, but each request applies its
+/// own scope first. Two owners wait on their own tasks at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_read_answers_each_owner_with_its_own_task_only() {
+    let env = TestEnv::with(|s| s.relay.enabled = false).await;
+    let api = env.spawn_api().await;
+    let (acme, globex) = (api.client_for("acme").await, api.client_for("globex").await);
+    let a = acme.submit_ok("noop", &json!({})).await;
+    let g = globex.submit_ok("noop", &json!({})).await;
+    let cross = globex.get(&format!("/tasks/noop/{a}?wait=30")).await;
+    assert_eq!(
+        cross.status(),
+        reqwest::StatusCode::NOT_FOUND,
+        "acme's task, globex's key"
+    );
+    let shared = || {
+        api.state
+            .metrics
+            .long_poll_answers
+            .with_label_values(&["shared"])
+            .get()
+    };
+    let finisher = async {
+        wait_for_waiters(&api, 2).await;
+        let before = shared();
+        finish_all(&env, &[a, g]).await;
+        before
+    };
+    let ((ta, _), (tg, _), before) =
+        tokio::join!(wait_for(&acme, a), wait_for(&globex, g), finisher);
+    assert_eq!(shared() - before, 2, "both answered from the shared read");
+    assert_eq!(
+        (ta["id"].as_str(), ta["state"].as_str()),
+        (Some(&*a.to_string()), Some("SUCCESS"))
+    );
+    assert_eq!(
+        (tg["id"].as_str(), tg["state"].as_str()),
+        (Some(&*g.to_string()), Some("SUCCESS"))
+    );
     api.stop().await;
 }
 
@@ -123,24 +192,26 @@ async fn a_notification_without_an_id_makes_the_api_look() {
             .unwrap();
         before
     };
-    let ((state, waited), before) = tokio::join!(wait(&api, id), finisher);
-    assert_eq!(state, "SUCCESS");
+    let ((t, waited), before) = tokio::join!(wait_for(&api, id), finisher);
+    assert_eq!(t["state"], "SUCCESS");
     assert!(waited < Duration::from_secs(5), "woken after {waited:?}");
     let by_check = metrics.long_poll_woken.with_label_values(&["check"]).get();
     assert_eq!(by_check - before, 1, "woken by the check");
     api.stop().await;
 }
 
-async fn wait_for_waiters(api: &TestApi, n: usize) {
-    let waiters = &api.state.waiters;
+/// Until `n` requests are parked: past their second look at the task, so
+/// whatever finishes from now on can only reach them by a wake.
+async fn wait_for_waiters(api: &TestApi, n: i64) {
+    let parked = &api.state.metrics.long_polls;
     wait_until("requests waiting", Duration::from_secs(10), || async {
-        (waiters.len() == n).then_some(())
+        (parked.get() == n).then_some(())
     })
     .await;
 }
 
-/// `?wait=30` on one task: the state it answered and how long it took.
-async fn wait(api: &TestApi, id: Uuid) -> (String, Duration) {
+/// `?wait=30` on one task: what it answered and how long it took.
+async fn wait_for(api: &ApiClient, id: Uuid) -> (Value, Duration) {
     let started = Instant::now();
     let t: Value = api
         .get(&format!("/tasks/noop/{id}?wait=30"))
@@ -148,10 +219,7 @@ async fn wait(api: &TestApi, id: Uuid) -> (String, Duration) {
         .json()
         .await
         .unwrap();
-    (
-        t["state"].as_str().unwrap_or_default().to_owned(),
-        started.elapsed(),
-    )
+    (t, started.elapsed())
 }
 
 async fn finish_all(env: &TestEnv, ids: &[Uuid]) {

@@ -39,6 +39,10 @@ pub struct ApiMetrics {
     pub long_poll_checks: IntCounter,
     /// Tasks whose waiting requests were woken, by what told the API.
     pub long_poll_woken: IntCounterVec,
+    /// Queries reading finished tasks for woken long-polls.
+    pub long_poll_reads: IntCounter,
+    /// Long-polls answered after waiting, by whose read.
+    pub long_poll_answers: IntCounterVec,
 }
 
 impl ApiMetrics {
@@ -136,6 +140,22 @@ impl ApiMetrics {
                 "Awaited tasks whose requests were woken, by what told: notification (its task id, \
                  no query) or check (a query over every awaited task).",
                 &["by"],
+            )?,
+            long_poll_reads: metrics::register(
+                &r,
+                IntCounter::new(
+                    "warren_api_long_poll_reads_total",
+                    "Queries reading finished tasks for the long-polls woken on them: one for all \
+                     the tasks that finished while the previous one ran, not one per request.",
+                )?,
+            )?,
+            long_poll_answers: metrics::counters(
+                &r,
+                "warren_api_long_poll_answers_total",
+                "Long-polls answered after their wait, by whose read: shared (the listener's \
+                 read of the finished task) or own (the request read it itself: the wait ran \
+                 out, or the shared read failed).",
+                &["read"],
             )?,
             registry: r,
         })

@@ -128,11 +128,7 @@ impl Application {
         };
         let (submissions, inserting) = Submissions::new(&store, &publishing);
         tokio::spawn(inserting);
-        let waiters = Arc::new(waiters::Waiters::new(
-            metrics.long_polls.clone(),
-            metrics.long_poll_checks.clone(),
-            metrics.long_poll_woken.clone(),
-        ));
+        let waiters = Arc::new(waiters::Waiters::new(&metrics));
         let state = AppState {
             metrics,
             submissions: Arc::new(submissions),
@@ -188,6 +184,7 @@ impl Application {
         background.spawn(waiters::listen(
             Arc::clone(&self.state.waiters),
             self.state.store.clone(),
+            Arc::clone(&self.state.artifacts),
             shutdown.clone(),
         ));
         background.spawn(crate::ui::sample_queues(

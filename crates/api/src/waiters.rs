@@ -3,23 +3,33 @@
 //!
 //! Requests register the task they wait for. One listener per API process
 //! holds a `LISTEN warren_task_finished` connection; PostgreSQL notifies it
-//! (a trigger on `tasks`) with the id of every task that finishes, and the
-//! listener wakes that task's requests in memory, without a query. A
-//! notification without an id (an older trigger), a reconnect (what
+//! (a trigger on `tasks`) with the id of every task that finishes. A reader
+//! then reads the finished rows in one query for every task that finished
+//! while its previous query ran, and wakes their requests with the row in
+//! hand: 10,000 requests woken together cost a few queries, not 20,000.
+//! A notification without an id (an older trigger), a reconnect (what
 //! finished while nobody listened) and a slow safety net while anyone
 //! waits make the listener ask once which of all the awaited tasks have
 //! finished.
 
+use crate::metrics::ApiMetrics;
 use prometheus::{IntCounter, IntCounterVec, IntGauge};
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
-use tokio::sync::Notify;
+use tokio::sync::{Notify, futures::Notified};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use warren_shared::store::Store;
+use warren_shared::{
+    artifacts::{ArtifactMeta, ArtifactStore},
+    state::TaskState,
+    store::{Store, TaskSummary},
+};
 
 const CHANNEL: &str = "warren_task_finished";
 /// Re-check this often while anyone waits. A listening session receives
@@ -29,27 +39,80 @@ const CHANNEL: &str = "warren_task_finished";
 const SAFETY_NET: Duration = Duration::from_secs(15);
 /// Notifications arriving this close together are answered by one query.
 const COALESCE: Duration = Duration::from_millis(5);
+/// Ids per read of finished rows: one array parameter each, bounded so one
+/// read's rows stay a modest allocation.
+const READ_CHUNK: usize = 2_000;
+
+/// A finished task as the reader found it, shared by its requests.
+#[derive(Debug)]
+pub struct Finished {
+    pub summary: TaskSummary,
+    /// Listed for a success only, as a request's own read does.
+    pub artifacts: Option<Vec<ArtifactMeta>>,
+}
+
+/// One awaited task: how its requests are woken, and what they are handed.
+#[derive(Default)]
+struct Awaited {
+    notify: Notify,
+    /// Replaced at every wake, never set once for good: a task run again
+    /// (retried by hand) finishes again, and its requests get the newer row.
+    finished: Mutex<Option<Arc<Finished>>>,
+}
+
+type Entries = HashMap<Uuid, (Arc<Awaited>, usize)>;
 
 pub struct Waiters {
-    waiting: Mutex<HashMap<Uuid, (Arc<Notify>, usize)>>,
-    /// Requests registered (`warren_api_long_polls`).
+    waiting: Mutex<Entries>,
+    /// Finished tasks with requests waiting, for the reader.
+    to_read: Mutex<Vec<Uuid>>,
+    read_pending: Notify,
+    /// Requests parked (`warren_api_long_polls`).
     requests: IntGauge,
     /// `warren_api_long_poll_checks_total`.
     checks: IntCounter,
     /// `warren_api_long_poll_woken_total{by}`.
     woken: IntCounterVec,
+    /// `warren_api_long_poll_reads_total`.
+    reads: IntCounter,
 }
 
 /// Dropping it unregisters the wait.
 pub struct Registration<'a> {
     waiters: &'a Waiters,
     id: Uuid,
-    pub notify: Arc<Notify>,
+    awaited: Arc<Awaited>,
+    /// Counted in `warren_api_long_polls` (see [`Registration::park`]).
+    parked: AtomicBool,
+}
+
+impl Registration<'_> {
+    /// Create before reading the task's state: a wake from then on is
+    /// kept by this future, even before it is first polled.
+    pub fn notified(&self) -> Notified<'_> {
+        self.awaited.notify.notified()
+    }
+
+    /// The request found its task unfinished and waits now: from here it
+    /// counts as waiting (the gauge tests wait on means "parked").
+    pub fn park(&self) {
+        if !self.parked.swap(true, Ordering::Relaxed) {
+            self.waiters.requests.inc();
+        }
+    }
+
+    /// The row the reader handed over with the latest wake. Ask only when
+    /// woken: before, it may be a previous finish's.
+    pub fn finished(&self) -> Option<Arc<Finished>> {
+        lock(&self.awaited.finished).clone()
+    }
 }
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        self.waiters.requests.dec();
+        if *self.parked.get_mut() {
+            self.waiters.requests.dec();
+        }
         let mut waiting = self.waiters.lock();
         if let Some((_, count)) = waiting.get_mut(&self.id) {
             *count -= 1;
@@ -61,36 +124,35 @@ impl Drop for Registration<'_> {
 }
 
 impl Waiters {
-    pub fn new(requests: IntGauge, checks: IntCounter, woken: IntCounterVec) -> Self {
+    pub fn new(metrics: &ApiMetrics) -> Self {
         Self {
             waiting: Mutex::default(),
-            requests,
-            checks,
-            woken,
+            to_read: Mutex::default(),
+            read_pending: Notify::new(),
+            requests: metrics.long_polls.clone(),
+            checks: metrics.long_poll_checks.clone(),
+            woken: metrics.long_poll_woken.clone(),
+            reads: metrics.long_poll_reads.clone(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, (Arc<Notify>, usize)>> {
-        // Entries are whole values: a poisoned lock is still consistent.
-        self.waiting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Entries> {
+        lock(&self.waiting)
     }
 
-    /// Registers interest in `id` finishing. Register before reading the
-    /// task's state, so a finish in between is not missed.
+    /// Registers interest in `id` finishing. Register, create
+    /// [`Registration::notified`], then read the task's state, so a finish
+    /// in between is not missed.
     pub fn register(&self, id: Uuid) -> Registration<'_> {
         let mut waiting = self.lock();
-        let entry = waiting
-            .entry(id)
-            .or_insert_with(|| (Arc::new(Notify::new()), 0));
+        let entry = waiting.entry(id).or_default();
         entry.1 += 1;
-        let notify = Arc::clone(&entry.0);
-        self.requests.inc();
+        let awaited = Arc::clone(&entry.0);
         Registration {
             waiters: self,
             id,
-            notify,
+            awaited,
+            parked: AtomicBool::new(false),
         }
     }
 
@@ -116,20 +178,49 @@ impl Waiters {
         match store.finished_among(&ids).await {
             Ok(finished) => {
                 for id in finished {
-                    self.wake(id, "check");
+                    self.finished(id, "check");
                 }
             }
             Err(e) => tracing::warn!(error = %e, "long-poll: could not check awaited tasks"),
         }
     }
 
-    /// Wakes the requests waiting for `id`, if any; `by` says what told.
-    fn wake(&self, id: Uuid, by: &str) {
-        if let Some((notify, _)) = self.lock().get(&id) {
-            notify.notify_waiters();
-            self.woken.with_label_values(&[by]).inc();
+    /// `id` finished (`by` says what told): if requests wait for it, the
+    /// reader reads it for them.
+    fn finished(&self, id: Uuid, by: &str) {
+        if !self.lock().contains_key(&id) {
+            return;
+        }
+        self.woken.with_label_values(&[by]).inc();
+        lock(&self.to_read).push(id);
+        self.read_pending.notify_one();
+    }
+
+    fn take_to_read(&self) -> Vec<Uuid> {
+        let mut ids = std::mem::take(&mut *lock(&self.to_read));
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Hands each request its task's row and wakes it. An id without a
+    /// row (the read failed, or found it unfinished) wakes its requests
+    /// all the same: they read the task themselves.
+    fn hand_over(&self, ids: &[Uuid], mut rows: HashMap<Uuid, Finished>) {
+        let waiting = self.lock();
+        for id in ids {
+            if let Some((awaited, _)) = waiting.get(id) {
+                *lock(&awaited.finished) = rows.remove(id).map(Arc::new);
+                awaited.notify.notify_waiters();
+            }
         }
     }
+}
+
+/// Every value under these locks is whole between statements: a poisoned
+/// lock is still consistent.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What a notification says finished: one task, or (no id) anything.
@@ -137,14 +228,21 @@ fn finished_task(payload: &str) -> Option<Uuid> {
     Uuid::try_parse(payload).ok()
 }
 
-/// The listener: runs until `shutdown`, reconnecting by itself. Two loops:
-/// one only receives notifications (never interrupted mid-read but at
-/// shutdown), the other turns them, coalesced, into one check each.
-pub async fn listen(waiters: Arc<Waiters>, store: Store, shutdown: CancellationToken) {
+/// The listener: runs until `shutdown`, reconnecting by itself. Three
+/// loops: one only receives notifications (never interrupted mid-read but
+/// at shutdown), one turns id-less ones, coalesced, into one check each,
+/// one reads what finished for the requests waiting on it.
+pub async fn listen(
+    waiters: Arc<Waiters>,
+    store: Store,
+    artifacts: Arc<dyn ArtifactStore>,
+    shutdown: CancellationToken,
+) {
     let pending = Notify::new();
     tokio::join!(
         receive(&waiters, &pending, &store, &shutdown),
-        check(&waiters, &pending, &store, &shutdown)
+        check(&waiters, &pending, &store, &shutdown),
+        read(&waiters, &store, artifacts.as_ref(), &shutdown),
     );
 }
 
@@ -161,7 +259,7 @@ async fn receive(waiters: &Waiters, pending: &Notify, store: &Store, shutdown: &
                 // and a check covers what was missed.
                 let notification = listener.try_recv().await?;
                 match notification.as_ref().map(|n| finished_task(n.payload())) {
-                    Some(Some(id)) => waiters.wake(id, "notification"),
+                    Some(Some(id)) => waiters.finished(id, "notification"),
                     _ => pending.notify_one(),
                 }
             }
@@ -195,6 +293,62 @@ async fn check(waiters: &Waiters, pending: &Notify, store: &Store, shutdown: &Ca
         }
         waiters.wake_finished(store).await;
     }
+}
+
+/// Reads finished tasks for their requests. No delay is added: what
+/// finishes while one read runs is read by the next, so a burst batches
+/// itself and a lone finish is read at once.
+async fn read(
+    waiters: &Waiters,
+    store: &Store,
+    artifacts: &dyn ArtifactStore,
+    shutdown: &CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = waiters.read_pending.notified() => {}
+        }
+        let ids = waiters.take_to_read();
+        for chunk in ids.chunks(READ_CHUNK) {
+            waiters.reads.inc();
+            let rows = match read_finished(store, artifacts, chunk).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(error = %e, tasks = chunk.len(), "long-poll: could not read finished tasks; their requests read them");
+                    HashMap::new()
+                }
+            };
+            waiters.hand_over(chunk, rows);
+        }
+    }
+}
+
+/// The rows of the finished tasks among `ids`, with a success's artifacts.
+async fn read_finished(
+    store: &Store,
+    artifacts: &dyn ArtifactStore,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, Finished>, warren_shared::store::StoreError> {
+    let summaries = store.finished_summaries(ids).await?;
+    let succeeded: Vec<Uuid> = summaries
+        .iter()
+        .filter(|t| t.state == TaskState::Success)
+        .map(|t| t.id)
+        .collect();
+    let mut listed = if succeeded.is_empty() {
+        HashMap::new()
+    } else {
+        artifacts.list_many(&succeeded).await?
+    };
+    Ok(summaries
+        .into_iter()
+        .map(|summary| {
+            let artifacts = (summary.state == TaskState::Success)
+                .then(|| listed.remove(&summary.id).unwrap_or_default());
+            (summary.id, Finished { summary, artifacts })
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use crate::store::{StoreError, stmt};
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection, FromQueryResult};
 use serde::Serialize;
-use std::{future::Future, pin::Pin};
+use std::{collections::HashMap, future::Future, pin::Pin};
 use uuid::Uuid;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -41,6 +41,12 @@ pub trait ArtifactStore: Send + Sync {
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<Artifact>, StoreError>>;
     fn list(&self, task_id: Uuid) -> BoxFuture<'_, Result<Vec<ArtifactMeta>, StoreError>>;
+    /// [`Self::list`] for several tasks at once (many long-polls woken
+    /// together); a task without artifacts has no entry.
+    fn list_many<'a>(
+        &'a self,
+        task_ids: &'a [Uuid],
+    ) -> BoxFuture<'a, Result<HashMap<Uuid, Vec<ArtifactMeta>>, StoreError>>;
 }
 
 /// Artifact names are path segments of download URLs: keep them plain.
@@ -118,6 +124,29 @@ impl ArtifactStore for PgArtifacts {
             ))
             .all(&self.db)
             .await?)
+        })
+    }
+
+    fn list_many<'a>(
+        &'a self,
+        task_ids: &'a [Uuid],
+    ) -> BoxFuture<'a, Result<HashMap<Uuid, Vec<ArtifactMeta>>, StoreError>> {
+        Box::pin(async move {
+            let rows = self
+                .db
+                .query_all_raw(stmt(
+                    "SELECT task_id, name, content_type, size_bytes, created_at FROM artifacts
+                     WHERE task_id = ANY($1) ORDER BY task_id, name",
+                    vec![task_ids.to_vec().into()],
+                ))
+                .await?;
+            let mut by_task: HashMap<Uuid, Vec<ArtifactMeta>> = HashMap::new();
+            for row in rows {
+                let task_id: Uuid = row.try_get("", "task_id")?;
+                let meta = ArtifactMeta::from_query_result(&row, "")?;
+                by_task.entry(task_id).or_default().push(meta);
+            }
+            Ok(by_task)
         })
     }
 }

@@ -36,6 +36,15 @@ impl Owners<'_> {
             Owners::All => Condition::all(),
         }
     }
+
+    /// Whether a task of `owner` is visible: [`Self::condition`] in memory,
+    /// for a row read once on behalf of several callers.
+    pub fn admit(&self, owner: Option<&str>) -> bool {
+        match self {
+            Owners::One(o) => owner == Some(*o),
+            Owners::All => true,
+        }
+    }
 }
 
 /// A type's tasks matching `f`, any owner, in no order yet.
@@ -304,6 +313,29 @@ impl Store {
     }
 
     /// Which of `ids` have finished: what long-polling requests wait for.
+    /// The finished tasks among `ids`, any owner and type: read once for
+    /// every long-poll waiting on them; each request then applies its own
+    /// scope with [`Owners::admit`].
+    pub async fn finished_summaries(&self, ids: &[Uuid]) -> Result<Vec<TaskSummary>> {
+        Ok(task::Entity::find()
+            .select_only()
+            .columns(SUMMARY_COLUMNS)
+            .expr_as(key_running(), "key_running")
+            // One array parameter, however many ids (not one bind each).
+            .filter(Expr::cust_with_values("tasks.id = ANY($1)", [ids.to_vec()]))
+            .filter(
+                task::Column::State.is_in(
+                    TaskState::ALL
+                        .into_iter()
+                        .filter(|s| s.is_terminal())
+                        .map(TaskState::as_str),
+                ),
+            )
+            .into_model::<TaskSummary>()
+            .all(&self.db)
+            .await?)
+    }
+
     pub async fn finished_among(&self, ids: &[Uuid]) -> Result<Vec<Uuid>> {
         let rows = self
             .db
@@ -322,6 +354,22 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_owner_admits_its_own_tasks_only_and_all_admits_any() {
+        let acme = Owners::One("acme");
+        assert!(acme.admit(Some("acme")));
+        assert!(!acme.admit(Some("globex")));
+        assert!(
+            !acme.admit(None),
+            "SQL: owner = 'acme' is not true for NULL"
+        );
+        assert!(
+            !acme.admit(Some("ACME")),
+            "owners compare exactly, as in SQL"
+        );
+        assert!(Owners::All.admit(None) && Owners::All.admit(Some("globex")));
+    }
 
     #[test]
     fn a_state_filter_reads_only_the_phases_holding_its_states() {
