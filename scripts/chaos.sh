@@ -29,13 +29,16 @@ mkdir -p "$out"
 ensure_cargo
 ensure_services
 
+# The whole workspace, as test.sh and bench.sh build it: a subset of
+# packages unifies dependency features differently and rebuilt most
+# dependencies a second time (5 minutes of a cold CI run).
 profile=debug
 if [ "$mode" != short ]; then
   say "building release binaries"
-  cargo build --release --locked -p warren-api -p warren-worker -p warren-bench
+  cargo build --release --locked --workspace --bins
   profile=release
 else
-  cargo build --locked -p warren-api -p warren-worker -p warren-bench --bins
+  cargo build --locked --workspace --bins
 fi
 chaos=("$CARGO_TARGET_DIR/$profile/warren-chaos" --bin-dir "$CARGO_TARGET_DIR/$profile")
 

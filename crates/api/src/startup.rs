@@ -99,9 +99,7 @@ impl Application {
             tracing::warn!(error = %e, "broker not reachable yet; tasks will be published once it is");
         }
         let addr = settings.api.listen;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|cause| StartupError::Bind { addr, cause })?;
+        let listener = bind(addr).map_err(|cause| StartupError::Bind { addr, cause })?;
         let local_addr = listener
             .local_addr()
             .map_err(|cause| StartupError::Bind { addr, cause })?;
@@ -319,6 +317,25 @@ pub fn router(state: AppState) -> Router {
             header::COOKIE,
         ]))
         .with_state(state)
+}
+
+/// Handshakes the kernel queues until the API accepts them. Tokio's
+/// default of 1,024 overflowed under 10,000 clients connecting at once (a
+/// restart under long-polls), and a handshake dropped there is dropped
+/// silently: its client times out ~30 s later. The kernel caps this at
+/// `net.core.somaxconn` (4,096 by default).
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted API rebinds at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn not_found(req: Request) -> impl IntoResponse {
