@@ -49,11 +49,7 @@ impl Owners<'_> {
 
 /// A type's tasks matching `f`, any owner, in no order yet.
 fn filtered(task_type: &str, f: &ListFilter) -> sea_orm::Select<task::Entity> {
-    let mut q = task::Entity::find()
-        .select_only()
-        .columns(SUMMARY_COLUMNS)
-        .expr_as(key_running(), "key_running")
-        .filter(task::Column::TaskType.eq(task_type));
+    let mut q = summaries().filter(task::Column::TaskType.eq(task_type));
     if !f.states.is_empty() {
         let states: Vec<&str> = f.states.iter().map(|s| s.as_str()).collect();
         q = q.filter(Expr::col(task::Column::State).is_in(states));
@@ -124,6 +120,14 @@ pub struct TaskSummary {
     /// For a task held for admission, how many of its key's tasks are
     /// admitted and unfinished: at its type's cap, the cap is why it waits.
     pub key_running: Option<i32>,
+}
+
+/// Every task's [`TaskSummary`] columns; callers narrow it.
+fn summaries() -> sea_orm::Select<task::Entity> {
+    task::Entity::find()
+        .select_only()
+        .columns(SUMMARY_COLUMNS)
+        .expr_as(key_running(), "key_running")
 }
 
 /// [`TaskSummary::key_running`], read only for held rows.
@@ -269,10 +273,8 @@ impl Store {
         task_type: &str,
         id: Uuid,
     ) -> Result<Option<TaskSummary>> {
-        Ok(task::Entity::find_by_id(id)
-            .select_only()
-            .columns(SUMMARY_COLUMNS)
-            .expr_as(key_running(), "key_running")
+        Ok(summaries()
+            .filter(task::Column::Id.eq(id))
             .filter(owners.condition())
             .filter(task::Column::TaskType.eq(task_type))
             .into_model::<TaskSummary>()
@@ -317,10 +319,7 @@ impl Store {
     /// every long-poll waiting on them; each request then applies its own
     /// scope with [`Owners::admit`].
     pub async fn finished_summaries(&self, ids: &[Uuid]) -> Result<Vec<TaskSummary>> {
-        Ok(task::Entity::find()
-            .select_only()
-            .columns(SUMMARY_COLUMNS)
-            .expr_as(key_running(), "key_running")
+        Ok(summaries()
             // One array parameter, however many ids (not one bind each).
             .filter(Expr::cust_with_values("tasks.id = ANY($1)", [ids.to_vec()]))
             .filter(

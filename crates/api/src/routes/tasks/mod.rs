@@ -357,8 +357,13 @@ async fn view(state: &AppState, t: TaskSummary) -> Result<TaskView, ApiError> {
     } else {
         None
     };
+    Ok(view_with(state, t, artifacts))
+}
+
+/// [`view`] with the artifacts already listed (a success's only).
+fn view_with(state: &AppState, t: TaskSummary, artifacts: Option<Vec<ArtifactMeta>>) -> TaskView {
     let limits = state.catalog.get(&t.task_type).map(|e| &e.limits);
-    Ok(TaskView::new(t, artifacts, limits))
+    TaskView::new(t, artifacts, limits)
 }
 
 // ------------------------------------------------------------ documented

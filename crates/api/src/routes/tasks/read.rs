@@ -270,12 +270,7 @@ async fn wait_for_finish(
         f.summary.task_type == task_type && caller.owners().admit(f.summary.owner.as_deref())
     }) {
         answers.with_label_values(&["shared"]).inc();
-        let limits = state.catalog.get(task_type).map(|e| &e.limits);
-        return Ok(TaskView::new(
-            f.summary.clone(),
-            f.artifacts.clone(),
-            limits,
-        ));
+        return Ok(view_with(state, f.summary.clone(), f.artifacts.clone()));
     }
     drop(registration);
     answers.with_label_values(&["own"]).inc();
