@@ -202,3 +202,59 @@ async fn metrics_behind_a_scrape_token() {
     );
     api.stop().await;
 }
+
+/// A client that opens a connection and sends its headers a byte at a
+/// time (slowloris) is cut off after `api.head_timeout_seconds`; under
+/// `axum::serve` hyper had no timer and waited for ever. Meanwhile the API
+/// answers everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_slow_to_send_its_headers_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = TestEnv::with(|s| s.api.head_timeout_seconds = 1.0).await;
+    let api = env.spawn_api().await;
+    let mut slow = tokio::net::TcpStream::connect(api.addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let sent = tokio::time::Instant::now();
+    let health = reqwest::get(api.url("/healthz")).await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK, "others are served");
+    // The server ends the connection: the read sees its end (or a reset),
+    // never an answer. Bounded, so a server that waits for ever fails.
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), slow.read_to_end(&mut answer))
+        .await
+        .expect("the connection was still open after 20 s");
+    let waited = sent.elapsed();
+    assert!(
+        read.is_err() || !String::from_utf8_lossy(&answer).contains("200 OK"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(
+        waited >= Duration::from_millis(900),
+        "cut off after {waited:?}, before the head timeout"
+    );
+    api.stop().await;
+}
+
+/// A request whose head does not fit in 32 KiB gets 431 and costs no
+/// more: hyper's default read buffer grew to ~400 KiB for one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_past_32_kib_gets_431() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let http = reqwest::Client::new();
+    let send = |bytes: usize| {
+        http.get(api.url("/healthz"))
+            .header("x-filler", "a".repeat(bytes))
+            .send()
+    };
+    assert_eq!(send(20 * 1024).await.unwrap().status(), StatusCode::OK);
+    let refused = send(40 * 1024).await.unwrap();
+    assert_eq!(
+        refused.status(),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    api.stop().await;
+}

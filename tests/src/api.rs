@@ -20,7 +20,7 @@ pub struct TestApi {
     pub state: warren_api::AppState,
     client: ApiClient,
     shutdown: CancellationToken,
-    handle: JoinHandle<std::io::Result<()>>,
+    handle: JoinHandle<()>,
 }
 
 /// Requests as one owner; `TestApi` derefs to its default client.
@@ -108,7 +108,7 @@ impl TestApi {
 
     pub async fn stop(self) {
         self.shutdown.cancel();
-        self.handle.await.expect("API task").expect("API served");
+        self.handle.await.expect("API task");
     }
 }
 

@@ -10,6 +10,8 @@
 //! - [`startup`]: [`Application::build`] binds (port 0 works) and
 //!   [`router`] assembles routes and middleware, separately so tests can
 //!   drive either.
+//! - `serve`: the accept loop, hyper with a deadline for a request's head
+//!   and small per-connection buffers.
 //! - [`state`]: [`AppState`], everything handlers share.
 //! - [`error`]: [`ApiError`], the one error type; RFC 9457 problem+json.
 //! - [`auth`]: API keys and the [`auth::Caller`] extractor that scopes
@@ -32,6 +34,7 @@ pub mod limits;
 pub mod metrics;
 pub mod openapi;
 mod routes;
+mod serve;
 pub mod startup;
 pub mod state;
 mod ui;

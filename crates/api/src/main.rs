@@ -162,7 +162,7 @@ async fn main() -> anyhow::Result<()> {
             let app = warren_api::Application::build(settings).await?;
             let (token, signal) = shutdown::token();
             tokio::spawn(signal);
-            app.run_until_stopped(token).await?;
+            app.run_until_stopped(token).await;
         }
     }
     Ok(())

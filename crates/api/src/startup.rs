@@ -17,7 +17,7 @@ use axum::{
     response::IntoResponse,
     routing::{get, post, put},
 };
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower_http::{
@@ -165,7 +165,7 @@ impl Application {
 
     /// Serves until `shutdown` is cancelled, then finishes in-flight
     /// requests, stops the relay and closes the broker connection.
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) {
         let background = TaskTracker::new();
         let settings = &self.state.settings;
         if settings.relay.enabled {
@@ -196,24 +196,18 @@ impl Application {
         );
         let publisher = Arc::clone(&self.state.publisher);
         let stopping = self.state.stopping.clone();
-        // `into_make_service`: a connection shares the finished router.
-        // Served as a bare `Router`, axum rebuilds its route table for every
-        // connection (`with_state(())`, a clone of every route's middleware
-        // stack): ~50 KiB each, 500 MiB at 10,000 long-polls (heaptrack).
-        let app = router(self.state).into_make_service();
         let stop = shutdown.clone();
-        let served = axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move {
-                stop.cancelled().await;
-                stopping.cancel();
-            })
-            .await;
-        shutdown.cancel();
+        background.spawn(async move {
+            stop.cancelled().await;
+            stopping.cancel();
+        });
+        // Validated with the settings: positive and at most a day.
+        let head_timeout = Duration::from_secs_f64(settings.api.head_timeout_seconds);
+        crate::serve::serve(self.listener, router(self.state), head_timeout, shutdown).await;
         background.close();
         background.wait().await;
         publisher.close().await;
         tracing::info!("API stopped");
-        served
     }
 }
 

@@ -239,6 +239,10 @@ pub struct ApiSettings {
     pub max_concurrent_requests: usize,
     /// Longest a request may take (plus its `?wait=`); past it, 503.
     pub request_timeout_seconds: f64,
+    /// Longest a client may take to send a request's line and headers;
+    /// past it the connection is closed (a slow client holds no
+    /// connection for long).
+    pub head_timeout_seconds: f64,
     /// Like `static_keys`, with the admin scope (operations, every owner).
     #[serde(default)]
     pub static_admin_keys: BTreeMap<String, SecretString>,
@@ -556,6 +560,7 @@ impl Settings {
             "api.request_timeout_seconds",
             self.api.request_timeout_seconds,
         )?;
+        positive_seconds("api.head_timeout_seconds", self.api.head_timeout_seconds)?;
         if !(self.api.ui_session_hours > 0.0 && self.api.ui_session_hours <= 24.0 * 30.0) {
             return Err(invalid(
                 "api.ui_session_hours",
