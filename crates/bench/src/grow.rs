@@ -8,11 +8,14 @@
 //!    (`CANCELLED`);
 //! 2. the drain of `--tasks` no-op tasks with one worker (first start to
 //!    last result, from the rows);
-//! 3. single POSTs from 256 clients with that worker running.
+//! 3. single POSTs from 256 clients with that worker running;
+//! 4. the `EXPLAIN (ANALYZE, BUFFERS)` of each of those reads and of a
+//!    task's INSERT, claim and recorded success ([`crate::explain`]).
 //!
 //! Each figure is set beside the first row count's (normally 0).
 
 use crate::{
+    explain::{self, Plan},
     pages::{Auth, TENANT, fill_finished, quantile, time},
     report::table,
     submit::single_posts,
@@ -23,6 +26,8 @@ use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde::Serialize;
 use serde_json::json;
 use std::time::Duration;
+use uuid::Uuid;
+use warren_shared::state::TaskState;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct Args {
@@ -47,6 +52,8 @@ pub struct Row {
     pub posts_per_second: f64,
     /// (what, p50 ms, p95 ms) per read.
     pub reads: Vec<(String, f64, f64)>,
+    /// The reads' statements, then a task's INSERT, claim and success.
+    pub plans: Vec<Plan>,
 }
 
 pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Vec<Row>> {
@@ -70,18 +77,6 @@ async fn measure(system: &mut System, args: &Args, rows: u64) -> anyhow::Result<
     if rows > 0 {
         fill_finished(system, rows, (30, 0), "grow").await?;
     }
-    let reads = reads(system, args).await?;
-    let drain_per_second = drain(system, args.tasks).await?;
-    let posts_per_second = single_posts(system, args.posts, 256).await?;
-    Ok(Row {
-        rows,
-        drain_per_second,
-        posts_per_second,
-        reads,
-    })
-}
-
-async fn reads(system: &System, args: &Args) -> anyhow::Result<Vec<(String, f64, f64)>> {
     let (key, _) = warren_api::auth::create(
         system.db(),
         TENANT,
@@ -89,20 +84,61 @@ async fn reads(system: &System, args: &Args) -> anyhow::Result<Vec<(String, f64,
         warren_api::auth::Scope::Owner,
     )
     .await?;
-    // An empty table still needs a task to read: one of the tenant's.
-    let id = match first_id(system).await? {
-        Some(id) => id,
-        None => system
-            .submit_batch("multiply", &json!({"x": 1, "y": 2}), 1)
-            .await?
-            .first()
-            .map(ToString::to_string)
-            .context("no task submitted")?,
-    };
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()?;
     let auth: Auth = (reqwest::header::AUTHORIZATION, format!("Bearer {key}"));
+    let id = task_to_read(system, &http, &auth).await?;
+    let reads = reads(system, args, &http, &auth, &id).await?;
+    let uuid = Uuid::parse_str(&id)?;
+    let states = [TaskState::Failure, TaskState::Cancelled];
+    let mut plans = explain::reads(system.db(), TENANT, "multiply", uuid, &states).await?;
+    let (drain_per_second, writes) = drain(system, args.tasks).await?;
+    plans.extend(writes);
+    let posts_per_second = single_posts(system, args.posts, 256).await?;
+    Ok(Row {
+        rows,
+        drain_per_second,
+        posts_per_second,
+        reads,
+        plans,
+    })
+}
+
+/// One of the tenant's tasks; on an empty table, one it submits.
+async fn task_to_read(
+    system: &System,
+    http: &reqwest::Client,
+    (name, value): &Auth,
+) -> anyhow::Result<String> {
+    if let Some(id) = first_id(system).await? {
+        return Ok(id);
+    }
+    let response = http
+        .post(system.api_url_for("/tasks/multiply"))
+        .header(name, value)
+        .json(&json!({"x": 1, "y": 2}))
+        .send()
+        .await?;
+    ensure!(
+        response.status() == reqwest::StatusCode::ACCEPTED,
+        "the tenant's submission answered {}",
+        response.status()
+    );
+    let body: serde_json::Value = response.json().await?;
+    body["id"]
+        .as_str()
+        .map(str::to_owned)
+        .context("the submission's answer has no id")
+}
+
+async fn reads(
+    system: &System,
+    args: &Args,
+    http: &reqwest::Client,
+    auth: &Auth,
+    id: &str,
+) -> anyhow::Result<Vec<(String, f64, f64)>> {
     let mut out = Vec::new();
     for (what, path) in [
         ("GET a task", format!("/tasks/multiply/{id}")),
@@ -116,7 +152,7 @@ async fn reads(system: &System, args: &Args) -> anyhow::Result<Vec<(String, f64,
             "/tasks/multiply?state=CANCELLED".to_owned(),
         ),
     ] {
-        let (t, _) = time(&http, system, &auth, &[path], args.requests).await?;
+        let (t, _) = time(http, system, auth, &[path], args.requests).await?;
         out.push((what.to_owned(), quantile(&t, 0.5), quantile(&t, 0.95)));
     }
     Ok(out)
@@ -134,11 +170,14 @@ async fn first_id(system: &System) -> anyhow::Result<Option<String>> {
 }
 
 /// `tasks` no-op tasks queued, then one worker: tasks per second from the
-/// first start to the last finish, over the no-op rows only.
-async fn drain(system: &mut System, tasks: usize) -> anyhow::Result<f64> {
-    system.submit_batch("noop", &json!({}), tasks).await?;
+/// first start to the last finish, over the no-op rows only; and, before
+/// the worker starts, the plans of a task's writes on one of them.
+async fn drain(system: &mut System, tasks: usize) -> anyhow::Result<(f64, Vec<Plan>)> {
+    let ids = system.submit_batch("noop", &json!({}), tasks).await?;
     let n = i64::try_from(tasks)?;
     wait_for_noop(system, "QUEUED", n, Duration::from_secs(600)).await?;
+    let first = *ids.first().context("no no-op task submitted")?;
+    let plans = explain::writes(system.db(), first).await?;
     system.add_workers(1, 1000, &[])?;
     let timeout = Duration::from_secs(120 + tasks as u64 / 100);
     wait_for_noop(system, "SUCCESS", n, timeout).await?;
@@ -158,7 +197,7 @@ async fn drain(system: &mut System, tasks: usize) -> anyhow::Result<f64> {
         once == n,
         "{once} of {n} no-op tasks SUCCESS on their first attempt"
     );
-    Ok(n as f64 / seconds)
+    Ok((n as f64 / seconds, plans))
 }
 
 async fn wait_for_noop(
@@ -221,5 +260,9 @@ pub fn render(rows: &[Row]) -> String {
         );
     }
     let header: Vec<&str> = header.iter().map(String::as_str).collect();
-    table(&header, &lines)
+    let mut out = table(&header, &lines);
+    for r in rows {
+        out.push_str(&explain::render(r.rows, &r.plans));
+    }
+    out
 }

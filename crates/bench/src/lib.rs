@@ -18,6 +18,7 @@ pub mod ceiling;
 pub mod chaos;
 pub mod cpu;
 pub mod drain;
+pub mod explain;
 pub mod grow;
 pub mod latency;
 pub mod longpoll;

@@ -21,10 +21,10 @@ mod workflows;
 pub use admission::{Admitted, Pause, StartToken};
 pub use insights::{Minute, ReleaseTimes, StateCount};
 pub use items::{ItemError, ItemRecord};
-pub use reads::{ListFilter, Owners, TaskSummary, list_statement};
+pub use reads::{ListFilter, Owners, TaskSummary, list_statement, summary_statement};
 pub use remote::{Report, ReportTarget};
 use requests::RESETTABLE_BY_OPERATOR;
-pub use requests::{Cancellation, Inserted, Retry, Unique};
+pub use requests::{Cancellation, Inserted, Retry, Unique, insert_submitted_statement};
 pub use schedules::{NewSchedule, ScheduleRow};
 pub use webhooks::{AttemptEnd, Delivery, DeliveryAttempt, DueDelivery, SecretInfo};
 pub use workers::WorkerRecord;
@@ -410,6 +410,68 @@ impl ClaimRequest {
     }
 }
 
+/// The statement claiming `requests` (no id twice) for `worker`: what
+/// [`Store::claim_many`] runs (and `warren-bench grow` explains).
+pub fn claim_statement(requests: &[&ClaimRequest], worker: &str) -> Statement {
+    let rows = json_array(requests.iter().map(|r| r.row.as_str()));
+    let ids_where = |keep: fn(&ClaimRequest) -> bool| -> Vec<Uuid> {
+        requests.iter().filter(|r| keep(r)).map(|r| r.id).collect()
+    };
+    let redelivered = ids_where(|r| r.redelivered);
+    let unsigned = ids_where(|r| !r.signed);
+    let retried = ids_where(|r| r.retried);
+    stmt(
+        CLAIM,
+        vec![
+            rows.into(),
+            worker.into(),
+            redelivered.into(),
+            unsigned.into(),
+            retried.into(),
+            crate::VERSION.into(),
+        ],
+    )
+}
+
+const CLAIM: &str =
+    "INSERT INTO tasks AS t (id, task_type, queue, owner, state, input, attempts, eta, expires_at,
+                            time_limit, soft_time_limit, created_at, queued_at, started_at,
+                            updated_at, worker, origin, root_id, parent_id, group_id, traceparent,
+                            worker_version, reply_to)
+    SELECT (e->>'id')::uuid, e->>'task_type', e->>'queue', e->>'owner', 'STARTED', e->'input', 1,
+           (e->>'eta')::timestamptz, (e->>'expires_at')::timestamptz,
+           (e->>'time_limit')::float8, (e->>'soft_time_limit')::float8,
+           now(), now(), coalesce((e->>'started_at')::timestamptz, clock_timestamp()), now(), $2,
+           e->>'origin', e->>'root_id', e->>'parent_id', e->>'group_id', e->>'traceparent',
+           $6, e->>'reply_to'
+    FROM jsonb_array_elements($1::jsonb) AS e
+    ON CONFLICT (id) DO UPDATE
+       SET state = 'STARTED',
+           -- Our own claim again: its answer was lost with the
+           -- connection after it committed. Same attempt.
+           attempts = t.attempts + (NOT (t.state = 'STARTED' AND t.worker = EXCLUDED.worker
+                                         AND EXCLUDED.id = ANY($5)))::int,
+           started_at = EXCLUDED.started_at,
+           updated_at = now(), worker = EXCLUDED.worker, publish_at = NULL,
+           worker_version = EXCLUDED.worker_version,
+           queued_at = COALESCE(t.queued_at, now())
+     WHERE t.task_type = EXCLUDED.task_type
+       AND t.owner IS NOT DISTINCT FROM EXCLUDED.owner
+       -- A paused type or queue starts nothing new (a task
+       -- already STARTED, redelivered, goes on).
+       AND (t.state = 'STARTED'
+            OR NOT EXISTS (SELECT 1 FROM pauses p
+                            WHERE (p.kind = 'type' AND p.name = t.task_type)
+                               OR (p.kind = 'queue' AND p.name = t.queue)))
+       AND (t.state = 'QUEUED'
+            OR (t.state = 'PENDING' AND (t.eta IS NULL OR t.eta <= now()))
+            OR (t.state = 'RETRY' AND t.publish_at <= now())
+            OR (t.state = 'STARTED' AND EXCLUDED.id = ANY($3))
+            OR (t.state = 'STARTED' AND t.worker = EXCLUDED.worker AND EXCLUDED.id = ANY($5)))
+    RETURNING t.id, t.attempts, t.attempts - t.attempt_base AS budget_used,
+              greatest(extract(epoch FROM t.started_at - t.queued_at), 0)::float8 AS queue_wait,
+              CASE WHEN t.id = ANY($4) THEN t.input END AS input";
+
 /// The statement recording a batch of successes: `$1` a JSON array of
 /// `{id, attempt, result}`, `$2` the same ids as `uuid[]`.
 ///
@@ -427,6 +489,31 @@ pub const FINISH_SUCCESSES: &str = "UPDATE tasks AS t
     AND t.id = (e->>'id')::uuid AND t.attempts = (e->>'attempt')::int4
     AND t.state = 'STARTED'
  RETURNING t.id";
+
+/// The statement recording `done`: what [`Store::finish_successes`] runs
+/// (and `warren-bench grow` explains).
+pub fn finish_successes_statement(done: &[Success]) -> Statement {
+    #[derive(serde::Serialize)]
+    struct Row<'a> {
+        id: Uuid,
+        attempt: i32,
+        result: &'a Value,
+    }
+    let texts: Vec<String> = done
+        .iter()
+        .map(|s| {
+            let row = Row {
+                id: s.id,
+                attempt: s.attempt,
+                result: &s.result,
+            };
+            serde_json::to_string(&row).unwrap_or_default()
+        })
+        .collect();
+    let rows = json_array(texts.iter().map(String::as_str));
+    let ids: Vec<Uuid> = done.iter().map(|s| s.id).collect();
+    stmt(FINISH_SUCCESSES, vec![rows.into(), ids.into()])
+}
 
 /// `[a,b,c]` from JSON texts, for `jsonb_array_elements($1::jsonb)`.
 fn json_array<'a>(items: impl Iterator<Item = &'a str>) -> String {
@@ -601,67 +688,10 @@ impl Store {
         requests: &[ClaimRequest],
         worker: &str,
     ) -> Result<Vec<Claim>> {
-        let rows = json_array(indices.iter().map(|&i| requests[i].row.as_str()));
-        let ids_where = |keep: fn(&ClaimRequest) -> bool| -> Vec<Uuid> {
-            indices
-                .iter()
-                .map(|&i| &requests[i])
-                .filter(|r| keep(r))
-                .map(|r| r.id)
-                .collect()
-        };
-        let redelivered = ids_where(|r| r.redelivered);
-        let unsigned = ids_where(|r| !r.signed);
-        let retried = ids_where(|r| r.retried);
+        let chosen: Vec<&ClaimRequest> = indices.iter().map(|&i| &requests[i]).collect();
         let returned = self
             .db
-            .query_all_raw(stmt(
-                "INSERT INTO tasks AS t (id, task_type, queue, owner, state, input, attempts, eta, expires_at,
-                                         time_limit, soft_time_limit, created_at, queued_at, started_at,
-                                         updated_at, worker, origin, root_id, parent_id, group_id, traceparent,
-                                         worker_version, reply_to)
-                 SELECT (e->>'id')::uuid, e->>'task_type', e->>'queue', e->>'owner', 'STARTED', e->'input', 1,
-                        (e->>'eta')::timestamptz, (e->>'expires_at')::timestamptz,
-                        (e->>'time_limit')::float8, (e->>'soft_time_limit')::float8,
-                        now(), now(), coalesce((e->>'started_at')::timestamptz, clock_timestamp()), now(), $2,
-                        e->>'origin', e->>'root_id', e->>'parent_id', e->>'group_id', e->>'traceparent',
-                        $6, e->>'reply_to'
-                 FROM jsonb_array_elements($1::jsonb) AS e
-                 ON CONFLICT (id) DO UPDATE
-                    SET state = 'STARTED',
-                        -- Our own claim again: its answer was lost with the
-                        -- connection after it committed. Same attempt.
-                        attempts = t.attempts + (NOT (t.state = 'STARTED' AND t.worker = EXCLUDED.worker
-                                                      AND EXCLUDED.id = ANY($5)))::int,
-                        started_at = EXCLUDED.started_at,
-                        updated_at = now(), worker = EXCLUDED.worker, publish_at = NULL,
-                        worker_version = EXCLUDED.worker_version,
-                        queued_at = COALESCE(t.queued_at, now())
-                  WHERE t.task_type = EXCLUDED.task_type
-                    AND t.owner IS NOT DISTINCT FROM EXCLUDED.owner
-                    -- A paused type or queue starts nothing new (a task
-                    -- already STARTED, redelivered, goes on).
-                    AND (t.state = 'STARTED'
-                         OR NOT EXISTS (SELECT 1 FROM pauses p
-                                         WHERE (p.kind = 'type' AND p.name = t.task_type)
-                                            OR (p.kind = 'queue' AND p.name = t.queue)))
-                    AND (t.state = 'QUEUED'
-                         OR (t.state = 'PENDING' AND (t.eta IS NULL OR t.eta <= now()))
-                         OR (t.state = 'RETRY' AND t.publish_at <= now())
-                         OR (t.state = 'STARTED' AND EXCLUDED.id = ANY($3))
-                         OR (t.state = 'STARTED' AND t.worker = EXCLUDED.worker AND EXCLUDED.id = ANY($5)))
-                 RETURNING t.id, t.attempts, t.attempts - t.attempt_base AS budget_used,
-                           greatest(extract(epoch FROM t.started_at - t.queued_at), 0)::float8 AS queue_wait,
-                           CASE WHEN t.id = ANY($4) THEN t.input END AS input",
-                vec![
-                    rows.into(),
-                    worker.into(),
-                    redelivered.into(),
-                    unsigned.into(),
-                    retried.into(),
-                    crate::VERSION.into(),
-                ],
-            ))
+            .query_all_raw(claim_statement(&chosen, worker))
             .await?;
         let mut run = std::collections::HashMap::with_capacity(returned.len());
         for row in returned {
@@ -801,28 +831,9 @@ impl Store {
     /// Records many successful attempts in one statement, each guarded like
     /// [`Store::finish`]. Answers, in order, whether each was recorded.
     pub async fn finish_successes(&self, done: &[Success]) -> Result<Vec<bool>> {
-        #[derive(serde::Serialize)]
-        struct Row<'a> {
-            id: Uuid,
-            attempt: i32,
-            result: &'a Value,
-        }
-        let texts: Vec<String> = done
-            .iter()
-            .map(|s| {
-                let row = Row {
-                    id: s.id,
-                    attempt: s.attempt,
-                    result: &s.result,
-                };
-                serde_json::to_string(&row).unwrap_or_default()
-            })
-            .collect();
-        let rows = json_array(texts.iter().map(String::as_str));
-        let ids: Vec<Uuid> = done.iter().map(|s| s.id).collect();
         let updated = self
             .db
-            .query_all_raw(stmt(FINISH_SUCCESSES, vec![rows.into(), ids.into()]))
+            .query_all_raw(finish_successes_statement(done))
             .await?;
         let mut recorded = std::collections::HashSet::with_capacity(updated.len());
         for row in updated {

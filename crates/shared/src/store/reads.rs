@@ -251,6 +251,15 @@ pub fn list_statement(owners: Owners<'_>, task_type: &str, f: &ListFilter) -> St
     stmt(&sql, values)
 }
 
+/// [`Store::summary`]'s statement: one probe of the primary key.
+pub fn summary_statement(owners: Owners<'_>, task_type: &str, id: Uuid) -> Statement {
+    summaries()
+        .filter(task::Column::Id.eq(id))
+        .filter(owners.condition())
+        .filter(task::Column::TaskType.eq(task_type))
+        .build(sea_orm::DbBackend::Postgres)
+}
+
 /// Which tasks to list.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -273,13 +282,11 @@ impl Store {
         task_type: &str,
         id: Uuid,
     ) -> Result<Option<TaskSummary>> {
-        Ok(summaries()
-            .filter(task::Column::Id.eq(id))
-            .filter(owners.condition())
-            .filter(task::Column::TaskType.eq(task_type))
-            .into_model::<TaskSummary>()
-            .one(&self.db)
-            .await?)
+        Ok(
+            TaskSummary::find_by_statement(summary_statement(owners, task_type, id))
+                .one(&self.db)
+                .await?,
+        )
     }
 
     /// Visible tasks of a type, newest first, keyset-paginated on

@@ -10,7 +10,7 @@ use crate::{
 };
 use chrono::{DateTime, SubsecRound, Utc};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, Set,
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, Set, Statement,
     TransactionTrait, TryIntoModel, sqlx,
 };
 use std::collections::HashSet;
@@ -91,6 +91,15 @@ const INSERT_SUBMITTED: &str = "
            time_limit float8, soft_time_limit float8, reply_to text,
            callback_url text, callback_events text, priority int2, hold text,
            concurrency_key text, rate_key text, unique_key text, debounce bool)";
+
+/// The statement recording submitted rows, created at `now`: what
+/// [`Store::insert_and_publish`] runs (and `warren-bench grow` explains).
+pub fn insert_submitted_statement(rows: &[task::Model], now: DateTime<Utc>) -> Result<Statement> {
+    Ok(stmt(
+        INSERT_SUBMITTED,
+        vec![submitted_rows(rows)?.into(), now.into()],
+    ))
+}
 
 /// The JSON array [`INSERT_SUBMITTED`] reads. Times are cut to the
 /// microsecond, as PostgreSQL keeps them (it would round the rest).
@@ -315,12 +324,7 @@ impl Store {
             .collect::<Result<Vec<task::Model>>>()?;
         let inserts = models
             .chunks(TASKS_PER_STATEMENT)
-            .map(|chunk| {
-                Ok(stmt(
-                    INSERT_SUBMITTED,
-                    vec![submitted_rows(chunk)?.into(), now.into()],
-                ))
-            })
+            .map(|chunk| insert_submitted_statement(chunk, now))
             .collect::<Result<Vec<_>>>()?;
         let txn = self.db.begin().await?;
         for insert in inserts {
