@@ -46,6 +46,9 @@ pub struct Setup {
 /// Processes are stopped with SIGTERM and waited for this long.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The owner of what the bench submits with its own key.
+pub const OWNER: &str = "bench";
+
 pub struct System {
     setup: Setup,
     settings: Settings,
@@ -119,7 +122,7 @@ impl System {
             .context("connecting to the benchmark database")?;
         db::migrate(&db).await.context("migrating")?;
         let (key, _) =
-            warren_api::auth::create(&db, "bench", "warren-bench", warren_api::auth::Scope::Admin)
+            warren_api::auth::create(&db, OWNER, "warren-bench", warren_api::auth::Scope::Admin)
                 .await
                 .context("creating an API key")?;
 

@@ -473,21 +473,24 @@ const CLAIM: &str =
               CASE WHEN t.id = ANY($4) THEN t.input END AS input";
 
 /// The statement recording a batch of successes: `$1` a JSON array of
-/// `{id, attempt, result}`, `$2` the same ids as `uuid[]`.
+/// `{id, attempt, result}`, typed once by `jsonb_to_recordset`.
 ///
-/// `t.id = ANY($2)` is there for the planner, not the result: it guesses
-/// 100 rows for `jsonb_array_elements` and, on a table without statistics
-/// (a fresh deployment, the first minute after a bulk load), found a hash
-/// join over a sequential scan of every task cheaper than 100 index
-/// probes, per batch. With the array it reads the rows by primary key,
-/// with statistics or without, in custom and generic plans alike.
+/// The plan wanted is a probe of the primary key per row, driven by the
+/// array. The statement once also said `t.id = ANY($2)`, so that a table
+/// without statistics would not be read whole per batch; on a big table
+/// that turned against it. There the planner expects almost no task to be
+/// `STARTED` (true of the table, not of these ids), read one estimated
+/// row by that array and joined it in a nested loop over the batch,
+/// comparing every pair: a batch of 512 took 100–210 ms at 10 M rows and
+/// the drain fell to a quarter (`warren-bench grow`). Driven by the array
+/// alone, each row costs one probe at any size, and the test
+/// `recording_successes_reads_rows_by_key_on_a_table_without_statistics`
+/// holds the plan to the primary key on a table without statistics.
 pub const FINISH_SUCCESSES: &str = "UPDATE tasks AS t
-    SET state = 'SUCCESS', result = e->'result', error = NULL,
+    SET state = 'SUCCESS', result = r.result, error = NULL,
         finished_at = now(), updated_at = now()
-   FROM jsonb_array_elements($1::jsonb) AS e
-  WHERE t.id = ANY($2::uuid[])
-    AND t.id = (e->>'id')::uuid AND t.attempts = (e->>'attempt')::int4
-    AND t.state = 'STARTED'
+   FROM jsonb_to_recordset($1::jsonb) AS r(id uuid, attempt int4, result jsonb)
+  WHERE t.id = r.id AND t.attempts = r.attempt AND t.state = 'STARTED'
  RETURNING t.id";
 
 /// The statement recording `done`: what [`Store::finish_successes`] runs
@@ -511,8 +514,7 @@ pub fn finish_successes_statement(done: &[Success]) -> Statement {
         })
         .collect();
     let rows = json_array(texts.iter().map(String::as_str));
-    let ids: Vec<Uuid> = done.iter().map(|s| s.id).collect();
-    stmt(FINISH_SUCCESSES, vec![rows.into(), ids.into()])
+    stmt(FINISH_SUCCESSES, vec![rows.into()])
 }
 
 /// `[a,b,c]` from JSON texts, for `jsonb_array_elements($1::jsonb)`.
