@@ -6,7 +6,7 @@
 #   scripts/bench.sh all                       every scenario, 3 runs each, and a summary (~30 min)
 #   scripts/bench.sh drain --tasks 100000      one scenario: ceiling, drain, submit, latency, memory, scaling, pages
 #   scripts/bench.sh peers                     Warren's drain beside rusty-celery's and Celery's (installs them)
-#   scripts/bench.sh grow                      drain, POSTs and API reads with 0, 1M, 10M finished tasks in the table (~40 min)
+#   scripts/bench.sh grow                      drain, POSTs, API reads and their EXPLAINs with 0, 1M, 10M finished tasks in the table (~12 min)
 #   scripts/bench.sh longpoll                  10,000 requests long-polling on one API: woken how soon, memory, queries
 #   scripts/bench.sh pages                     dashboard page times with 1,000,000 tasks in the table
 #   scripts/bench.sh webhooks                  the drain with and without webhooks to a receiver that takes 2 s
