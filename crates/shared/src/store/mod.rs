@@ -486,8 +486,11 @@ const CLAIM: &str =
 /// alone, each row costs one probe at any size, and the test
 /// `recording_successes_reads_rows_by_key_on_a_table_without_statistics`
 /// holds the plan to the primary key on a table without statistics.
+///
+/// A result of JSON `null` reads as SQL `NULL` from the recordset; every
+/// row carries `result`, so `NULL` here is always that JSON `null`.
 pub const FINISH_SUCCESSES: &str = "UPDATE tasks AS t
-    SET state = 'SUCCESS', result = r.result, error = NULL,
+    SET state = 'SUCCESS', result = coalesce(r.result, 'null'::jsonb), error = NULL,
         finished_at = now(), updated_at = now()
    FROM jsonb_to_recordset($1::jsonb) AS r(id uuid, attempt int4, result jsonb)
   WHERE t.id = r.id AND t.attempts = r.attempt AND t.state = 'STARTED'
