@@ -307,13 +307,7 @@ async fn recording_successes_reads_rows_by_key_on_a_table_without_statistics() {
     use warren_shared::store::FINISH_SUCCESSES;
     let env = TestEnv::new().await;
     let db = env.store().connection();
-    db.execute_unprepared(
-        "INSERT INTO tasks (id, task_type, queue, state, input, attempts, created_at, updated_at, origin)
-         SELECT gen_random_uuid(), 'noop', 'noop', 'STARTED', '{}', 1, now(), now(), 'test'
-         FROM generate_series(1, 30000)",
-    )
-    .await
-    .unwrap();
+    filler_tasks(db, "STARTED", 30_000).await;
     let ids: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
     let rows = Value::Array(
         ids.iter()
@@ -401,14 +395,8 @@ async fn recording_successes_reads_the_batch_once_when_few_tasks_are_started() {
     use warren_shared::store::{Success, finish_successes_statement};
     let env = TestEnv::new().await;
     let db = env.store().connection();
-    db.execute_unprepared(
-        "INSERT INTO tasks (id, task_type, queue, state, input, attempts, created_at, updated_at, origin)
-         SELECT gen_random_uuid(), 'noop', 'noop', 'SUCCESS', '{}', 1, now(), now(), 'test'
-         FROM generate_series(1, 50000);
-         ANALYZE tasks;",
-    )
-    .await
-    .unwrap();
+    filler_tasks(db, "SUCCESS", 50_000).await;
+    db.execute_unprepared("ANALYZE tasks").await.unwrap();
     let done: Vec<Success> = (0..400)
         .map(|_| Success {
             id: Uuid::now_v7(),
@@ -462,4 +450,17 @@ async fn recording_successes_reads_the_batch_once_when_few_tasks_are_started() {
         nodes.extend(node["Plans"].as_array().into_iter().flatten());
     }
     assert_eq!(batch_reads, [json!(1)], "the batch read once: {plan}");
+}
+
+/// `n` no-op tasks in `state`, inserted in one statement.
+async fn filler_tasks(db: &sea_orm::DatabaseConnection, state: &str, n: i64) {
+    db.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "INSERT INTO tasks (id, task_type, queue, state, input, attempts, created_at, updated_at, origin)
+         SELECT gen_random_uuid(), 'noop', 'noop', $1, '{}', 1, now(), now(), 'test'
+         FROM generate_series(1, $2)",
+        vec![state.into(), n.into()],
+    ))
+    .await
+    .unwrap();
 }

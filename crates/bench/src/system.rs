@@ -525,7 +525,8 @@ impl System {
     }
 
     /// Stops every process (SIGTERM, as an orchestrator does), drops the
-    /// database and deletes the queues and exchanges.
+    /// database and deletes the queues, exchanges and the work queues'
+    /// policy the API applied.
     pub async fn down(mut self) -> anyhow::Result<()> {
         let mut children: Vec<Child> = self.workers.drain(..).collect();
         children.extend(self.api.take().map(|(c, _)| c));
@@ -545,6 +546,9 @@ impl System {
             }
         }
         self.topology.delete(&self.channel).await.ok();
+        if let Ok(m) = warren_shared::management::Management::new(&self.settings.amqp) {
+            m.delete_policy(&self.topology.policy().name).await.ok();
+        }
         self.amqp.close(200, "bench done".into()).await.ok();
         self.db.close().await.ok();
         let admin = admin_connection(&self.setup.admin_database_url).await?;
