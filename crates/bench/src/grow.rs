@@ -183,11 +183,12 @@ async fn drain(system: &mut System, tasks: usize) -> anyhow::Result<(f64, Vec<Pl
     wait_for_noop(system, "SUCCESS", n, timeout).await?;
     let row = system
         .db()
-        .query_one_raw(Statement::from_string(
+        .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
             "SELECT count(*) FILTER (WHERE attempts = 1) AS once,
                     extract(epoch FROM max(finished_at) - min(started_at))::float8 AS seconds
-             FROM tasks WHERE owner = 'bench' AND task_type = 'noop'",
+             FROM tasks WHERE owner = $1 AND task_type = 'noop'",
+            vec![OWNER.into()],
         ))
         .await?
         .context("no drain totals")?;
