@@ -24,7 +24,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// A request's line and headers must fit in 32 KiB, as in nginx's
 /// default (`large_client_header_buffers 4 8k`); a larger head gets 431.
-/// Bodies are read in pieces of at most this size.
+/// It takes both settings: the read buffer's bound alone is not strict (a
+/// read fills whatever room the buffer happened to grow to, and a head
+/// that arrived whole in it passed), and the head's bound alone would
+/// leave the buffer free to grow for bodies. Bodies are read in pieces of
+/// at most this size.
 const MAX_BUFFER: usize = 32 * 1024;
 
 /// Serves `app` on `listener` until `shutdown`, then lets every open
@@ -65,6 +69,7 @@ fn builder(head_timeout: Duration) -> http1::Builder {
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(head_timeout)
+        .max_header_size(MAX_BUFFER)
         .max_buf_size(MAX_BUFFER);
     http
 }
