@@ -69,6 +69,12 @@ async fn many_waiters_are_woken_by_the_notifications_alone() {
     let metrics = &api.state.metrics;
     let woken = |by: &str| metrics.long_poll_woken.with_label_values(&[by]).get();
     let answered = |read: &str| metrics.long_poll_answers.with_label_values(&[read]).get();
+    let lag = |from: &str| metrics.long_poll_lag.with_label_values(&[from]);
+    let lagged = (
+        lag("finished").get_sample_count(),
+        lag("notified").get_sample_count(),
+    );
+    let finishing = Instant::now();
     let finisher = async {
         wait_for_waiters(&api, 50).await;
         assert_eq!(api.state.waiters.len(), 50, "one entry per awaited task");
@@ -119,6 +125,85 @@ async fn many_waiters_are_woken_by_the_notifications_alone() {
     let checks = metrics.long_poll_checks.get() - checks_before;
     assert!(checks <= 1, "{checks} checks for 50 waiters");
     assert_eq!(metrics.long_polls.get(), 0);
+    // Each task's lag is counted once, and is no longer than the whole
+    // wait for the finish: the clocks are the same machine's.
+    let (finished, notified) = (lag("finished"), lag("notified"));
+    assert_eq!(
+        (
+            finished.get_sample_count() - lagged.0,
+            notified.get_sample_count() - lagged.1
+        ),
+        (50, 50),
+        "(lags from finished_at, from the notification)"
+    );
+    let longest = finishing.elapsed().as_secs_f64();
+    for h in [finished, notified] {
+        let mean = h.get_sample_sum() / h.get_sample_count() as f64;
+        assert!(
+            (0.0..=longest).contains(&mean),
+            "mean lag {mean} s, all of it {longest} s"
+        );
+    }
+    api.stop().await;
+}
+
+/// The shared read lists artifacts beside the rows (both queries at once,
+/// for every woken id): a woken success answers with its artifact as a
+/// plain GET does, and a failure, whose artifacts a plain GET does not
+/// list, answers without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_woken_request_gets_a_successes_artifacts_only() {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement};
+    let env = TestEnv::with(|s| s.relay.enabled = false).await;
+    let api = env.spawn_api().await;
+    let (won, lost) = (
+        api.submit_ok("noop", &json!({})).await,
+        api.submit_ok("noop", &json!({})).await,
+    );
+    let db = env.store().connection().clone();
+    db.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "INSERT INTO artifacts (task_id, name, content_type, size_bytes, data)
+         SELECT id, 'report.txt', 'text/plain', 2, 'ok'::bytea FROM unnest($1::uuid[]) AS id",
+        vec![vec![won, lost].into()],
+    ))
+    .await
+    .unwrap();
+    let finisher = async {
+        wait_for_waiters(&api, 2).await;
+        db.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE tasks SET state = CASE WHEN id = $1 THEN 'SUCCESS' ELSE 'FAILURE' END,
+                    result = CASE WHEN id = $1 THEN 'null'::jsonb END, finished_at = now()
+             WHERE id = ANY($2)",
+            vec![won.into(), vec![won, lost].into()],
+        ))
+        .await
+        .unwrap();
+    };
+    let ((success, _), (failure, _), ()) =
+        tokio::join!(wait_for(&api, won), wait_for(&api, lost), finisher);
+    let shared = api
+        .state
+        .metrics
+        .long_poll_answers
+        .with_label_values(&["shared"]);
+    assert_eq!(shared.get(), 2, "both answered from the shared read");
+    assert_eq!(success["state"], "SUCCESS", "{success}");
+    assert_eq!(success["artifacts"][0]["name"], "report.txt", "{success}");
+    assert_eq!(failure["state"], "FAILURE", "{failure}");
+    for (id, woken) in [(won, &success), (lost, &failure)] {
+        let plain: Value = api
+            .get(&format!("/tasks/noop/{id}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            woken, &plain,
+            "a woken request answers what a plain GET does"
+        );
+    }
     api.stop().await;
 }
 

@@ -43,6 +43,8 @@ pub struct ApiMetrics {
     pub long_poll_reads: IntCounter,
     /// Long-polls answered after waiting, by whose read.
     pub long_poll_answers: IntCounterVec,
+    /// How late woken long-polls get their row, by where it is counted from.
+    pub long_poll_lag: HistogramVec,
 }
 
 impl ApiMetrics {
@@ -156,6 +158,14 @@ impl ApiMetrics {
                  read of the finished task) or own (the request read it itself: the wait ran \
                  out, or the shared read failed).",
                 &["read"],
+            )?,
+            long_poll_lag: metrics::seconds(
+                &r,
+                "warren_api_long_poll_lag_seconds",
+                "How late long-polls are handed their finished task's row, per task: from the \
+                 row's finished_at (from=finished: the worker's commit, the notification and \
+                 the read) or from the API receiving the notification (from=notified: the read alone).",
+                &["from"],
             )?,
             registry: r,
         })

@@ -47,6 +47,11 @@ pub struct Figures {
     /// With every request waiting.
     pub api_rss_mib: f64,
     pub api_peak_mib: f64,
+    /// The API's own account of the lag (`warren_api_long_poll_lag_seconds`),
+    /// mean ms per task: from the row's `finished_at` to the hand-over, and
+    /// from the notification to the hand-over (NaN for an API without it).
+    pub api_lag_finished_ms: f64,
+    pub api_lag_notified_ms: f64,
     /// Queries that looked for finished tasks, while the tasks ran.
     pub checks: f64,
     /// Queries that read finished tasks for the requests woken on them (0
@@ -145,17 +150,42 @@ async fn measure(system: &mut System, args: &Args) -> anyhow::Result<Figures> {
         api_idle_mib: mib(idle.rss),
         api_rss_mib: mib(api.rss),
         api_peak_mib: mib(peak),
+        api_lag_finished_ms: after.lag_finished.mean_ms_since(&before.lag_finished),
+        api_lag_notified_ms: after.lag_notified.mean_ms_since(&before.lag_notified),
         checks: after.checks - before.checks,
         reads: after.reads - before.reads,
         seconds,
     })
 }
 
+const LAG: &str = "warren_api_long_poll_lag_seconds";
+
 /// The API's long-poll counters at one scrape.
 struct Counters {
     waiting: f64,
     checks: f64,
     reads: f64,
+    lag_finished: Histogram,
+    lag_notified: Histogram,
+}
+
+/// A histogram's sum (seconds) and count at one scrape.
+struct Histogram {
+    sum: f64,
+    count: f64,
+}
+
+impl Histogram {
+    fn read(text: &str, name: &str, labels: &str) -> Self {
+        Self {
+            sum: series_sum(text, &format!("{name}_sum"), labels),
+            count: series_sum(text, &format!("{name}_count"), labels),
+        }
+    }
+
+    fn mean_ms_since(&self, before: &Self) -> f64 {
+        (self.sum - before.sum) / (self.count - before.count) * 1000.0
+    }
 }
 
 async fn long_polls(system: &System) -> anyhow::Result<Counters> {
@@ -165,6 +195,8 @@ async fn long_polls(system: &System) -> anyhow::Result<Counters> {
         checks: series_sum(&text, "warren_api_long_poll_checks_total", ""),
         // An API from before shared reads has no such series: 0.
         reads: series_sum(&text, "warren_api_long_poll_reads_total", ""),
+        lag_finished: Histogram::read(&text, LAG, "from=\"finished\""),
+        lag_notified: Histogram::read(&text, LAG, "from=\"notified\""),
     })
 }
 
@@ -234,6 +266,13 @@ pub fn render(f: &Figures) -> String {
                 format!(
                     "{:.0} / {:.0} / {:.0}",
                     f.api_idle_mib, f.api_rss_mib, f.api_peak_mib
+                ),
+            ],
+            vec![
+                "the API's lag, mean ms: finished_at → handed over / notified → handed over".into(),
+                format!(
+                    "{:.1} / {:.1}",
+                    f.api_lag_finished_ms, f.api_lag_notified_ms
                 ),
             ],
             vec![
