@@ -96,13 +96,7 @@ async fn many_waiters_are_woken_by_the_notifications_alone() {
             waited < &Duration::from_millis(2500),
             "woken after {waited:?}"
         );
-        let plain: Value = api
-            .get(&format!("/tasks/noop/{id}"))
-            .await
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(t, &plain, "a woken request answers what a plain GET does");
+        assert_answers_as_a_plain_get(&api, *id, t).await;
     }
     assert_eq!(
         woken("notification") - woken_before,
@@ -193,16 +187,7 @@ async fn a_woken_request_gets_a_successes_artifacts_only() {
     assert_eq!(success["artifacts"][0]["name"], "report.txt", "{success}");
     assert_eq!(failure["state"], "FAILURE", "{failure}");
     for (id, woken) in [(won, &success), (lost, &failure)] {
-        let plain: Value = api
-            .get(&format!("/tasks/noop/{id}"))
-            .await
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(
-            woken, &plain,
-            "a woken request answers what a plain GET does"
-        );
+        assert_answers_as_a_plain_get(&api, id, woken).await;
     }
     api.stop().await;
 }
@@ -293,6 +278,19 @@ async fn wait_for_waiters(api: &TestApi, n: i64) {
         (parked.get() == n).then_some(())
     })
     .await;
+}
+
+async fn assert_answers_as_a_plain_get(api: &ApiClient, id: Uuid, woken: &Value) {
+    let plain: Value = api
+        .get(&format!("/tasks/noop/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        woken, &plain,
+        "a woken request answers what a plain GET does"
+    );
 }
 
 /// `?wait=30` on one task: what it answered and how long it took.
