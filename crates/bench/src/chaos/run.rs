@@ -202,6 +202,11 @@ impl Run {
             }
             conn.close(200, "done".into()).await.ok();
         }
+        // The work queues' policy the API applied through the management
+        // API: every chaos run left one behind.
+        if let Ok(m) = warren_shared::management::Management::new(&self.settings.amqp) {
+            m.delete_policy(&self.topology.policy().name).await.ok();
+        }
         self.db.close().await.ok();
         if let Ok(admin) = admin(&self.admin_url).await {
             let drop = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database);
