@@ -546,9 +546,7 @@ impl System {
             }
         }
         self.topology.delete(&self.channel).await.ok();
-        if let Ok(m) = warren_shared::management::Management::new(&self.settings.amqp) {
-            m.delete_policy(&self.topology.policy().name).await.ok();
-        }
+        delete_policy(&self.settings.amqp, &self.topology).await;
         self.amqp.close(200, "bench done".into()).await.ok();
         self.db.close().await.ok();
         let admin = admin_connection(&self.setup.admin_database_url).await?;
@@ -615,6 +613,17 @@ pub async fn admin_connection(url: &str) -> anyhow::Result<DatabaseConnection> {
 
 /// The sum of a Prometheus series in text format over the label sets
 /// containing `labels` (e.g. `stage="insert"`; empty for all).
+/// Deletes the work queues' policy a system's API applied through the
+/// management API (best effort: the system is going away either way).
+pub async fn delete_policy(
+    amqp: &warren_shared::settings::AmqpSettings,
+    topology: &warren_shared::topology::Topology,
+) {
+    if let Ok(m) = warren_shared::management::Management::new(amqp) {
+        m.delete_policy(&topology.policy().name).await.ok();
+    }
+}
+
 pub fn series_sum(text: &str, series: &str, labels: &str) -> f64 {
     text.lines()
         .filter(|l| {

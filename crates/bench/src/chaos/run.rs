@@ -204,9 +204,7 @@ impl Run {
         }
         // The work queues' policy the API applied through the management
         // API: every chaos run left one behind.
-        if let Ok(m) = warren_shared::management::Management::new(&self.settings.amqp) {
-            m.delete_policy(&self.topology.policy().name).await.ok();
-        }
+        crate::system::delete_policy(&self.settings.amqp, &self.topology).await;
         self.db.close().await.ok();
         if let Ok(admin) = admin(&self.admin_url).await {
             let drop = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database);
