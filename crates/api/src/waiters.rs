@@ -219,10 +219,8 @@ impl Waiters {
         (ids, since)
     }
 
-    /// Hands each request its task's row and wakes it. An id without a
-    /// row (the read failed, or found it unfinished) wakes its requests
-    /// all the same: they read the task themselves.
-    fn hand_over(&self, ids: &[Uuid], mut rows: HashMap<Uuid, Finished>, since: Option<Instant>) {
+    /// `warren_api_long_poll_lag_seconds`, once per task handed over.
+    fn observe_lag(&self, rows: &HashMap<Uuid, Finished>, since: Option<Instant>) {
         let now = chrono::Utc::now();
         for finished_at in rows.values().filter_map(|f| f.summary.finished_at) {
             let lag = (now - finished_at).to_std().unwrap_or_default();
@@ -234,6 +232,13 @@ impl Waiters {
                 self.lag_notified.observe(lag);
             }
         }
+    }
+
+    /// Hands each request its task's row and wakes it. An id without a
+    /// row (the read failed, or found it unfinished) wakes its requests
+    /// all the same: they read the task themselves.
+    fn hand_over(&self, ids: &[Uuid], mut rows: HashMap<Uuid, Finished>, since: Option<Instant>) {
+        self.observe_lag(&rows, since);
         let waiting = self.lock();
         for id in ids {
             if let Some((awaited, _)) = waiting.get(id) {
