@@ -74,6 +74,7 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<(String, serde_js
         rate: None,
         seconds: 20,
         probe: 10_000,
+        clients: 64,
         concurrency: 1000,
         runs,
     };
