@@ -69,7 +69,12 @@ async fn a_long_task_does_not_stall_the_short_ones_behind_it() {
 /// once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_shares_statements_and_runs_each_task_once() {
-    let env = TestEnv::with(|s| s.worker.concurrency = 200).await;
+    // Every claim by key first, however young the task.
+    let env = TestEnv::with(|s| {
+        s.worker.concurrency = 200;
+        s.worker.claim_by_key_after_ms = 0;
+    })
+    .await;
     let api = env.spawn_api().await;
     let body: Value = api
         .post_json(
@@ -92,7 +97,9 @@ async fn a_burst_shares_statements_and_runs_each_task_once() {
     let text = worker.metrics().await;
     let stage =
         |stage: &str, series: &str| metric(&text, series, &[("stage", stage)]).unwrap_or(0.0);
-    for s in ["claim", "success"] {
+    // Every row was committed before its message arrived, so every claim
+    // was taken by key and none needed the full claim's INSERT.
+    for s in ["claim_by_key", "success"] {
         let (statements, rows) = (
             stage(s, "warren_worker_batch_size_count"),
             stage(s, "warren_worker_batch_size_sum"),
@@ -103,6 +110,11 @@ async fn a_burst_shares_statements_and_runs_each_task_once() {
             "{s}: {statements} statements for 2000 tasks"
         );
     }
+    assert_eq!(
+        stage("claim", "warren_worker_batch_size_sum"),
+        0.0,
+        "no committed row took the full claim"
+    );
     worker.stop().await;
     api.stop().await;
 }
@@ -152,7 +164,23 @@ async fn concurrent_single_submissions_share_statements_and_each_is_recorded() {
 /// wait for that commit, then run the task once, on the API's row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_delivered_before_its_row_commits_runs_once_on_that_row() {
-    let env = TestEnv::new().await;
+    delivered_before_its_row_commits(None).await;
+}
+
+/// The same when the worker tries the claim by key first for every task:
+/// that finds no committed row, and the full claim then waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_by_key_that_finds_no_committed_row_leaves_it_to_the_full_claim() {
+    delivered_before_its_row_commits(Some(0)).await;
+}
+
+async fn delivered_before_its_row_commits(claim_by_key_after_ms: Option<u64>) {
+    let env = TestEnv::with(|s| {
+        if let Some(ms) = claim_by_key_after_ms {
+            s.worker.claim_by_key_after_ms = ms;
+        }
+    })
+    .await;
     let api = env.spawn_api().await;
     let worker = env.spawn_worker("w1").await;
     let publishing = Publishing::of(&api.state);
@@ -179,6 +207,20 @@ async fn a_message_delivered_before_its_row_commits_runs_once_on_that_row() {
     let row = env.wait_for_first_attempt_success(id, json!(42)).await;
     assert_eq!(row.origin.as_deref(), Some(ORIGIN), "the API's row");
     assert_eq!(row.created_at, rows[0].created_at, "the API's row");
+    let text = worker.metrics().await;
+    let claimed = |stage: &str| {
+        metric(&text, "warren_worker_batch_size_sum", &[("stage", stage)]).unwrap_or(0.0)
+    };
+    let tried_by_key = if claim_by_key_after_ms == Some(0) {
+        1.0
+    } else {
+        0.0
+    };
+    assert_eq!(
+        (claimed("claim_by_key"), claimed("claim")),
+        (tried_by_key, 1.0),
+        "a young task's claim: by key only when told, then the full claim"
+    );
     worker.stop().await;
     api.stop().await;
 }

@@ -411,6 +411,137 @@ async fn a_batch_of_claims_answers_each_like_a_single_claim() {
     assert_eq!(by_id(celery).result, Some(json!({"n": 3})));
 }
 
+/// A claim by key takes the committed rows of a batch at once and leaves
+/// everything else to the full claim, without waiting for a row another
+/// transaction is still inserting (an API between its INSERT and its
+/// COMMIT, waiting for the broker's confirm). Whatever it leaves, the
+/// full claim then answers as it always did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_by_key_takes_committed_rows_and_never_waits_for_an_insert() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    use warren_shared::store::ClaimRequest;
+    let env = TestEnv::new().await;
+    let store = env.store();
+    let input = json!({"x": 1, "y": 2});
+    let request = |id: Uuid, redelivered: bool, signed: bool| {
+        ClaimRequest::new(&message(id), &input, "default", redelivered, signed)
+    };
+    let [ready, open, finished, running, unsigned, granted] = [(); 6].map(|_| Uuid::now_v7());
+    for id in [ready, finished, running, unsigned, granted] {
+        store.insert(&new_task(id)).await.unwrap();
+    }
+    for id in [finished, running] {
+        assert!(matches!(
+            claim(store, id, "a", false).await,
+            Claim::Run { .. }
+        ));
+    }
+    assert!(
+        store
+            .finish(finished, 1, &Outcome::Success(json!(2)))
+            .await
+            .unwrap()
+    );
+    // The API's transaction: its row inserted, not yet committed.
+    let api = sea_orm::Database::connect(env.database_url())
+        .await
+        .unwrap();
+    let inserting = api.begin().await.unwrap();
+    inserting
+        .execute_unprepared(&format!(
+            "INSERT INTO tasks (id, task_type, queue, state, input, queued_at)
+             VALUES ('{open}', 'multiply', 'default', 'QUEUED', '{{\"x\": 1, \"y\": 2}}', now())"
+        ))
+        .await
+        .unwrap();
+    let at = Utc::now() - chrono::Duration::milliseconds(250);
+    let requests = [
+        request(ready, false, true),
+        request(open, false, true),
+        request(finished, true, true),
+        request(running, true, true), // redelivered: for the full claim
+        request(ready, false, true),  // the same message twice
+        request(unsigned, false, false),
+        ClaimRequest::granted(&message(granted), &input, "default", false, true, at),
+    ];
+    let by_key = tokio::time::timeout(Duration::from_secs(10), store.claim_by_key(&requests, "b"))
+        .await
+        .expect("the claim by key waited for the uncommitted insert")
+        .unwrap();
+    let attempts: Vec<Option<i32>> = by_key
+        .iter()
+        .map(|c| match c {
+            Some(Claim::Run { attempt, input, .. }) => {
+                assert_eq!(*input, None, "a signed message's body is the row's input");
+                Some(*attempt)
+            }
+            Some(other) => panic!("a claim by key answers Run or nothing: {other:?}"),
+            None => None,
+        })
+        .collect();
+    assert_eq!(attempts, [Some(1), None, None, None, None, None, Some(1)]);
+    let row = store.get(granted).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            row.state,
+            row.worker.as_deref(),
+            row.started_at.map(|t| t.timestamp_micros())
+        ),
+        (TaskState::Started, Some("b"), Some(at.timestamp_micros())),
+        "a granted start is recorded at the instant the rate limit gave"
+    );
+    let row = store.get(unsigned).await.unwrap().unwrap();
+    assert_eq!(
+        row.state,
+        TaskState::Pending,
+        "an unsigned message is left to the full claim"
+    );
+
+    // What it left, the full claim decides as before.
+    inserting.commit().await.unwrap();
+    let full = store.claim_many(&requests[1..6], "b").await.unwrap();
+    let attempts: Vec<Option<i32>> = full
+        .iter()
+        .map(|c| match c {
+            Claim::Run { attempt, .. } => Some(*attempt),
+            Claim::Skip { .. } | Claim::Conflict { .. } => None,
+        })
+        .collect();
+    assert_eq!(
+        attempts,
+        [Some(1), None, Some(2), None, Some(1)],
+        "{full:?}"
+    );
+    assert!(matches!(
+        full[1],
+        Claim::Skip {
+            reason: "already finished",
+            ..
+        }
+    ));
+    assert!(matches!(
+        full[3],
+        Claim::Skip {
+            reason: "another worker is running it",
+            ..
+        }
+    ));
+
+    // A paused type: nothing new starts by key either.
+    let paused = Uuid::now_v7();
+    store.insert(&new_task(paused)).await.unwrap();
+    assert!(store.pause("type", "multiply", "test").await.unwrap());
+    let by_key = store
+        .claim_by_key(&[request(paused, false, true)], "b")
+        .await
+        .unwrap();
+    assert_eq!(by_key, [None]);
+    assert_eq!(
+        store.get(paused).await.unwrap().unwrap().state,
+        TaskState::Pending
+    );
+}
+
 /// Another connection's transaction, holding row locks until dropped.
 async fn lock_rows(env: &TestEnv, ids: &[Uuid]) -> sea_orm::DatabaseTransaction {
     use sea_orm::{ConnectionTrait, TransactionTrait};

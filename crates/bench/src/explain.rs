@@ -68,8 +68,9 @@ pub async fn reads(
 }
 
 /// The plans of a task's life, on `queued` (a QUEUED row): the API's
-/// INSERT of a new task like it, the worker's claim of it, and the
-/// worker's record of its success. Rolled back after.
+/// INSERT of a new task like it, the worker's claim of it (by key, then
+/// the full claim's), and the worker's record of its success. Rolled
+/// back after.
 pub async fn writes(db: &DatabaseConnection, queued: Uuid) -> anyhow::Result<Vec<Plan>> {
     let row = task::Entity::find_by_id(queued)
         .one(db)
@@ -84,6 +85,7 @@ pub async fn writes(db: &DatabaseConnection, queued: Uuid) -> anyhow::Result<Vec
     let insert = store::insert_submitted_statement(&[fresh], Utc::now())?;
     let message = message_from_row(&row);
     let claim = ClaimRequest::new(&message, &row.input, &row.queue, false, true);
+    let by_key = store::claim_by_key_statement(&[&claim], "warren-bench-explain");
     let claim = store::claim_statement(&[&claim], "warren-bench-explain");
     let finish = store::finish_successes_statement(&[Success {
         id: row.id,
@@ -92,7 +94,10 @@ pub async fn writes(db: &DatabaseConnection, queued: Uuid) -> anyhow::Result<Vec
     }]);
     let plans = vec![
         explain(&txn, "submit: INSERT", insert).await?,
-        explain(&txn, "worker: claim", claim).await?,
+        explain(&txn, "worker: claim by key", by_key).await?,
+        // The row is STARTED now: this shows the full claim's plan on a
+        // row it finds taken, the path of a duplicate or a redelivery.
+        explain(&txn, "worker: claim (full)", claim).await?,
         explain(&txn, "worker: record the success", finish).await?,
     ];
     txn.rollback().await?;

@@ -274,6 +274,16 @@ pub struct WorkerSettings {
     /// How often a worker checks whether a client asked to cancel one of
     /// the tasks it is running.
     pub cancel_check_ms: u64,
+    /// A task whose id was minted at least this long ago is claimed by key
+    /// first ([`crate::store::Store::claim_by_key`]): its row is all but
+    /// certainly committed, so the cheaper UPDATE takes it. A younger one
+    /// (its API may still be waiting for the broker's confirm before its
+    /// COMMIT) goes straight to the full claim, which waits for the row;
+    /// by key it would only miss and cost a second statement. 0: always
+    /// by key first. Defaults to a second for a configuration written
+    /// before it existed.
+    #[serde(default = "one_second_ms")]
+    pub claim_by_key_after_ms: u64,
     /// `/metrics`, `/healthz` and `/readyz` of this replica; port 0 picks a
     /// free port (logged, and shown by `GET /workers`).
     pub metrics_listen: SocketAddr,
@@ -282,6 +292,10 @@ pub struct WorkerSettings {
     /// Largest message body a worker decodes; a larger one is dead-lettered.
     /// At least `api.max_body_bytes`, so whatever the API accepts runs.
     pub max_message_bytes: usize,
+}
+
+fn one_second_ms() -> u64 {
+    1_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -622,6 +636,12 @@ impl Settings {
             return Err(invalid(
                 "worker.cancel_check_ms",
                 "must be between 10 and 60000",
+            ));
+        }
+        if w.claim_by_key_after_ms > 3_600_000 {
+            return Err(invalid(
+                "worker.claim_by_key_after_ms",
+                "must be between 0 and 3600000",
             ));
         }
 

@@ -134,7 +134,11 @@ pub struct Worker {
     /// Deliveries handled (any outcome) since start, for heartbeats.
     pub(crate) processed: AtomicU64,
     /// Claims and successful outcomes of concurrent handlers, written a
-    /// statement per batch (`batch`).
+    /// statement per batch (`batch`). Claims by key are tried first and
+    /// never wait for a row still being inserted; the full claims (rows
+    /// not committed yet, Celery messages, redeliveries) run beside them,
+    /// so a batch waiting for an API's COMMIT holds up only itself.
+    pub(crate) claims_by_key: Batcher<ClaimRequest, Option<Claim>>,
     pub(crate) claims: Batcher<ClaimRequest, Claim>,
     pub(crate) successes: Batcher<Success, bool>,
     started_at: DateTime<Utc>,
@@ -223,6 +227,16 @@ impl Worker {
         let metrics = WorkerMetrics::new(&connection, settings.database.max_connections)
             .map_err(WorkerError::Metrics)?;
         let store = Store::new(connection.clone());
+        let claims_by_key = {
+            let (store, identity) = (store.clone(), identity.clone());
+            let sizes = metrics.batch_size("claim_by_key");
+            let (claims, batching) = Batcher::new(BATCH_MAX, 1, sizes, move |requests| {
+                let (store, identity) = (store.clone(), identity.clone());
+                async move { store.claim_by_key(&requests, &identity).await }
+            });
+            tokio::spawn(batching);
+            claims
+        };
         let claims = {
             let (store, identity) = (store.clone(), identity.clone());
             let (claims, batching) =
@@ -248,6 +262,7 @@ impl Worker {
             slots: Arc::new(Semaphore::new(settings.worker.concurrency as usize)),
             relay_wake: Arc::default(),
             metrics,
+            claims_by_key,
             claims,
             successes,
             processed: AtomicU64::new(0),

@@ -763,6 +763,8 @@ async fn claim(
     stop: &CancellationToken,
 ) -> Result<(i32, i32, Value), Disposition> {
     let label = entry.task.name();
+    let by_key_after =
+        std::time::Duration::from_millis(worker.settings.worker.claim_by_key_after_ms);
     let mut tries = 0;
     let claim = db(stop, || {
         tries += 1;
@@ -771,7 +773,15 @@ async fn claim(
         } else {
             request.clone()
         };
-        async move { worker.claims.call(request).await }
+        async move {
+            if request.by_key()
+                && request.minted_before(by_key_after)
+                && let Some(claim) = worker.claims_by_key.call(request.clone()).await?
+            {
+                return Ok(claim);
+            }
+            worker.claims.call(request).await
+        }
     })
     .await
     .map_err(|d| refused(d, ErrorCode::DatabaseRejected))?;

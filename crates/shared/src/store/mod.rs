@@ -305,6 +305,8 @@ pub struct ClaimRequest {
     signed: bool,
     /// Sent again after an error: an earlier try may have committed.
     retried: bool,
+    /// The start a rate limit granted; `None`: when the claim runs.
+    started_at: Option<DateTime<Utc>>,
     row: String,
 }
 
@@ -388,6 +390,7 @@ impl ClaimRequest {
             redelivered,
             signed,
             retried: false,
+            started_at,
             // Strings, numbers, times and an already-parsed Value: this
             // cannot fail (serde_json writes non-finite floats as null).
             row: serde_json::to_string(&row).unwrap_or_default(),
@@ -396,6 +399,28 @@ impl ClaimRequest {
 
     pub fn id(&self) -> Uuid {
         self.id
+    }
+
+    /// [`Store::claim_by_key`] may take it: a Warren publisher signed it,
+    /// so it recorded the row before publishing and the message's body is
+    /// the row's. A retried claim goes the full way, which recognises its
+    /// own earlier claim.
+    pub fn by_key(&self) -> bool {
+        self.signed && !self.retried
+    }
+
+    /// Its id (UUID v7, minted as the task was recorded) is at least `age`
+    /// old by this clock: its row is all but certainly committed. Any
+    /// other id (a Celery client's v4) is not known to be.
+    pub fn minted_before(&self, age: std::time::Duration) -> bool {
+        let Some(minted) = self.id.get_timestamp() else {
+            return false;
+        };
+        let (secs, nanos) = minted.to_unix();
+        let minted = std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos);
+        std::time::SystemTime::now()
+            .duration_since(minted)
+            .is_ok_and(|elapsed| elapsed >= age)
     }
 
     /// The same claim, sent again because the last try failed: if that
@@ -472,6 +497,65 @@ const CLAIM: &str =
               greatest(extract(epoch FROM t.started_at - t.queued_at), 0)::float8 AS queue_wait,
               CASE WHEN t.id = ANY($4) THEN t.input END AS input";
 
+/// The statement claiming `requests` by key, rows already committed
+/// only: what [`Store::claim_by_key`] runs (and `warren-bench grow`
+/// explains). A repeated id is left out: one statement may not take a
+/// row twice.
+pub fn claim_by_key_statement(requests: &[&ClaimRequest], worker: &str) -> Statement {
+    #[derive(serde::Serialize)]
+    struct Key<'a> {
+        id: Uuid,
+        task_type: &'a str,
+        owner: Option<&'a str>,
+        started_at: Option<DateTime<Utc>>,
+    }
+    let mut seen = std::collections::HashSet::with_capacity(requests.len());
+    let keys: Vec<Key<'_>> = requests
+        .iter()
+        .filter(|r| seen.insert(r.id))
+        .map(|r| Key {
+            id: r.id,
+            task_type: &r.task_type,
+            owner: r.owner.as_deref(),
+            started_at: r.started_at,
+        })
+        .collect();
+    // Uuids, strings and times: this cannot fail.
+    let keys = serde_json::to_string(&keys).unwrap_or_default();
+    stmt(
+        CLAIM_BY_KEY,
+        vec![keys.into(), worker.into(), crate::VERSION.into()],
+    )
+}
+
+/// [`CLAIM`]'s update, for rows that are there: the same guards (type and
+/// owner match, not paused, claimable now) and the same changes, without
+/// the INSERT. It differs in what it does not do. It never waits for a
+/// row another transaction is still inserting: under READ COMMITTED that
+/// row is not yet visible, so it is simply not taken here, where the
+/// INSERT of [`CLAIM`] would wait on it for the API's publish and COMMIT,
+/// and every other row of the batch with it. It takes nothing STARTED (a
+/// redelivery is for the full claim to judge), and it reads three typed
+/// keys per task instead of a whole row's JSON.
+const CLAIM_BY_KEY: &str = "UPDATE tasks AS t
+    SET state = 'STARTED', attempts = t.attempts + 1,
+        started_at = coalesce(r.started_at, clock_timestamp()),
+        updated_at = now(), worker = $2, publish_at = NULL, worker_version = $3,
+        queued_at = COALESCE(t.queued_at, now())
+   FROM jsonb_to_recordset($1::jsonb) AS r(id uuid, task_type text, owner text, started_at timestamptz)
+  WHERE t.id = r.id
+    AND t.task_type = r.task_type
+    AND t.owner IS NOT DISTINCT FROM r.owner
+    AND NOT EXISTS (SELECT 1 FROM pauses p
+                     WHERE (p.kind = 'type' AND p.name = t.task_type)
+                        OR (p.kind = 'queue' AND p.name = t.queue))
+    AND (t.state = 'QUEUED'
+         OR (t.state = 'PENDING' AND (t.eta IS NULL OR t.eta <= now()))
+         OR (t.state = 'RETRY' AND t.publish_at <= now()))
+ RETURNING t.id, t.attempts, t.attempts - t.attempt_base AS budget_used,
+           greatest(extract(epoch FROM t.started_at - t.queued_at), 0)::float8 AS queue_wait,
+           NULL::jsonb AS input";
+
 /// The statement recording a batch of successes: `$1` a JSON array of
 /// `{id, attempt, result}`, typed once by `jsonb_to_recordset`.
 ///
@@ -518,6 +602,32 @@ pub fn finish_successes_statement(done: &[Success]) -> Statement {
         .collect();
     let rows = json_array(texts.iter().map(String::as_str));
     stmt(FINISH_SUCCESSES, vec![rows.into()])
+}
+
+/// The rows a claim statement returned, as what each claimed task runs.
+fn claimed_rows(
+    returned: Vec<sea_orm::QueryResult>,
+) -> Result<std::collections::HashMap<Uuid, Claim>> {
+    let mut run = std::collections::HashMap::with_capacity(returned.len());
+    for row in returned {
+        let id: Uuid = row.try_get("", "id")?;
+        let attempt: i32 = row.try_get("", "attempts")?;
+        let budget_used: i32 = row.try_get("", "budget_used")?;
+        let wait: Option<f64> = row.try_get("", "queue_wait")?;
+        let queue_wait =
+            std::time::Duration::try_from_secs_f64(wait.unwrap_or(0.0)).unwrap_or_default();
+        let input: Option<Value> = row.try_get("", "input")?;
+        run.insert(
+            id,
+            Claim::Run {
+                attempt,
+                budget_used,
+                queue_wait,
+                input,
+            },
+        );
+    }
+    Ok(run)
 }
 
 /// `[a,b,c]` from JSON texts, for `jsonb_array_elements($1::jsonb)`.
@@ -687,6 +797,34 @@ impl Store {
         Ok(answers.into_iter().flatten().collect())
     }
 
+    /// Claims, in one statement, those of `requests` whose rows are
+    /// committed and claimable now ([`claim_by_key_statement`]); answers
+    /// in the order of `requests`, `None` for every request it did not
+    /// take, which the full [`Store::claim_many`] then judges: a row not
+    /// yet committed (it waits for it), none at all, a redelivery, a
+    /// finished or paused task, a repeated id. A request not
+    /// [`ClaimRequest::by_key`] is left alone.
+    pub async fn claim_by_key(
+        &self,
+        requests: &[ClaimRequest],
+        worker: &str,
+    ) -> Result<Vec<Option<Claim>>> {
+        let chosen: Vec<&ClaimRequest> = requests.iter().filter(|r| r.by_key()).collect();
+        if chosen.is_empty() {
+            return Ok(vec![None; requests.len()]);
+        }
+        let returned = self
+            .db
+            .query_all_raw(claim_by_key_statement(&chosen, worker))
+            .await?;
+        let mut run = claimed_rows(returned)?;
+        // Only the first of a repeated id may have it.
+        Ok(requests
+            .iter()
+            .map(|r| r.by_key().then(|| run.remove(&r.id)).flatten())
+            .collect())
+    }
+
     async fn claim_unique(
         &self,
         indices: &[usize],
@@ -698,25 +836,7 @@ impl Store {
             .db
             .query_all_raw(claim_statement(&chosen, worker))
             .await?;
-        let mut run = std::collections::HashMap::with_capacity(returned.len());
-        for row in returned {
-            let id: Uuid = row.try_get("", "id")?;
-            let attempt: i32 = row.try_get("", "attempts")?;
-            let budget_used: i32 = row.try_get("", "budget_used")?;
-            let wait: Option<f64> = row.try_get("", "queue_wait")?;
-            let queue_wait =
-                std::time::Duration::try_from_secs_f64(wait.unwrap_or(0.0)).unwrap_or_default();
-            let input: Option<Value> = row.try_get("", "input")?;
-            run.insert(
-                id,
-                Claim::Run {
-                    attempt,
-                    budget_used,
-                    queue_wait,
-                    input,
-                },
-            );
-        }
+        let run = claimed_rows(returned)?;
         // Why the others are not run: one read for all of them.
         let skipped: Vec<Uuid> = indices
             .iter()
@@ -1172,7 +1292,7 @@ pub fn message_from_row(row: &task::Model) -> TaskMessage {
 
 #[cfg(test)]
 mod tests {
-    use super::is_transient_sqlstate;
+    use super::{ClaimRequest, TaskMessage, Uuid, Value, is_transient_sqlstate};
 
     #[test]
     fn faults_of_the_moment_are_transient_and_data_errors_are_not() {
@@ -1187,5 +1307,40 @@ mod tests {
         for code in ["22P05", "23505", "22003", "42703", "42601", "", "5"] {
             assert!(!is_transient_sqlstate(code), "{code} should be permanent");
         }
+    }
+
+    /// Which claim goes first is read off the id: a Warren id carries the
+    /// instant it was minted, a Celery client's (v4) does not.
+    #[test]
+    fn the_age_of_a_task_is_read_off_its_id() {
+        use std::time::{Duration, SystemTime, UNIX_EPOCH};
+        let message = |id: Uuid| {
+            ClaimRequest::new(
+                &TaskMessage::new(id, "noop", Default::default()),
+                &Value::Null,
+                "default",
+                false,
+                true,
+            )
+        };
+        let minted = |at: SystemTime| {
+            let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+            let ts =
+                uuid::Timestamp::from_unix(uuid::NoContext, since.as_secs(), since.subsec_nanos());
+            Uuid::new_v7(ts)
+        };
+        let ago = |d: Duration| minted(SystemTime::now() - d);
+        let second = Duration::from_secs(1);
+        assert!(message(ago(Duration::from_secs(5))).minted_before(second));
+        assert!(!message(Uuid::now_v7()).minted_before(second));
+        assert!(message(Uuid::now_v7()).minted_before(Duration::ZERO));
+        // Minted "in the future" by a clock ahead of ours: not known old.
+        assert!(
+            !message(minted(SystemTime::now() + Duration::from_secs(5)))
+                .minted_before(Duration::ZERO)
+        );
+        let celery = Uuid::from_u128(0x1234_5678_9abc_4def_8123_4567_89ab_cdef);
+        assert_eq!(celery.get_version_num(), 4);
+        assert!(!message(celery).minted_before(Duration::ZERO));
     }
 }
