@@ -296,6 +296,45 @@ async fn concurrent_relays_never_take_the_same_row() {
     }
 }
 
+/// Rows for a batch of claims to meet: `waiting` as recorded, `running`
+/// claimed by worker `a`, `finished` claimed by `a` and succeeded.
+async fn seed(store: &Store, waiting: &[Uuid], running: &[Uuid], finished: Uuid) {
+    for &id in waiting.iter().chain(running).chain([&finished]) {
+        store.insert(&new_task(id)).await.unwrap();
+    }
+    for &id in running.iter().chain([&finished]) {
+        assert!(matches!(
+            claim(store, id, "a", false).await,
+            Claim::Run { .. }
+        ));
+    }
+    assert!(
+        store
+            .finish(finished, 1, &Outcome::Success(json!(2)))
+            .await
+            .unwrap()
+    );
+}
+
+/// The attempt each claim runs, `None` for one not run.
+fn attempts_of(claims: &[Claim]) -> Vec<Option<i32>> {
+    claims
+        .iter()
+        .map(|c| match c {
+            Claim::Run { attempt, .. } => Some(*attempt),
+            Claim::Skip { .. } | Claim::Conflict { .. } => None,
+        })
+        .collect()
+}
+
+/// Why a claim was not run, if it was skipped.
+fn skipped_because(claim: &Claim) -> Option<&'static str> {
+    match claim {
+        Claim::Skip { reason, .. } => Some(reason),
+        Claim::Run { .. } | Claim::Conflict { .. } => None,
+    }
+}
+
 /// What a busy worker does: one statement claims many messages, and each
 /// answer is what a claim of its own would have said.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,21 +353,7 @@ async fn a_batch_of_claims_answers_each_like_a_single_claim() {
         Uuid::now_v7(),
         Uuid::now_v7(),
     );
-    for id in [queued, finished, running, orphaned] {
-        store.insert(&new_task(id)).await.unwrap();
-    }
-    for id in [finished, running, orphaned] {
-        assert!(matches!(
-            claim(store, id, "a", false).await,
-            Claim::Run { .. }
-        ));
-    }
-    assert!(
-        store
-            .finish(finished, 1, &Outcome::Success(json!(2)))
-            .await
-            .unwrap()
-    );
+    seed(store, &[queued], &[running, orphaned], finished).await;
 
     let claims = store
         .claim_many(
@@ -344,32 +369,16 @@ async fn a_batch_of_claims_answers_each_like_a_single_claim() {
         )
         .await
         .unwrap();
-    let attempts: Vec<Option<i32>> = claims
-        .iter()
-        .map(|c| match c {
-            Claim::Run { attempt, .. } => Some(*attempt),
-            Claim::Skip { .. } | Claim::Conflict { .. } => None,
-        })
-        .collect();
     assert_eq!(
-        attempts,
+        attempts_of(&claims),
         [Some(1), Some(1), None, None, Some(2), None],
         "{claims:?}"
     );
-    assert!(matches!(
-        claims[2],
-        Claim::Skip {
-            reason: "already finished",
-            ..
-        }
-    ));
-    assert!(matches!(
-        claims[5],
-        Claim::Skip {
-            reason: "another worker is running it",
-            ..
-        }
-    ));
+    assert_eq!(skipped_because(&claims[2]), Some("already finished"));
+    assert_eq!(
+        skipped_because(&claims[5]),
+        Some("another worker is running it")
+    );
     let created = store.get(celery).await.unwrap().unwrap();
     assert_eq!(
         (created.state, created.input, created.worker.as_deref()),
@@ -427,21 +436,7 @@ async fn a_claim_by_key_takes_committed_rows_and_never_waits_for_an_insert() {
         ClaimRequest::new(&message(id), &input, "default", redelivered, signed)
     };
     let [ready, open, finished, running, unsigned, granted] = [(); 6].map(|_| Uuid::now_v7());
-    for id in [ready, finished, running, unsigned, granted] {
-        store.insert(&new_task(id)).await.unwrap();
-    }
-    for id in [finished, running] {
-        assert!(matches!(
-            claim(store, id, "a", false).await,
-            Claim::Run { .. }
-        ));
-    }
-    assert!(
-        store
-            .finish(finished, 1, &Outcome::Success(json!(2)))
-            .await
-            .unwrap()
-    );
+    seed(store, &[ready, unsigned, granted], &[running], finished).await;
     // The API's transaction: its row inserted, not yet committed.
     let api = sea_orm::Database::connect(env.database_url())
         .await
@@ -454,7 +449,9 @@ async fn a_claim_by_key_takes_committed_rows_and_never_waits_for_an_insert() {
         ))
         .await
         .unwrap();
-    let at = Utc::now() - chrono::Duration::milliseconds(250);
+    // Whole microseconds, as PostgreSQL keeps them (it would round ours).
+    let at =
+        chrono::SubsecRound::trunc_subsecs(Utc::now() - chrono::Duration::milliseconds(250), 6);
     let requests = [
         request(ready, false, true),
         request(open, false, true),
@@ -500,32 +497,16 @@ async fn a_claim_by_key_takes_committed_rows_and_never_waits_for_an_insert() {
     // What it left, the full claim decides as before.
     inserting.commit().await.unwrap();
     let full = store.claim_many(&requests[1..6], "b").await.unwrap();
-    let attempts: Vec<Option<i32>> = full
-        .iter()
-        .map(|c| match c {
-            Claim::Run { attempt, .. } => Some(*attempt),
-            Claim::Skip { .. } | Claim::Conflict { .. } => None,
-        })
-        .collect();
     assert_eq!(
-        attempts,
+        attempts_of(&full),
         [Some(1), None, Some(2), None, Some(1)],
         "{full:?}"
     );
-    assert!(matches!(
-        full[1],
-        Claim::Skip {
-            reason: "already finished",
-            ..
-        }
-    ));
-    assert!(matches!(
-        full[3],
-        Claim::Skip {
-            reason: "another worker is running it",
-            ..
-        }
-    ));
+    assert_eq!(skipped_because(&full[1]), Some("already finished"));
+    assert_eq!(
+        skipped_because(&full[3]),
+        Some("another worker is running it")
+    );
 
     // A paused type: nothing new starts by key either.
     let paused = Uuid::now_v7();
