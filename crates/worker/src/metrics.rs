@@ -108,7 +108,7 @@ impl WorkerMetrics {
                 HistogramVec::new(
                     prometheus::HistogramOpts::new(
                         "warren_worker_batch_size",
-                        "Rows per claim or result statement: how much concurrent handlers share one round trip.",
+                        "Rows per claim (stage claim_by_key or claim) or result (success) statement: how much concurrent handlers share one round trip.",
                     )
                     .buckets(metrics::BATCH_BUCKETS.to_vec()),
                     &["stage"],
