@@ -125,6 +125,7 @@ async fn scheduling_parameters_are_validated() {
         ("countdown=1&eta=2030-01-01T00:00:00Z", "eta"),
         ("countdown=5&expires_in=1", "expires"),
         ("color=blue", "query"),
+        ("unique_key=a%00b", "unique_key"),
     ] {
         let response = api.submit_with("noop", query, &json!({})).await;
         assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{query}");

@@ -70,8 +70,11 @@ impl ListParams {
             None => None,
             Some(c) => Some(parse_cursor(c)?),
         };
-        if self.q.as_ref().is_some_and(|q| q.chars().count() > 200) {
-            return Err(ApiError::invalid_parameter("q", "at most 200 characters"));
+        if let Some(q) = &self.q {
+            if q.chars().count() > 200 {
+                return Err(ApiError::invalid_parameter("q", "at most 200 characters"));
+            }
+            super::nul::text_parameter("q", q)?;
         }
         Ok(ListFilter {
             states,

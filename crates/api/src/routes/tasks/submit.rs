@@ -85,6 +85,7 @@ fn uniqueness(params: &SubmitParams, now: DateTime<Utc>) -> Result<Uniqueness, A
             "unique_key must be 1 to 200 bytes",
         ));
     }
+    super::nul::text_parameter("unique_key", key)?;
     let Some(seconds) = params.debounce_seconds else {
         return Ok((Some((key.clone(), false)), None));
     };
