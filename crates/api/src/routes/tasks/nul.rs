@@ -1,7 +1,8 @@
 //! NUL characters in a request body, found before the body becomes a JSON
-//! value, and in the free-text query parameters that reach PostgreSQL. PostgreSQL's jsonb cannot store `\u0000`; a body of 16 MiB of
-//! them is a million tiny strings, and as a `serde_json::Value` well over
-//! a hundred megabytes just to say "no". The walk here holds only the path
+//! value, and in the free-text query parameters that reach PostgreSQL.
+//! PostgreSQL's jsonb cannot store `\u0000`; a body of 16 MiB of them is
+//! a million tiny strings, and as a `serde_json::Value` well over a
+//! hundred megabytes just to say "no". The walk here holds only the path
 //! it is at and the first [`MAX_REPORTED_ERRORS`] findings.
 
 use super::MAX_REPORTED_ERRORS;
