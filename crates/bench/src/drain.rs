@@ -108,6 +108,8 @@ async fn measure(system: &mut System, args: &Args, replicas: usize) -> anyhow::R
     system.add_workers(replicas, args.concurrency, &args.worker_env)?;
     // Generous: a hundred tasks a second would still finish.
     let timeout = Duration::from_secs(120 + args.tasks as u64 / 100);
+    // The broker first: no table scan competes with the drain measured.
+    system.wait_for_queue_delivered(timeout).await?;
     system.wait_for_state_count("SUCCESS", n, timeout).await?;
     let worker_cpu = crate::cpu::seconds_of(&system.worker_pids());
     let cost = services
