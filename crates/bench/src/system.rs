@@ -274,24 +274,31 @@ impl System {
             .collect()
     }
 
+    /// The default queue as the broker has it now (a passive declare): its
+    /// name, and its messages ready and consumers.
+    async fn default_queue(&self) -> anyhow::Result<(String, lapin::Queue)> {
+        let queue = self.topology.queue(&self.settings.amqp.default_queue);
+        let q = self
+            .channel
+            .queue_declare(
+                short_string(&queue),
+                lapin::options::QueueDeclareOptions::default().passive(),
+                lapin::types::FieldTable::default(),
+            )
+            .await?;
+        Ok((queue, q))
+    }
+
     /// Waits until the default queue has no message ready: every task has
     /// been handed to a worker (at most its prefetch still runs). Asking
     /// the broker costs PostgreSQL nothing, where counting states scans
     /// the whole table and its dead versions: polled every 200 ms through
     /// a 200,000-task drain, that scan raised PostgreSQL's CPU by ~20 %
-    /// and was counted in Warren's cost per task (README, "Peers").
+    /// and was counted in Warren's cost per task (README, "Performance").
     pub async fn wait_for_queue_delivered(&self, timeout: Duration) -> anyhow::Result<()> {
-        let queue = self.topology.queue(&self.settings.amqp.default_queue);
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let q = self
-                .channel
-                .queue_declare(
-                    short_string(&queue),
-                    lapin::options::QueueDeclareOptions::default().passive(),
-                    lapin::types::FieldTable::default(),
-                )
-                .await?;
+            let (queue, q) = self.default_queue().await?;
             if q.message_count() == 0 {
                 return Ok(());
             }
@@ -309,17 +316,9 @@ impl System {
     /// Waits until `n` consumers are registered on the default queue: the
     /// replicas are ready to take work.
     pub async fn wait_for_consumers(&mut self, n: u32) -> anyhow::Result<()> {
-        let queue = self.topology.queue(&self.settings.amqp.default_queue);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let q = self
-                .channel
-                .queue_declare(
-                    short_string(&queue),
-                    lapin::options::QueueDeclareOptions::default().passive(),
-                    lapin::types::FieldTable::default(),
-                )
-                .await?;
+            let (queue, q) = self.default_queue().await?;
             if q.consumer_count() == n {
                 return Ok(());
             }
