@@ -444,7 +444,14 @@ async fn a_worker_is_ready_only_while_it_consumes() {
 async fn the_request_trace_continues_in_the_worker() {
     let env = TestEnv::new().await;
     let api = env.spawn_api().await;
-    let worker = env.spawn_worker_process("traced", &[]);
+    // A success is logged at debug (see `log_outcome` in the worker).
+    let worker = env.spawn_worker_process(
+        "traced",
+        &[(
+            "WARREN_TELEMETRY__FILTER",
+            "info,sqlx=warn,warren_worker::handler=debug",
+        )],
+    );
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let response = api
         .post_with(
@@ -488,6 +495,7 @@ async fn the_request_trace_continues_in_the_worker() {
             line.contains(trace) && line.contains(&id.to_string()),
             "{line}"
         );
+        assert!(line.contains("attempt=1"), "the attempt: {line}");
     }
 
     // Without a traceparent the API starts a trace of its own.

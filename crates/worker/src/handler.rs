@@ -167,7 +167,6 @@ fn task_span(message: &TaskMessage) -> tracing::Span {
         "task",
         task_id = %message.id,
         task = %message.task,
-        attempt = tracing::field::Empty,
         trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
         parent_span_id = trace.map(|t| t.parent_id_hex()).unwrap_or_default(),
     )
@@ -505,7 +504,6 @@ async fn process(
     if let Err(d) = register_canvas(worker, &message, &canvas, stop).await {
         return d;
     }
-    tracing::Span::current().record("attempt", attempt);
     if worker.events.enabled() {
         let info = events::active(worker, &message, &input, &entry.queue, redelivered);
         if let Some(r) = lock(&worker.running).get_mut(&message.id) {
@@ -535,7 +533,7 @@ async fn process(
         fastrand::f64(),
     ) {
         Decision::HandBack => {
-            tracing::warn!("interrupted by shutdown; handing the message back");
+            tracing::warn!(attempt, "interrupted by shutdown; handing the message back");
             return Disposition::Requeue;
         }
         Decision::Record(outcome) => outcome,
@@ -969,7 +967,10 @@ async fn record(
         .with_label_values(&[outcome_label])
         .observe(writing.elapsed().as_secs_f64());
     if !recorded {
-        tracing::warn!("a newer attempt took over while this one ran; its outcome is discarded");
+        tracing::warn!(
+            attempt,
+            "a newer attempt took over while this one ran; its outcome is discarded"
+        );
         return Disposition::Ack;
     }
     worker.metrics.event(label, outcome_label);
@@ -986,19 +987,35 @@ async fn record(
         let (kind, fields) = events::outcome(id, &outcome, ran.elapsed);
         worker.events.emit(kind, || fields);
     }
-    match &outcome {
-        Outcome::Success(_) => {
-            tracing::info!(elapsed_ms = elapsed.as_millis() as u64, "task succeeded");
+    log_outcome(&outcome, attempt, elapsed);
+    after_record(&outcome, recorded)
+}
+
+/// One line per recorded outcome, in the task's span. A success is logged
+/// at debug: at a drain's rate one JSON line per task cost the worker a
+/// quarter of its CPU (`warren-bench drain`), and the row, the metrics and
+/// the events already say it; what an operator looks for (failures,
+/// retries, cancellations) stays at info and above. The attempt is a
+/// field of these lines rather than of the span: recording a field into a
+/// span the JSON layer has formatted re-parses and re-writes its fields.
+fn log_outcome(outcome: &Outcome, attempt: i32, elapsed: Duration) {
+    let elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+    match outcome {
+        Outcome::Success(_) => tracing::debug!(attempt, elapsed_ms, "task succeeded"),
+        Outcome::Cancelled => {
+            tracing::info!(
+                attempt,
+                elapsed_ms,
+                "task cancelled at the client's request"
+            );
         }
-        Outcome::Cancelled => tracing::info!("task cancelled at the client's request"),
         Outcome::Retry { error, delay } => {
-            tracing::warn!(error = %error.message, retry_in = ?delay, "task failed; retry scheduled");
+            tracing::warn!(attempt, error = %error.message, retry_in = ?delay, "task failed; retry scheduled");
         }
         Outcome::Failure(error) => {
-            tracing::error!(code = %error.code, error = %error.message, "task failed");
+            tracing::error!(attempt, code = %error.code, error = %error.message, "task failed");
         }
     }
-    after_record(&outcome, recorded)
 }
 
 /// Runs a store call, retrying with backoff while the fault is transient
