@@ -992,12 +992,13 @@ async fn record(
 }
 
 /// One line per recorded outcome, in the task's span. A success is logged
-/// at debug: at a drain's rate one JSON line per task cost the worker a
-/// quarter of its CPU (`warren-bench drain`), and the row, the metrics and
-/// the events already say it; what an operator looks for (failures,
-/// retries, cancellations) stays at info and above. The attempt is a
-/// field of these lines rather than of the span: recording a field into a
-/// span the JSON layer has formatted re-parses and re-writes its fields.
+/// at debug: in a drain, one JSON line per task (with the attempt recorded
+/// into the span) cost the worker 10–20 % of its CPU (`warren-bench
+/// peers`), and the row, the metrics and the events already say it; what
+/// an operator looks for (failures, retries, cancellations) stays at info
+/// and above. The attempt is a field of these lines rather than of the
+/// span: recording a field into a span the JSON layer has formatted
+/// re-parses and re-writes its fields.
 fn log_outcome(outcome: &Outcome, attempt: i32, elapsed: Duration) {
     let elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
     match outcome {
