@@ -193,22 +193,23 @@ impl TaskMessage {
 
     /// [`TaskMessage::encode`], with the owner signed so a worker believes it.
     pub fn encode_signed(&self, signer: &Signer) -> Encoded {
-        let mut e = self.encode();
-        if let Some(owner) = &self.owner {
-            let sig = signer.sign(self.id, &self.task, owner, &e.body);
-            let mut headers = e.properties.headers().clone().unwrap_or_default();
-            headers.insert(
-                ShortString::from(crate::signing::SIGNATURE_HEADER),
-                long(&sig),
-            );
-            e.properties = e.properties.with_headers(headers);
-        }
-        e
+        self.encode_with(Some(signer))
     }
 
     pub fn encode(&self) -> Encoded {
-        let args = Value::Array(self.args.clone());
-        let kwargs = Value::Object(self.kwargs.clone());
+        self.encode_with(None)
+    }
+
+    /// The body first, so the signature (which covers it) goes into the
+    /// header table as it is built: adding it afterwards cloned the whole
+    /// table, ~20 allocations per publish (6 % of the API's samples under
+    /// single POSTs).
+    fn encode_with(&self, signer: Option<&Signer>) -> Encoded {
+        let embed = json!({"callbacks": null, "errbacks": null, "chain": null, "chord": null});
+        let (args_repr, kwargs_repr) = (repr(&self.args), repr(&self.kwargs));
+        // Serialised from references, as a Value of the three would be:
+        // JSON values and string-keyed maps cannot fail to serialise.
+        let body = serde_json::to_vec(&(&self.args, &self.kwargs, &embed)).unwrap_or_default();
         let mut h = FieldTable::default();
         let mut put = |k: &'static str, v: AMQPValue| {
             h.insert(ShortString::from(k), v);
@@ -231,8 +232,8 @@ impl TaskMessage {
         );
         put("root_id", opt_long(self.root_id.as_deref()));
         put("parent_id", opt_long(self.parent_id.as_deref()));
-        put("argsrepr", long(&repr(&args)));
-        put("kwargsrepr", long(&repr(&kwargs)));
+        put("argsrepr", long(&args_repr));
+        put("kwargsrepr", long(&kwargs_repr));
         put("origin", opt_long(self.origin.as_deref()));
         put("ignore_result", AMQPValue::Boolean(false));
         put("replaced_task_nesting", AMQPValue::LongLongInt(0));
@@ -244,11 +245,10 @@ impl TaskMessage {
         if let Some(tp) = &self.traceparent {
             put(TRACEPARENT_HEADER, long(tp));
         }
-
-        let embed = json!({"callbacks": null, "errbacks": null, "chain": null, "chord": null});
-        let body = Value::Array(vec![args, kwargs, embed])
-            .to_string()
-            .into_bytes();
+        if let (Some(signer), Some(owner)) = (signer, &self.owner) {
+            let sig = signer.sign(self.id, &self.task, owner, &body);
+            put(crate::signing::SIGNATURE_HEADER, long(&sig));
+        }
         let mut properties = BasicProperties::default()
             .with_content_type(CONTENT_TYPE.into())
             .with_content_encoding(CONTENT_ENCODING.into())
@@ -682,8 +682,9 @@ fn opt_double(f: Option<f64>) -> AMQPValue {
     f.map_or(AMQPValue::Void, AMQPValue::Double)
 }
 
-fn repr(v: &Value) -> String {
-    let text = v.to_string();
+fn repr(v: &impl serde::Serialize) -> String {
+    // Values and string-keyed maps of them cannot fail to serialise.
+    let text = serde_json::to_string(v).unwrap_or_default();
     match text.char_indices().nth(REPR_MAX_CHARS) {
         Some((cut, _)) => format!("{}...", &text[..cut]),
         None => text,
@@ -768,6 +769,28 @@ mod tests {
         let r = repr(&long_list);
         assert_eq!(r.chars().count(), REPR_MAX_CHARS + 3);
         assert!(r.ends_with("..."));
+    }
+
+    #[test]
+    fn signing_adds_the_signature_header_and_changes_nothing_else() {
+        let m = sample();
+        let signer = signer();
+        let (plain, signed) = (m.encode(), m.encode_signed(&signer));
+        assert_eq!(signed.body, plain.body);
+        let mut headers = signed.properties.headers().clone().unwrap().inner().clone();
+        let sig = headers
+            .remove(&ShortString::from(crate::signing::SIGNATURE_HEADER))
+            .expect("a signature header");
+        assert_eq!(
+            &headers,
+            plain.properties.headers().as_ref().unwrap().inner()
+        );
+        let AMQPValue::LongString(sig) = sig else {
+            panic!("the signature is a long string: {sig:?}")
+        };
+        let owner = m.owner.as_deref().unwrap();
+        let sig = String::from_utf8_lossy(sig.as_bytes());
+        assert!(signer.verify(m.id, &m.task, owner, &plain.body, &sig));
     }
 
     #[test]
