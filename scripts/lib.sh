@@ -181,8 +181,20 @@ sweep_test_leftovers() {
   for db in $(psql "$admin" -qtAc "select datname from pg_database where datname like 'warren\_test\_%' or datname like 'warren\_st\_%' or datname like 'warren\_bench\_%'"); do
     psql "$admin" -qc "DROP DATABASE \"$db\"" >/dev/null 2>&1 && say "swept leftover database $db"
   done
-  # Queues, exchanges and policies named <kind>-<prefix>.* (Warren's, and the
-  # Celery-named queues some tests declare) whose test database is gone.
+  local kind name
+  while read -r kind name; do
+    curl -fsS -u guest:guest -X DELETE "http://127.0.0.1:$MGMT_PORT/api/$kind/$name" >/dev/null 2>&1 \
+      && say "swept leftover ${kind%s} $name"
+  done < <(broker_leftovers)
+  return 0
+}
+
+# Prints "<kind> <path>" (kind: queues, exchanges, policies, vhosts) for
+# what test and benchmark prefixes left on the broker: queues, exchanges
+# and policies named <kind>-<prefix>.* (Warren's, and the Celery-named
+# queues some tests declare) and vhosts t-<prefix>, whose database is gone.
+broker_leftovers() {
+  local admin=${TEST_ADMIN_DATABASE_URL:-postgres://postgres@$PG_HOST:$PG_PORT/postgres}
   local live kind name prefix
   live=$(psql "$admin" -qtAc "select substr(datname, 13, 12) from pg_database where datname like 'warren\_test\_%'
                               union all select substr(datname, 11, 12) from pg_database where datname like 'warren\_st\_%'
@@ -192,21 +204,13 @@ sweep_test_leftovers() {
         | grep -o '"name":"\(t\|st\|bench\)-[0-9a-f]\{12\}\.[^"]*"' | cut -d'"' -f4); do
       prefix=${name#*-}
       prefix=${prefix:0:12}
-      if ! grep -qx "$prefix" <<<"$live"; then
-        curl -fsS -u guest:guest -X DELETE "http://127.0.0.1:$MGMT_PORT/api/$kind/%2F/$name" >/dev/null 2>&1 \
-          && say "swept leftover ${kind%s} $name"
-      fi
+      grep -qx "$prefix" <<<"$live" || echo "$kind %2F/$name"
     done
   done
-  # Vhosts of their own (tests running a Celery worker), named t-<prefix>.
   for name in $(curl -fsS -u guest:guest "http://127.0.0.1:$MGMT_PORT/api/vhosts?columns=name" 2>/dev/null \
       | grep -o '"name":"t-[0-9a-f]\{12\}"' | cut -d'"' -f4); do
-    if ! grep -qx "${name#t-}" <<<"$live"; then
-      curl -fsS -u guest:guest -X DELETE "http://127.0.0.1:$MGMT_PORT/api/vhosts/$name" >/dev/null 2>&1 \
-        && say "swept leftover vhost $name"
-    fi
+    grep -qx "${name#t-}" <<<"$live" || echo "vhosts $name"
   done
-  return 0
 }
 
 # The local system of scripts/up.sh and scripts/scale.sh: release binaries,

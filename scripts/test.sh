@@ -21,6 +21,20 @@ ensure_chromium
 ensure_celery
 sweep_test_leftovers
 
+# Every test tears down what it declared: anything of a finished test still
+# on the broker is a leak, named with its test, swept, and a failure.
+check_no_test_leftovers() {
+  local leaked prefix
+  leaked=$(broker_leftovers | grep ' %2F/t-\| t-' || true)
+  [ -z "$leaked" ] && return 0
+  echo "$leaked" >&2
+  for prefix in $(grep -o 't-[0-9a-f]\{12\}' <<<"$leaked" | sort -u); do
+    echo "left by: $(grep "^$prefix\. " "$TEST_PREFIX_LOG" | cut -d' ' -f2- || echo '?')" >&2
+  done
+  sweep_test_leftovers
+  die "the tests above left their queues, exchanges or vhosts on the broker"
+}
+
 say "promtool: Prometheus configuration, alert rules and their unit tests"
 promtool check config deploy/prometheus/prometheus.yml
 promtool check rules deploy/prometheus/alerts.yml
@@ -35,8 +49,11 @@ cargo build --workspace --bins --locked
 "$WARREN_ROOT/scripts/check-deploy.sh"
 say "cargo test"
 # The e2e tests mostly wait on I/O: more threads than cores is fine.
+export TEST_PREFIX_LOG="$CARGO_TARGET_DIR/test-prefixes.log"
+: >"$TEST_PREFIX_LOG"
 TEST_BIN_DIR="$CARGO_TARGET_DIR/debug" \
   cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}" "$@"
+check_no_test_leftovers
 
 # A filtered run (scripts/test.sh celery) is for iterating; the chaos run
 # is not filtered by test name, so it runs with the full suite only.

@@ -43,14 +43,15 @@ impl Deref for TestApi {
 impl TestApi {
     /// An API with these settings (normally via [`crate::TestEnv::spawn_api`]).
     pub async fn spawn_with(settings: Settings) -> Self {
+        let running = crate::running::under(&settings.amqp.prefix);
         let identity = format!("warren-api@test:{}", settings.amqp.prefix);
         let app = warren_api::Application::build_named(settings, identity.clone())
             .await
             .expect("API builds");
         let addr = app.local_addr();
         let state = app.state().clone();
-        let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+        let shutdown = running.shutdown();
+        let handle = running.spawn(app.run_until_stopped(shutdown.clone()));
         let mut api = Self {
             addr,
             identity,

@@ -43,6 +43,24 @@ fn admin_url() -> String {
     std::env::var("TEST_ADMIN_DATABASE_URL").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned())
 }
 
+/// Appends "<prefix> <test name>" to `TEST_PREFIX_LOG`, if set, so that
+/// `scripts/test.sh` can name the test whose queues outlived it.
+fn record_prefix(prefix: &str) {
+    use std::io::Write;
+    let Some(path) = std::env::var_os("TEST_PREFIX_LOG") else {
+        return;
+    };
+    let test = std::thread::current().name().unwrap_or("?").to_owned();
+    let line = format!("{prefix} {test}\n");
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = file.write_all(line.as_bytes());
+    }
+}
+
 /// `postgres://…/name` with the database name replaced.
 fn with_database(url: &str, name: &str) -> String {
     let (base, _) = url.rsplit_once('/').expect("database URL has a path");
@@ -81,6 +99,7 @@ impl TestEnv {
         let admin_url = admin_url();
         settings.database.url = SecretString::from(with_database(&admin_url, &database));
         settings.amqp.prefix = format!("t-{}.", &id[..12]);
+        record_prefix(&settings.amqp.prefix);
         let vhost = if own_vhost {
             let vhost = crate::Vhost::create(&settings, &settings.amqp.prefix).await;
             let url = vhost.url(settings.amqp.url.expose_secret());
@@ -353,6 +372,10 @@ async fn sea_orm_connect(url: &str) -> db::Connection {
         .expect("connect to the admin database")
 }
 
+/// How long the teardown waits for what the test left running to stop:
+/// past a worker's shutdown grace (10 s in `config/test.toml`).
+const STOP_WITHIN: std::time::Duration = std::time::Duration::from_secs(15);
+
 impl Drop for TestEnv {
     /// Drops the database and deletes the prefix's exchanges and queues,
     /// also when the test panicked. Runs on its own thread and runtime
@@ -362,12 +385,23 @@ impl Drop for TestEnv {
         let database = self.database.clone();
         let settings = self.settings.clone();
         let topology = self.topology();
+        let running = crate::running::take(&settings.amqp.prefix);
+        let runtime_runs = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         let cleanup = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("cleanup runtime");
             rt.block_on(async move {
+                if let Some(running) = running
+                    && !running.stop_all(runtime_runs, STOP_WITHIN).await
+                {
+                    eprintln!(
+                        "cleanup: {} still running after {STOP_WITHIN:?}",
+                        settings.amqp.prefix
+                    );
+                }
                 if let Ok(amqp) = Amqp::try_connect(&settings).await {
                     if let Err(e) = topology.delete(amqp.channel()).await {
                         eprintln!("cleanup: deleting {} topology: {e}", settings.amqp.prefix);

@@ -27,6 +27,7 @@ mod process;
 mod proxy;
 pub mod python;
 pub mod receiver;
+mod running;
 mod worker;
 
 pub use api::{ApiClient, DEFAULT_OWNER, TestApi};

@@ -107,7 +107,12 @@ impl WorkerProcess {
 
 impl Drop for WorkerProcess {
     fn drop(&mut self) {
-        // kill_on_drop stops the process; keep its log only if the test failed.
+        // Dead before the environment deletes its queues; keep its log only
+        // if the test failed.
+        let _ = self.child.start_kill();
+        if crate::running::reap(&mut self.child, Duration::from_secs(10)).is_none() {
+            eprintln!("worker {} outlived SIGKILL by 10 s", self.name);
+        }
         if !std::thread::panicking() {
             let _ = std::fs::remove_file(&self.log);
         } else {

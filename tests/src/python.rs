@@ -140,6 +140,7 @@ impl Drop for CeleryWorker {
             let _ = std::process::Command::new("kill")
                 .args(["-KILL", "--", &format!("-{pid}")])
                 .status();
+            crate::running::reap(&mut self.child, std::time::Duration::from_secs(10));
         }
         let _ = std::fs::remove_file(&self.log);
     }

@@ -18,15 +18,17 @@ pub struct TestWorker {
 impl TestWorker {
     /// A worker with these settings (normally via [`crate::TestEnv::spawn_worker`]).
     pub async fn spawn_with(settings: Settings, name: &str) -> Self {
-        let identity = format!("warren-worker@test:{}{name}", settings.amqp.prefix);
+        let settings_prefix = settings.amqp.prefix.clone();
+        let identity = format!("warren-worker@test:{settings_prefix}{name}");
         let worker = Worker::build_named(settings, identity)
             .await
             .expect("worker builds");
         let identity = worker.identity().to_owned();
         let metrics_addr = worker.metrics_addr();
-        let shutdown = CancellationToken::new();
+        let running = crate::running::under(&settings_prefix);
+        let shutdown = running.shutdown();
         let health = worker.health();
-        let handle = tokio::spawn(worker.run(shutdown.clone()));
+        let handle = running.spawn(worker.run(shutdown.clone()));
         wait_until(
             &format!("worker {identity} to consume"),
             Duration::from_secs(20),
