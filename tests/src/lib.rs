@@ -6,7 +6,8 @@
 //! afterwards), so tests run in parallel and can be rerun. On top of it a
 //! test starts what it needs: the API in-process ([`TestApi`]), workers
 //! in-process ([`TestWorker`]) or as real OS processes ([`WorkerProcess`])
-//! when it must kill or signal them.
+//! when it must kill or signal them. The environment's teardown stops what
+//! the test left running before deleting its queues.
 //!
 //! Waiting is always for an event with a deadline ([`wait_until`]), never
 //! a fixed sleep.
