@@ -10,7 +10,9 @@ use tokio::process::{Child, Command};
 
 pub struct WorkerProcess {
     pub name: String,
-    child: Child,
+    /// `None` only once dropped.
+    child: Option<Child>,
+    prefix: String,
     log: PathBuf,
 }
 
@@ -60,13 +62,17 @@ impl WorkerProcess {
             .expect("start warren-worker");
         Self {
             name: name.to_owned(),
-            child,
+            child: Some(child),
+            prefix: env.settings().amqp.prefix.clone(),
             log,
         }
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id().expect("worker process is running")
+        self.child
+            .as_ref()
+            .and_then(Child::id)
+            .expect("worker process is running")
     }
 
     /// The identity this process records on the tasks it runs.
@@ -76,7 +82,7 @@ impl WorkerProcess {
 
     /// SIGKILL: no cleanup, no goodbye, exactly like the OOM killer.
     pub async fn kill(&mut self) {
-        self.child.kill().await.expect("SIGKILL worker");
+        self.child_mut().kill().await.expect("SIGKILL worker");
     }
 
     /// SIGTERM, then waits up to `timeout` for the process to exit.
@@ -86,7 +92,7 @@ impl WorkerProcess {
             .status()
             .expect("run kill");
         assert!(status.success(), "kill -TERM failed");
-        tokio::time::timeout(timeout, self.child.wait())
+        tokio::time::timeout(timeout, self.child_mut().wait())
             .await
             .unwrap_or_else(|_| {
                 panic!(
@@ -96,6 +102,10 @@ impl WorkerProcess {
                 )
             })
             .expect("wait for worker")
+    }
+
+    fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("worker process not dropped")
     }
 
     /// What the process logged so far (empty with `TEST_LOG`, which
@@ -109,9 +119,8 @@ impl Drop for WorkerProcess {
     fn drop(&mut self) {
         // Dead before the environment deletes its queues; keep its log only
         // if the test failed.
-        let _ = self.child.start_kill();
-        if crate::running::reap(&mut self.child, Duration::from_secs(10)).is_none() {
-            eprintln!("worker {} outlived SIGKILL by 10 s", self.name);
+        if let Some(child) = self.child.take() {
+            crate::running::kill(&self.prefix, child);
         }
         if !std::thread::panicking() {
             let _ = std::fs::remove_file(&self.log);

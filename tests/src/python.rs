@@ -48,7 +48,9 @@ pub async fn run(script: &str, args: &[&str]) -> String {
 /// queue, in a process group of its own so a test can SIGKILL it with its
 /// pool's children, as the OOM killer would.
 pub struct CeleryWorker {
-    child: tokio::process::Child,
+    /// `None` only once dropped.
+    child: Option<tokio::process::Child>,
+    prefix: String,
     pub hostname: String,
     log: PathBuf,
 }
@@ -96,7 +98,8 @@ impl CeleryWorker {
             .spawn()
             .expect("start the Celery worker");
         let worker = Self {
-            child,
+            child: Some(child),
+            prefix: settings.amqp.prefix.clone(),
             hostname,
             log,
         };
@@ -117,7 +120,10 @@ impl CeleryWorker {
     /// SIGKILL to the whole process group: the main process and every
     /// pool child die at once, nothing acknowledged or cleaned up.
     pub async fn kill(&mut self) {
-        if let Some(pid) = self.child.id() {
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        if let Some(pid) = child.id() {
             let status = tokio::process::Command::new("kill")
                 .args(["-KILL", "--", &format!("-{pid}")])
                 .status()
@@ -125,7 +131,7 @@ impl CeleryWorker {
                 .expect("run kill");
             assert!(status.success(), "kill -KILL -{pid} failed");
         }
-        let _ = self.child.wait().await;
+        let _ = child.wait().await;
     }
 
     /// What the worker logged, for a failing test's message.
@@ -136,11 +142,13 @@ impl CeleryWorker {
 
 impl Drop for CeleryWorker {
     fn drop(&mut self) {
-        if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", "--", &format!("-{pid}")])
-                .status();
-            crate::running::reap(&mut self.child, std::time::Duration::from_secs(10));
+        if let Some(child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{pid}")])
+                    .status();
+            }
+            crate::running::kill(&self.prefix, child);
         }
         let _ = std::fs::remove_file(&self.log);
     }

@@ -7,16 +7,16 @@
 use std::{
     collections::HashMap,
     future::Future,
-    process::ExitStatus,
     sync::{LazyLock, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 use tokio::task::JoinHandle;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 static RUNNING: LazyLock<Mutex<HashMap<String, Running>>> = LazyLock::new(Default::default);
 
-/// The in-process APIs and workers of one prefix.
+/// The in-process APIs and workers of one prefix, and the exits of its
+/// killed worker processes.
 #[derive(Clone, Default)]
 pub(crate) struct Running {
     stop: CancellationToken,
@@ -64,16 +64,14 @@ impl Running {
     }
 }
 
-/// Reaps a child that was sent SIGKILL, so that its connections are closed
-/// before the teardown deletes what they used; `None` if it outlived
-/// `within`. Polls: `Drop` cannot await, and the exit takes milliseconds.
-pub(crate) fn reap(child: &mut tokio::process::Child, within: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + within;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Some(status),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
-            _ => return None,
-        }
+/// Kills `child`, one of `prefix`'s components, and has the teardown wait
+/// for its exit, so that its connections are closed before the queues they
+/// used are deleted. Outside a runtime it is only killed.
+pub(crate) fn kill(prefix: &str, mut child: tokio::process::Child) {
+    let _ = child.start_kill();
+    if tokio::runtime::Handle::try_current().is_ok() {
+        under(prefix).spawn(async move {
+            let _ = child.wait().await;
+        });
     }
 }
