@@ -24,12 +24,13 @@ sweep_test_leftovers
 # Every test tears down what it declared: anything of a finished test still
 # on the broker is a leak, named with its test, swept, and a failure.
 check_no_test_leftovers() {
-  local leaked prefix
+  local leaked prefix tests
   leaked=$(broker_leftovers | grep ' %2F/t-\| t-' || true)
   [ -z "$leaked" ] && return 0
   echo "$leaked" >&2
   for prefix in $(grep -o 't-[0-9a-f]\{12\}' <<<"$leaked" | sort -u); do
-    echo "left by: $(grep "^$prefix\. " "$TEST_PREFIX_LOG" | cut -d' ' -f2- || echo '?')" >&2
+    tests=$(grep "^$prefix\. " "$TEST_PREFIX_LOG" | cut -d' ' -f2- || true)
+    echo "$prefix left by: ${tests:-?}" >&2
   done
   sweep_test_leftovers
   die "the tests above left their queues, exchanges or vhosts on the broker"
