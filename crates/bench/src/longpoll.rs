@@ -33,11 +33,19 @@ pub struct Args {
     /// Their `?wait=` in seconds.
     #[arg(long, default_value_t = 30)]
     pub wait: u64,
+    /// The worker's concurrency (prefetch follows). At 1,000 it drains the
+    /// tasks as fast as it can, saturating the machine's cores while the
+    /// answers go out; lower, the tasks end at a pace the cores keep up
+    /// with, which separates the wake-up's own latency from queueing for
+    /// CPU.
+    #[arg(long, default_value_t = 1000)]
+    pub concurrency: usize,
 }
 
 #[derive(Debug, Serialize)]
 pub struct Figures {
     pub waiters: usize,
+    pub concurrency: usize,
     /// Answer received − task finished, ms.
     pub woken_p50_ms: f64,
     pub woken_p99_ms: f64,
@@ -63,6 +71,7 @@ pub struct Figures {
 
 pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Figures> {
     ensure!(args.waiters > 0, "--waiters must be positive");
+    ensure!(args.concurrency > 0, "--concurrency must be positive");
     System::measure(setup, async |s| measure(s, args).await).await
 }
 
@@ -132,7 +141,7 @@ async fn measure(system: &mut System, args: &Args) -> anyhow::Result<Figures> {
     );
     let api = system.api_memory().context("no API memory figure")?;
     let started = SystemTime::now();
-    system.add_workers(1, 1000, &[])?;
+    system.add_workers(1, args.concurrency, &[])?;
     while let Some(answer) = requests.next().await {
         answers.push(answer?);
     }
@@ -144,6 +153,7 @@ async fn measure(system: &mut System, args: &Args) -> anyhow::Result<Figures> {
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     Ok(Figures {
         waiters: args.waiters,
+        concurrency: args.concurrency,
         woken_p50_ms: q(0.5),
         woken_p99_ms: q(0.99),
         woken_max_ms: woken.last().copied().unwrap_or(f64::NAN),
@@ -254,6 +264,7 @@ pub fn render(f: &Figures) -> String {
         &["figure", "value"],
         &[
             vec!["requests waiting at once".into(), f.waiters.to_string()],
+            vec!["worker concurrency".into(), f.concurrency.to_string()],
             vec![
                 "answer after the task ended, p50 / p99 / max ms".into(),
                 format!(
