@@ -7,7 +7,7 @@ use crate::{
     limits,
     metrics::{self, ApiMetrics},
     openapi, routes,
-    state::{Management, Publishing, Submissions},
+    state::{Management, Publishing, Shared, Submissions},
     waiters,
 };
 use axum::{
@@ -127,7 +127,7 @@ impl Application {
         let (submissions, inserting) = Submissions::new(&store, &publishing);
         tokio::spawn(inserting);
         let waiters = Arc::new(waiters::Waiters::new(&metrics));
-        let state = AppState {
+        let state = AppState::new(Shared {
             metrics,
             submissions: Arc::new(submissions),
             requests: Arc::new(tokio::sync::Semaphore::new(
@@ -146,7 +146,7 @@ impl Application {
             stopping: CancellationToken::new(),
             queue_history: Arc::default(),
             relay_wake: Arc::default(),
-        };
+        });
         Ok(Self {
             listener,
             local_addr,

@@ -20,8 +20,30 @@ use warren_shared::{
     store::{self, NewTask, Store, StoreError, message_from_row},
 };
 
+/// What every handler reaches, behind one `Arc`. axum clones the state for
+/// each middleware and extractor of every request; as a struct of sixteen
+/// `Arc`s and a cancellation token (whose clone and drop take a lock) those
+/// clones and drops were 7–9 % of the API's CPU under single POSTs (`perf`,
+/// 2026-12-06). Fields read through `Deref`.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The API's shared state; see [`AppState`].
+pub struct Shared {
     pub settings: Arc<Settings>,
     pub catalog: Arc<Catalog>,
     pub store: Store,
