@@ -21,10 +21,10 @@ use warren_shared::{
 };
 
 /// What every handler reaches, behind one `Arc`. axum clones the state for
-/// each middleware and extractor of every request; as a struct of sixteen
-/// `Arc`s and a cancellation token (whose clone and drop take a lock) those
-/// clones and drops were 7–9 % of the API's CPU under single POSTs (`perf`,
-/// 2026-12-06). Fields read through `Deref`.
+/// each middleware and extractor of every request; as a struct of fourteen
+/// `Arc`s, a database pool and a cancellation token (whose clone and drop
+/// take a lock) those clones and drops were ~8 % of the API's CPU under
+/// single POSTs (`perf`, 2026-12-06). Fields read through `Deref`.
 #[derive(Clone)]
 pub struct AppState(Arc<Shared>);
 
