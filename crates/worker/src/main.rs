@@ -139,7 +139,11 @@ async fn main() -> anyhow::Result<()> {
             let worker = warren_worker::Worker::build(settings).await?;
             let (token, signal) = shutdown::token();
             tokio::spawn(signal);
-            worker.run(token).await?;
+            // On a runtime thread, not `block_on`'s: the consume loop in
+            // `run` spawns a handler per delivery, and from outside the
+            // runtime every spawn goes through the shared queue and wakes
+            // a parked runtime thread (a futex wake per delivery in perf).
+            tokio::spawn(worker.run(token)).await??;
             Ok(())
         }
     }
