@@ -9,6 +9,14 @@
 //! readings of its live descendants: a PostgreSQL backend that exits in
 //! the window moves from the live sum into the postmaster's `cutime`, so
 //! nothing is counted twice or lost.
+//!
+//! Beside the CPU, PostgreSQL's write-ahead log: how many bytes of it the
+//! window wrote, per task. Unlike CPU time it does not drift with the
+//! machine (the same statements over the same rows write the same
+//! records), so a change to what PostgreSQL writes per task shows in it
+//! even where the rates of two runs are farther apart than the change.
+//! It is the server's figure: anything else writing to the same server
+//! in the window counts too, as for the CPU.
 
 use anyhow::Context;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
@@ -91,11 +99,26 @@ pub struct Services {
     pub postmaster: u32,
 }
 
-/// CPU-seconds of each service at one moment.
+/// CPU-seconds of each service at one moment, and PostgreSQL's WAL
+/// position (`None` if the server would not say: a standby, say).
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Reading {
     pub broker: f64,
     pub postgres: f64,
+    pub wal: Option<u64>,
+}
+
+/// PostgreSQL's WAL insert position, in bytes from the log's start.
+pub async fn wal_position(db: &DatabaseConnection) -> anyhow::Result<u64> {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::int8 AS bytes",
+        ))
+        .await?
+        .context("no answer to pg_current_wal_insert_lsn()")?;
+    let bytes: i64 = row.try_get("", "bytes")?;
+    Ok(u64::try_from(bytes)?)
 }
 
 impl Services {
@@ -124,11 +147,14 @@ impl Services {
         Ok(Self { broker, postmaster })
     }
 
-    pub fn read(&self) -> Reading {
+    /// The services' CPU now, and the WAL position `db`'s server reports.
+    pub async fn read(&self, db: &DatabaseConnection) -> Reading {
+        let wal = wal_position(db).await.ok();
         let processes = all_processes();
         Reading {
             broker: tree_ticks(&[self.broker], &processes) as f64 / TICKS_PER_SECOND,
             postgres: tree_ticks(&[self.postmaster], &processes) as f64 / TICKS_PER_SECOND,
+            wal,
         }
     }
 }
@@ -167,12 +193,14 @@ fn listening_inodes(table: &str, port: u16) -> Vec<String> {
         .collect()
 }
 
-/// CPU-seconds per 1,000 tasks, per component, over one measured window.
+/// CPU-seconds per 1,000 tasks, per component, over one measured window,
+/// and PostgreSQL's WAL bytes per task.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Cost {
     pub worker: f64,
     pub broker: f64,
     pub postgres: f64,
+    pub wal_bytes_per_task: Option<f64>,
 }
 
 impl Cost {
@@ -183,10 +211,12 @@ impl Cost {
         tasks: usize,
     ) -> Self {
         let k = tasks.max(1) as f64 / 1000.0;
+        let wal = after.wal.zip(before.wal).map(|(a, b)| a.saturating_sub(b));
         Self {
             worker: worker_seconds / k,
             broker: (after.broker - before.broker) / k,
             postgres: (after.postgres - before.postgres) / k,
+            wal_bytes_per_task: wal.map(|bytes| bytes as f64 / tasks.max(1) as f64),
         }
     }
 }
@@ -239,6 +269,66 @@ mod tests {
         assert_eq!(tree_ticks(&[10], &processes), 23);
         assert_eq!(tree_ticks(&[11, 12], &processes), 18, "overlapping roots");
         assert_eq!(tree_ticks(&[99], &processes), 0, "gone");
+    }
+
+    #[test]
+    fn wal_per_task_is_the_difference_over_the_tasks_and_none_without_a_reading() {
+        let at = |wal| Reading {
+            broker: 0.0,
+            postgres: 0.0,
+            wal,
+        };
+        let cost = Cost::per_thousand(0.0, at(Some(1_000)), at(Some(5_000)), 10);
+        assert_eq!(cost.wal_bytes_per_task, Some(400.0));
+        let cost = Cost::per_thousand(0.0, at(None), at(Some(5_000)), 10);
+        assert_eq!(cost.wal_bytes_per_task, None, "no reading before");
+        let cost = Cost::per_thousand(0.0, at(Some(5_000)), at(None), 10);
+        assert_eq!(cost.wal_bytes_per_task, None, "no reading after");
+    }
+
+    fn admin_url() -> String {
+        std::env::var("TEST_ADMIN_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+    }
+
+    /// 2,000 rows of 1,000 bytes each (stored inline, uncompressed: under
+    /// TOAST's threshold) are each in the log whole, so the position must
+    /// move by at least 2 MB. A reader of the wrong position (one that
+    /// lags, or a constant) or with its bytes mis-scaled fails here.
+    #[tokio::test]
+    async fn the_wal_position_moves_by_at_least_what_was_written() -> anyhow::Result<()> {
+        use sea_orm::ConnectionTrait;
+        let url = admin_url();
+        let admin = crate::system::admin_connection(&url).await?;
+        let name = format!("warren_bench_wal_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+            .await?;
+        let (base, _) = url.rsplit_once('/').context("no /database in the URL")?;
+        let written = async {
+            let db = crate::system::admin_connection(&format!("{base}/{name}")).await?;
+            db.execute_unprepared("CREATE TABLE filler (v text NOT NULL)")
+                .await?;
+            let before = wal_position(&db).await?;
+            db.execute_unprepared(
+                "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 2000)",
+            )
+            .await?;
+            let after = wal_position(&db).await?;
+            db.close().await.ok();
+            anyhow::Ok(after.saturating_sub(before))
+        }
+        .await;
+        admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .await?;
+        admin.close().await.ok();
+        let written = written?;
+        assert!(
+            written >= 2_000_000,
+            "2,000 rows of 1,000 bytes moved the WAL position by {written} bytes"
+        );
+        Ok(())
     }
 
     #[test]

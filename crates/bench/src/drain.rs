@@ -42,6 +42,9 @@ pub struct Row {
     pub seconds: Figure,
     /// The largest replica's peak resident memory, MiB.
     pub worker_peak_mib: Figure,
+    /// PostgreSQL's WAL per task from the workers' start to the last
+    /// result; `None` where PostgreSQL is not on this machine.
+    pub postgres_wal_bytes_per_task: Option<Figure>,
 }
 
 pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Vec<Row>> {
@@ -57,15 +60,23 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
     for &replicas in &args.replicas {
         let (mut rates, mut seconds, mut peaks) = (Vec::new(), Vec::new(), Vec::new());
+        let mut wal = Vec::new();
         for run in 1..=args.runs {
             let m = once(setup, args, replicas).await?;
             eprintln!(
-                "  drain, {replicas} replica(s), run {run}: {} tasks in {:.2} s = {:.0}/s, worker peak {:.0} MiB",
-                args.tasks, m.seconds, m.rate, m.worker_peak_mib
+                "  drain, {replicas} replica(s), run {run}: {} tasks in {:.2} s = {:.0}/s, worker peak {:.0} MiB, WAL {} B per task",
+                args.tasks,
+                m.seconds,
+                m.rate,
+                m.worker_peak_mib,
+                m.cost
+                    .and_then(|c| c.wal_bytes_per_task)
+                    .map_or("-".into(), |b| format!("{b:.0}"))
             );
             rates.push(m.rate);
             seconds.push(m.seconds);
             peaks.push(m.worker_peak_mib);
+            wal.push(m.cost.and_then(|c| c.wal_bytes_per_task));
         }
         rows.push(Row {
             replicas,
@@ -74,6 +85,10 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Vec<Row>> {
             tasks_per_second: Figure::of(&rates).context("no rates")?,
             seconds: Figure::of(&seconds).context("no times")?,
             worker_peak_mib: Figure::of(&peaks).context("no memory figures")?,
+            postgres_wal_bytes_per_task: wal
+                .into_iter()
+                .collect::<Option<Vec<f64>>>()
+                .and_then(|wal| Figure::of(&wal)),
         });
     }
     Ok(rows)
@@ -104,7 +119,10 @@ async fn measure(system: &mut System, args: &Args, replicas: usize) -> anyhow::R
     let services = Services::find(system.db(), &system.setup().amqp_url)
         .await
         .ok();
-    let before = services.map(|s| s.read());
+    let before = match services {
+        Some(s) => Some(s.read(system.db()).await),
+        None => None,
+    };
     system.add_workers(replicas, args.concurrency, &args.worker_env)?;
     // Generous: a hundred tasks a second would still finish.
     let timeout = Duration::from_secs(120 + args.tasks as u64 / 100);
@@ -112,9 +130,13 @@ async fn measure(system: &mut System, args: &Args, replicas: usize) -> anyhow::R
     system.wait_for_queue_delivered(timeout).await?;
     system.wait_for_state_count("SUCCESS", n, timeout).await?;
     let worker_cpu = crate::cpu::seconds_of(&system.worker_pids());
-    let cost = services
-        .zip(before)
-        .map(|(s, before)| Cost::per_thousand(worker_cpu, before, s.read(), args.tasks));
+    let cost = match services.zip(before) {
+        Some((s, before)) => {
+            let after = s.read(system.db()).await;
+            Some(Cost::per_thousand(worker_cpu, before, after, args.tasks))
+        }
+        None => None,
+    };
     let peak = system
         .worker_memory()
         .iter()
@@ -152,6 +174,9 @@ pub fn render(rows: &[Row]) -> String {
                     format!("{:.2}×", r.tasks_per_second.median / b)
                 }),
                 r.worker_peak_mib.display(0),
+                r.postgres_wal_bytes_per_task
+                    .as_ref()
+                    .map_or("-".into(), |f| f.display(0)),
             ]
         })
         .collect();
@@ -164,6 +189,7 @@ pub fn render(rows: &[Row]) -> String {
             "tasks/s",
             "vs first",
             "worker peak MiB",
+            "PostgreSQL WAL B / task",
         ],
         &lines,
     )

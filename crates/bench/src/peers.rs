@@ -86,6 +86,8 @@ pub struct Row {
     pub worker_cpu_per_1000: Figure,
     pub broker_cpu_per_1000: Figure,
     pub postgres_cpu_per_1000: Figure,
+    /// `None` where a run's server would not tell its WAL position.
+    pub postgres_wal_bytes_per_task: Option<Figure>,
 }
 
 const WARREN: &str = "Warren, 1 worker";
@@ -149,8 +151,14 @@ fn celery_name(args: &Args) -> String {
 
 fn report(system: &str, turn: usize, tasks: usize, run: &Run) {
     eprintln!(
-        "  {system}, turn {turn}: {tasks} tasks at {:.0}/s; CPU-s per 1,000: worker {:.3}, broker {:.3}, PostgreSQL {:.3}",
-        run.rate, run.cost.worker, run.cost.broker, run.cost.postgres
+        "  {system}, turn {turn}: {tasks} tasks at {:.0}/s; CPU-s per 1,000: worker {:.3}, broker {:.3}, PostgreSQL {:.3}; WAL {} B per task",
+        run.rate,
+        run.cost.worker,
+        run.cost.broker,
+        run.cost.postgres,
+        run.cost
+            .wal_bytes_per_task
+            .map_or("-".into(), |b| format!("{b:.0}"))
     );
 }
 
@@ -165,6 +173,11 @@ fn row(system: &str, does: &'static str, tasks: usize, runs: &[Run]) -> anyhow::
         worker_cpu_per_1000: of(|r| r.cost.worker)?,
         broker_cpu_per_1000: of(|r| r.cost.broker)?,
         postgres_cpu_per_1000: of(|r| r.cost.postgres)?,
+        postgres_wal_bytes_per_task: runs
+            .iter()
+            .map(|r| r.cost.wal_bytes_per_task)
+            .collect::<Option<Vec<f64>>>()
+            .and_then(|wal| Figure::of(&wal)),
     })
 }
 
@@ -243,7 +256,7 @@ async fn rusty_measure(setup: &Setup, args: &Args, peer: &Peer) -> anyhow::Resul
         "rusty-celery publish exited {published}"
     );
 
-    let before = peer.services.read();
+    let before = peer.services.read(&peer.admin).await;
     let mut consumer = Command::new(&args.programs.rusty_celery)
         .args(peer_args("consume"))
         .stdin(Stdio::null())
@@ -260,7 +273,7 @@ async fn rusty_measure(setup: &Setup, args: &Args, peer: &Peer) -> anyhow::Resul
         .context("rusty-celery did not finish in time")??
         .context("rusty-celery exited before the last task")?;
     let worker = cpu::seconds_of(&[pid]);
-    let after = peer.services.read();
+    let after = peer.services.read(&peer.admin).await;
     consumer.kill().await.ok();
 
     let done: serde_json::Value =
@@ -326,7 +339,7 @@ async fn celery_measure(
     ensure!(published.success(), "Celery publish exited {published}");
 
     let results = admin_connection(&url).await?;
-    let before = peer.services.read();
+    let before = peer.services.read(&peer.admin).await;
     let pool = args.programs.celery_concurrency.to_string();
     let log = std::env::temp_dir().join(format!("warren-bench-celery-{}.log", peer.id));
     let log_file = std::fs::File::create(&log)?;
@@ -356,7 +369,7 @@ async fn celery_measure(
     let pid = worker.id().context("the Celery worker has no pid")?;
     let waited = wait_for_results(&results, &mut worker, args.celery_tasks, &log).await;
     let cpu_worker = cpu::seconds_of(&[pid]);
-    let after = peer.services.read();
+    let after = peer.services.read(&peer.admin).await;
     stop(&mut worker).await;
     results.close().await.ok();
     let (succeeded, seconds) = waited?;
@@ -441,6 +454,9 @@ pub fn render(rows: &[Row]) -> String {
                 r.worker_cpu_per_1000.display(3),
                 r.broker_cpu_per_1000.display(3),
                 r.postgres_cpu_per_1000.display(3),
+                r.postgres_wal_bytes_per_task
+                    .as_ref()
+                    .map_or("-".into(), |f| f.display(0)),
             ]
         })
         .collect();
@@ -454,6 +470,7 @@ pub fn render(rows: &[Row]) -> String {
             "worker CPU-s / 1000",
             "broker CPU-s / 1000",
             "PostgreSQL CPU-s / 1000",
+            "PostgreSQL WAL B / task",
         ],
         &lines,
     )
