@@ -110,29 +110,24 @@ pub struct Reading {
 
 /// PostgreSQL's WAL insert position, in bytes from the log's start.
 pub async fn wal_position(db: &DatabaseConnection) -> anyhow::Result<u64> {
+    let sql = "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::int8 AS n";
+    Ok(u64::try_from(one_number(db, sql).await?)?)
+}
+
+/// The `n` of the one row `sql` answers.
+async fn one_number(db: &DatabaseConnection, sql: &str) -> anyhow::Result<i64> {
     let row = db
-        .query_one_raw(Statement::from_string(
-            DbBackend::Postgres,
-            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::int8 AS bytes",
-        ))
+        .query_one_raw(Statement::from_string(DbBackend::Postgres, sql))
         .await?
-        .context("no answer to pg_current_wal_insert_lsn()")?;
-    let bytes: i64 = row.try_get("", "bytes")?;
-    Ok(u64::try_from(bytes)?)
+        .with_context(|| format!("no answer to {sql}"))?;
+    Ok(row.try_get("", "n")?)
 }
 
 impl Services {
     /// PostgreSQL's postmaster is the parent of this connection's backend;
     /// the broker is the `beam.smp` listening on `amqp_url`'s port.
     pub async fn find(db: &DatabaseConnection, amqp_url: &str) -> anyhow::Result<Self> {
-        let row = db
-            .query_one_raw(Statement::from_string(
-                DbBackend::Postgres,
-                "SELECT pg_backend_pid() AS pid",
-            ))
-            .await?
-            .context("no answer to pg_backend_pid()")?;
-        let backend: i32 = row.try_get("", "pid")?;
+        let backend = one_number(db, "SELECT pg_backend_pid()::int8 AS n").await?;
         let backend = u32::try_from(backend)?;
         let postmaster = stat(backend)
             .context("PostgreSQL's backend is not a process here: is the server on this machine?")?
