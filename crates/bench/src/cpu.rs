@@ -214,6 +214,12 @@ impl Cost {
             wal_bytes_per_task: wal.map(|bytes| bytes as f64 / tasks.max(1) as f64),
         }
     }
+
+    /// The WAL bytes per task for a progress line, `-` if not measured.
+    pub fn wal_text(cost: Option<&Self>) -> String {
+        cost.and_then(|c| c.wal_bytes_per_task)
+            .map_or("-".into(), |b| format!("{b:.0}"))
+    }
 }
 
 #[cfg(test)]

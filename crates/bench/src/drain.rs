@@ -69,9 +69,7 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Vec<Row>> {
                 m.seconds,
                 m.rate,
                 m.worker_peak_mib,
-                m.cost
-                    .and_then(|c| c.wal_bytes_per_task)
-                    .map_or("-".into(), |b| format!("{b:.0}"))
+                Cost::wal_text(m.cost.as_ref())
             );
             rates.push(m.rate);
             seconds.push(m.seconds);
@@ -85,10 +83,7 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Vec<Row>> {
             tasks_per_second: Figure::of(&rates).context("no rates")?,
             seconds: Figure::of(&seconds).context("no times")?,
             worker_peak_mib: Figure::of(&peaks).context("no memory figures")?,
-            postgres_wal_bytes_per_task: wal
-                .into_iter()
-                .collect::<Option<Vec<f64>>>()
-                .and_then(|wal| Figure::of(&wal)),
+            postgres_wal_bytes_per_task: Figure::of_every(wal),
         });
     }
     Ok(rows)
@@ -174,9 +169,7 @@ pub fn render(rows: &[Row]) -> String {
                     format!("{:.2}×", r.tasks_per_second.median / b)
                 }),
                 r.worker_peak_mib.display(0),
-                r.postgres_wal_bytes_per_task
-                    .as_ref()
-                    .map_or("-".into(), |f| f.display(0)),
+                Figure::display_optional(r.postgres_wal_bytes_per_task.as_ref(), 0),
             ]
         })
         .collect();

@@ -156,9 +156,7 @@ fn report(system: &str, turn: usize, tasks: usize, run: &Run) {
         run.cost.worker,
         run.cost.broker,
         run.cost.postgres,
-        run.cost
-            .wal_bytes_per_task
-            .map_or("-".into(), |b| format!("{b:.0}"))
+        Cost::wal_text(Some(&run.cost))
     );
 }
 
@@ -173,11 +171,9 @@ fn row(system: &str, does: &'static str, tasks: usize, runs: &[Run]) -> anyhow::
         worker_cpu_per_1000: of(|r| r.cost.worker)?,
         broker_cpu_per_1000: of(|r| r.cost.broker)?,
         postgres_cpu_per_1000: of(|r| r.cost.postgres)?,
-        postgres_wal_bytes_per_task: runs
-            .iter()
-            .map(|r| r.cost.wal_bytes_per_task)
-            .collect::<Option<Vec<f64>>>()
-            .and_then(|wal| Figure::of(&wal)),
+        postgres_wal_bytes_per_task: Figure::of_every(
+            runs.iter().map(|r| r.cost.wal_bytes_per_task),
+        ),
     })
 }
 
@@ -454,9 +450,7 @@ pub fn render(rows: &[Row]) -> String {
                 r.worker_cpu_per_1000.display(3),
                 r.broker_cpu_per_1000.display(3),
                 r.postgres_cpu_per_1000.display(3),
-                r.postgres_wal_bytes_per_task
-                    .as_ref()
-                    .map_or("-".into(), |f| f.display(0)),
+                Figure::display_optional(r.postgres_wal_bytes_per_task.as_ref(), 0),
             ]
         })
         .collect();

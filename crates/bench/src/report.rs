@@ -35,6 +35,13 @@ impl Figure {
         })
     }
 
+    /// [`Figure::of`] the runs if every run has a value, else `None`: a
+    /// figure some runs could not measure is not reported at all.
+    pub fn of_every(values: impl IntoIterator<Item = Option<f64>>) -> Option<Self> {
+        let values: Option<Vec<f64>> = values.into_iter().collect();
+        Self::of(&values?)
+    }
+
     /// The same runs in another unit (a ratio as a percentage).
     pub fn scaled(&self, factor: f64) -> Self {
         Self {
@@ -43,6 +50,11 @@ impl Figure {
             max: self.max * factor,
             runs: self.runs,
         }
+    }
+
+    /// [`Figure::display`], or `-` for a figure not measured.
+    pub fn display_optional(figure: Option<&Self>, decimals: usize) -> String {
+        figure.map_or("-".into(), |f| f.display(decimals))
     }
 
     /// `12.5 (12.1–13.0)`, or just `12.5` for a single run.
@@ -96,6 +108,15 @@ mod tests {
         assert_eq!(even.median, 2.5);
         assert_eq!(Figure::of(&[]), None);
         assert_eq!(Figure::of(&[1.0, f64::NAN]), None);
+    }
+
+    #[test]
+    fn a_figure_of_every_run_is_none_when_one_run_has_no_value() {
+        let all = Figure::of_every([Some(3.0), Some(1.0), Some(2.0)]).unwrap();
+        assert_eq!((all.median, all.runs), (2.0, 3));
+        assert_eq!(Figure::of_every([Some(3.0), None, Some(2.0)]), None);
+        assert_eq!(Figure::display_optional(Some(&all), 0), "2 (1–3)");
+        assert_eq!(Figure::display_optional(None, 0), "-");
     }
 
     #[test]

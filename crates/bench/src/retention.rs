@@ -216,9 +216,7 @@ pub fn render(args: &Args, rows: &[Row]) -> String {
                     format!("{:.2}×", r.tasks_per_second.median / b)
                 }),
                 r.deleted_during_drain.display(0),
-                r.all_deleted_seconds
-                    .as_ref()
-                    .map_or("-".into(), |d| d.display(0)),
+                Figure::display_optional(r.all_deleted_seconds.as_ref(), 0),
             ]
         })
         .collect();

@@ -212,9 +212,7 @@ pub fn render(args: &Args, rows: &[Row]) -> String {
                 base.map_or("-".into(), |b| {
                     format!("{:.2}×", r.tasks_per_second.median / b)
                 }),
-                r.delivered_seconds
-                    .as_ref()
-                    .map_or("-".into(), |d| d.display(1)),
+                Figure::display_optional(r.delivered_seconds.as_ref(), 1),
             ]
         })
         .collect();
