@@ -319,6 +319,134 @@ async fn a_worker_claims_task_rows_in_place_without_new_index_entries() {
     );
 }
 
+/// A worker's claim by key and its outcome are plain updates of the task
+/// rows: one WAL record a row each, and no row lock before either. Any
+/// `BEFORE ROW` trigger on `tasks`, whatever its `WHEN`, makes PostgreSQL
+/// lock every row it updates first: a record more a row an update, 115 of
+/// ~835 WAL bytes a task (README, "What PostgreSQL writes per task"). The
+/// one lock left is PostgreSQL's own: an update whose new row version goes
+/// to another page locks the old one while it finds that page. Read from
+/// the WAL itself (`pg_walinspect`), this database's `tasks` only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_by_key_and_outcomes_lock_no_task_row() {
+    use warren_shared::store::{Claim, ClaimRequest, Success, message_from_row};
+    let env = TestEnv::new().await;
+    let store = env.store();
+    let n = 200;
+    let tasks: Vec<NewTask> = (0..n)
+        .map(|i| submitted(Uuid::now_v7(), "noop", "noop", json!({"i": i})))
+        .collect();
+    let rows = store
+        .insert_and_publish(&tasks, async |due| {
+            Ok(due.iter().map(|m| (m.id, true)).collect())
+        })
+        .await
+        .unwrap();
+    let claims: Vec<ClaimRequest> = rows
+        .iter()
+        .map(|r| ClaimRequest::new(&message_from_row(r), &r.input, &r.queue, false, true))
+        .collect();
+    let wal = WalReading::start(&env).await;
+    let claimed = store.claim_by_key(&claims, "w").await.unwrap();
+    assert!(
+        claimed
+            .iter()
+            .all(|c| matches!(c, Some(Claim::Run { attempt: 1, .. })))
+    );
+    let done: Vec<Success> = rows
+        .iter()
+        .map(|r| Success {
+            id: r.id,
+            attempt: 1,
+            result: Value::Null,
+        })
+        .collect();
+    let recorded = store.finish_successes(&done).await.unwrap();
+    assert!(recorded.into_iter().all(|r| r));
+    let records = wal.records_on_tasks(&env).await;
+    let count = |kind: &str| -> i64 {
+        records
+            .iter()
+            .filter(|(k, _)| k.contains(kind))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    // The reading sees this test's writes, so the bound below means something.
+    assert!(count("UPDATE") >= 2 * n, "{records:?}");
+    assert!(
+        count("LOCK") <= count("to another page"),
+        "row locks on tasks beyond the updates that moved a row: {records:?}"
+    );
+}
+
+/// A window of PostgreSQL's WAL, read back with `pg_walinspect`.
+struct WalReading {
+    start: String,
+}
+
+impl WalReading {
+    async fn start(env: &TestEnv) -> Self {
+        let db = env.store().connection();
+        db.execute_unprepared("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+            .await
+            .expect("pg_walinspect (PostgreSQL's contrib) in the test database");
+        Self {
+            start: one_text(env, "SELECT pg_current_wal_insert_lsn()::text AS v").await,
+        }
+    }
+
+    /// The records since the start that touch a block of this database's
+    /// `tasks`, counted by resource manager and kind (`Heap/LOCK`; an
+    /// update whose new row version went to another page names two blocks,
+    /// `Heap/UPDATE to another page`).
+    async fn records_on_tasks(&self, env: &TestEnv) -> Vec<(String, i64)> {
+        let end = one_text(env, "SELECT pg_current_wal_insert_lsn()::text AS v").await;
+        // Only flushed WAL can be read; a commit need not wait for it.
+        wait_until("the WAL to be flushed", Duration::from_secs(10), || async {
+            let flushed = one_text(
+                env,
+                &format!("SELECT (pg_current_wal_flush_lsn() >= '{end}')::text AS v"),
+            )
+            .await;
+            (flushed == "true").then_some(())
+        })
+        .await;
+        let rows = env
+            .store()
+            .connection()
+            .query_all_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                r"SELECT resource_manager || '/' || record_type
+                        || CASE WHEN block_ref LIKE '%blkref #1:%' THEN ' to another page'
+                                ELSE '' END AS kind,
+                        count(*) AS n
+                   FROM pg_get_wal_records_info($1::pg_lsn, $2::pg_lsn)
+                  WHERE block_ref ~ format('/%s/%s\M',
+                        (SELECT oid FROM pg_database WHERE datname = current_database()),
+                        pg_relation_filenode('tasks'))
+                  GROUP BY 1 ORDER BY 1",
+                [self.start.clone().into(), end.into()],
+            ))
+            .await
+            .expect("read the WAL");
+        rows.iter()
+            .map(|r| (r.try_get("", "kind").unwrap(), r.try_get("", "n").unwrap()))
+            .collect()
+    }
+}
+
+/// A one-row, one-column query's `v`, as text.
+async fn one_text(env: &TestEnv, sql: &str) -> String {
+    env.store()
+        .connection()
+        .query_one_raw(Statement::from_string(DbBackend::Postgres, sql))
+        .await
+        .expect("query")
+        .expect("one row")
+        .try_get("", "v")
+        .expect("v")
+}
+
 /// Updates of `tasks` rows so far, and how many of them were HOT.
 async fn task_updates(env: &TestEnv) -> (i64, i64) {
     let row = env

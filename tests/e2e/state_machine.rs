@@ -10,7 +10,7 @@ use warren_shared::{
     codes::{ErrorCode, StoredError},
     envelope::TaskMessage,
     state::TaskState,
-    store::{Claim, NewTask, Outcome, Store},
+    store::{Cancellation, Claim, NewTask, Outcome, Owners, Retry, Store, Unique},
 };
 use warren_tests::TestEnv;
 
@@ -144,6 +144,79 @@ async fn an_attempt_from_before_a_requeue_never_overwrites_the_new_run() {
         (row.state, row.result, row.attempts),
         (TaskState::Success, Some(json!("new")), 2)
     );
+}
+
+/// What a unique submission found, and the task it names.
+async fn submit_unique(store: &Store, key: &str, debounce: bool) -> (&'static str, Uuid) {
+    let t = NewTask {
+        owner: Some("acme".into()),
+        unique: Some((key.into(), debounce)),
+        ..new_task(Uuid::now_v7())
+    };
+    match store.insert_unique(&t).await.unwrap() {
+        Unique::New(row) => ("new", row.id),
+        Unique::Existing(row) => ("existing", row.id),
+        Unique::Debounced(row) => ("debounced", row.id),
+    }
+}
+
+/// A unique key is held while its task is unfinished and let go when it
+/// ends (a debounced one: when it leaves PENDING), by the next statement
+/// at the latest. For good: the old task, retried, runs without it beside
+/// the new holder, where taking it back would fail the retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unique_key_is_released_for_good_when_its_task_ends() {
+    let env = TestEnv::new().await;
+    let store = env.store();
+    let ("new", first) = submit_unique(store, "report", false).await else {
+        panic!("the key was free");
+    };
+    assert_eq!(
+        submit_unique(store, "report", false).await,
+        ("existing", first)
+    );
+    let cancelled = store
+        .cancel(first, Owners::One("acme"), "multiply")
+        .await
+        .unwrap();
+    assert!(
+        matches!(cancelled, Cancellation::Cancelled),
+        "{cancelled:?}"
+    );
+    assert_eq!(store.get(first).await.unwrap().unwrap().unique_key, None);
+    let ("new", second) = submit_unique(store, "report", false).await else {
+        panic!("the key was not let go when its task ended");
+    };
+    let retried = store
+        .retry(
+            first,
+            Owners::One("acme"),
+            "multiply",
+            chrono::Duration::seconds(60),
+        )
+        .await
+        .unwrap();
+    let Retry::Requeued(row) = retried else {
+        panic!("{retried:?}");
+    };
+    assert_eq!((row.state, row.unique_key), (TaskState::Pending, None));
+    assert_eq!(
+        submit_unique(store, "report", false).await,
+        ("existing", second)
+    );
+
+    let ("new", waiting) = submit_unique(store, "index", true).await else {
+        panic!("the key was free");
+    };
+    assert_eq!(
+        submit_unique(store, "index", true).await,
+        ("debounced", waiting)
+    );
+    assert!(store.mark_queued(waiting).await.unwrap());
+    assert!(matches!(
+        submit_unique(store, "index", true).await,
+        ("new", id) if id != waiting
+    ));
 }
 
 /// A claim commits, then the connection drops before its answer arrives;

@@ -119,6 +119,11 @@ impl MigratorTrait for Migrator {
                        LANGUAGE plpgsql AS $$
                        BEGIN PERFORM pg_notify('warren_task_finished', ''); RETURN NULL; END $$",
             }),
+            Box::new(Sql {
+                name: "m20261206_000017_unique_release_after",
+                up: UNIQUE_RELEASE_AFTER,
+                down: UNIQUE_RELEASE_AFTER_DOWN,
+            }),
         ]
     }
 }
@@ -888,4 +893,50 @@ BEGIN
     RETURN NULL;
 END
 $$;
+"#;
+
+/// A unique key is let go after the update that ends its task, not
+/// before it. For any `BEFORE ROW` trigger PostgreSQL locks the old row
+/// (a WAL record and a dirtied page) before it evaluates the trigger's
+/// `WHEN`, so the old trigger cost every claim and every outcome of every
+/// task a row lock, keyed or not: 115 of 835 WAL bytes a task in a drain,
+/// a third of its WAL records. An `AFTER` trigger's `WHEN` is read from the
+/// row versions the update already has. Only a keyed task that ends pays
+/// more: a second, small update of its row, at the end of the statement,
+/// so no later statement can see the key still held. The key is released
+/// for good, as before: a task retried or requeued later runs without it
+/// (test `state_machine::a_unique_key_is_released_for_good_when_its_task_ends`;
+/// the locks: `pipeline::claims_by_key_and_outcomes_lock_no_task_row`).
+const UNIQUE_RELEASE_AFTER: &str = r#"
+DROP TRIGGER tasks_unique_release ON tasks;
+CREATE OR REPLACE FUNCTION warren_unique_release() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE tasks SET unique_key = NULL WHERE id = NEW.id;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER tasks_unique_release
+    AFTER UPDATE OF state ON tasks
+    FOR EACH ROW
+    WHEN (NEW.unique_key IS NOT NULL
+          AND (NEW.state IN ('SUCCESS', 'FAILURE', 'CANCELLED', 'EXPIRED')
+               OR (NEW.debounce AND NEW.state <> 'PENDING')))
+    EXECUTE FUNCTION warren_unique_release();
+"#;
+
+const UNIQUE_RELEASE_AFTER_DOWN: &str = r#"
+DROP TRIGGER tasks_unique_release ON tasks;
+CREATE OR REPLACE FUNCTION warren_unique_release() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.state IN ('SUCCESS', 'FAILURE', 'CANCELLED', 'EXPIRED')
+       OR (NEW.debounce AND NEW.state <> 'PENDING') THEN
+        NEW.unique_key := NULL;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER tasks_unique_release
+    BEFORE UPDATE OF state ON tasks
+    FOR EACH ROW WHEN (OLD.unique_key IS NOT NULL)
+    EXECUTE FUNCTION warren_unique_release();
 "#;
