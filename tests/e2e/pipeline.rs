@@ -7,7 +7,10 @@ use serde_json::{Value, json};
 use std::time::Duration;
 use uuid::Uuid;
 use warren_api::state::Publishing;
-use warren_shared::{state::TaskState, store::NewTask};
+use warren_shared::{
+    state::TaskState,
+    store::{ClaimRequest, NewTask, message_from_row},
+};
 use warren_tests::{TestEnv, ids_in, metric, wait_until};
 
 /// Acknowledgements wait behind a running delivery only up to a quarter of
@@ -279,25 +282,12 @@ async fn lock_waits(env: &TestEnv) -> i64 {
 /// on no older transaction still seeing them, so on timing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_claims_task_rows_in_place_without_new_index_entries() {
-    use warren_shared::store::{Claim, ClaimRequest, message_from_row};
+    use warren_shared::store::Claim;
     let env = TestEnv::new().await;
     let store = env.store();
     let n = 1000;
-    let tasks: Vec<NewTask> = (0..n)
-        .map(|i| submitted(Uuid::now_v7(), "noop", "noop", json!({"i": i})))
-        .collect();
-    // Recorded as the API records them; the broker is not needed here.
-    let rows = store
-        .insert_and_publish(&tasks, async |due| {
-            Ok(due.iter().map(|m| (m.id, true)).collect())
-        })
-        .await
-        .unwrap();
-    let claims: Vec<ClaimRequest> = rows
-        .iter()
-        .map(|r| ClaimRequest::new(&message_from_row(r), &r.input, &r.queue, false, true))
-        .collect();
-    let claimed = store.claim_many(&claims, "w").await.unwrap();
+    let rows = recorded_noops(&env, n).await;
+    let claimed = store.claim_many(&claim_requests(&rows), "w").await.unwrap();
     assert!(
         claimed
             .iter()
@@ -329,23 +319,12 @@ async fn a_worker_claims_task_rows_in_place_without_new_index_entries() {
 /// the WAL itself (`pg_walinspect`), this database's `tasks` only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_by_key_and_outcomes_lock_no_task_row() {
-    use warren_shared::store::{Claim, ClaimRequest, Success, message_from_row};
+    use warren_shared::store::{Claim, Success};
     let env = TestEnv::new().await;
     let store = env.store();
     let n = 200;
-    let tasks: Vec<NewTask> = (0..n)
-        .map(|i| submitted(Uuid::now_v7(), "noop", "noop", json!({"i": i})))
-        .collect();
-    let rows = store
-        .insert_and_publish(&tasks, async |due| {
-            Ok(due.iter().map(|m| (m.id, true)).collect())
-        })
-        .await
-        .unwrap();
-    let claims: Vec<ClaimRequest> = rows
-        .iter()
-        .map(|r| ClaimRequest::new(&message_from_row(r), &r.input, &r.queue, false, true))
-        .collect();
+    let rows = recorded_noops(&env, n).await;
+    let claims = claim_requests(&rows);
     let wal = WalReading::start(&env).await;
     let claimed = store.claim_by_key(&claims, "w").await.unwrap();
     assert!(
@@ -372,11 +351,32 @@ async fn claims_by_key_and_outcomes_lock_no_task_row() {
             .sum()
     };
     // The reading sees this test's writes, so the bound below means something.
-    assert!(count("UPDATE") >= 2 * n, "{records:?}");
+    assert!(count("UPDATE") >= 2 * n as i64, "{records:?}");
     assert!(
         count("LOCK") <= count("to another page"),
         "row locks on tasks beyond the updates that moved a row: {records:?}"
     );
+}
+
+/// `n` no-op tasks recorded as the API records them; the broker is not
+/// needed here.
+async fn recorded_noops(env: &TestEnv, n: usize) -> Vec<warren_shared::db::task::Model> {
+    let tasks: Vec<NewTask> = (0..n)
+        .map(|i| submitted(Uuid::now_v7(), "noop", "noop", json!({"i": i})))
+        .collect();
+    env.store()
+        .insert_and_publish(&tasks, async |due| {
+            Ok(due.iter().map(|m| (m.id, true)).collect())
+        })
+        .await
+        .unwrap()
+}
+
+/// What a worker asks to claim for each of these rows, by key.
+fn claim_requests(rows: &[warren_shared::db::task::Model]) -> Vec<ClaimRequest> {
+    rows.iter()
+        .map(|r| ClaimRequest::new(&message_from_row(r), &r.input, &r.queue, false, true))
+        .collect()
 }
 
 /// A window of PostgreSQL's WAL, read back with `pg_walinspect`.
