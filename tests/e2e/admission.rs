@@ -170,7 +170,7 @@ async fn one_owners_backlog_never_starves_another() {
     // catches: one worker of eight, or a replica hoarding prefetched
     // messages), B's tasks would take turns with A's in the queue and A
     // would finish about half as many while B ran (0.46 with 8 slots in
-    // all instead of 16); with the slots to spare it is 0.95 to 1.07,
+    // all instead of 16); with the slots to spare it is 0.97 to 1.07,
     // alone or beside the whole suite.
     let length = b_to - b_from;
     let before = finished_between(&a_rows, b_from - length, b_from);
