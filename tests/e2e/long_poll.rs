@@ -270,6 +270,79 @@ async fn a_notification_without_an_id_makes_the_api_look() {
     api.stop().await;
 }
 
+/// The trigger speaks once per statement: an outcome statement that
+/// finishes 500 tasks sends three notifications (up to 200 ids each)
+/// naming each task once, and a claim, which finishes nothing, sends
+/// none. A sentinel after each statement marks where its notifications
+/// end: one session's notifications arrive in commit order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_statement_finishing_500_tasks_sends_three_notifications() {
+    use std::collections::BTreeSet;
+    use warren_shared::db::PgListener;
+    let env = TestEnv::with(|s| s.relay.enabled = false).await;
+    let api = env.spawn_api().await;
+    let client = api.client_for("acme").await;
+    let response = client
+        .post_json("/tasks/noop/batch", &json!({"tasks": vec![json!({}); 500]}))
+        .await;
+    assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+    let ids = warren_tests::ids_in(&response.json().await.unwrap(), "tasks");
+    assert_eq!(ids.len(), 500);
+    let pool = env.store().connection().get_postgres_connection_pool();
+    let mut listener = PgListener::connect_with(pool).await.unwrap();
+    listener.listen("warren_task_finished").await.unwrap();
+    let store = env.store();
+    let sql = |q: String| async move {
+        use sea_orm::ConnectionTrait;
+        store.connection().execute_unprepared(&q).await.unwrap();
+    };
+    let list = ids
+        .iter()
+        .map(|id| format!("'{id}'"))
+        .collect::<Vec<_>>()
+        .join(",");
+    sql(format!(
+        "UPDATE tasks SET state = 'STARTED', started_at = now() WHERE id IN ({list})"
+    ))
+    .await;
+    sql("SELECT pg_notify('warren_task_finished', 'claimed')".into()).await;
+    finish_all(&env, &ids).await;
+    sql("SELECT pg_notify('warren_task_finished', 'finished')".into()).await;
+    let mut payloads = Vec::new();
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+            .await
+            .expect("the sentinel arrives")
+            .unwrap();
+        if n.payload() == "finished" {
+            break;
+        }
+        payloads.push(n.payload().to_owned());
+    }
+    assert_eq!(
+        payloads.first().map(String::as_str),
+        Some("claimed"),
+        "{payloads:?}"
+    );
+    let finished = &payloads[1..];
+    assert_eq!(finished.len(), 3, "notifications for 500 finished tasks");
+    let named: Vec<Uuid> = finished
+        .iter()
+        .flat_map(|p| p.split(','))
+        .map(|id| Uuid::try_parse(id).unwrap())
+        .collect();
+    assert_eq!(named.len(), 500, "each finished task named once");
+    assert_eq!(
+        named.into_iter().collect::<BTreeSet<_>>(),
+        ids.iter().copied().collect::<BTreeSet<_>>()
+    );
+    assert!(
+        finished.iter().all(|p| p.len() < 8000),
+        "under PostgreSQL's payload limit"
+    );
+    api.stop().await;
+}
+
 /// Until `n` requests are parked: past their second look at the task, so
 /// whatever finishes from now on can only reach them by a wake.
 async fn wait_for_waiters(api: &TestApi, n: i64) {

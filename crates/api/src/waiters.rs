@@ -3,7 +3,8 @@
 //!
 //! Requests register the task they wait for. One listener per API process
 //! holds a `LISTEN warren_task_finished` connection; PostgreSQL notifies it
-//! (a trigger on `tasks`) with the id of every task that finishes. A reader
+//! (a trigger on `tasks`, once per statement) with the ids of the tasks
+//! each statement finished. A reader
 //! then reads the finished rows in one query for every task that finished
 //! while its previous query ran, and wakes their requests with the row in
 //! hand: 10,000 requests woken together cost a few queries, not 20,000.
@@ -255,9 +256,18 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// What a notification says finished: one task, or (no id) anything.
-fn finished_task(payload: &str) -> Option<Uuid> {
-    Uuid::try_parse(payload).ok()
+/// What a notification says finished: the tasks it names (one from a
+/// row trigger, up to 200 comma-separated from the statement trigger), or
+/// `None`, anything: an empty payload (an older trigger) or one that does
+/// not parse whole, which is checked rather than half believed.
+fn finished_tasks(payload: &str) -> Option<Vec<Uuid>> {
+    if payload.is_empty() {
+        return None;
+    }
+    payload
+        .split(',')
+        .map(|id| Uuid::try_parse(id).ok())
+        .collect()
 }
 
 /// The listener: runs until `shutdown`, reconnecting by itself. Three
@@ -290,8 +300,12 @@ async fn receive(waiters: &Waiters, pending: &Notify, store: &Store, shutdown: &
                 // `None`: the connection dropped; the next call reconnects,
                 // and a check covers what was missed.
                 let notification = listener.try_recv().await?;
-                match notification.as_ref().map(|n| finished_task(n.payload())) {
-                    Some(Some(id)) => waiters.finished(id, "notification"),
+                match notification.as_ref().map(|n| finished_tasks(n.payload())) {
+                    Some(Some(ids)) => {
+                        for id in ids {
+                            waiters.finished(id, "notification");
+                        }
+                    }
                     _ => pending.notify_one(),
                 }
             }
@@ -382,10 +396,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_notification_names_one_task_or_asks_for_a_check() {
-        let id = Uuid::from_u128(0x1234);
-        assert_eq!(finished_task(&id.to_string()), Some(id));
-        assert_eq!(finished_task(""), None, "the trigger of migration 3");
-        assert_eq!(finished_task("not-a-uuid"), None);
+    fn a_notification_names_its_tasks_or_asks_for_a_check() {
+        let (a, b) = (Uuid::from_u128(0x1234), Uuid::from_u128(0x5678));
+        assert_eq!(finished_tasks(&a.to_string()), Some(vec![a]));
+        assert_eq!(finished_tasks(&format!("{a},{b}")), Some(vec![a, b]));
+        assert_eq!(finished_tasks(""), None, "the trigger of migration 3");
+        assert_eq!(finished_tasks("not-a-uuid"), None);
+        assert_eq!(finished_tasks(&format!("{a},")), None, "cut short");
+        assert_eq!(finished_tasks(&format!("{a},x,{b}")), None);
     }
 }
