@@ -944,8 +944,12 @@ CREATE TRIGGER tasks_unique_release
 /// runs for every update of `tasks` and reports the rows it leaves
 /// finished, whether or not it changed their state: the release of a
 /// finished task's unique key notifies its id a second time, which wakes
-/// nobody (the API hands a finished row to whoever waits for it). Inserts
-/// keep the row trigger: few inserted rows are finished, and a
+/// nobody (the API hands a finished row to whoever waits for it). That
+/// costs a one-row update 5–7 µs more (a progress write, a cancel; 20,000
+/// in the scratch table: 15–16 µs each without the trigger, 20–22 with it),
+/// where the row trigger cost one that finished nothing almost nothing;
+/// the batched claims and outcomes of every task are what it is for.
+/// Inserts keep the row trigger: few inserted rows are finished, and a
 /// transition table would copy every row a batch submission inserts.
 const NOTIFY_FINISHED_PER_STATEMENT: &str = r#"
 DROP TRIGGER tasks_finished ON tasks;
