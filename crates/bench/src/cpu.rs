@@ -215,6 +215,14 @@ impl Cost {
         }
     }
 
+    /// Worker / broker / PostgreSQL CPU-s per 1,000 tasks for a progress
+    /// line, `-` if not measured.
+    pub fn cpu_text(cost: Option<&Self>) -> String {
+        cost.map_or("-".into(), |c| {
+            format!("{:.3} / {:.3} / {:.3}", c.worker, c.broker, c.postgres)
+        })
+    }
+
     /// The WAL bytes per task for a progress line, `-` if not measured.
     pub fn wal_text(cost: Option<&Self>) -> String {
         cost.and_then(|c| c.wal_bytes_per_task)

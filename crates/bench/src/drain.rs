@@ -45,6 +45,12 @@ pub struct Row {
     /// PostgreSQL's WAL per task from the workers' start to the last
     /// result; `None` where PostgreSQL is not on this machine.
     pub postgres_wal_bytes_per_task: Option<Figure>,
+    /// CPU-seconds per 1,000 tasks over the same window: the workers,
+    /// the broker, PostgreSQL (every backend); `None` where the services'
+    /// processes are not on this machine.
+    pub worker_cpu_s_per_1000: Option<Figure>,
+    pub broker_cpu_s_per_1000: Option<Figure>,
+    pub postgres_cpu_s_per_1000: Option<Figure>,
 }
 
 pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Vec<Row>> {
@@ -60,22 +66,26 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
     for &replicas in &args.replicas {
         let (mut rates, mut seconds, mut peaks) = (Vec::new(), Vec::new(), Vec::new());
-        let mut wal = Vec::new();
+        let (mut wal, mut costs) = (Vec::new(), Vec::new());
         for run in 1..=args.runs {
             let m = once(setup, args, replicas).await?;
             eprintln!(
-                "  drain, {replicas} replica(s), run {run}: {} tasks in {:.2} s = {:.0}/s, worker peak {:.0} MiB, WAL {} B per task",
+                "  drain, {replicas} replica(s), run {run}: {} tasks in {:.2} s = {:.0}/s, worker peak {:.0} MiB, WAL {} B per task, CPU-s per 1,000 {}",
                 args.tasks,
                 m.seconds,
                 m.rate,
                 m.worker_peak_mib,
-                Cost::wal_text(m.cost.as_ref())
+                Cost::wal_text(m.cost.as_ref()),
+                Cost::cpu_text(m.cost.as_ref())
             );
             rates.push(m.rate);
             seconds.push(m.seconds);
             peaks.push(m.worker_peak_mib);
             wal.push(m.cost.and_then(|c| c.wal_bytes_per_task));
+            costs.push(m.cost);
         }
+        let cpu =
+            |part: fn(&Cost) -> f64| Figure::of_every(costs.iter().map(|c| c.as_ref().map(part)));
         rows.push(Row {
             replicas,
             concurrency: args.concurrency,
@@ -84,6 +94,9 @@ pub async fn run(setup: &Setup, args: &Args) -> anyhow::Result<Vec<Row>> {
             seconds: Figure::of(&seconds).context("no times")?,
             worker_peak_mib: Figure::of(&peaks).context("no memory figures")?,
             postgres_wal_bytes_per_task: Figure::of_every(wal),
+            worker_cpu_s_per_1000: cpu(|c| c.worker),
+            broker_cpu_s_per_1000: cpu(|c| c.broker),
+            postgres_cpu_s_per_1000: cpu(|c| c.postgres),
         });
     }
     Ok(rows)
@@ -170,6 +183,13 @@ pub fn render(rows: &[Row]) -> String {
                 }),
                 r.worker_peak_mib.display(0),
                 Figure::display_optional(r.postgres_wal_bytes_per_task.as_ref(), 0),
+                [
+                    &r.worker_cpu_s_per_1000,
+                    &r.broker_cpu_s_per_1000,
+                    &r.postgres_cpu_s_per_1000,
+                ]
+                .map(|f| Figure::display_optional(f.as_ref(), 3))
+                .join(" / "),
             ]
         })
         .collect();
@@ -183,6 +203,7 @@ pub fn render(rows: &[Row]) -> String {
             "vs first",
             "worker peak MiB",
             "PostgreSQL WAL B / task",
+            "CPU-s / 1000: worker / broker / PostgreSQL",
         ],
         &lines,
     )
