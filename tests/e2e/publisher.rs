@@ -124,3 +124,54 @@ async fn each_confirm_or_nack_is_matched_with_its_own_message_across_concurrent_
         .unwrap();
     amqp.close().await;
 }
+
+/// A closed publisher stays closed. A publish after `close()` (a batch of
+/// submissions that finished after the API stopped) fails as unavailable,
+/// its rows left to the outbox, rather than reconnecting and declaring
+/// the topology again: after a test's teardown had deleted the queues,
+/// that put them back on the shared broker (seen once in CI, from
+/// `api_abuse::a_request_past_its_timeout_gets_503`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_publisher_neither_reconnects_nor_declares_the_topology() {
+    let env = TestEnv::new().await;
+    let settings = env.settings();
+    let topology = Arc::new(env.topology());
+    let publisher = Publisher::new(
+        settings.amqp.url.clone(),
+        format!("{}publisher", settings.amqp.prefix),
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+        Arc::clone(&topology),
+    );
+    publisher.warm_up().await.unwrap();
+    publisher.close().await;
+    let amqp = env.amqp().await;
+    topology.delete(amqp.channel()).await.unwrap();
+    let out = Outgoing {
+        exchange: topology.exchange(),
+        routing_key: "noop".into(),
+        message: Encoded {
+            properties: BasicProperties::default(),
+            body: b"after close".to_vec(),
+        },
+    };
+    let published = publisher.publish(&out).await;
+    assert!(
+        matches!(published, Err(PublishError::Unavailable(_))),
+        "{published:?}"
+    );
+    assert!(!publisher.is_connected());
+    let queue = topology.queue("default");
+    let declared = amqp
+        .connection()
+        .create_channel()
+        .await
+        .unwrap()
+        .queue_declare(
+            short_string(&queue),
+            QueueDeclareOptions::default().passive(),
+            FieldTable::default(),
+        )
+        .await;
+    assert!(declared.is_err(), "{queue} was declared again");
+}

@@ -196,6 +196,8 @@ pub struct Publisher {
     signer: Option<Signer>,
     link: Mutex<Link>,
     connected: AtomicBool,
+    /// Set by [`Publisher::close`]: no reconnecting after it.
+    closed: AtomicBool,
     /// Held while a batch's publishes take their delivery tags and queue
     /// their frames (see [`Publisher::publish_all`]).
     first_polls: std::sync::Mutex<()>,
@@ -226,6 +228,7 @@ impl Publisher {
             signer: None,
             link: Mutex::new(Link::default()),
             connected: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             first_polls: std::sync::Mutex::new(()),
         }
     }
@@ -258,6 +261,11 @@ impl Publisher {
 
     async fn channel(&self) -> Result<Channel, PublishError> {
         let mut link = self.link.lock().await;
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(PublishError::Unavailable(
+                "the publisher is closed (shutting down)".into(),
+            ));
+        }
         if let Some((conn, channel)) = &link.current {
             if conn.status().connected() && channel.status().connected() {
                 return Ok(channel.clone());
@@ -416,9 +424,15 @@ impl Publisher {
         results
     }
 
-    /// Closes the connection politely (on shutdown).
+    /// Closes the connection politely (on shutdown), for good: a publish
+    /// still in flight (a batch of submissions finishing after the server
+    /// stopped) then fails as unavailable and its rows wait in the outbox
+    /// for the relay. Reconnecting instead would declare the topology
+    /// again, from a process that is going away, on a broker whose queues
+    /// may have been deleted since (a test's teardown: queues leaked).
     pub async fn close(&self) {
         let mut link = self.link.lock().await;
+        self.closed.store(true, Ordering::Relaxed);
         if let Some((conn, channel)) = link.current.take() {
             let _ = channel.close(200, "shutting down".into()).await;
             let _ = conn.close(200, "shutting down".into()).await;
