@@ -291,23 +291,10 @@ async fn one_statement_finishing_500_tasks_sends_three_notifications() {
     let pool = env.store().connection().get_postgres_connection_pool();
     let mut listener = PgListener::connect_with(pool).await.unwrap();
     listener.listen("warren_task_finished").await.unwrap();
-    let store = env.store();
-    let sql = |q: String| async move {
-        use sea_orm::ConnectionTrait;
-        store.connection().execute_unprepared(&q).await.unwrap();
-    };
-    let list = ids
-        .iter()
-        .map(|id| format!("'{id}'"))
-        .collect::<Vec<_>>()
-        .join(",");
-    sql(format!(
-        "UPDATE tasks SET state = 'STARTED', started_at = now() WHERE id IN ({list})"
-    ))
-    .await;
-    sql("SELECT pg_notify('warren_task_finished', 'claimed')".into()).await;
+    set_all(&env, "state = 'STARTED', started_at = now()", &ids).await;
+    notify(&env, "claimed").await;
     finish_all(&env, &ids).await;
-    sql("SELECT pg_notify('warren_task_finished', 'finished')".into()).await;
+    notify(&env, "finished").await;
     let mut payloads = Vec::new();
     loop {
         let n = tokio::time::timeout(Duration::from_secs(10), listener.recv())
@@ -379,13 +366,37 @@ async fn wait_for(api: &ApiClient, id: Uuid) -> (Value, Duration) {
 }
 
 async fn finish_all(env: &TestEnv, ids: &[Uuid]) {
+    set_all(
+        env,
+        "state = 'SUCCESS', result = 'null', finished_at = now()",
+        ids,
+    )
+    .await;
+}
+
+/// One `UPDATE` of every task in `ids`.
+async fn set_all(env: &TestEnv, set: &str, ids: &[Uuid]) {
     use sea_orm::{ConnectionTrait, DbBackend, Statement};
     env.store()
         .connection()
         .execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "UPDATE tasks SET state = 'SUCCESS', result = 'null', finished_at = now() WHERE id = ANY($1)",
+            format!("UPDATE tasks SET {set} WHERE id = ANY($1)"),
             vec![ids.to_vec().into()],
+        ))
+        .await
+        .unwrap();
+}
+
+/// A notification on the finish channel, as a sentinel.
+async fn notify(env: &TestEnv, payload: &str) {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement};
+    env.store()
+        .connection()
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT pg_notify('warren_task_finished', $1)",
+            vec![payload.into()],
         ))
         .await
         .unwrap();

@@ -63,13 +63,7 @@ async fn each_confirm_or_nack_is_matched_with_its_own_message_across_concurrent_
         .await
         .unwrap();
 
-    let publisher = Arc::new(Publisher::new(
-        settings.amqp.url.clone(),
-        format!("{}publisher", settings.amqp.prefix),
-        Duration::from_secs(5),
-        Duration::from_secs(10),
-        Arc::new(env.topology()),
-    ));
+    let publisher = Arc::new(publisher(&env, Arc::new(env.topology())));
     let publishing = (0..PUBLISHERS).map(|p| {
         let (publisher, name) = (Arc::clone(&publisher), name.clone());
         tokio::spawn(async move {
@@ -134,15 +128,8 @@ async fn each_confirm_or_nack_is_matched_with_its_own_message_across_concurrent_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_publisher_neither_reconnects_nor_declares_the_topology() {
     let env = TestEnv::new().await;
-    let settings = env.settings();
     let topology = Arc::new(env.topology());
-    let publisher = Publisher::new(
-        settings.amqp.url.clone(),
-        format!("{}publisher", settings.amqp.prefix),
-        Duration::from_secs(5),
-        Duration::from_secs(10),
-        Arc::clone(&topology),
-    );
+    let publisher = publisher(&env, Arc::clone(&topology));
     publisher.warm_up().await.unwrap();
     publisher.close().await;
     let amqp = env.amqp().await;
@@ -174,4 +161,16 @@ async fn a_closed_publisher_neither_reconnects_nor_declares_the_topology() {
         )
         .await;
     assert!(declared.is_err(), "{queue} was declared again");
+}
+
+/// The publisher the API builds, on this test's broker and topology.
+fn publisher(env: &TestEnv, topology: Arc<warren_shared::topology::Topology>) -> Publisher {
+    let settings = env.settings();
+    Publisher::new(
+        settings.amqp.url.clone(),
+        format!("{}publisher", settings.amqp.prefix),
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+        topology,
+    )
 }
