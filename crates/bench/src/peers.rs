@@ -192,7 +192,8 @@ async fn warren_once(setup: &Setup, tasks: usize) -> anyhow::Result<Run> {
     Ok(Run { rate: m.rate, cost })
 }
 
-/// A queue (and, for Celery, a database) of the peer's own, removed again
+/// A queue (and, for Celery, a database and the exchange Celery declares
+/// under its default queue's name) of the peer's own, removed again
 /// whatever the drain did.
 struct Peer {
     id: String,
@@ -214,7 +215,7 @@ impl Peer {
         })
     }
 
-    async fn delete_queue(&self, setup: &Setup) -> anyhow::Result<()> {
+    async fn delete_from_broker(&self, setup: &Setup) -> anyhow::Result<()> {
         let url = secrecy::SecretString::from(setup.amqp_url.clone());
         let amqp =
             warren_shared::broker::connect(&url, "warren-bench-peers", Duration::from_secs(5))
@@ -222,6 +223,10 @@ impl Peer {
         let channel = amqp.create_channel().await?;
         channel
             .queue_delete(short_string(&self.queue), Default::default())
+            .await?;
+        // Deleting an exchange that is not there is no error on RabbitMQ.
+        channel
+            .exchange_delete(short_string(&self.queue), Default::default())
             .await?;
         amqp.close(200, "bench done".into()).await.ok();
         Ok(())
@@ -231,7 +236,7 @@ impl Peer {
 async fn rusty_once(setup: &Setup, args: &Args) -> anyhow::Result<Run> {
     let peer = Peer::new(setup, "rusty").await?;
     let measured = rusty_measure(setup, args, &peer).await;
-    let deleted = peer.delete_queue(setup).await;
+    let deleted = peer.delete_from_broker(setup).await;
     peer.admin.close().await.ok();
     let run = measured?;
     deleted?;
@@ -292,7 +297,7 @@ async fn celery_once(setup: &Setup, args: &Args) -> anyhow::Result<Run> {
         .execute_unprepared(&format!("CREATE DATABASE \"{database}\""))
         .await?;
     let measured = celery_measure(setup, args, &peer, &database).await;
-    let deleted = peer.delete_queue(setup).await;
+    let deleted = peer.delete_from_broker(setup).await;
     peer.admin
         .execute_unprepared(&format!(
             "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
