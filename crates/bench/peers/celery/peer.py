@@ -21,6 +21,9 @@ app.conf.update(
     task_ignore_result=False,
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
+    # No remote control: its `celery.pidbox` exchange has no per-run name
+    # and would stay on the broker after the benchmark.
+    worker_enable_remote_control=False,
 )
 
 
