@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 use warren_api::fail::FailPoint;
 use warren_shared::state::TaskState;
-use warren_tests::{DEFAULT_OWNER, TestEnv, wait_until};
+use warren_tests::{DEFAULT_OWNER, Proxy, TestApi, TestEnv, TestWorker, wait_until};
 
 /// A submission with an idempotency key commits before it publishes, so
 /// that the client's retry after a crash finds the task its key made.
@@ -151,4 +151,63 @@ async fn broker_unreachable_at_submission_still_accepts_and_later_runs() {
     }
     worker.stop().await;
     api.stop().await;
+}
+
+/// A keyed submission commits before it publishes. When that publish
+/// fails (here the API's broker connection is cut; in a chaos run, the nacks
+/// of a quorum queue electing a new leader), the task is due for the relay
+/// at once, not after the lease: every keyed task nacked while a killed
+/// leader was replaced waited the whole lease (10 s), because only the
+/// unkeyed road made its refused tasks due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_task_whose_publish_fails_is_due_at_once_not_after_the_lease() {
+    // No relay in the API: nothing but the submission touches the row.
+    let env = TestEnv::with(|s| s.relay.enabled = false).await;
+    let lease = env.settings().relay.lease_seconds;
+    let proxy = Proxy::start(broker_addr(&env)).await;
+    let mut settings = env.settings();
+    settings.amqp.url = format!("amqp://guest:guest@{}/%2f", proxy.addr()).into();
+    // Well inside the lease, should the cut reach the API's connection
+    // only after the publish was sent and its confirm is awaited.
+    settings.amqp.publish_timeout_seconds = 0.2;
+    let api = TestApi::spawn_with(settings).await;
+    proxy.set_up(false);
+    let headers = [("idempotency-key", "order-6x7")];
+    let body = json!({"x": 6, "y": 7}).to_string();
+    let response = api
+        .post_with("/tasks/multiply", "application/json", &headers, body)
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED, "recorded");
+    let v: Value = response.json().await.unwrap();
+    assert_eq!(v["state"], "PENDING", "not published: {v}");
+    let id: Uuid = v["id"].as_str().unwrap().parse().unwrap();
+    let row = env.store().get(id).await.unwrap().expect("recorded");
+    // Due now: the relay may take it on its next pass. (Not published, it
+    // was recorded due when the lease from its submission runs out.)
+    let publish_at = row.publish_at.expect("in the outbox");
+    let read_at = chrono::Utc::now();
+    assert!(
+        publish_at <= read_at,
+        "due at once, not at {publish_at} (read at {read_at}; lease {lease} s)"
+    );
+
+    // The broker is back: a relay (the worker's) publishes it and it runs.
+    proxy.set_up(true);
+    let mut settings = env.settings();
+    settings.relay.enabled = true;
+    let worker = TestWorker::spawn_with(settings, "w1").await;
+    env.wait_for_first_attempt_success(id, json!(42)).await;
+    worker.stop().await;
+    api.stop().await;
+}
+
+/// The machine's RabbitMQ, as an address a [`Proxy`] can forward to.
+fn broker_addr(env: &TestEnv) -> std::net::SocketAddr {
+    let url = env.settings().amqp.url;
+    let uri: lapin::uri::AMQPUri = secrecy::ExposeSecret::expose_secret(&url).parse().unwrap();
+    let host = match uri.authority.host.as_str() {
+        "localhost" => "127.0.0.1".to_owned(),
+        other => other.to_owned(),
+    };
+    format!("{host}:{}", uri.authority.port).parse().unwrap()
 }

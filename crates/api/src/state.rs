@@ -146,32 +146,53 @@ impl Publishing {
             .filter(|(t, r)| t.publish_after_commit() && t.publishable_at(now) && r.hold.is_none())
             .map(|(_, r)| message_from_row(r))
             .collect();
-        if after.is_empty() {
-            return Ok(rows);
-        }
-        let (confirmed, failed): (Vec<_>, Vec<_>) = self
-            .publish(&after)
+        let queued: HashSet<Uuid> = self
+            .publish_committed(store, &after)
             .await
             .into_iter()
-            .partition(|(_, ok)| *ok);
-        let confirmed: Vec<Uuid> = confirmed.into_iter().map(|(id, _)| id).collect();
-        if !failed.is_empty() {
-            let failed: Vec<Uuid> = failed.into_iter().map(|(id, _)| id).collect();
-            if let Err(e) = store.due_now(&failed).await {
-                tracing::warn!(error = %e, "could not hand unpublished tasks to the relay early; it takes them after the lease");
-            }
-        }
-        let queued: HashSet<Uuid> = confirmed.iter().copied().collect();
-        // Not marked QUEUED, the relay republishes after the lease: a
-        // duplicate message, which the task's single row absorbs.
-        if let Err(e) = store.mark_queued_many(&confirmed).await {
-            tracing::warn!(error = %e, "published, but could not mark QUEUED; the relay will republish");
-            return Ok(rows);
-        }
+            .collect();
         for row in rows.iter_mut().filter(|r| queued.contains(&r.id)) {
             row.state = TaskState::Queued;
         }
         Ok(rows)
+    }
+
+    /// Puts tasks already committed on the broker (an idempotent or unique
+    /// submission, a manual retry, a batch's tasks to publish after their
+    /// commit). The confirmed ones are marked QUEUED and returned. The
+    /// refused ones are made due at once, so the relay tries them again as
+    /// soon as the broker takes messages (a new queue leader elected),
+    /// not after the lease: a task nacked during an election used to wait
+    /// the whole lease (10 s) for the relay. Nothing here is an error for
+    /// the client: whatever fails waits in the outbox.
+    pub async fn publish_committed(&self, store: &Store, messages: &[TaskMessage]) -> Vec<Uuid> {
+        if messages.is_empty() {
+            return Vec::new();
+        }
+        let (confirmed, failed): (Vec<_>, Vec<_>) = self
+            .publish(messages)
+            .await
+            .into_iter()
+            .partition(|(_, ok)| *ok);
+        let failed: Vec<Uuid> = failed.into_iter().map(|(id, _)| id).collect();
+        if !failed.is_empty()
+            && let Err(e) = store.due_now(&failed).await
+        {
+            tracing::warn!(error = %e, "could not hand unpublished tasks to the relay early; it takes them after the lease");
+        }
+        let confirmed: Vec<Uuid> = confirmed.into_iter().map(|(id, _)| id).collect();
+        if confirmed.is_empty() {
+            return confirmed;
+        }
+        // Not marked QUEUED, the relay republishes after the lease: a
+        // duplicate message, which the task's single row absorbs.
+        match store.mark_queued_many(&confirmed).await {
+            Ok(_) => confirmed,
+            Err(e) => {
+                tracing::warn!(error = %e, "published, but could not mark QUEUED; the relay will republish");
+                Vec::new()
+            }
+        }
     }
 
     async fn record_and_publish(

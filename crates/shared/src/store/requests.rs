@@ -358,16 +358,19 @@ impl Store {
         Ok(models)
     }
 
-    /// Tasks recorded for publishing after their commit whose publish then
-    /// failed: due for the relay now, not after the lease, so a broker
-    /// outage (a node killed, a leader being elected) delays them by the
-    /// outage only. Run only on failure; a row taken meanwhile is left.
+    /// Tasks committed before their publish whose publish then failed
+    /// (new submissions and manual retries alike): due for the relay now,
+    /// not after the lease, so a broker outage (a node killed, a leader
+    /// being elected) delays them by the outage only. Run only on failure,
+    /// with the ids just refused (none held, none with an ETA ahead); a row
+    /// taken meanwhile (QUEUED by a relay, STARTED, cancelled) is left.
     pub async fn due_now(&self, ids: &[Uuid]) -> Result<u64> {
         let res = self
             .db
             .execute_raw(stmt(
                 "UPDATE tasks SET publish_at = now()
-                 WHERE id = ANY($1) AND state = 'PENDING' AND attempts = 0",
+                 WHERE id = ANY($1) AND state = 'PENDING' AND hold IS NULL
+                   AND publish_at > now()",
                 vec![ids.to_vec().into()],
             ))
             .await?;

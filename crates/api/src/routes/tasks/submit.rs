@@ -259,11 +259,10 @@ fn new_task(
     }
 }
 
-/// Publishes tasks recorded already (committed) that are due now, waits
-/// for the broker's confirms, and marks the confirmed ones QUEUED.
-/// Whatever fails stays in the outbox for the relay; it is never an error
-/// for the client. Returns the confirmed ids. For what was committed
-/// before it was published: a retried task, an idempotent submission.
+/// Publishes tasks recorded already (committed) that are due now
+/// ([`Publishing::publish_committed`]); returns the ids marked QUEUED.
+/// For what was committed before it was published: a retried task, an
+/// idempotent or unique submission.
 pub(super) async fn publish_due(state: &AppState, rows: &[task::Model]) -> Vec<Uuid> {
     let now = Utc::now();
     let due: Vec<TaskMessage> = rows
@@ -271,21 +270,9 @@ pub(super) async fn publish_due(state: &AppState, rows: &[task::Model]) -> Vec<U
         .filter(|r| r.eta.is_none_or(|eta| eta <= now))
         .map(message_from_row)
         .collect();
-    if due.is_empty() {
-        return Vec::new();
-    }
-    let confirmed: Vec<Uuid> = Publishing::of(state)
-        .publish(&due)
+    Publishing::of(state)
+        .publish_committed(&state.store, &due)
         .await
-        .into_iter()
-        .filter_map(|(id, ok)| ok.then_some(id))
-        .collect();
-    if !confirmed.is_empty()
-        && let Err(e) = state.store.mark_queued_many(&confirmed).await
-    {
-        tracing::warn!(error = %e, "published, but could not mark QUEUED; the relay will republish");
-    }
-    confirmed
 }
 
 /// The caller's trace continued one hop (the API's own span), or a new
