@@ -24,12 +24,16 @@ use uuid::Uuid;
 /// A task's row as the checker reads it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
+    pub id: Uuid,
     pub state: String,
     pub result: Option<Value>,
     pub attempts: i32,
     pub task_type: String,
-    /// When it was created and when it ended, ms since the run began.
+    /// When it was created, first put on the broker, last started and
+    /// ended, ms since the run began.
     pub created_ms: f64,
+    pub queued_ms: Option<f64>,
+    pub started_ms: Option<f64>,
     pub finished_ms: Option<f64>,
 }
 
@@ -237,11 +241,14 @@ mod tests {
 
     fn done(result: i64) -> Row {
         Row {
+            id: Uuid::nil(),
             state: "SUCCESS".into(),
             result: Some(result.into()),
             attempts: 1,
             task_type: "multiply".into(),
             created_ms: 0.0,
+            queued_ms: Some(1.0),
+            started_ms: Some(2.0),
             finished_ms: Some(5.0),
         }
     }

@@ -533,25 +533,29 @@ async fn read_rows(db: &DatabaseConnection, epoch_wall: f64) -> anyhow::Result<H
             db.get_database_backend(),
             "SELECT id, state::text AS state, result, attempts, task_type,
                     (extract(epoch FROM created_at) * 1000)::float8 AS created,
+                    (extract(epoch FROM queued_at) * 1000)::float8 AS queued,
+                    (extract(epoch FROM started_at) * 1000)::float8 AS started,
                     (extract(epoch FROM finished_at) * 1000)::float8 AS finished
              FROM tasks",
         ))
         .await?;
     let mut out = HashMap::with_capacity(rows.len());
+    let since_start = |at: Option<f64>| at.map(|t| t - epoch_wall);
     for r in rows {
+        let id: Uuid = r.try_get("", "id")?;
         let created: f64 = r.try_get::<f64>("", "created")?;
-        let finished: Option<f64> = r.try_get("", "finished")?;
-        out.insert(
-            r.try_get("", "id")?,
-            Row {
-                state: r.try_get("", "state")?,
-                result: r.try_get("", "result")?,
-                attempts: r.try_get("", "attempts")?,
-                task_type: r.try_get("", "task_type")?,
-                created_ms: created - epoch_wall,
-                finished_ms: finished.map(|f| f - epoch_wall),
-            },
-        );
+        let row = Row {
+            id,
+            state: r.try_get("", "state")?,
+            result: r.try_get("", "result")?,
+            attempts: r.try_get("", "attempts")?,
+            task_type: r.try_get("", "task_type")?,
+            created_ms: created - epoch_wall,
+            queued_ms: since_start(r.try_get("", "queued")?),
+            started_ms: since_start(r.try_get("", "started")?),
+            finished_ms: since_start(r.try_get("", "finished")?),
+        };
+        out.insert(id, row);
     }
     Ok(out)
 }
@@ -718,6 +722,7 @@ fn impact_table(impacts: &[Impact]) -> String {
                 ms(i.p99_after_ms),
                 format!("{:.0}", i.api_back_ms),
                 i.failed_requests.to_string(),
+                i.slowest_during.as_ref().map_or("-".into(), slowest_cell),
             ]
         })
         .collect();
@@ -731,7 +736,20 @@ fn impact_table(impacts: &[Impact]) -> String {
             "p99 after ms",
             "API 2xx again ms",
             "failed requests",
+            "slowest during: queued / started / ended ms",
         ],
         &rows,
+    )
+}
+
+/// Where the slowest task's time went, after its creation: a long wait
+/// before `queued` is the outbox, between `queued` and `started` the broker
+/// or its worker.
+fn slowest_cell(s: &timeline::Slowest) -> String {
+    format!(
+        "{} / {} / {:.0}",
+        ms(s.queued_after_ms),
+        ms(s.started_after_ms),
+        s.ended_after_ms
     )
 }

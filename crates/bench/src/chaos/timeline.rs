@@ -7,6 +7,7 @@ use super::checker::Row;
 use super::nemesis::Event;
 use super::workload::Op;
 use serde::Serialize;
+use uuid::Uuid;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Impact {
@@ -25,6 +26,20 @@ pub struct Impact {
     pub api_back_ms: f64,
     /// Failed attempts (no answer or 5xx) in that window.
     pub failed_requests: u64,
+    /// The slowest of the tasks p99 during counts, and where its time went.
+    pub slowest_during: Option<Slowest>,
+}
+
+/// A task and, after its creation, when it was first put on the broker,
+/// last started and ended (ms). A long wait before `queued` is the outbox
+/// (a refused publish waiting for the relay); between `queued` and
+/// `started`, the broker or a cut-off, paused or busy worker.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Slowest {
+    pub task_id: Uuid,
+    pub queued_after_ms: Option<f64>,
+    pub started_after_ms: Option<f64>,
+    pub ended_after_ms: f64,
 }
 
 /// The faults of one kind over a run: how often, and the worst of each figure.
@@ -89,15 +104,17 @@ pub fn impacts(events: &[Event], ops: &[Op], rows: &[&Row]) -> Vec<Impact> {
             let next = events.get(i + 1).map_or(f64::MAX, |n| n.start_ms as f64);
             let end = (whole + AFTER_MS).min(next);
             let (back, failed) = api_back(ops, e.start_ms, end as u64);
+            let during = healed.max(start + 1000.0);
             Impact {
                 nemesis: e.nemesis.name(),
                 target: e.target.clone(),
                 at_s: start / 1000.0,
                 longest_gap_ms: longest_gap(&done, start, (whole + 10_000.0).min(next)),
-                p99_during_ms: p99(rows, start, healed.max(start + 1000.0)),
+                p99_during_ms: p99(rows, start, during),
                 p99_after_ms: p99(rows, whole, end),
                 api_back_ms: back,
                 failed_requests: failed,
+                slowest_during: slowest(rows, start, during),
             }
         })
         .collect()
@@ -114,19 +131,34 @@ pub fn longest_gap(done: &[f64], from: f64, to: f64) -> f64 {
     longest.max(to - last)
 }
 
+/// The ended tasks without a countdown created in `[from, to)`, each with
+/// its created→ended time.
+fn ended_in<'r>(rows: &'r [&Row], from: f64, to: f64) -> impl Iterator<Item = (&'r Row, f64)> {
+    rows.iter()
+        .filter(move |r| r.task_type == "multiply" && r.created_ms >= from && r.created_ms < to)
+        .filter_map(|r| Some((*r, r.finished_ms? - r.created_ms)))
+}
+
 /// p99 of created→ended for tasks without a countdown created in `[from, to)`.
 pub fn p99(rows: &[&Row], from: f64, to: f64) -> Option<f64> {
-    let mut lat: Vec<f64> = rows
-        .iter()
-        .filter(|r| r.task_type == "multiply" && r.created_ms >= from && r.created_ms < to)
-        .filter_map(|r| Some(r.finished_ms? - r.created_ms))
-        .collect();
+    let mut lat: Vec<f64> = ended_in(rows, from, to).map(|(_, ms)| ms).collect();
     if lat.is_empty() {
         return None;
     }
     lat.sort_by(f64::total_cmp);
     let i = ((lat.len() as f64 * 0.99).ceil() as usize).saturating_sub(1);
     lat.get(i).copied()
+}
+
+/// The slowest of the tasks [`p99`] reads, and where its time went.
+pub fn slowest(rows: &[&Row], from: f64, to: f64) -> Option<Slowest> {
+    let (r, ended) = ended_in(rows, from, to).max_by(|a, b| a.1.total_cmp(&b.1))?;
+    Some(Slowest {
+        task_id: r.id,
+        queued_after_ms: r.queued_ms.map(|q| q - r.created_ms),
+        started_after_ms: r.started_ms.map(|s| s - r.created_ms),
+        ended_after_ms: ended,
+    })
 }
 
 /// From `from` to the first 2xx after the last failed attempt sent
@@ -173,11 +205,14 @@ mod tests {
     fn p99_reads_only_tasks_created_in_the_window() {
         let rows: Vec<Row> = (0..100)
             .map(|i| Row {
+                id: Uuid::from_u128(i),
                 state: "SUCCESS".into(),
                 result: None,
                 attempts: 1,
                 task_type: "multiply".into(),
                 created_ms: i as f64,
+                queued_ms: Some(i as f64 + if i == 99 { 990.0 } else { 1.0 }),
+                started_ms: Some(i as f64 + if i == 99 { 995.0 } else { 2.0 }),
                 finished_ms: Some(i as f64 + if i == 99 { 1000.0 } else { 10.0 }),
             })
             .collect();
@@ -185,6 +220,42 @@ mod tests {
         assert_eq!(p99(&refs, 0.0, 100.0), Some(10.0));
         assert_eq!(p99(&refs, 99.0, 100.0), Some(1000.0));
         assert_eq!(p99(&refs, 200.0, 300.0), None);
+    }
+
+    #[test]
+    fn the_slowest_task_says_where_its_time_went() {
+        // Task 40 waited 900 ms before the broker had it and ended after
+        // 910; task 50, slower still, is of a type p99 leaves out.
+        let ended = |i: u128| match i {
+            40 => 910.0,
+            50 => 5000.0,
+            _ => 10.0,
+        };
+        let rows: Vec<Row> = (0..100)
+            .map(|i| Row {
+                id: Uuid::from_u128(i),
+                state: "SUCCESS".into(),
+                result: None,
+                attempts: 1,
+                task_type: if i == 50 { "fail_once" } else { "multiply" }.into(),
+                created_ms: i as f64,
+                queued_ms: Some(i as f64 + if i == 40 { 900.0 } else { 1.0 }),
+                started_ms: Some(i as f64 + if i == 40 { 905.0 } else { 2.0 }),
+                finished_ms: Some(i as f64 + ended(i)),
+            })
+            .collect();
+        let refs: Vec<&Row> = rows.iter().collect();
+        let s = slowest(&refs, 0.0, 100.0).unwrap();
+        assert_eq!(s.task_id, Uuid::from_u128(40), "the slowest counted task");
+        assert_eq!(
+            (s.queued_after_ms, s.started_after_ms, s.ended_after_ms),
+            (Some(900.0), Some(905.0), 910.0)
+        );
+        assert_eq!(
+            slowest(&refs, 41.0, 42.0).unwrap().task_id,
+            Uuid::from_u128(41)
+        );
+        assert_eq!(slowest(&refs, 200.0, 300.0), None);
     }
 
     #[test]
@@ -198,6 +269,7 @@ mod tests {
             p99_after_ms: None,
             api_back_ms: gap / 2.0,
             failed_requests: 1,
+            slowest_during: None,
         };
         let s = summarize(&[
             impact("kill-leader", 900.0, Some(50.0)),
