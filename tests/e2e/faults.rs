@@ -233,17 +233,7 @@ async fn a_worker_cut_off_from_the_broker_for_30_seconds_catches_up() {
     const DOWN_FOR: Duration = Duration::from_secs(30);
     let env = TestEnv::new().await;
     let api = env.spawn_api().await;
-    let url = env.settings().amqp.url.clone();
-    let broker: std::net::SocketAddr = {
-        let uri: lapin::uri::AMQPUri = secrecy::ExposeSecret::expose_secret(&url).parse().unwrap();
-        let host = if uri.authority.host == "localhost" {
-            "127.0.0.1".to_owned()
-        } else {
-            uri.authority.host
-        };
-        format!("{host}:{}", uri.authority.port).parse().unwrap()
-    };
-    let proxy = warren_tests::Proxy::start(broker).await;
+    let proxy = warren_tests::Proxy::start(env.broker_addr()).await;
     let via_proxy = format!("amqp://guest:guest@{}/%2f", proxy.addr());
     let worker = env.spawn_worker_process("w", &[("WARREN_AMQP__URL", &via_proxy)]);
     let amqp = env.amqp().await;

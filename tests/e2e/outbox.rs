@@ -164,7 +164,7 @@ async fn a_committed_task_whose_publish_fails_is_due_at_once_not_after_the_lease
     // No relay in the API: nothing but the submission touches the row.
     let env = TestEnv::with(|s| s.relay.enabled = false).await;
     let lease = env.settings().relay.lease_seconds;
-    let proxy = Proxy::start(broker_addr(&env)).await;
+    let proxy = Proxy::start(env.broker_addr()).await;
     let mut settings = env.settings();
     settings.amqp.url = format!("amqp://guest:guest@{}/%2f", proxy.addr()).into();
     // Well inside the lease, should the cut reach the API's connection
@@ -199,15 +199,4 @@ async fn a_committed_task_whose_publish_fails_is_due_at_once_not_after_the_lease
     env.wait_for_first_attempt_success(id, json!(42)).await;
     worker.stop().await;
     api.stop().await;
-}
-
-/// The machine's RabbitMQ, as an address a [`Proxy`] can forward to.
-fn broker_addr(env: &TestEnv) -> std::net::SocketAddr {
-    let url = env.settings().amqp.url;
-    let uri: lapin::uri::AMQPUri = secrecy::ExposeSecret::expose_secret(&url).parse().unwrap();
-    let host = match uri.authority.host.as_str() {
-        "localhost" => "127.0.0.1".to_owned(),
-        other => other.to_owned(),
-    };
-    format!("{host}:{}", uri.authority.port).parse().unwrap()
 }

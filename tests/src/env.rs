@@ -154,6 +154,20 @@ impl TestEnv {
         self.settings.clone()
     }
 
+    /// The machine's RabbitMQ as an address a [`crate::Proxy`] can
+    /// forward to (`localhost` made `127.0.0.1`).
+    pub fn broker_addr(&self) -> std::net::SocketAddr {
+        let url = secrecy::ExposeSecret::expose_secret(&self.settings.amqp.url).to_owned();
+        let uri: lapin::uri::AMQPUri = url.parse().expect("the test AMQP URL parses");
+        let host = match uri.authority.host.as_str() {
+            "localhost" => "127.0.0.1".to_owned(),
+            other => other.to_owned(),
+        };
+        format!("{host}:{}", uri.authority.port)
+            .parse()
+            .expect("the broker's address")
+    }
+
     /// The store on this test's database, for assertions on rows.
     pub fn store(&self) -> &Store {
         &self.store

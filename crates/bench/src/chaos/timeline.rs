@@ -201,19 +201,29 @@ mod tests {
         assert_eq!(longest_gap(&[], 0.0, 50.0), 50.0);
     }
 
+    /// Task `i` of type `task_type`, created at `i` ms, first queued,
+    /// started and ended the given ms after that.
+    fn row(i: u128, task_type: &str, queued: f64, started: f64, ended: f64) -> Row {
+        let created = i as f64;
+        Row {
+            id: Uuid::from_u128(i),
+            state: "SUCCESS".into(),
+            result: None,
+            attempts: 1,
+            task_type: task_type.into(),
+            created_ms: created,
+            queued_ms: Some(created + queued),
+            started_ms: Some(created + started),
+            finished_ms: Some(created + ended),
+        }
+    }
+
     #[test]
     fn p99_reads_only_tasks_created_in_the_window() {
         let rows: Vec<Row> = (0..100)
-            .map(|i| Row {
-                id: Uuid::from_u128(i),
-                state: "SUCCESS".into(),
-                result: None,
-                attempts: 1,
-                task_type: "multiply".into(),
-                created_ms: i as f64,
-                queued_ms: Some(i as f64 + if i == 99 { 990.0 } else { 1.0 }),
-                started_ms: Some(i as f64 + if i == 99 { 995.0 } else { 2.0 }),
-                finished_ms: Some(i as f64 + if i == 99 { 1000.0 } else { 10.0 }),
+            .map(|i| match i {
+                99 => row(i, "multiply", 990.0, 995.0, 1000.0),
+                _ => row(i, "multiply", 1.0, 2.0, 10.0),
             })
             .collect();
         let refs: Vec<&Row> = rows.iter().collect();
@@ -226,22 +236,11 @@ mod tests {
     fn the_slowest_task_says_where_its_time_went() {
         // Task 40 waited 900 ms before the broker had it and ended after
         // 910; task 50, slower still, is of a type p99 leaves out.
-        let ended = |i: u128| match i {
-            40 => 910.0,
-            50 => 5000.0,
-            _ => 10.0,
-        };
         let rows: Vec<Row> = (0..100)
-            .map(|i| Row {
-                id: Uuid::from_u128(i),
-                state: "SUCCESS".into(),
-                result: None,
-                attempts: 1,
-                task_type: if i == 50 { "fail_once" } else { "multiply" }.into(),
-                created_ms: i as f64,
-                queued_ms: Some(i as f64 + if i == 40 { 900.0 } else { 1.0 }),
-                started_ms: Some(i as f64 + if i == 40 { 905.0 } else { 2.0 }),
-                finished_ms: Some(i as f64 + ended(i)),
+            .map(|i| match i {
+                40 => row(i, "multiply", 900.0, 905.0, 910.0),
+                50 => row(i, "fail_once", 1.0, 2.0, 5000.0),
+                _ => row(i, "multiply", 1.0, 2.0, 10.0),
             })
             .collect();
         let refs: Vec<&Row> = rows.iter().collect();
