@@ -146,6 +146,11 @@ impl Publishing {
             .filter(|(t, r)| t.publish_after_commit() && t.publishable_at(now) && r.hold.is_none())
             .map(|(_, r)| message_from_row(r))
             .collect();
+        // The common case (every task published inside the transaction):
+        // nothing more to do for this batch.
+        if after.is_empty() {
+            return Ok(rows);
+        }
         let queued: HashSet<Uuid> = self
             .publish_committed(store, &after)
             .await
