@@ -13,6 +13,6 @@ cargo build --workspace --bins --locked
 out="$WARREN_ROOT/docs/screenshots"
 mkdir -p "$out"
 TEST_SCREENSHOTS="$out" TEST_BIN_DIR="$CARGO_TARGET_DIR/debug" \
-  cargo test -p warren-tests --test e2e --locked -- dashboard::a_ dashboard::an_ webhooks::webhook_deliveries_show \
+  cargo test -p warren-tests --test e2e --locked -- dashboard::a_ dashboard::an_ dashboard::the_api_reference webhooks::webhook_deliveries_show \
     workflows::the_dashboard_shows schedules::the_dashboard_shows
 say "screenshots in docs/screenshots: $(ls "$out" | tr '\n' ' ')"

@@ -222,6 +222,32 @@ async fn a_person_signs_in_watches_tasks_live_and_acts_on_them() {
     api.stop().await;
 }
 
+/// The API reference at `/docs` is drawn by the API itself: a person
+/// without a key reads every operation, and the browser fetched nothing
+/// from elsewhere (it once loaded a renderer from a CDN).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_reference_is_read_without_a_key_and_loads_nothing_from_elsewhere() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let b = Browser::start(&api.url(""), 1280, 900).await;
+    b.goto("/docs").await;
+    assert_eq!(heading(&b).await, "Warren HTTP API");
+    let submit = b
+        .text("nav[aria-label=Operations] a[href='#post-tasks-task_type']")
+        .await;
+    assert_eq!(submit, "POST /tasks/{task_type}");
+    b.click("nav[aria-label=Operations] a[href='#post-tasks-task_type']")
+        .await;
+    let section = b.text("section#post-tasks-task_type").await;
+    for part in ["Parameters", "task_type", "multiply", "Responses", "202"] {
+        assert!(section.contains(part), "{part} in {section}");
+    }
+    only_local(&b).await;
+    b.screenshot("api-reference").await;
+    b.close().await;
+    api.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_sees_every_owner_the_operations_and_requeues_a_dead_letter() {
     let env = TestEnv::new().await;

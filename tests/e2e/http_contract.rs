@@ -48,9 +48,32 @@ async fn the_openapi_document_describes_every_route() {
         "bearer"
     );
 
+    // The reference is rendered here, from this document: every path and
+    // the deployment's task types, under the dashboard's policy, with no
+    // script and nothing from elsewhere.
     let docs = anonymous.get("/docs").await;
     assert_eq!(docs.status(), StatusCode::OK);
-    assert!(docs.text().await.unwrap().contains("/openapi.json"));
+    let csp = docs.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(csp.starts_with("default-src 'none'"), "{csp}");
+    let page = docs.text().await.unwrap();
+    assert!(page.contains(r#"href="/openapi.json""#), "{page}");
+    for path in &paths {
+        assert!(
+            page.contains(&format!("<code>{path}</code>")),
+            "{path} in /docs"
+        );
+    }
+    assert!(
+        page.contains("&quot;labels.generate&quot;"),
+        "task types listed"
+    );
+    assert!(
+        !page.contains("http://") && !page.contains("https://") && !page.contains("<script>"),
+        "{page}"
+    );
     api.stop().await;
 }
 

@@ -1,12 +1,8 @@
 //! The OpenAPI 3.1 document, generated from the handlers and their types
-//! (utoipa), served at `/openapi.json`; a browsable reference at `/docs`.
+//! (utoipa), served at `/openapi.json`; `ui::reference` renders it at `/docs`.
 
 use crate::routes::{health, ops, pauses, schedules, tasks, webhooks, workflows};
-use axum::{
-    Json,
-    extract::State,
-    response::{Html, IntoResponse},
-};
+use axum::{Json, extract::State, response::IntoResponse};
 use serde::Serialize;
 use utoipa::{
     Modify, OpenApi, ToSchema,
@@ -147,25 +143,6 @@ pub fn document(catalog: &Catalog) -> utoipa::openapi::OpenApi {
 
 pub(crate) async fn openapi_json(State(state): State<crate::AppState>) -> impl IntoResponse {
     Json(document(&state.catalog))
-}
-
-/// A reference page rendered in the browser from `/openapi.json`.
-pub(crate) async fn docs() -> Html<&'static str> {
-    Html(
-        r#"<!doctype html>
-<html lang="en">
-<head>
-  <meta charset="utf-8">
-  <title>Warren API</title>
-  <meta name="viewport" content="width=device-width, initial-scale=1">
-</head>
-<body>
-  <script id="api-reference" data-url="/openapi.json"></script>
-  <script src="https://cdn.jsdelivr.net/npm/@scalar/api-reference"></script>
-  <noscript>The reference needs JavaScript; the document itself is at <a href="/openapi.json">/openapi.json</a>.</noscript>
-</body>
-</html>"#,
-    )
 }
 
 #[cfg(test)]

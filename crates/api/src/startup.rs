@@ -279,7 +279,6 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics::serve))
         .route("/healthz", get(routes::health::healthz))
         .route("/openapi.json", get(openapi::openapi_json))
-        .route("/docs", get(openapi::docs))
         .route("/readyz", get(routes::health::readyz))
         .merge(crate::ui::router())
         .fallback(not_found)

@@ -116,6 +116,26 @@ pub(crate) fn login(token: &str, next: &str, problem: Option<&str>) -> Html<Stri
     Html(markup.into_string())
 }
 
+/// A page anyone may read (no session): the API reference.
+pub(crate) fn document_page(title: &str, body: Markup) -> Response {
+    let markup = html! {
+        (DOCTYPE)
+        html lang="en" {
+            (head(title))
+            body.reference {
+                a.skip href="#main" { "Skip to content" }
+                header.top {
+                    a.brand href="/ui" { "Warren" }
+                    nav aria-label="Main" { ul { li { a href="/docs" aria-current="page" { "API reference" } } } }
+                }
+                main #main { (body) }
+                footer { "Warren " (warren_shared::VERSION) }
+            }
+        }
+    };
+    Html(markup.into_string()).into_response()
+}
+
 /// A page for a request that cannot be answered: not found, forbidden, down.
 pub(crate) fn error_page(status: StatusCode, title: &str, detail: &str) -> Response {
     let markup = html! {

@@ -17,7 +17,8 @@
 //!   task's detail, cancel and retry;
 //! - `workflows`: the newest workflows, one as a tree;
 //! - `schedules`: schedules with their next runs;
-//! - `ops`: overview, workers, queues, dead letters, releases.
+//! - `ops`: overview, workers, queues, dead letters, releases;
+//! - `reference`: `/docs`, the HTTP API's reference, for anyone.
 
 use crate::{ApiError, AppState};
 use axum::{
@@ -33,6 +34,7 @@ mod chart;
 mod layout;
 mod live;
 mod ops;
+mod reference;
 mod schedules;
 pub(crate) mod session;
 mod tasks;
@@ -78,6 +80,7 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/ui/live/workers", get(ops::live_workers))
         .route("/ui/live/queues", get(ops::live_queues))
         .route("/ui/assets/{name}", get(asset))
+        .route("/docs", get(reference::page))
         .layer(axum::middleware::from_fn(protect));
     Router::new()
         .route("/", get(|| async { Redirect::to("/ui") }))
