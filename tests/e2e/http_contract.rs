@@ -48,6 +48,40 @@ async fn the_openapi_document_describes_every_route() {
         "bearer"
     );
 
+    // A 202 says where its task can be read and acted on: each link's
+    // operationRef resolves to an operation of this document, fed by the
+    // id the 202 returns.
+    let links = &doc["paths"]["/tasks/{task_type}"]["post"]["responses"]["202"]["links"];
+    for name in [
+        "status",
+        "result",
+        "errors",
+        "cancel",
+        "retry",
+        "deliveries",
+    ] {
+        let link = &links[name];
+        let target = link["operationRef"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name}: {links}"));
+        let pointer = target.strip_prefix('#').unwrap();
+        assert!(
+            doc.pointer(pointer).is_some_and(Value::is_object),
+            "{name} → {target}"
+        );
+        assert_eq!(link["parameters"]["id"], "$response.body#/id", "{name}");
+        assert_eq!(
+            link["parameters"]["task_type"], "$request.path.task_type",
+            "{name}"
+        );
+    }
+    let schedule = &doc["paths"]["/schedules"]["post"]["responses"]["201"]["links"]["delete"];
+    assert_eq!(
+        schedule["operationRef"],
+        "#/paths/~1schedules~1{name}/delete"
+    );
+    assert_eq!(schedule["parameters"]["name"], "$response.body#/name");
+
     // The reference is rendered here, from this document: every path and
     // the deployment's task types, under the dashboard's policy, with no
     // script and nothing from elsewhere.

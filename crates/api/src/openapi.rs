@@ -8,6 +8,7 @@ use utoipa::{
     Modify, OpenApi, ToSchema,
     openapi::{
         RefOr, Schema,
+        link::Link,
         schema::{ObjectBuilder, Type},
         security::{Http, HttpAuthScheme, SecurityScheme},
     },
@@ -138,7 +139,93 @@ pub fn document(catalog: &Catalog) -> utoipa::openapi::OpenApi {
             }
         }
     }
+    add_links(&mut doc);
     doc
+}
+
+/// A `POST` whose answer (`status`) leads to operations `to`: link name,
+/// path, method.
+struct Leads {
+    from: &'static str,
+    status: &'static str,
+    to: &'static [(&'static str, &'static str, &'static str)],
+}
+
+/// What a created resource leads to, as OpenAPI links: a client (or a
+/// generator such as Schemathesis) follows a `202` to the task's own
+/// operations with the id it returned, instead of guessing ids.
+/// `operationRef`, not `operationId`: utoipa names operations after their
+/// functions, and `submit` is two of them.
+const LINKS: &[Leads] = &[
+    Leads {
+        from: "/tasks/{task_type}",
+        status: "202",
+        to: &[
+            ("status", "/tasks/{task_type}/{id}", "get"),
+            ("result", "/tasks/{task_type}/{id}/result", "get"),
+            ("errors", "/tasks/{task_type}/{id}/errors", "get"),
+            ("cancel", "/tasks/{task_type}/{id}/cancel", "post"),
+            ("retry", "/tasks/{task_type}/{id}/retry", "post"),
+            ("deliveries", "/tasks/{task_type}/{id}/deliveries", "get"),
+        ],
+    },
+    Leads {
+        from: "/workflows",
+        status: "202",
+        to: &[
+            ("status", "/workflows/{id}", "get"),
+            ("cancel", "/workflows/{id}/cancel", "post"),
+        ],
+    },
+    Leads {
+        from: "/schedules",
+        status: "201",
+        to: &[
+            ("show", "/schedules/{name}", "get"),
+            ("pause", "/schedules/{name}/pause", "post"),
+            ("resume", "/schedules/{name}/resume", "post"),
+            ("delete", "/schedules/{name}", "delete"),
+        ],
+    },
+];
+
+fn add_links(doc: &mut utoipa::openapi::OpenApi) {
+    for leads in LINKS {
+        let links: Vec<(&str, Link)> = leads
+            .to
+            .iter()
+            .map(|(name, to, verb)| (*name, link(to, verb)))
+            .collect();
+        let response = doc
+            .paths
+            .paths
+            .get_mut(leads.from)
+            .and_then(|item| item.post.as_mut())
+            .and_then(|op| op.responses.responses.get_mut(leads.status));
+        if let Some(RefOr::T(response)) = response {
+            for (name, link) in links {
+                response.links.insert(name.to_owned(), RefOr::T(link));
+            }
+        }
+    }
+}
+
+/// A link to `verb` `to`: its path parameters from the request's
+/// `task_type` and the answer's `id` or `name`.
+fn link(to: &str, verb: &str) -> Link {
+    let pointer = to.replace('~', "~0").replace('/', "~1");
+    let mut link = Link::builder().operation_ref(format!("#/paths/{pointer}/{verb}"));
+    for param in ["task_type", "id", "name"] {
+        if to.contains(&format!("{{{param}}}")) {
+            let value = if param == "task_type" {
+                "$request.path.task_type".to_owned()
+            } else {
+                format!("$response.body#/{param}")
+            };
+            link = link.parameter(param, value);
+        }
+    }
+    link.build()
 }
 
 pub(crate) async fn openapi_json(State(state): State<crate::AppState>) -> impl IntoResponse {
