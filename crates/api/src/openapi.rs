@@ -210,19 +210,21 @@ fn add_links(doc: &mut utoipa::openapi::OpenApi) {
     }
 }
 
-/// A link to `verb` `to`: its path parameters from the request's
-/// `task_type` and the answer's `id` or `name`.
+/// Where a link's path parameters come from: the request's type, the
+/// answer's id or name.
+const LINK_PARAMETERS: [(&str, &str); 3] = [
+    ("{task_type}", "$request.path.task_type"),
+    ("{id}", "$response.body#/id"),
+    ("{name}", "$response.body#/name"),
+];
+
+/// A link to `verb` `to`, each of its path parameters fed.
 fn link(to: &str, verb: &str) -> Link {
     let pointer = to.replace('~', "~0").replace('/', "~1");
     let mut link = Link::builder().operation_ref(format!("#/paths/{pointer}/{verb}"));
-    for param in ["task_type", "id", "name"] {
-        if to.contains(&format!("{{{param}}}")) {
-            let value = if param == "task_type" {
-                "$request.path.task_type".to_owned()
-            } else {
-                format!("$response.body#/{param}")
-            };
-            link = link.parameter(param, value);
+    for (param, source) in LINK_PARAMETERS {
+        if to.contains(param) {
+            link = link.parameter(param.trim_matches(['{', '}']), source);
         }
     }
     link.build()

@@ -58,10 +58,7 @@ fn operations(doc: &Value) -> Vec<Operation<'_>> {
 
 fn render(doc: &Value) -> Markup {
     let ops = operations(doc);
-    let mut tags: Vec<&str> = ops.iter().map(|o| tag(o.op)).collect();
-    tags.dedup();
-    tags.sort_unstable();
-    tags.dedup();
+    let tags: std::collections::BTreeSet<&str> = ops.iter().map(|o| tag(o.op)).collect();
     html! {
         h1 { (doc["info"]["title"].as_str().unwrap_or("Warren")) " HTTP API" }
         @if let Some(d) = doc["info"]["description"].as_str() { (prose(d)) }
