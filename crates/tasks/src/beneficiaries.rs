@@ -7,6 +7,7 @@
 //! valid ones are created.
 
 use crate::{FieldError, Input, ItemOutcome, Task, TaskContext, TaskError, ValidationErrors};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
@@ -16,11 +17,18 @@ const CHUNK: usize = 500;
 /// Largest import accepted in one task; split bigger files.
 pub const MAX_IMPORT: usize = 100_000;
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// A payee. `beneficiaries.create` refuses a bad field with a 422; inside
+/// `beneficiaries.import` a bad field is that item's error.
+// Its schema gives the shape only, for the import's sake: the rules are
+// in `problems`, which the two tasks apply at different times.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Beneficiary {
+    /// 1 to 200 characters, not all spaces.
     pub name: String,
+    /// Spaces and lower case allowed; the checksum is checked.
     pub iban: String,
+    /// name@domain.tld
     pub email: String,
     /// ISO 3166-1 alpha-2, e.g. `DE`.
     pub country: String,
@@ -241,9 +249,10 @@ impl Task for CreateBeneficiary {
 /// each invalid one becomes an item error.
 pub struct ImportBeneficiaries;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImportInput {
+    #[schemars(length(min = 1, max = MAX_IMPORT))]
     pub beneficiaries: Vec<Beneficiary>,
 }
 

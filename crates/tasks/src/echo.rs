@@ -3,14 +3,16 @@
 //! task's error shows it as its result.
 
 use crate::{Input, Task, TaskContext, TaskError};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
 
 pub struct Echo;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EchoInput {
+    /// Any JSON; `null` when left out.
     #[serde(default)]
     pub value: Value,
 }

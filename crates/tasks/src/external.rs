@@ -16,6 +16,8 @@ const MAX_ERRORS: usize = 200;
 pub struct ExternalTask {
     name: String,
     validator: jsonschema::Validator,
+    /// As configured: the API document shows it.
+    schema: Value,
     policy: Policy,
 }
 
@@ -36,6 +38,7 @@ impl ExternalTask {
         Ok(Self {
             name: name.into(),
             validator,
+            schema: schema.clone(),
             policy,
         })
     }
@@ -66,6 +69,10 @@ impl DynTask for ExternalTask {
             .map(|e| field_error(&e))
             .collect();
         ValidationErrors::check(errors)
+    }
+
+    fn input_schema(&self) -> Value {
+        self.schema.clone()
     }
 
     fn positional(&self) -> &[&'static str] {

@@ -4,6 +4,7 @@
 //! does (a panic is one failed attempt, reported to error tracking).
 
 use crate::{FieldError, Input, Task, TaskContext, TaskError, ValidationErrors};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub struct Flaky;
@@ -11,9 +12,11 @@ pub struct Flaky;
 /// Enough to exhaust any sane retry policy.
 const MAX_FAIL_TIMES: u32 = 1_000;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FlakyInput {
+    /// Attempts that fail before one succeeds.
+    #[schemars(range(max = MAX_FAIL_TIMES))]
     pub fail_times: u32,
     /// Panic on the failing attempts instead of returning an error.
     #[serde(default)]

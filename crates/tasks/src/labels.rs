@@ -9,6 +9,7 @@
 use crate::{FieldError, Input, NewArtifact, Task, TaskContext, TaskError, ValidationErrors};
 use pdf_writer::{Content, Filter, Finish, Name, Pdf, Rect, Ref, Str};
 use qrcode::{Color, QrCode};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub const MAX_SHIPMENTS: usize = 10_000;
@@ -20,22 +21,35 @@ const PAGE_H: f32 = 419.53;
 const MARGIN: f32 = 18.0;
 const QR_SIDE: f32 = 120.0;
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Address {
+    /// 1 to 100 characters, not all spaces (as are street, postal code
+    /// and city).
+    #[schemars(length(min = 1, max = 100))]
     pub name: String,
+    #[schemars(length(min = 1, max = 100))]
     pub street: String,
+    #[schemars(length(min = 1, max = 100))]
     pub postal_code: String,
+    #[schemars(length(min = 1, max = 100))]
     pub city: String,
     /// ISO 3166-1 alpha-2.
+    #[schemars(regex(pattern = COUNTRY))]
     pub country: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// Two capitals, as [`Shipment::problems`] checks a country.
+const COUNTRY: &str = "^[A-Z]{2}$";
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Shipment {
     /// The carrier reference, printed and encoded in the QR code.
+    #[schemars(regex(pattern = "^[A-Za-z0-9_-]{1,64}$"))]
     pub reference: String,
+    /// More than 0, at most 1000.
+    #[schemars(range(max = 1000.0), extend("exclusiveMinimum" = 0))]
     pub weight_kg: f64,
     pub address: Address,
 }
@@ -90,9 +104,10 @@ impl Shipment {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LabelsInput {
+    #[schemars(length(min = 1, max = MAX_SHIPMENTS))]
     pub shipments: Vec<Shipment>,
 }
 

@@ -28,6 +28,8 @@
 mod context;
 mod error;
 mod external;
+#[cfg(test)]
+mod input_schemas;
 mod policy;
 mod registry;
 mod task;

@@ -2,12 +2,13 @@
 //! typed input, validation and an output worth checking.
 
 use crate::{Input, Task, TaskContext, TaskError};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Number;
 
 pub struct Multiply;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MultiplyInput {
     pub x: Number,

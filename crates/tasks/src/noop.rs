@@ -1,11 +1,12 @@
 //! `noop`: returns at once. Measures Warren's own overhead per task.
 
 use crate::{Input, Task, TaskContext, TaskError};
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 pub struct Noop;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NoopInput {}
 

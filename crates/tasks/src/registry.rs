@@ -19,6 +19,10 @@ pub trait DynTask: Send + Sync {
     fn positional(&self) -> &[&'static str];
     /// Checks an input without running anything (the API's 422 path).
     fn validate(&self, input: &Value) -> Result<(), ValidationErrors>;
+    /// The input as a JSON Schema: what `validate` requires, as far as a
+    /// schema can say it (checksums and cross-field rules stay in
+    /// `validate`). Never stricter than `validate`.
+    fn input_schema(&self) -> Value;
     /// Builds the input object from a Celery call's positional `args` and
     /// `kwargs`, using the task's declared positional names.
     fn input_from_call(
@@ -47,6 +51,10 @@ impl<T: Task> DynTask for Erased<T> {
 
     fn validate(&self, input: &Value) -> Result<(), ValidationErrors> {
         T::Input::parse(input).map(drop)
+    }
+
+    fn input_schema(&self) -> Value {
+        T::Input::schema()
     }
 
     fn input_from_call(

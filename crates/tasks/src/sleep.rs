@@ -2,6 +2,7 @@
 //! work (a carrier's API, a report query). Stops early when cancelled.
 
 use crate::{FieldError, Input, Task, TaskContext, TaskError, ValidationErrors};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -10,9 +11,10 @@ pub struct Sleep;
 /// A day: longer sleeps are almost certainly a unit mistake (ms for s).
 pub const MAX_SLEEP_SECONDS: f64 = 86_400.0;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SleepInput {
+    #[schemars(range(min = 0.0, max = MAX_SLEEP_SECONDS))]
     pub seconds: f64,
 }
 

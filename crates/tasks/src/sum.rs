@@ -3,6 +3,7 @@
 //! examples: it adds up every member's result.
 
 use crate::{FieldError, Input, Task, TaskContext, TaskError, ValidationErrors};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Number;
 
@@ -11,9 +12,10 @@ pub struct Sum;
 /// A chord of a hundred thousand members is as large as a sum gets here.
 const MAX_VALUES: usize = 100_000;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SumInput {
+    #[schemars(length(max = MAX_VALUES))]
     pub values: Vec<Number>,
 }
 

@@ -1,12 +1,16 @@
 //! The trait every task implements.
 
 use crate::{Policy, TaskContext, TaskError, ValidationErrors};
+use schemars::{JsonSchema, generate::SchemaSettings};
 use serde::{Serialize, de::DeserializeOwned};
 use std::future::Future;
 
 /// A task's typed input. Deserialisation checks shapes and types; `validate`
 /// checks what types cannot say (ranges, checksums, cross-field rules).
-pub trait Input: DeserializeOwned + Send + 'static {
+/// The JSON Schema is derived from the same type, so what the API
+/// documents cannot drift from what it parses; `#[schemars(...)]` bounds
+/// say as much of `validate` as a schema can, never more.
+pub trait Input: DeserializeOwned + JsonSchema + Send + 'static {
     fn validate(&self) -> Result<(), ValidationErrors> {
         Ok(())
     }
@@ -18,6 +22,21 @@ pub trait Input: DeserializeOwned + Send + 'static {
             .map_err(|first| crate::validation::every_field_error::<Self>(value, first))?;
         input.validate()?;
         Ok(input)
+    }
+
+    /// This input as a JSON Schema (2020-12), self-contained: nested types
+    /// inlined, no `$schema` or `title`, so it can sit inside an OpenAPI
+    /// document as a request body.
+    fn schema() -> serde_json::Value {
+        let mut schema = SchemaSettings::draft2020_12()
+            .with(|s| {
+                s.inline_subschemas = true;
+                s.meta_schema = None;
+            })
+            .into_generator()
+            .into_root_schema_for::<Self>();
+        schema.remove("title");
+        schema.to_value()
     }
 }
 
