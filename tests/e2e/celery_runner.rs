@@ -150,6 +150,25 @@ async fn celery_runner_python_tasks_get_validation_progress_results_and_errors()
     let queue = env.queue("reports");
     let amqp = env.amqp().await;
 
+    // The API document gives the type its own submission, whose body is
+    // the configured schema.
+    let doc: Value = api
+        .anonymous()
+        .get("/openapi.json")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let shown = &doc["paths"][format!("/tasks/{WORDCOUNT}")]["post"]["requestBody"]["content"]["application/json"]
+        ["schema"];
+    assert_eq!(shown["required"], json!(["text"]), "{shown}");
+    assert_eq!(shown["additionalProperties"], false, "{shown}");
+    assert_eq!(
+        shown["properties"]["pause"]["maximum"].as_f64(),
+        Some(5.0),
+        "{shown}"
+    );
+
     // 422 per field, from the schema, before anything is recorded or published.
     let response = client
         .submit(WORDCOUNT, &json!({"text": 5, "colour": "red"}))

@@ -244,6 +244,27 @@ async fn the_api_reference_is_read_without_a_key_and_loads_nothing_from_elsewher
     }
     only_local(&b).await;
     b.screenshot("api-reference").await;
+
+    // A task type's own submission shows the input it takes.
+    b.click("nav[aria-label=Operations] a[href='#post-tasks-multiply']")
+        .await;
+    let section = b.text("section#post-tasks-multiply").await;
+    for part in [
+        "Request body",
+        "required",
+        "\"x\"",
+        "\"number\"",
+        "additionalProperties",
+    ] {
+        assert!(section.contains(part), "{part} in {section}");
+    }
+    assert!(!section.contains("task_type"), "{section}");
+    b.js(
+        "[...document.querySelectorAll('section#post-tasks-multiply h4')]\
+          .find(h => h.textContent.startsWith('Request body')).scrollIntoView(); return null;",
+    )
+    .await;
+    b.screenshot("api-reference-task-type").await;
     b.close().await;
     api.stop().await;
 }

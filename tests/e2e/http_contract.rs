@@ -111,6 +111,87 @@ async fn the_openapi_document_describes_every_route() {
     api.stop().await;
 }
 
+/// Each task type has its own `POST /tasks/<type>` in the document, whose
+/// body is that type's input schema, and the API holds to it: what the
+/// schema refuses is a 422 naming the field, what it accepts is a 202
+/// whose links (with the type as a constant) lead to the task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_task_type_documents_its_input_and_the_api_holds_to_it() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let doc: Value = api
+        .anonymous()
+        .get("/openapi.json")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let types = doc["paths"]["/tasks/{task_type}"]["post"]["parameters"][0]["schema"]["enum"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(types.len() >= 9, "{types:?}");
+    for name in types.iter().filter_map(Value::as_str) {
+        // The path answers what the route answers: a listing too.
+        let list = &doc["paths"][format!("/tasks/{name}")]["get"];
+        let params = list["parameters"].as_array().unwrap();
+        assert!(params.iter().all(|p| p["name"] != "task_type"), "{name}");
+        let op = &doc["paths"][format!("/tasks/{name}")]["post"];
+        assert_eq!(op["tags"], json!(["task types"]), "{name}");
+        let params = op["parameters"].as_array().unwrap();
+        assert!(params.iter().all(|p| p["name"] != "task_type"), "{name}");
+        let schema = &op["requestBody"]["content"]["application/json"]["schema"];
+        assert_eq!(schema["additionalProperties"], false, "{name}: {schema}");
+        assert_eq!(
+            op["responses"]["202"]["links"]["status"]["parameters"]["task_type"], name,
+            "{name}"
+        );
+    }
+
+    let multiply = &doc["paths"]["/tasks/multiply"]["post"]["requestBody"]["content"]["application/json"]
+        ["schema"];
+    let schema = jsonschema::draft202012::new(multiply).unwrap();
+    for (input, field) in [
+        (json!({"x": 6}), "y"),
+        (json!({"x": "6", "y": 7}), "x"),
+        (json!({"x": 6, "y": 7, "z": 8}), "z"),
+    ] {
+        assert!(!schema.is_valid(&input), "{input}");
+        let response = api.submit("multiply", &input).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{input}"
+        );
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["errors"][0]["field"], field, "{input}");
+    }
+    let input = json!({"x": 6, "y": 7});
+    assert!(schema.is_valid(&input));
+    let response = api.submit("multiply", &input).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let body: Value = response.json().await.unwrap();
+
+    // Follow the `status` link as a generated client would: its
+    // operationRef names the templated path, fed the constant type and
+    // the returned id.
+    let link = &doc["paths"]["/tasks/multiply"]["post"]["responses"]["202"]["links"]["status"];
+    assert_eq!(
+        link["operationRef"],
+        "#/paths/~1tasks~1{task_type}~1{id}/get"
+    );
+    let path = format!(
+        "/tasks/{}/{}",
+        link["parameters"]["task_type"].as_str().unwrap(),
+        body["id"].as_str().unwrap()
+    );
+    let status = api.get(&path).await;
+    assert_eq!(status.status(), StatusCode::OK, "{path}");
+    let status: Value = status.json().await.unwrap();
+    assert_eq!(status["id"], body["id"]);
+    api.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_ids_are_made_or_echoed() {
     let env = TestEnv::new().await;

@@ -14,6 +14,8 @@ pub struct Echo;
 pub struct EchoInput {
     /// Any JSON; `null` when left out.
     #[serde(default)]
+    // Said outright: OpenAPI tools read a schema without `type` poorly.
+    #[schemars(extend("type" = ["null", "boolean", "number", "string", "array", "object"]))]
     pub value: Value,
 }
 

@@ -14,7 +14,11 @@ use serde_json::Value;
 const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
 
 pub(crate) async fn page(State(state): State<AppState>) -> Response {
-    let doc = serde_json::to_value(crate::openapi::document(&state.catalog)).unwrap_or_default();
+    let doc = serde_json::to_value(crate::openapi::document(
+        &state.catalog,
+        &state.settings.api,
+    ))
+    .unwrap_or_default();
     layout::document_page("HTTP API reference", render(&doc))
 }
 

@@ -195,7 +195,8 @@ pub(crate) async fn list(
 #[into_params(parameter_in = Query)]
 pub(crate) struct StatusParams {
     /// Wait up to this many seconds for the task to finish (at most
-    /// `api.max_wait_seconds`, 60 by default).
+    /// `api.max_wait_seconds`, 60 by default; the document served says
+    /// this deployment's).
     #[param(minimum = 0, maximum = 60)]
     wait: Option<f64>,
 }

@@ -7,13 +7,15 @@ use serde::Serialize;
 use utoipa::{
     Modify, OpenApi, ToSchema,
     openapi::{
-        RefOr, Schema,
+        RefOr,
         link::Link,
         schema::{ObjectBuilder, Type},
         security::{Http, HttpAuthScheme, SecurityScheme},
     },
 };
-use warren_shared::catalog::Catalog;
+use warren_shared::{catalog::Catalog, settings::ApiSettings};
+
+mod task_types;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -117,29 +119,36 @@ impl Modify for BearerKeys {
 }
 
 /// The document for this deployment: `task_type` is the list of task
-/// types it runs.
-pub fn document(catalog: &Catalog) -> utoipa::openapi::OpenApi {
+/// types it runs, each has its own submission with its input's schema,
+/// and `?wait=` goes up to the configured `api.max_wait_seconds`.
+pub fn document(catalog: &Catalog, api: &ApiSettings) -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
     let types: Vec<&str> = catalog.task_types().collect();
-    let schema = || -> RefOr<Schema> {
-        ObjectBuilder::new()
-            .schema_type(Type::String)
-            .enum_values(Some(types.clone()))
-            .into()
-    };
+    let task_type = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(types))
+        .build();
+    let wait = ObjectBuilder::new()
+        .schema_type(Type::Number)
+        .minimum(Some(0))
+        .maximum(Some(api.max_wait_seconds))
+        .build();
     for item in doc.paths.paths.values_mut() {
         let operations = [&mut item.get, &mut item.post];
         for op in operations.into_iter().flatten() {
             for p in op.parameters.iter_mut().flatten() {
-                if let RefOr::T(p) = p
-                    && p.name == "task_type"
-                {
-                    p.schema = Some(schema());
+                if let RefOr::T(p) = p {
+                    match p.name.as_str() {
+                        "task_type" => p.schema = Some(task_type.clone().into()),
+                        "wait" => p.schema = Some(wait.clone().into()),
+                        _ => {}
+                    }
                 }
             }
         }
     }
     add_links(&mut doc);
+    task_types::add(&mut doc, catalog);
     doc
 }
 
@@ -231,12 +240,35 @@ fn link(to: &str, verb: &str) -> Link {
 }
 
 pub(crate) async fn openapi_json(State(state): State<crate::AppState>) -> impl IntoResponse {
-    Json(document(&state.catalog))
+    Json(document(&state.catalog, &state.settings.api))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The document says this deployment's `?wait=` bound, which the API
+    /// enforces, not the default's.
+    #[test]
+    fn the_wait_bound_is_the_configured_one() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config");
+        let vars = std::collections::HashMap::from([
+            ("WARREN_ENV".to_owned(), "test".to_owned()),
+            ("WARREN_API__MAX_WAIT_SECONDS".to_owned(), "7".to_owned()),
+        ]);
+        let settings = warren_shared::settings::Settings::load_from(&dir, &vars).unwrap();
+        let catalog = Catalog::new(&warren_tasks::Registry::builtin(), &settings).unwrap();
+        let doc = serde_json::to_value(document(&catalog, &settings.api)).unwrap();
+        let params = &doc["paths"]["/tasks/{task_type}/{id}"]["get"]["parameters"];
+        let wait = params
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "wait")
+            .unwrap();
+        assert_eq!(wait["schema"]["maximum"], 7, "{wait}");
+        assert_eq!(wait["schema"]["minimum"], 0, "{wait}");
+    }
 
     /// The documented states are exactly the states.
     #[test]
