@@ -18,7 +18,7 @@ use warren_shared::{
     wire::short_string,
 };
 use warren_tests::{
-    ApiClient, TestApi, TestEnv, TestWorker, metric,
+    ApiClient, TestApi, TestEnv, TestWorker, input_schema, metric,
     python::{CeleryWorker, runs},
     wait_until,
 };
@@ -152,15 +152,8 @@ async fn celery_runner_python_tasks_get_validation_progress_results_and_errors()
 
     // The API document gives the type its own submission, whose body is
     // the configured schema.
-    let doc: Value = api
-        .anonymous()
-        .get("/openapi.json")
-        .await
-        .json()
-        .await
-        .unwrap();
-    let shown = &doc["paths"][format!("/tasks/{WORDCOUNT}")]["post"]["requestBody"]["content"]["application/json"]
-        ["schema"];
+    let doc = api.openapi().await;
+    let shown = input_schema(&doc, WORDCOUNT);
     assert_eq!(shown["required"], json!(["text"]), "{shown}");
     assert_eq!(shown["additionalProperties"], false, "{shown}");
     assert_eq!(

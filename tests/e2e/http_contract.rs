@@ -4,7 +4,7 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
-use warren_tests::{TestEnv, wait_until};
+use warren_tests::{TestEnv, input_schema, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_describes_every_route() {
@@ -119,13 +119,7 @@ async fn the_openapi_document_describes_every_route() {
 async fn each_task_type_documents_its_input_and_the_api_holds_to_it() {
     let env = TestEnv::new().await;
     let api = env.spawn_api().await;
-    let doc: Value = api
-        .anonymous()
-        .get("/openapi.json")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let doc = api.openapi().await;
     let types = doc["paths"]["/tasks/{task_type}"]["post"]["parameters"][0]["schema"]["enum"]
         .as_array()
         .unwrap()
@@ -140,7 +134,7 @@ async fn each_task_type_documents_its_input_and_the_api_holds_to_it() {
         assert_eq!(op["tags"], json!(["task types"]), "{name}");
         let params = op["parameters"].as_array().unwrap();
         assert!(params.iter().all(|p| p["name"] != "task_type"), "{name}");
-        let schema = &op["requestBody"]["content"]["application/json"]["schema"];
+        let schema = input_schema(&doc, name);
         assert_eq!(schema["additionalProperties"], false, "{name}: {schema}");
         assert_eq!(
             op["responses"]["202"]["links"]["status"]["parameters"]["task_type"], name,
@@ -148,8 +142,7 @@ async fn each_task_type_documents_its_input_and_the_api_holds_to_it() {
         );
     }
 
-    let multiply = &doc["paths"]["/tasks/multiply"]["post"]["requestBody"]["content"]["application/json"]
-        ["schema"];
+    let multiply = input_schema(&doc, "multiply");
     let schema = jsonschema::draft202012::new(multiply).unwrap();
     for (input, field) in [
         (json!({"x": 6}), "y"),

@@ -107,6 +107,13 @@ impl TestApi {
         }
     }
 
+    /// The OpenAPI document this API serves (no key needed).
+    pub async fn openapi(&self) -> Value {
+        let response = self.anonymous().get("/openapi.json").await;
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json().await.expect("/openapi.json is JSON")
+    }
+
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.handle.await.expect("API task");
@@ -241,4 +248,10 @@ impl ApiClient {
         )
         .await
     }
+}
+
+/// The request body schema `doc` gives `POST /tasks/<task_type>`.
+pub fn input_schema<'a>(doc: &'a Value, task_type: &str) -> &'a Value {
+    &doc["paths"][format!("/tasks/{task_type}")]["post"]["requestBody"]["content"]["application/json"]
+        ["schema"]
 }

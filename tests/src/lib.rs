@@ -31,7 +31,7 @@ pub mod receiver;
 mod running;
 mod worker;
 
-pub use api::{ApiClient, DEFAULT_OWNER, TestApi};
+pub use api::{ApiClient, DEFAULT_OWNER, TestApi, input_schema};
 pub use broker::{Amqp, Management, Vhost};
 pub use env::TestEnv;
 pub use process::WorkerProcess;
