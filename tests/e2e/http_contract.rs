@@ -4,7 +4,7 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
-use warren_tests::{TestEnv, input_schema, wait_until};
+use warren_tests::{TestEnv, api_output, input_schema, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_describes_every_route() {
@@ -182,6 +182,11 @@ async fn each_task_type_documents_its_input_and_the_api_holds_to_it() {
     assert_eq!(status.status(), StatusCode::OK, "{path}");
     let status: Value = status.json().await.unwrap();
     assert_eq!(status["id"], body["id"]);
+
+    // `warren-api openapi` prints the same document without serving, for
+    // generating a client at build time.
+    let printed = api_output(&env, &["openapi"]).await;
+    assert_eq!(serde_json::from_slice::<Value>(&printed).unwrap(), doc);
     api.stop().await;
 }
 

@@ -34,7 +34,7 @@ mod worker;
 pub use api::{ApiClient, DEFAULT_OWNER, TestApi, input_schema};
 pub use broker::{Amqp, Management, Vhost};
 pub use env::TestEnv;
-pub use process::WorkerProcess;
+pub use process::{WorkerProcess, api_output};
 pub use proxy::Proxy;
 pub use worker::TestWorker;
 

@@ -1,4 +1,5 @@
-//! A worker as a real OS process: the built `warren-worker` binary.
+//! A worker as a real OS process (the built `warren-worker` binary), and
+//! `warren-api` subcommands run to their end.
 
 use crate::TestEnv;
 use std::{
@@ -34,6 +35,22 @@ pub(crate) fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Runs `warren-api <args>` with `env`'s settings to its end; its stdout.
+pub async fn api_output(env: &TestEnv, args: &[&str]) -> Vec<u8> {
+    let output = Command::new(bin("warren-api"))
+        .envs(env.process_env())
+        .args(args)
+        .output()
+        .await
+        .expect("run warren-api");
+    assert!(
+        output.status.success(),
+        "warren-api {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output.stdout
 }
 
 impl WorkerProcess {

@@ -1,4 +1,5 @@
-//! `warren-api`: serve the HTTP API, or apply migrations.
+//! `warren-api`: serve the HTTP API, or apply migrations, manage keys and
+//! pauses, print the broker definitions or the OpenAPI document.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -31,6 +32,9 @@ enum Command {
     Migrate,
     /// Print the broker topology as RabbitMQ definitions (JSON) and exit.
     Definitions,
+    /// Print this deployment's OpenAPI document (what `/openapi.json`
+    /// serves) and exit: generate a client without running the API.
+    Openapi,
     /// Exit 0 if this API answers /healthz on api.listen (for HEALTHCHECK).
     Healthcheck,
     /// Create, list or revoke API keys.
@@ -74,14 +78,27 @@ enum Keys {
     Revoke { key: String },
 }
 
+/// What `definitions` and `openapi` print: derived from configuration
+/// alone, so they need neither PostgreSQL nor RabbitMQ.
+fn offline_json(command: &Command, settings: &Settings) -> anyhow::Result<Option<String>> {
+    let catalog = || Catalog::new(&Registry::builtin(), settings);
+    let json = match command {
+        Command::Definitions => serde_json::to_string_pretty(&catalog()?.topology().definitions())?,
+        Command::Openapi => serde_json::to_string_pretty(&warren_api::openapi::document(
+            &catalog()?,
+            &settings.api,
+        ))?,
+        _ => return Ok(None),
+    };
+    Ok(Some(json))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load().context("loading configuration")?;
     let command = cli.command.unwrap_or(Command::Serve);
-    if let Command::Definitions = command {
-        let catalog = Catalog::new(&Registry::builtin(), &settings)?;
-        let json = serde_json::to_string_pretty(&catalog.topology().definitions())?;
+    if let Some(json) = offline_json(&command, &settings)? {
         writeln!(std::io::stdout().lock(), "{json}")?;
         return Ok(());
     }
@@ -98,7 +115,7 @@ async fn main() -> anyhow::Result<()> {
         &warren_shared::broker::identity("warren-api", std::process::id()),
     );
     match command {
-        Command::Definitions | Command::Healthcheck => {}
+        Command::Definitions | Command::Openapi | Command::Healthcheck => {}
         Command::Keys(command) => {
             let db = db::connect(&settings.database, "warren-keys").await?;
             let mut out = std::io::stdout().lock();
