@@ -111,6 +111,7 @@ impl TestApi {
     pub async fn openapi(&self) -> Value {
         let response = self.anonymous().get("/openapi.json").await;
         assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["content-type"], "application/json");
         response.json().await.expect("/openapi.json is JSON")
     }
 

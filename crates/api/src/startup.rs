@@ -146,6 +146,7 @@ impl Application {
             stopping: CancellationToken::new(),
             queue_history: Arc::default(),
             relay_wake: Arc::default(),
+            openapi: Arc::default(),
         });
         Ok(Self {
             listener,

@@ -69,6 +69,8 @@ pub struct Shared {
     /// Runs this replica's relay now: a task of a type with limits was
     /// submitted, and may be admissible at once.
     pub relay_wake: Arc<tokio::sync::Notify>,
+    /// `/openapi.json` and `/docs`, made once.
+    pub openapi: Arc<crate::openapi::Served>,
 }
 
 /// Single submissions, grouped: the requests in flight together share one

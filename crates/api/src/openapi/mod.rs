@@ -2,8 +2,9 @@
 //! (utoipa), served at `/openapi.json`; `ui::reference` renders it at `/docs`.
 
 use crate::routes::{health, ops, pauses, schedules, tasks, webhooks, workflows};
-use axum::{Json, extract::State, response::IntoResponse};
+use axum::{body::Bytes, extract::State, http::header::CONTENT_TYPE, response::IntoResponse};
 use serde::Serialize;
+use std::sync::OnceLock;
 use utoipa::{
     Modify, OpenApi, ToSchema,
     openapi::{
@@ -239,8 +240,44 @@ fn link(to: &str, verb: &str) -> Link {
     link.build()
 }
 
+/// The document as served, made on first use and kept: it depends only on
+/// the catalog and settings, fixed for the process's life, and building
+/// and serialising it (some 150 KB) costs far more than any other request
+/// anyone may send without a key.
+#[derive(Default)]
+pub struct Served {
+    json: OnceLock<Bytes>,
+    page: OnceLock<String>,
+}
+
+impl Served {
+    fn json(&self, state: &crate::AppState) -> Bytes {
+        let json = self.json.get_or_init(|| {
+            let doc = document(&state.catalog, &state.settings.api);
+            // Serialising a document of our own types cannot fail.
+            serde_json::to_vec(&doc)
+                .map(Bytes::from)
+                .unwrap_or_default()
+        });
+        json.clone()
+    }
+
+    /// `/docs`'s body, rendered by `render` from the served JSON once.
+    pub(crate) fn page(
+        &self,
+        state: &crate::AppState,
+        render: impl FnOnce(&serde_json::Value) -> String,
+    ) -> &str {
+        self.page.get_or_init(|| {
+            let doc = serde_json::from_slice(&self.json(state)).unwrap_or_default();
+            render(&doc)
+        })
+    }
+}
+
 pub(crate) async fn openapi_json(State(state): State<crate::AppState>) -> impl IntoResponse {
-    Json(document(&state.catalog, &state.settings.api))
+    let json = state.openapi.json(&state);
+    ([(CONTENT_TYPE, "application/json")], json)
 }
 
 #[cfg(test)]

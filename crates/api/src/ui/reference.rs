@@ -8,18 +8,14 @@
 use super::layout;
 use crate::AppState;
 use axum::{extract::State, response::Response};
-use maud::{Markup, html};
+use maud::{Markup, PreEscaped, html};
 use serde_json::Value;
 
 const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
 
 pub(crate) async fn page(State(state): State<AppState>) -> Response {
-    let doc = serde_json::to_value(crate::openapi::document(
-        &state.catalog,
-        &state.settings.api,
-    ))
-    .unwrap_or_default();
-    layout::document_page("HTTP API reference", render(&doc))
+    let body = state.openapi.page(&state, |doc| render(doc).into_string());
+    layout::document_page("HTTP API reference", PreEscaped(body.to_owned()))
 }
 
 /// One operation of the document, with what locates it.
