@@ -125,6 +125,8 @@ async fn each_task_type_documents_its_input_and_the_api_holds_to_it() {
         .unwrap()
         .clone();
     assert!(types.len() >= 9, "{types:?}");
+    let tags = doc["tags"].as_array().unwrap();
+    assert!(tags.iter().any(|t| t["name"] == "task types"), "{tags:?}");
     for name in types.iter().filter_map(Value::as_str) {
         // The path answers what the route answers: a listing too.
         let list = &doc["paths"][format!("/tasks/{name}")]["get"];

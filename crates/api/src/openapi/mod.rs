@@ -61,6 +61,7 @@ mod task_types;
     modifiers(&BearerKeys),
     tags(
         (name = "tasks", description = "Submitting and following tasks"),
+        (name = "task types", description = "One path per task type this deployment runs: POST with that type's input schema, GET its listing"),
         (name = "webhooks", description = "Signing secrets, and each task's deliveries to its callback_url"),
         (name = "workflows", description = "Chains, groups, chords and links: tasks that start each other"),
         (name = "schedules", description = "Periodic tasks: cron (with seconds) or intervals, fired once per tick across replicas"),

@@ -14,7 +14,8 @@ use utoipa::openapi::{
 };
 use warren_shared::catalog::Catalog;
 
-/// Where the per-type operations are listed in the reference.
+/// Where the per-type operations are listed in the reference; described
+/// in `ApiDoc`'s tags.
 pub(super) const TAG: &str = "task types";
 
 /// Adds the typed paths, after the links of the templated one so each
