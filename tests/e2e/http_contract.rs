@@ -192,6 +192,32 @@ async fn each_task_type_documents_its_input_and_the_api_holds_to_it() {
     api.stop().await;
 }
 
+/// A schedule's name: the document's pattern and the API's check agree,
+/// on both sides of each rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_name_is_documented_as_the_api_checks_it() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let doc = api.openapi().await;
+    let body =
+        &doc["paths"]["/schedules"]["post"]["requestBody"]["content"]["application/json"]["schema"];
+    let pointer = body["$ref"].as_str().unwrap().trim_start_matches('#');
+    let name =
+        jsonschema::draft202012::new(&doc.pointer(pointer).unwrap()["properties"]["name"]).unwrap();
+    let long = "n".repeat(100);
+    let too_long = "n".repeat(101);
+    for candidate in ["ok-1.a_B", &long, "", &too_long, "a b", "é", "a/b"] {
+        let documented = name.is_valid(&json!(candidate));
+        let spec = json!({"name": candidate, "task": "noop", "every_seconds": 3600});
+        let status = api.post_json("/schedules", &spec).await.status();
+        assert_eq!(status.is_success(), documented, "{candidate:?}: {status}");
+        if !documented {
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{candidate:?}");
+        }
+    }
+    api.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_ids_are_made_or_echoed() {
     let env = TestEnv::new().await;

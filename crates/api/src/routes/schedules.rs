@@ -43,6 +43,7 @@ pub(crate) struct SchedulePath {
 #[allow(dead_code)]
 pub(crate) struct NewScheduleBody {
     /// Letters, digits, `-`, `_`, `.`; at most 100.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,100}$")]
     name: String,
     /// The task type each tick submits.
     task: String,
@@ -136,6 +137,7 @@ fn read_body(state: &AppState, body: &Value) -> Result<(String, Spec), ApiError>
     let Some(Value::String(name)) = body.get("name") else {
         return Err(one("name", "required", "a schedule needs a name".into()));
     };
+    // The document's pattern for `name` says the same; keep them together.
     let valid = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
     if name.is_empty() || name.len() > MAX_NAME || !name.chars().all(valid) {
         return Err(one(
