@@ -51,12 +51,7 @@ pub trait ArtifactStore: Send + Sync {
 
 /// Artifact names are path segments of download URLs: keep them plain.
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 100
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    crate::names::is_plain_name(name, 100) && !name.starts_with('.')
 }
 
 pub struct PgArtifacts {

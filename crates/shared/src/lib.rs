@@ -27,6 +27,8 @@
 //! - [`webhooks`]: completion webhooks: callback targets checked (SSRF),
 //!   signing secrets, the sender of durable deliveries.
 //! - [`state`], [`codes`]: task states and stable error codes.
+//! - [`names`]: the one character set of plain names (queues,
+//!   schedules, artifacts, task types in URLs).
 //! - [`telemetry`], [`shutdown`]: logging setup and signal handling.
 //! - [`error_tracking`]: Sentry events for failed tasks, panics and dead
 //!   letters (off without a DSN).
@@ -54,6 +56,7 @@ pub mod envelope;
 pub mod error_tracking;
 pub mod management;
 pub mod metrics;
+pub mod names;
 pub mod probe;
 pub mod relay;
 pub mod retention;

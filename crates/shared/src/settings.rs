@@ -891,13 +891,13 @@ fn check_name(key: &str, name: &str, allow_empty: bool) -> Result<(), SettingsEr
     if name.len() > 100 {
         return Err(invalid(key, "must be at most 100 characters"));
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
+    if let Some(c) = crate::names::first_not_plain(name) {
         return Err(invalid(
             key,
-            format!("may only contain letters, digits, '.', '_' and '-', found {c:?}"),
+            format!(
+                "may only contain {}, found {c:?}",
+                crate::names::PLAIN_CHARS
+            ),
         ));
     }
     Ok(())

@@ -44,11 +44,8 @@ pub(super) fn add(doc: &mut OpenApi, catalog: &Catalog) {
 /// A name that is one path segment as it stands. Configuration may
 /// declare others for Celery workers; they stay reachable through the
 /// templated path, percent-encoded.
-fn is_path_segment(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+pub(crate) fn is_path_segment(name: &str) -> bool {
+    !name.is_empty() && warren_shared::names::first_not_plain(name).is_none()
 }
 
 /// `op` for one type: its own id and tag, no `task_type` parameter, and

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 use warren_shared::{
+    names,
     schedule::{Spec, SpecFields},
     store::{NewSchedule, ScheduleRow},
 };
@@ -138,12 +139,11 @@ fn read_body(state: &AppState, body: &Value) -> Result<(String, Spec), ApiError>
         return Err(one("name", "required", "a schedule needs a name".into()));
     };
     // The document's pattern for `name` says the same; keep them together.
-    let valid = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
-    if name.is_empty() || name.len() > MAX_NAME || !name.chars().all(valid) {
+    if !names::is_plain_name(name, MAX_NAME) {
         return Err(one(
             "name",
             "invalid_name",
-            "1 to 100 of letters, digits, -, _ and .".into(),
+            format!("1 to {MAX_NAME} of {}", names::PLAIN_CHARS),
         ));
     }
     let mut fields = body.clone();
