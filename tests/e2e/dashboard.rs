@@ -318,6 +318,16 @@ async fn an_admin_sees_every_owner_the_operations_and_requeues_a_dead_letter() {
     assert!(b.text("#rows").await.contains("bob"));
     b.goto("/ui/tasks/multiply").await;
     assert!(b.text("#rows").await.contains("alice"));
+    // A type's page leads to how one is submitted: its input's schema.
+    let link = "#submit-reference a";
+    assert_eq!(b.text(link).await, "POST /tasks/multiply");
+    b.click_to_navigate(link).await;
+    assert_eq!(
+        b.js("return location.pathname + location.hash").await,
+        json!("/docs#post-tasks-multiply")
+    );
+    let section = b.text("section#post-tasks-multiply").await;
+    assert!(section.contains("Request body"), "{section}");
 
     b.goto("/ui/workers").await;
     let workers = b.text("#workers").await;

@@ -18,6 +18,8 @@ use warren_shared::{catalog::Catalog, settings::ApiSettings};
 
 mod task_types;
 
+pub(crate) use task_types::is_path_segment as has_own_path;
+
 #[derive(OpenApi)]
 #[openapi(
     info(

@@ -30,14 +30,18 @@ impl Operation<'_> {
     /// repeat: utoipa names them after their functions, and there are two
     /// `submit`s): `post-tasks-task_type` for `POST /tasks/{task_type}`.
     fn anchor(&self) -> String {
-        let path: Vec<String> = self
-            .path
-            .split('/')
-            .filter(|s| !s.is_empty())
-            .map(|s| s.replace(['{', '}'], ""))
-            .collect();
-        format!("{}-{}", self.method, path.join("-"))
+        anchor(self.method, self.path)
     }
+}
+
+/// The id of the section documenting `method` (lower case) on `path`.
+pub(crate) fn anchor(method: &str, path: &str) -> String {
+    let path: Vec<String> = path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.replace(['{', '}'], ""))
+        .collect();
+    format!("{method}-{}", path.join("-"))
 }
 
 fn operations(doc: &Value) -> Vec<Operation<'_>> {

@@ -215,6 +215,9 @@ pub(crate) async fn list(
     let selected = given(&q.state).unwrap_or_default();
     let body = html! {
         h1 { (task_type) }
+        @if let Some((path, href)) = reference_link(&task_type) {
+            p.muted #submit-reference { "Submitted with " a href=(href) { code { "POST " (path) } } ": its input in the API reference." }
+        }
         form.filters method="get" action=(format!("/ui/tasks/{task_type}")) role="search" {
             label { "State "
                 select name="state" {
@@ -254,6 +257,18 @@ pub(crate) async fn list(
         }
     };
     Ok(layout::page(&task_type, &session, Nav::Tasks, body))
+}
+
+/// Where the API reference documents submitting `task_type`, when the
+/// type has a path of its own there (its path, the link).
+fn reference_link(task_type: &str) -> Option<(String, String)> {
+    let path = format!("/tasks/{task_type}");
+    crate::openapi::has_own_path(task_type).then(|| {
+        (
+            path.clone(),
+            format!("/docs#{}", super::reference::anchor("post", &path)),
+        )
+    })
 }
 
 fn table_rows(task_type: &str, rows: &[TaskSummary], admin: bool) -> Markup {
