@@ -125,15 +125,32 @@ pub fn check_target(url: &str, settings: &WebhookSettings) -> Result<reqwest::Ur
 
 /// An address anyone on the internet could reach: not loopback, private,
 /// link-local (cloud metadata), shared (CGNAT), unspecified, broadcast,
-/// multicast, documentation or reserved; IPv4 inside IPv6 is judged as IPv4.
+/// multicast, documentation or reserved. An IPv4 address inside an IPv6
+/// one (mapped, the deprecated compatible form, or 6to4's `2002::/16`) is
+/// judged as that IPv4 address: a host that still routes those forms
+/// would carry `::127.0.0.1` or `2002:a9fe:a9fe::` to loopback or to the
+/// cloud's metadata service.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_public_v4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+        IpAddr::V6(v6) => match embedded_v4(v6) {
             Some(v4) => is_public_v4(v4),
             None => is_public_v6(v6),
         },
     }
+}
+
+/// The IPv4 address an IPv6 address carries for a host to reach, if any.
+fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = ip.segments();
+    if s[0] == 0x2002 {
+        let [a, b] = s[1].to_be_bytes();
+        let [c, d] = s[2].to_be_bytes();
+        return Some(Ipv4Addr::new(a, b, c, d));
+    }
+    // `to_ipv4` takes `::ffff:a.b.c.d` and `::a.b.c.d` (so `::1` is
+    // 0.0.0.1, not public either way).
+    ip.to_ipv4()
 }
 
 fn is_public_v4(ip: Ipv4Addr) -> bool {
@@ -159,8 +176,12 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || ip.is_multicast()
         || (first & 0xfe00) == 0xfc00 // unique local
         || (first & 0xffc0) == 0xfe80 // link-local
+        || (first & 0xffc0) == 0xfec0 // site-local (deprecated, still routed by some)
         || first == 0x2001 && ip.segments()[1] == 0x0db8 // documentation
-        || first == 0x0064 && ip.segments()[1] == 0xff9b) // NAT64: an IPv4 inside
+        || (first & 0xfff0) == 0x3ff0 // documentation (RFC 9637)
+        || first == 0x2001 && ip.segments()[1] < 0x0200 // Teredo, benchmarking, ORCHID and other IETF blocks
+        || first == 0x0100 && ip.segments()[1..4] == [0, 0, 0] // discard-only
+        || first == 0x0064 && ip.segments()[1] == 0xff9b) // NAT64: an IPv4 inside (well-known and local-use)
 }
 
 /// The operating system gave no random bytes.
@@ -439,6 +460,17 @@ mod tests {
             "https://[fd00::1]/",
             "https://[fe80::1]/",
             "https://[::ffff:127.0.0.1]/",
+            "https://[::127.0.0.1]/",
+            "https://[::a9fe:a9fe]/",
+            "https://[2002:7f00:1::1]/",
+            "https://[2002:a9fe:a9fe::]/",
+            "https://[2002:c0a8:101::]/",
+            "https://[fec0::1]/",
+            "https://[2001::1]/",
+            "https://[2001:2::1]/",
+            "https://[100::1]/",
+            "https://[3fff::1]/",
+            "https://[64:ff9b:1::a00:1]/",
             "https://localhost:8080/",
             "https://api.localhost/",
             "https://user:secret@example.com/",
@@ -451,6 +483,9 @@ mod tests {
             "https://example.com/hooks?t=1",
             "https://93.184.215.14/",
             "https://[2606:4700::1111]/",
+            "https://[2002:5db8:d70e::1]/",
+            "https://[2001:4860:4860::8888]/",
+            "https://[::5db8:d70e]/",
         ] {
             assert!(check_target(url, &s).is_ok(), "{url} was refused");
         }
