@@ -1,7 +1,8 @@
 //! Completion webhooks against a receiver of our own: retries with
 //! backoff, Standard Webhooks signatures and secret rotation, a receiver
-//! down for the whole window, redelivery, SSRF refusals, and a worker
-//! killed mid-retry.
+//! down for the whole window, redelivery, SSRF refusals, a worker
+//! killed mid-retry, and proxies: the environment's ignored, a configured
+//! one used.
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -10,7 +11,7 @@ use uuid::Uuid;
 use warren_shared::webhooks::signature_header;
 use warren_tests::{
     ApiClient, TestEnv,
-    receiver::{Received, Receiver},
+    receiver::{EgressProxy, Received, Receiver},
     wait_until,
 };
 
@@ -418,6 +419,95 @@ async fn webhook_deliveries_show_on_the_task_page() {
     b.js("document.querySelector('#deliveries').scrollIntoView(); return true")
         .await;
     b.screenshot("task-deliveries").await;
+    worker.stop().await;
+    api.stop().await;
+}
+
+/// `HTTP_PROXY` and its kin in a worker's environment are not followed:
+/// through them, the address check would see the proxy's address and
+/// never the target's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_ignore_the_environments_proxies() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let client = api.client_for("acme").await;
+    new_secret(&client).await;
+    let receiver = Receiver::start(0).await;
+    let proxy = EgressProxy::start().await;
+    // RabbitMQ's management API (127.0.0.1) may go through a proxy the
+    // environment names; that is the operator's to choose. Webhooks may
+    // not: the receiver is addressed by a name the exemption misses.
+    let mut vars = vec![("NO_PROXY", "127.0.0.1"), ("no_proxy", "127.0.0.1")];
+    for name in [
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
+        vars.push((name, proxy.url.as_str()));
+    }
+    let mut worker = env.spawn_worker_process("w1", &vars);
+
+    let target = receiver.url.replace("127.0.0.1", "localhost");
+    let id = submit_with_callback(&client, &target, 6).await;
+    wait_for_delivery(&client, id, "delivered").await;
+    assert_eq!(receiver.received().len(), 1, "straight to the receiver");
+    assert_eq!(
+        proxy.heads(),
+        Vec::<String>::new(),
+        "nothing through the proxy"
+    );
+    assert!(worker.terminate(Duration::from_secs(15)).await.success());
+    api.stop().await;
+}
+
+/// With `webhooks.proxy_url`, deliveries go through that proxy, which
+/// resolves the target's name: here a name that resolves nowhere, on a
+/// system that refuses private targets, through a proxy on loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_go_through_the_configured_egress_proxy() {
+    let proxy = EgressProxy::start().await;
+    let proxy_url = proxy.url.clone();
+    let env = TestEnv::with(move |s| {
+        s.webhooks.allow_private_targets = false;
+        s.webhooks.proxy_url = Some(proxy_url.into());
+    })
+    .await;
+    let api = env.spawn_api().await;
+    let worker = env.spawn_worker("w1").await;
+    let client = api.client_for("acme").await;
+    let secret = new_secret(&client).await;
+
+    let target = "http://hooks.warren.test/hook";
+    let id = submit_with_callback(&client, target, 6).await;
+    let delivery = wait_for_delivery(&client, id, "delivered").await;
+    assert_eq!(delivery["attempts"], 1, "{delivery}");
+    let heads = proxy.heads();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    let head = &heads[0];
+    assert!(
+        head.starts_with(&format!("POST {target} HTTP/1.1\r\n")),
+        "{head}"
+    );
+    let header = |name: &str| {
+        head.lines()
+            .filter_map(|l| l.split_once(": "))
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.to_owned())
+    };
+    assert_eq!(header("host").as_deref(), Some("hooks.warren.test"));
+    let (Some(webhook_id), Some(timestamp), Some(signature)) = (
+        header("webhook-id"),
+        header("webhook-timestamp"),
+        header("webhook-signature"),
+    ) else {
+        panic!("unsigned: {head}");
+    };
+    assert_eq!(delivery["id"], webhook_id.as_str());
+    assert!(signature.starts_with("v1,"), "{signature}");
+    assert!(!signature.contains(&secret) && timestamp.parse::<i64>().is_ok());
     worker.stop().await;
     api.stop().await;
 }

@@ -1,5 +1,6 @@
 //! A webhook receiver of our own: an axum server on loopback that records
-//! every request and answers 500 to the first `fail_first` of them.
+//! every request and answers 500 to the first `fail_first` of them; and an
+//! egress proxy's stand-in that records what is sent through it.
 
 use axum::{
     Router,
@@ -110,4 +111,83 @@ async fn receive(
     } else {
         StatusCode::NO_CONTENT
     }
+}
+
+/// An egress proxy's stand-in: records the head of every request sent to
+/// it (a proxied `http://` request names its target in the request line)
+/// and answers each with 204, as if the target had.
+pub struct EgressProxy {
+    /// `http://localhost:<port>`: a name, so a client that resolved its
+    /// proxy through the public-only check would find no address.
+    pub url: String,
+    heads: Arc<Mutex<Vec<String>>>,
+    server: JoinHandle<()>,
+}
+
+impl EgressProxy {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("bound").port();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&heads);
+        let server = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(answer(stream, Arc::clone(&seen)));
+            }
+        });
+        Self {
+            url: format!("http://localhost:{port}"),
+            heads,
+            server,
+        }
+    }
+
+    /// The request head (request line and headers) of every request.
+    pub fn heads(&self) -> Vec<String> {
+        self.heads.lock().expect("proxy lock").clone()
+    }
+}
+
+impl Drop for EgressProxy {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// Reads one request head and answers 204, closing the connection.
+async fn answer(mut stream: tokio::net::TcpStream, heads: Arc<Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut read = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !read.windows(4).any(|w| w == b"\r\n\r\n") && read.len() < 65_536 {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => read.extend_from_slice(&buf[..n]),
+        }
+    }
+    let end = read
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(read.len());
+    let head = String::from_utf8_lossy(&read[..end]).into_owned();
+    // The body too, so the client is not cut off while still sending it.
+    let length: usize = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = read.len().saturating_sub(end + 4);
+    while body < length {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => body += n,
+        }
+    }
+    heads.lock().expect("proxy lock").push(head);
+    let reply = b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+    let _ = stream.write_all(reply).await;
+    let _ = stream.shutdown().await;
 }

@@ -366,6 +366,15 @@ pub struct WebhookSettings {
     /// non-public addresses (SSRF protection when false; checked at
     /// submission and again on every connection's resolved addresses).
     pub allow_private_targets: bool,
+    /// Send deliveries through this HTTP proxy (`http://` or `https://`;
+    /// a secret, since it may carry credentials), such as an egress proxy
+    /// with its own allow-list. Unset or empty: deliveries go straight to
+    /// their targets and `HTTP_PROXY`/`HTTPS_PROXY` are ignored, so the
+    /// address check sees every address connected to. Set: the proxy
+    /// resolves target names and must refuse private ones itself;
+    /// addresses written in a URL are still checked at submission.
+    #[serde(default)]
+    pub proxy_url: Option<SecretString>,
     /// How long a delivery is retried before it is marked failed.
     pub retry_window_seconds: f64,
     /// First retry delay; doubles (with jitter) up to the maximum.
@@ -700,6 +709,17 @@ impl Settings {
                 "must be between 1 and 60000",
             ));
         }
+        if let Some(url) = &h.proxy_url
+            && h.proxy().is_some()
+        {
+            check_url(url, "webhooks.proxy_url", &["http", "https"])?;
+            if reqwest::Proxy::all(url.expose_secret()).is_err() {
+                return Err(invalid(
+                    "webhooks.proxy_url",
+                    "is not a valid proxy URL (http://[user:password@]host:port)",
+                ));
+            }
+        }
 
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.telemetry.filter) {
             return Err(invalid("telemetry.filter", e.to_string()));
@@ -804,6 +824,14 @@ impl WorkerSettings {
 }
 
 impl WebhookSettings {
+    /// `proxy_url`, when set and not empty.
+    pub fn proxy(&self) -> Option<&str> {
+        self.proxy_url
+            .as_ref()
+            .map(|u| u.expose_secret())
+            .filter(|u| !u.is_empty())
+    }
+
     pub fn timeout(&self) -> Duration {
         Duration::from_secs_f64(self.timeout_seconds)
     }
@@ -1076,6 +1104,16 @@ mod tests {
             ("WARREN_TELEMETRY__FILTER", "info,[", "telemetry.filter"),
             ("WARREN_TASKS__SLEEP__QUEUE", "a/b", "tasks.sleep.queue"),
             ("WARREN_WORKR__CONCURRENCY", "1", "workr"),
+            (
+                "WARREN_WEBHOOKS__PROXY_URL",
+                "socks5://egress:1080",
+                "webhooks.proxy_url",
+            ),
+            (
+                "WARREN_WEBHOOKS__PROXY_URL",
+                "http://",
+                "webhooks.proxy_url",
+            ),
         ];
         for (var, value, key) in cases {
             let err = load(&[(var, value)]).unwrap_err().to_string();
@@ -1092,6 +1130,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("hunter2"), "{err}");
+        let err = load(&[("WARREN_WEBHOOKS__PROXY_URL", "ftp://u:hunter2@egress")])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_proxy_url_is_no_proxy() {
+        let s = load(&[("WARREN_WEBHOOKS__PROXY_URL", "")]).unwrap();
+        assert_eq!(s.webhooks.proxy(), None);
+        let s = load(&[("WARREN_WEBHOOKS__PROXY_URL", "http://u:p@egress:4750")]).unwrap();
+        assert_eq!(s.webhooks.proxy(), Some("http://u:p@egress:4750"));
     }
 
     #[test]

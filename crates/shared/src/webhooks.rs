@@ -17,6 +17,9 @@
 //! credentials in the URL, and no loopback, private, link-local or other
 //! non-public address (SSRF), checked at submission for addresses written
 //! in the URL and on every connection for the addresses a name resolves to.
+//! Deliveries go straight to their targets (the environment's proxies are
+//! ignored) unless `webhooks.proxy_url` names an egress proxy, which then
+//! resolves names and answers for what it lets through.
 
 use crate::{
     settings::WebhookSettings,
@@ -262,8 +265,15 @@ impl Sender {
             .redirect(reqwest::redirect::Policy::none())
             .https_only(settings.require_https)
             .user_agent(concat!("warren-webhooks/", env!("CARGO_PKG_VERSION")));
-        if !settings.allow_private_targets {
-            client = client.dns_resolver(Arc::new(PublicOnly));
+        // The environment's proxies are not ours to follow: through one,
+        // the check below would resolve the proxy's name, not the target's.
+        client = client.no_proxy();
+        match settings.proxy() {
+            Some(url) => client = client.proxy(reqwest::Proxy::all(url)?),
+            None if !settings.allow_private_targets => {
+                client = client.dns_resolver(Arc::new(PublicOnly));
+            }
+            None => {}
         }
         let backoff = warren_tasks::Policy {
             retry_delay: Duration::from_secs_f64(settings.retry_delay_seconds),
@@ -434,6 +444,7 @@ mod tests {
             enabled: true,
             require_https: true,
             allow_private_targets: false,
+            proxy_url: None,
             retry_window_seconds: 60.0,
             retry_delay_seconds: 1.0,
             retry_delay_max_seconds: 10.0,
