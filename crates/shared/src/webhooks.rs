@@ -508,6 +508,21 @@ mod tests {
         assert!(check_target("http://127.0.0.1:9/hook", &open).is_ok());
     }
 
+    /// A name is judged by what it resolves to when the sender connects,
+    /// whatever it resolved to at submission (DNS rebinding); `localhost`
+    /// stands here for a public-looking name pointed at loopback.
+    #[tokio::test]
+    async fn names_resolving_to_private_addresses_are_never_connected_to() {
+        use reqwest::dns::Resolve;
+        let Ok(name) = "localhost".parse() else {
+            panic!("a valid name")
+        };
+        let Err(e) = PublicOnly.resolve(name).await else {
+            panic!("localhost was connected to")
+        };
+        assert_eq!(e.to_string(), "localhost resolves to no public address");
+    }
+
     #[test]
     fn events_are_checked_and_default_to_finished() {
         let s = strict();
