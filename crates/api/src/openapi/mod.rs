@@ -152,8 +152,43 @@ pub fn document(catalog: &Catalog, api: &ApiSettings) -> utoipa::openapi::OpenAp
         }
     }
     add_links(&mut doc);
+    pause_targets(&mut doc, catalog);
     task_types::add(&mut doc, catalog);
     doc
+}
+
+/// `PUT`/`DELETE /pauses/{kind}/{name}`: `kind` is `type` or `queue`, and
+/// `name` one of this deployment's task types or queues (which of the two
+/// the kind says; a name of the other kind is a 404).
+fn pause_targets(doc: &mut utoipa::openapi::OpenApi, catalog: &Catalog) {
+    let Some(item) = doc.paths.paths.get_mut("/pauses/{kind}/{name}") else {
+        return;
+    };
+    let names: std::collections::BTreeSet<&str> = catalog
+        .task_types()
+        .chain(catalog.topology().queues())
+        .collect();
+    let schema = |values: Vec<&str>| {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(values))
+            .build()
+    };
+    let (kind, name) = (
+        schema(vec!["type", "queue"]),
+        schema(names.into_iter().collect()),
+    );
+    for op in [&mut item.put, &mut item.delete].into_iter().flatten() {
+        for p in op.parameters.iter_mut().flatten() {
+            if let RefOr::T(p) = p {
+                match p.name.as_str() {
+                    "kind" => p.schema = Some(kind.clone().into()),
+                    "name" => p.schema = Some(name.clone().into()),
+                    _ => {}
+                }
+            }
+        }
+    }
 }
 
 /// A `POST` whose answer (`status`) leads to operations `to`: link name,
@@ -308,6 +343,36 @@ mod tests {
             .unwrap();
         assert_eq!(wait["schema"]["maximum"], 7, "{wait}");
         assert_eq!(wait["schema"]["minimum"], 0, "{wait}");
+    }
+
+    /// A pause names one of this deployment's types or queues, and the
+    /// document lists them, as it lists the task types.
+    #[test]
+    fn pause_targets_are_the_deployments_types_and_queues() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config");
+        let vars = std::collections::HashMap::from([("WARREN_ENV".to_owned(), "test".to_owned())]);
+        let settings = warren_shared::settings::Settings::load_from(&dir, &vars).unwrap();
+        let catalog = Catalog::new(&warren_tasks::Registry::builtin(), &settings).unwrap();
+        let doc = serde_json::to_value(document(&catalog, &settings.api)).unwrap();
+        for method in ["put", "delete"] {
+            let params = doc["paths"]["/pauses/{kind}/{name}"][method]["parameters"]
+                .as_array()
+                .unwrap()
+                .clone();
+            let schema =
+                |name: &str| params.iter().find(|p| p["name"] == name).unwrap()["schema"].clone();
+            assert_eq!(schema("kind")["enum"], serde_json::json!(["type", "queue"]));
+            let names = schema("name")["enum"].as_array().unwrap().clone();
+            let queue = catalog.topology().queues().into_iter().next().unwrap();
+            for known in ["multiply", "sleep", queue] {
+                assert!(names.contains(&known.into()), "{known} in {names:?}");
+            }
+            assert_eq!(
+                names.len(),
+                catalog.task_types().count() + catalog.topology().queues().len(),
+                "{names:?}"
+            );
+        }
     }
 
     /// The documented states are exactly the states.
