@@ -10,7 +10,8 @@ use utoipa::{
     openapi::{
         RefOr,
         link::Link,
-        schema::{ObjectBuilder, Type},
+        path::Operation,
+        schema::{Object, ObjectBuilder, Type},
         security::{Http, HttpAuthScheme, SecurityScheme},
     },
 };
@@ -127,34 +128,46 @@ impl Modify for BearerKeys {
 /// and `?wait=` goes up to the configured `api.max_wait_seconds`.
 pub fn document(catalog: &Catalog, api: &ApiSettings) -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
-    let types: Vec<&str> = catalog.task_types().collect();
-    let task_type = ObjectBuilder::new()
-        .schema_type(Type::String)
-        .enum_values(Some(types))
-        .build();
+    let task_type = one_of(catalog.task_types().collect());
     let wait = ObjectBuilder::new()
         .schema_type(Type::Number)
         .minimum(Some(0))
         .maximum(Some(api.max_wait_seconds))
         .build();
     for item in doc.paths.paths.values_mut() {
-        let operations = [&mut item.get, &mut item.post];
-        for op in operations.into_iter().flatten() {
-            for p in op.parameters.iter_mut().flatten() {
-                if let RefOr::T(p) = p {
-                    match p.name.as_str() {
-                        "task_type" => p.schema = Some(task_type.clone().into()),
-                        "wait" => p.schema = Some(wait.clone().into()),
-                        _ => {}
-                    }
-                }
-            }
-        }
+        set_schemas(
+            [&mut item.get, &mut item.post],
+            &[("task_type", &task_type), ("wait", &wait)],
+        );
     }
     add_links(&mut doc);
     pause_targets(&mut doc, catalog);
     task_types::add(&mut doc, catalog);
     doc
+}
+
+/// A string that is one of `values`.
+fn one_of(values: Vec<&str>) -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(values))
+        .build()
+}
+
+/// Gives each parameter of `operations` named in `schemas` that schema.
+fn set_schemas<const N: usize>(
+    operations: [&mut Option<Operation>; N],
+    schemas: &[(&str, &Object)],
+) {
+    for op in operations.into_iter().flatten() {
+        for p in op.parameters.iter_mut().flatten() {
+            if let RefOr::T(p) = p
+                && let Some((_, schema)) = schemas.iter().find(|(name, _)| *name == p.name)
+            {
+                p.schema = Some((*schema).clone().into());
+            }
+        }
+    }
 }
 
 /// `PUT`/`DELETE /pauses/{kind}/{name}`: `kind` is `type` or `queue`, and
@@ -168,27 +181,14 @@ fn pause_targets(doc: &mut utoipa::openapi::OpenApi, catalog: &Catalog) {
         .task_types()
         .chain(catalog.topology().queues())
         .collect();
-    let schema = |values: Vec<&str>| {
-        ObjectBuilder::new()
-            .schema_type(Type::String)
-            .enum_values(Some(values))
-            .build()
-    };
     let (kind, name) = (
-        schema(vec!["type", "queue"]),
-        schema(names.into_iter().collect()),
+        one_of(vec!["type", "queue"]),
+        one_of(names.into_iter().collect()),
     );
-    for op in [&mut item.put, &mut item.delete].into_iter().flatten() {
-        for p in op.parameters.iter_mut().flatten() {
-            if let RefOr::T(p) = p {
-                match p.name.as_str() {
-                    "kind" => p.schema = Some(kind.clone().into()),
-                    "name" => p.schema = Some(name.clone().into()),
-                    _ => {}
-                }
-            }
-        }
-    }
+    set_schemas(
+        [&mut item.put, &mut item.delete],
+        &[("kind", &kind), ("name", &name)],
+    );
 }
 
 /// A `POST` whose answer (`status`) leads to operations `to`: link name,
